@@ -10,8 +10,12 @@ pub mod serial;
 use std::sync::mpsc::Sender;
 
 /// Something a device asks the VM to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmRequest {
+    /// A vCPU stopped with an error the VM cannot continue from (emulation failure...).
+    Fatal { vcpu: usize, message: String },
+    /// The monitor asked the VMM to quit.
+    Quit,
     /// The guest wrote a status to the debug-exit port: end the VMM with it.
     DebugExit(u8),
     /// The guest asked for a reset (i8042 pulse, triple fault).

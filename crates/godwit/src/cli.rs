@@ -1,0 +1,235 @@
+//! The QEMU-style command line. QEMU's single-dash long options (`-smp`, `-kernel`, `-drive
+//! file=...,if=none`) do not fit `clap`'s model, so this is a small table-driven parser: each
+//! option takes zero or one argument, unknown options and bad values give one clear line.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CliError {
+    #[error("unknown option '{0}' (try -h)")]
+    Unknown(String),
+    #[error("option '{0}' needs an argument")]
+    MissingArg(String),
+    #[error("invalid value for {opt}: '{value}': {reason}")]
+    BadValue { opt: String, value: String, reason: String },
+}
+
+/// Where the serial port goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialTarget {
+    Stdio,
+    File(PathBuf),
+    None,
+}
+
+/// Parsed command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub mem_mib: u64,
+    pub smp: usize,
+    pub kernel: Option<PathBuf>,
+    pub append: String,
+    pub initrd: Option<PathBuf>,
+    pub serial: SerialTarget,
+    pub name: Option<String>,
+    pub start_paused: bool,
+    pub no_reboot: bool,
+    pub pidfile: Option<PathBuf>,
+    pub help: bool,
+    pub version: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mem_mib: 128,
+            smp: 1,
+            kernel: None,
+            append: String::new(),
+            initrd: None,
+            serial: SerialTarget::Stdio,
+            name: None,
+            start_paused: false,
+            no_reboot: false,
+            pidfile: None,
+            help: false,
+            version: false,
+        }
+    }
+}
+
+pub const USAGE: &str = "\
+usage: godwit [options]
+Godwit, a KVM virtual machine monitor for moving running VMs (QEMU-compatible options).
+
+  -m SIZE              guest RAM: MiB by default, or with suffix M/G (default 128M)
+  -smp N[,cpus=N,...]  number of vCPUs (default 1)
+  -kernel FILE         kernel to boot (PVH ELF: the test guest, or Linux vmlinux)
+  -append STRING       kernel command line
+  -initrd FILE         initial ramdisk
+  -nographic           serial port on stdio (the default)
+  -serial stdio|file:PATH|none
+  -name NAME           VM name
+  -S                   start with the vCPUs paused
+  -no-reboot           exit instead of rebooting
+  -pidfile FILE        write the process id to FILE
+  -enable-kvm, -accel kvm, -machine/-M TYPE, -cpu host, -nodefaults, -no-user-config
+                       accepted for QEMU compatibility (KVM is the only accelerator)
+  -h, --help           this text
+  --version            version
+";
+
+/// Parses a size as QEMU's `-m` does: a plain number is MiB; suffixes K, M, G, T (optionally
+/// followed by B or iB). Returns MiB.
+pub fn parse_mem(v: &str) -> Result<u64, String> {
+    let t = v.trim();
+    let t = t.strip_prefix("size=").unwrap_or(t);
+    let t = t.split(',').next().unwrap_or("");
+    let digits: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
+    if digits.is_empty() {
+        return Err("expected a number".into());
+    }
+    let n: u64 = digits.parse().map_err(|_| "number too large".to_string())?;
+    let suffix = t[digits.len()..].to_ascii_uppercase();
+    let suffix = suffix.trim_end_matches("IB").trim_end_matches('B');
+    let mib = match suffix {
+        "" | "M" => Some(n),
+        "K" => (n % 1024 == 0).then_some(n / 1024),
+        "G" => n.checked_mul(1024),
+        "T" => n.checked_mul(1024 * 1024),
+        _ => return Err(format!("unknown size suffix '{}'", &t[digits.len()..])),
+    };
+    let mib = mib.ok_or_else(|| "size too large or not a whole number of MiB".to_string())?;
+    if mib == 0 {
+        return Err("guest RAM must be at least 1 MiB".into());
+    }
+    Ok(mib)
+}
+
+fn parse_smp(v: &str) -> Result<usize, String> {
+    let mut n: Option<usize> = None;
+    for (i, part) in v.split(',').enumerate() {
+        let (k, val) = match part.split_once('=') {
+            Some((k, val)) => (k, val),
+            None if i == 0 => ("cpus", part),
+            None => return Err(format!("unexpected '{part}'")),
+        };
+        let num: usize = val.parse().map_err(|_| format!("'{val}' is not a number"))?;
+        match k {
+            "cpus" => n = Some(num),
+            "maxcpus" | "sockets" | "cores" | "threads" | "dies" => {}
+            _ => return Err(format!("unknown property '{k}'")),
+        }
+    }
+    match n {
+        Some(0) => Err("at least one vCPU is needed".into()),
+        Some(n) if n > vmm::MAX_VCPUS => Err(format!("at most {} vCPUs are supported", vmm::MAX_VCPUS)),
+        Some(n) => Ok(n),
+        None => Err("no vCPU count".into()),
+    }
+}
+
+fn parse_serial(v: &str) -> Result<SerialTarget, String> {
+    match v {
+        "stdio" | "mon:stdio" => Ok(SerialTarget::Stdio),
+        "none" | "null" => Ok(SerialTarget::None),
+        _ => match v.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialTarget::File(PathBuf::from(p))),
+            _ => Err("expected stdio, file:PATH or none".into()),
+        },
+    }
+}
+
+/// Options that take an argument and are accepted but ignored (QEMU compatibility).
+const IGNORED_WITH_ARG: &[&str] = &["-machine", "-M", "-cpu", "-accel", "-boot", "-display", "-vga", "-rtc"];
+const IGNORED_FLAGS: &[&str] = &["-enable-kvm", "-nodefaults", "-no-user-config", "-no-hpet", "-no-acpi"];
+
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, CliError> {
+    let mut o = Options::default();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        // QEMU accepts --opt as well as -opt.
+        let opt = if a.starts_with("--") && a.len() > 2 && a != "--help" && a != "--version" { a[1..].to_string() } else { a.clone() };
+        let mut arg = |name: &str| it.next().ok_or_else(|| CliError::MissingArg(name.to_string()));
+        let bad = |value: &str, reason: String| CliError::BadValue { opt: opt.clone(), value: value.to_string(), reason };
+        match opt.as_str() {
+            "-h" | "-help" | "--help" => o.help = true,
+            "--version" | "-version" => o.version = true,
+            "-m" => {
+                let v = arg("-m")?;
+                o.mem_mib = parse_mem(&v).map_err(|r| bad(&v, r))?;
+            }
+            "-smp" => {
+                let v = arg("-smp")?;
+                o.smp = parse_smp(&v).map_err(|r| bad(&v, r))?;
+            }
+            "-kernel" => o.kernel = Some(PathBuf::from(arg("-kernel")?)),
+            "-append" => o.append = arg("-append")?,
+            "-initrd" => o.initrd = Some(PathBuf::from(arg("-initrd")?)),
+            "-nographic" => {}
+            "-serial" => {
+                let v = arg("-serial")?;
+                o.serial = parse_serial(&v).map_err(|r| bad(&v, r))?;
+            }
+            "-name" => o.name = Some(arg("-name")?),
+            "-S" => o.start_paused = true,
+            "-no-reboot" => o.no_reboot = true,
+            "-pidfile" => o.pidfile = Some(PathBuf::from(arg("-pidfile")?)),
+            s if IGNORED_FLAGS.contains(&s) => {}
+            s if IGNORED_WITH_ARG.contains(&s) => {
+                let v = arg(s)?;
+                if s == "-accel" && !v.starts_with("kvm") {
+                    return Err(bad(&v, "KVM is the only accelerator".into()));
+                }
+            }
+            _ => return Err(CliError::Unknown(a)),
+        }
+    }
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<Options, CliError> {
+        parse(s.split_whitespace().map(String::from))
+    }
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_mem("512"), Ok(512));
+        assert_eq!(parse_mem("1G"), Ok(1024));
+        assert_eq!(parse_mem("2g"), Ok(2048));
+        assert_eq!(parse_mem("256M"), Ok(256));
+        assert_eq!(parse_mem("1GiB"), Ok(1024));
+        assert_eq!(parse_mem("4096K"), Ok(4));
+        assert!(parse_mem("0").is_err());
+        assert!(parse_mem("abc").is_err());
+        assert!(parse_mem("5X").is_err());
+        assert!(parse_mem("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn full_command_line() {
+        let o = p("-M microvm -enable-kvm -cpu host -nodefaults -no-user-config -nographic -m 1G -smp 4 -kernel g.elf -append mode=idle -S -no-reboot -name vm1 -serial none").unwrap();
+        assert_eq!(o.mem_mib, 1024);
+        assert_eq!(o.smp, 4);
+        assert_eq!(o.kernel, Some(PathBuf::from("g.elf")));
+        assert_eq!(o.append, "mode=idle");
+        assert!(o.start_paused && o.no_reboot);
+        assert_eq!(o.serial, SerialTarget::None);
+        assert_eq!(p("-smp cpus=2,sockets=1").unwrap().smp, 2);
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(p("-bogus"), Err(CliError::Unknown("-bogus".into())));
+        assert!(matches!(p("-m"), Err(CliError::MissingArg(_))));
+        assert!(matches!(p("-m 0"), Err(CliError::BadValue { .. })));
+        assert!(matches!(p("-smp 0"), Err(CliError::BadValue { .. })));
+        assert!(matches!(p("-smp 1000"), Err(CliError::BadValue { .. })));
+        assert!(matches!(p("-serial tcp:1"), Err(CliError::BadValue { .. })));
+        assert!(matches!(p("-accel tcg"), Err(CliError::BadValue { .. })));
+    }
+}

@@ -1,0 +1,190 @@
+//! Guest RAM: the physical layout (RAM below the 32-bit MMIO hole, the rest above 4 GiB), its
+//! allocation through `vm-memory` (lazily populated anonymous memory, with an `AtomicBitmap`
+//! so every write a device makes through `vm-memory` is tracked), one KVM memslot per region,
+//! and dirty tracking that merges KVM's log (vCPU writes) with that bitmap (device writes).
+
+use crate::error::{kvm, Error, Result};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap as Mmap};
+
+pub type GuestMemoryMmap = Mmap<AtomicBitmap>;
+
+pub const PAGE_SIZE: u64 = 4096;
+/// Start of the 32-bit MMIO hole (virtio-mmio, IOAPIC, LAPIC live at its top).
+pub const MMIO_HOLE_START: u64 = 0xC000_0000;
+pub const FOUR_GIB: u64 = 1 << 32;
+/// Largest RAM size accepted (the guest's page tables and our bitmaps stay reasonable).
+pub const MAX_RAM: u64 = 1 << 40;
+
+/// The guest-physical RAM ranges for `size` bytes of RAM.
+pub fn layout(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_HOLE_START {
+        vec![(0, size)]
+    } else {
+        vec![(0, MMIO_HOLE_START), (FOUR_GIB, size - MMIO_HOLE_START)]
+    }
+}
+
+/// One RAM region registered as a KVM memslot.
+#[derive(Debug, Clone, Copy)]
+pub struct Slot {
+    pub index: u32,
+    pub gpa: u64,
+    pub size: u64,
+    pub host: u64,
+}
+
+/// Guest RAM and its memslots.
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    slots: Vec<Slot>,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Reserves `size` bytes of guest RAM (pages are populated on first touch).
+    pub fn new(size: u64) -> Result<Self> {
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(Error::MemorySize(format!("{size} bytes is not a positive multiple of 4 KiB")));
+        }
+        if size > MAX_RAM {
+            return Err(Error::MemorySize(format!(
+                "{} MiB is more than the {} MiB Godwit supports",
+                size >> 20,
+                MAX_RAM >> 20
+            )));
+        }
+        let ranges: Vec<(GuestAddress, usize)> =
+            layout(size).into_iter().map(|(a, s)| (GuestAddress(a), s as usize)).collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|e| Error::MemoryAlloc { size: size >> 20, reason: e.to_string() })?;
+        let slots = mem
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Slot {
+                index: i as u32,
+                gpa: r.start_addr().0,
+                size: r.len(),
+                host: r.as_ptr() as u64,
+            })
+            .collect();
+        Ok(GuestRam { mem, slots, size })
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Registers (or re-registers) every region with KVM, with or without dirty logging.
+    pub fn register(&self, vm: &VmFd, dirty_log: bool) -> Result<()> {
+        for s in &self.slots {
+            let region = kvm_userspace_memory_region {
+                slot: s.index,
+                flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                guest_phys_addr: s.gpa,
+                memory_size: s.size,
+                userspace_addr: s.host,
+            };
+            // SAFETY: the host range belongs to `self.mem`, which outlives the VM's use of it
+            // (the VM owns this GuestRam and drops the VmFd first).
+            unsafe { vm.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    fn slot_for(&self, gpa: u64, len: u64) -> Option<&Slot> {
+        let end = gpa.checked_add(len)?;
+        self.slots.iter().find(|s| gpa >= s.gpa && end <= s.gpa + s.size)
+    }
+
+    /// A host view of guest RAM at `gpa`, `len` bytes, within one slot.
+    ///
+    /// The vCPUs may be writing these bytes concurrently (live migration reads a running
+    /// guest's memory); the data read may then be stale, which dirty tracking corrects.
+    pub fn host_slice(&self, gpa: u64, len: u64) -> Option<&[u8]> {
+        let s = self.slot_for(gpa, len)?;
+        // SAFETY: bounds checked against the slot; the mapping lives as long as `self`.
+        Some(unsafe { std::slice::from_raw_parts((s.host + (gpa - s.gpa)) as *const u8, len as usize) })
+    }
+
+    /// Mutable host view of guest RAM (restore paths, with the vCPUs paused).
+    #[allow(clippy::mut_from_ref)]
+    pub fn host_slice_mut(&self, gpa: u64, len: u64) -> Option<&mut [u8]> {
+        let s = self.slot_for(gpa, len)?;
+        // SAFETY: as above; callers write guest RAM only while the vCPUs are paused, and the
+        // mapping is shared memory the guest owns anyway.
+        Some(unsafe { std::slice::from_raw_parts_mut((s.host + (gpa - s.gpa)) as *mut u8, len as usize) })
+    }
+
+    /// Zeroes a page-aligned range by dropping its pages (they read back as zero and cost no RSS).
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<()> {
+        let slice = self
+            .host_slice(gpa, len)
+            .ok_or(Error::GuestMemory { addr: gpa, reason: "range outside RAM".into() })?;
+        // SAFETY: the range is inside our private anonymous mapping.
+        let r = unsafe { libc::madvise(slice.as_ptr() as *mut _, len as usize, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(Error::Io(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Collects and clears the dirty pages of every slot: KVM's log OR-ed with the bitmap of
+    /// writes made through `vm-memory`. One bit per 4 KiB page, per slot.
+    pub fn take_dirty(&self, vm: &VmFd) -> Result<Vec<Vec<u64>>> {
+        let mut out = Vec::with_capacity(self.slots.len());
+        for (s, region) in self.slots.iter().zip(self.mem.iter()) {
+            let mut bits = vm.get_dirty_log(s.index, s.size as usize).map_err(kvm("KVM_GET_DIRTY_LOG"))?;
+            let dev = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            for (w, d) in bits.iter_mut().zip(dev.iter()) {
+                *w |= *d;
+            }
+            out.push(bits);
+        }
+        Ok(out)
+    }
+
+    /// Clears the device-write bitmaps (at the start of dirty tracking).
+    pub fn reset_device_dirty(&self) {
+        for region in self.mem.iter() {
+            std::ops::Deref::deref(region).bitmap().reset();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn layout_respects_the_hole() {
+        assert_eq!(layout(1 << 30), vec![(0, 1 << 30)]);
+        assert_eq!(layout(4 << 30), vec![(0, MMIO_HOLE_START), (FOUR_GIB, (4 << 30) - MMIO_HOLE_START)]);
+    }
+
+    #[test]
+    fn sizes_validated_and_device_writes_tracked() {
+        assert!(GuestRam::new(0).is_err());
+        assert!(GuestRam::new(MAX_RAM * 2).is_err());
+        let ram = GuestRam::new(16 << 20).unwrap();
+        ram.memory().write_obj(0xdeadu32, GuestAddress(0x5000)).unwrap();
+        let bm = std::ops::Deref::deref(ram.memory().iter().next().unwrap()).bitmap().get_and_reset();
+        assert_eq!(bm[0], 1 << 5);
+        assert_eq!(ram.host_slice(0x5000, 4).unwrap(), &0xdeadu32.to_le_bytes());
+        assert!(ram.host_slice((16 << 20) - 2, 4).is_none());
+        ram.discard(0x5000, 4096).unwrap();
+        assert_eq!(ram.host_slice(0x5000, 4).unwrap(), &[0, 0, 0, 0]);
+    }
+}

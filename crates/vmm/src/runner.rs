@@ -1,0 +1,303 @@
+//! vCPU threads and the pause/resume protocol every later feature relies on.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread and dispatches port/MMIO exits to the buses.
+//! Pausing: under the control lock, set `pause`, set `immediate_exit` in each vCPU's shared
+//! `kvm_run` page and kick its thread with a signal. A kicked vCPU returns from `KVM_RUN`
+//! (EINTR), then runs `KVM_RUN` once more with `immediate_exit` still set so KVM commits any
+//! half-done port/MMIO completion, and parks. `pause()` returns when every live vCPU is parked,
+//! so their state can be saved and guest RAM is quiet. Resuming clears the flag and wakes them.
+
+use crate::memory::GuestRam;
+use devices::bus::Bus;
+use devices::{VmEvents, VmRequest};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+
+/// The signal used to kick vCPU threads out of KVM_RUN.
+fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
+            tracing::error!("cannot install the vCPU kick signal handler: {e}");
+        }
+    });
+}
+
+/// A vCPU: its KVM handle (locked by its thread while inside KVM_RUN, by the VM while paused).
+pub struct Vcpu {
+    pub id: usize,
+    pub fd: Mutex<VcpuFd>,
+    run_page: usize,
+}
+
+impl Vcpu {
+    pub fn new(id: usize, mut fd: VcpuFd) -> Self {
+        let run_page = fd.get_kvm_run() as *mut kvm_bindings::kvm_run as usize;
+        Vcpu { id, fd: Mutex::new(fd), run_page }
+    }
+
+    fn set_immediate_exit(&self, v: u8) {
+        // SAFETY: `run_page` is the vCPU's mmapped kvm_run page, alive as long as the VcpuFd;
+        // KVM reads `immediate_exit` on entry, so a racing volatile byte write is intended.
+        unsafe { std::ptr::write_volatile(&mut (*(self.run_page as *mut kvm_bindings::kvm_run)).immediate_exit, v) }
+    }
+
+    /// Locks the vCPU's fd (only meaningful while the VM is paused).
+    pub fn lock(&self) -> MutexGuard<'_, VcpuFd> {
+        self.fd.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct Ctl {
+    pause: bool,
+    quit: bool,
+    parked: usize,
+    alive: usize,
+    /// Bumped on every resume; a vCPU that stopped on an error waits for the next one.
+    epoch: u64,
+}
+
+/// Shared pause/resume control of all vCPU threads.
+pub struct Control {
+    st: Mutex<Ctl>,
+    cv: Condvar,
+}
+
+/// What a vCPU thread needs besides its own fd.
+#[derive(Clone)]
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub events: VmEvents,
+    pub ram: Arc<GuestRam>,
+}
+
+/// The running vCPU threads.
+pub struct VcpuSet {
+    pub vcpus: Vec<Arc<Vcpu>>,
+    ctl: Arc<Control>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl VcpuSet {
+    /// Starts one thread per vCPU, all parked (paused) until [`VcpuSet::resume`].
+    pub fn start(vcpus: Vec<Arc<Vcpu>>, ctx: VcpuContext) -> std::io::Result<Self> {
+        install_kick_handler();
+        let ctl = Arc::new(Control {
+            st: Mutex::new(Ctl { pause: true, alive: vcpus.len(), ..Default::default() }),
+            cv: Condvar::new(),
+        });
+        let mut threads = Vec::new();
+        for v in &vcpus {
+            let (v, ctl, ctx) = (v.clone(), ctl.clone(), ctx.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("vcpu{}", v.id))
+                    .spawn(move || vcpu_loop(v, ctl, ctx))?,
+            );
+        }
+        let set = VcpuSet { vcpus, ctl, threads: Mutex::new(threads) };
+        drop(set.wait_parked(set.lock()));
+        Ok(set)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait_parked<'a>(&'a self, mut s: MutexGuard<'a, Ctl>) -> MutexGuard<'a, Ctl> {
+        while s.parked < s.alive {
+            s = self.ctl.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s
+    }
+
+    /// Stops every vCPU at a clean point (all exits completed). Idempotent.
+    pub fn pause(&self) {
+        let mut s = self.lock();
+        if !s.pause {
+            s.pause = true;
+            let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+            for (v, t) in self.vcpus.iter().zip(threads.iter()) {
+                v.set_immediate_exit(1);
+                // SAFETY: the pthread id belongs to a thread we spawned and have not joined.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            }
+        }
+        drop(self.wait_parked(s));
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        let mut s = self.lock();
+        s.pause = false;
+        s.epoch += 1;
+        self.ctl.cv.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lock().pause
+    }
+
+    /// Ends every vCPU thread.
+    pub fn shutdown(&self) {
+        self.pause();
+        {
+            let mut s = self.lock();
+            s.quit = true;
+            self.ctl.cv.notify_all();
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuSet {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn vcpu_loop(v: Arc<Vcpu>, ctl: Arc<Control>, ctx: VcpuContext) {
+    let mut stopped_epoch: Option<u64> = None;
+    loop {
+        {
+            let mut s = ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+            let must_wait = |s: &Ctl| s.pause || stopped_epoch == Some(s.epoch);
+            if s.quit || must_wait(&s) {
+                drop(s);
+                commit_pending_exit(&v);
+                s = ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+                s.parked += 1;
+                ctl.cv.notify_all();
+                while !s.quit && must_wait(&s) {
+                    s = ctl.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+                s.parked -= 1;
+                if s.quit {
+                    s.alive -= 1;
+                    ctl.cv.notify_all();
+                    return;
+                }
+                stopped_epoch = None;
+                v.set_immediate_exit(0);
+                continue;
+            }
+        }
+        let mut fd = v.lock();
+        let outcome = match fd.run() {
+            Ok(exit) => handle_exit(v.id, exit, &ctx),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Outcome::Continue,
+            Err(e) => Outcome::Stop(VmRequest::Fatal { vcpu: v.id, message: format!("KVM_RUN failed: {e}") }),
+        };
+        let outcome = match outcome {
+            Outcome::InternalError => Outcome::Stop(VmRequest::Fatal {
+                vcpu: v.id,
+                message: describe_internal_error(v.id, &mut fd, &ctx.ram),
+            }),
+            o => o,
+        };
+        drop(fd);
+        if let Outcome::Stop(req) = outcome {
+            let s = ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+            stopped_epoch = Some(s.epoch);
+            drop(s);
+            ctx.events.send(req);
+        }
+    }
+}
+
+/// With `immediate_exit` set, KVM_RUN completes a pending port/MMIO read and returns EINTR
+/// without running guest code.
+fn commit_pending_exit(v: &Vcpu) {
+    v.set_immediate_exit(1);
+    let mut fd = v.lock();
+    let _ = fd.run();
+}
+
+enum Outcome {
+    Continue,
+    InternalError,
+    Stop(VmRequest),
+}
+
+fn handle_exit(id: usize, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Outcome {
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            if !ctx.pio.write(port as u64, data) {
+                tracing::trace!("vcpu{id}: write to unclaimed port {port:#x}");
+            }
+            Outcome::Continue
+        }
+        VcpuExit::IoIn(port, data) => {
+            ctx.pio.read(port as u64, data);
+            Outcome::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            ctx.mmio.read(addr, data);
+            Outcome::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !ctx.mmio.write(addr, data) {
+                tracing::trace!("vcpu{id}: write to unclaimed MMIO {addr:#x}");
+            }
+            Outcome::Continue
+        }
+        VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Outcome::Continue,
+        VcpuExit::Shutdown => Outcome::Stop(VmRequest::Reset),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Outcome::Stop(VmRequest::PowerOff),
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Outcome::Stop(VmRequest::Reset),
+            other => Outcome::Stop(VmRequest::Fatal { vcpu: id, message: format!("system event {other}") }),
+        },
+        VcpuExit::InternalError => Outcome::InternalError,
+        VcpuExit::FailEntry(reason, cpu) => Outcome::Stop(VmRequest::Fatal {
+            vcpu: id,
+            message: format!("KVM entry failure (hardware reason {reason:#x}, host cpu {cpu})"),
+        }),
+        other => Outcome::Stop(VmRequest::Fatal { vcpu: id, message: format!("unexpected KVM exit {other:?}") }),
+    }
+}
+
+/// "KVM internal error (suberror 1: emulation failure) on vCPU 0 at RIP 0x…: f0 48 0f c7 …"
+fn describe_internal_error(id: usize, fd: &mut VcpuFd, ram: &GuestRam) -> String {
+    // SAFETY: reading the `internal` member of the exit union, valid for KVM_EXIT_INTERNAL_ERROR.
+    let suberror = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+    let what = match suberror {
+        1 => "emulation failure",
+        2 => "simultaneous exceptions",
+        3 => "delivery event",
+        _ => "unknown",
+    };
+    let mut msg = format!("KVM internal error (suberror {suberror}: {what}) on vCPU {id}");
+    if let (Ok(regs), Ok(sregs)) = (fd.get_regs(), fd.get_sregs()) {
+        let linear = sregs.cs.base.wrapping_add(regs.rip);
+        msg += &format!(" at RIP {:#x} (CS base {:#x}, CPL {})", regs.rip, sregs.cs.base, sregs.cs.dpl);
+        let phys = if sregs.cr0 & 0x8000_0000 != 0 {
+            fd.translate_gva(linear).ok().filter(|t| t.valid != 0).map(|t| t.physical_address)
+        } else {
+            Some(linear)
+        };
+        match phys.and_then(|p| ram.host_slice(p, 15).map(|b| b.to_vec())) {
+            Some(bytes) => {
+                msg += ", instruction bytes:";
+                for b in bytes {
+                    msg += &format!(" {b:02x}");
+                }
+            }
+            None => msg += ", instruction bytes unreadable",
+        }
+    }
+    msg
+}
