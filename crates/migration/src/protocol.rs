@@ -1,0 +1,132 @@
+//! The live-migration wire protocol, version 1.
+//!
+//! One connection (TCP or a unix socket) carries two directions.
+//!
+//! **Source → destination**: a VM-state stream exactly as `vmstate::stream` defines it (header
+//! `"GODWITVM"` + u32 format version, then tagged records, little-endian), using these
+//! control records (tag, u32 length, postcard body) between its RAM and section records:
+//!
+//! | tag  | record      | body                                   | when |
+//! |------|-------------|----------------------------------------|------|
+//! | 0x40 | HELLO       | [`Hello`]: protocol version, config summary, RAM layout | first |
+//! | 0x41 | ROUND_END   | [`RoundEnd`]: round number, pages sent | after each pre-copy round |
+//! | 0x42 | SWITCHOVER  | empty                                  | the source has paused the guest |
+//!
+//! Order: `HELLO` → (wait for `READY`) → round 0 RAM records (all non-zero pages; zero pages
+//! are never sent in round 0, the destination's RAM starts zeroed) → `ROUND_END` → dirty rounds
+//! (`RAM_DATA` for dirtied pages, `RAM_ZERO` for dirtied pages that became zero) each closed by
+//! `ROUND_END` → `SWITCHOVER` → the final dirty pages → every state `SECTION` → `END`.
+//!
+//! **Destination → source**: small frames `u8 kind | u32 len | body`:
+//! `1 READY` (HELLO accepted), `2 ERROR` (UTF-8 reason; the destination then exits without
+//! having run the guest), `3 RUNNING` (postcard [`Running`]: the guest runs on the destination;
+//! only now is the migration complete and may the source stop caring about its copy).
+//!
+//! **What each side checks.** The destination refuses a HELLO with another protocol version,
+//! config summary (RAM size, vCPU count, device set) or RAM layout; it bounds-checks every RAM
+//! record against its RAM, bounds every length before allocating (see `vmstate::stream`),
+//! decodes and checks every section before applying any, and verifies the END record's byte
+//! count. The source treats anything but `RUNNING` after `SWITCHOVER` — an `ERROR`, EOF, a
+//! timeout — as failure: it takes its disks back and resumes the guest.
+
+use crate::{MigrationError, Result};
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+pub const TAG_HELLO: u8 = 0x40;
+pub const TAG_ROUND_END: u8 = 0x41;
+pub const TAG_SWITCHOVER: u8 = 0x42;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol: u32,
+    pub config: String,
+    /// (guest-physical base, size) of each RAM region.
+    pub ram: Vec<(u64, u64)>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundEnd {
+    pub round: u32,
+    pub pages: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Running {
+    /// Destination time from SWITCHOVER received to the guest resumed, microseconds.
+    pub switchover_us: u64,
+    /// Of which: decoding and applying the machine state.
+    pub restore_us: u64,
+}
+
+/// A frame on the destination → source channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Ready,
+    Error(String),
+    Running(Running),
+}
+
+const MAX_REPLY: u32 = 64 * 1024;
+
+pub fn write_reply<W: Write + ?Sized>(w: &mut W, r: &Reply) -> Result<()> {
+    let (kind, body): (u8, Vec<u8>) = match r {
+        Reply::Ready => (1, Vec::new()),
+        Reply::Error(s) => (2, s.as_bytes().iter().take(MAX_REPLY as usize).copied().collect()),
+        Reply::Running(x) => (3, encode(x)?),
+    };
+    let mut frame = Vec::with_capacity(5 + body.len());
+    frame.push(kind);
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(())
+}
+
+pub fn read_reply<R: Read + ?Sized>(r: &mut R) -> Result<Reply> {
+    let mut hdr = [0u8; 5];
+    r.read_exact(&mut hdr).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => MigrationError::Protocol("the destination closed the connection".into()),
+        _ => MigrationError::Io(e),
+    })?;
+    let len = u32::from_le_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]);
+    if len > MAX_REPLY {
+        return Err(MigrationError::Protocol(format!("reply of {len} bytes is too long")));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)?;
+    match hdr[0] {
+        1 if len == 0 => Ok(Reply::Ready),
+        2 => Ok(Reply::Error(String::from_utf8_lossy(&body).into_owned())),
+        3 => Ok(Reply::Running(decode(&body)?)),
+        k => Err(MigrationError::Protocol(format!("unknown reply kind {k}"))),
+    }
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    postcard::to_stdvec(v).map_err(|e| MigrationError::Protocol(e.to_string()))
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T> {
+    postcard::from_bytes(b).map_err(|e| MigrationError::Protocol(format!("malformed control record: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_roundtrip_and_reject_garbage() {
+        for r in [Reply::Ready, Reply::Error("no".into()), Reply::Running(Running { switchover_us: 5, restore_us: 3 })] {
+            let mut buf = Vec::new();
+            write_reply(&mut buf, &r).unwrap();
+            assert_eq!(read_reply(&mut &buf[..]).unwrap(), r);
+        }
+        assert!(read_reply(&mut &[9u8, 0, 0, 0, 0][..]).is_err());
+        assert!(read_reply(&mut &[1u8, 0xff, 0xff, 0xff, 0xff][..]).is_err());
+        assert!(read_reply(&mut &[1u8, 0][..]).is_err());
+    }
+}

@@ -1,0 +1,136 @@
+//! The destination side: accept one source, check its HELLO against this VM, write RAM records
+//! straight into guest memory, and after SWITCHOVER restore the machine state and resume the
+//! guest. The guest never runs before the whole state arrived and was checked; any error is
+//! reported back to the source and returned (the caller exits non-zero).
+
+use crate::protocol::{self, Hello, Reply, RoundEnd, Running, PROTOCOL_VERSION, TAG_HELLO, TAG_ROUND_END, TAG_SWITCHOVER};
+use crate::transport::{Channel, Listener};
+use crate::{MigratableVm, MigrationError, RamRegion, Result};
+use std::io::BufReader;
+use std::time::Instant;
+use vmstate::stream::{Item, StreamReader, PAGE_SIZE};
+use vmstate::Section;
+
+/// What the destination saw.
+#[derive(Debug, Clone, Default)]
+pub struct IncomingStats {
+    pub rounds: u32,
+    pub bytes: u64,
+    pub pages: u64,
+    pub switchover_ms: f64,
+    pub restore_ms: f64,
+    pub total_ms: f64,
+}
+
+/// Waits for one source on `listener` and completes the migration into `vm`.
+pub fn incoming(vm: &dyn MigratableVm, listener: &Listener) -> Result<IncomingStats> {
+    let chan = listener.accept()?;
+    receive(vm, chan)
+}
+
+/// Runs the destination protocol over an accepted channel.
+pub fn receive(vm: &dyn MigratableVm, chan: Box<dyn Channel>) -> Result<IncomingStats> {
+    let mut back = chan.try_clone_box()?;
+    let res = receive_inner(vm, chan, &mut *back);
+    if let Err(e) = &res {
+        let _ = protocol::write_reply(&mut back, &Reply::Error(e.to_string()));
+    }
+    res
+}
+
+fn region_slice(regions: &[RamRegion], gpa: u64, npages: u32) -> Result<*mut u8> {
+    let len = npages as u64 * PAGE_SIZE as u64;
+    let end = gpa.checked_add(len).ok_or_else(|| MigrationError::Protocol(format!("RAM record at {gpa:#x} overflows")))?;
+    regions
+        .iter()
+        .find(|r| gpa >= r.gpa && end <= r.gpa + r.size)
+        .map(|r| (r.host + (gpa - r.gpa)) as *mut u8)
+        .ok_or_else(|| MigrationError::Protocol(format!("RAM record {gpa:#x}+{len:#x} is outside guest RAM")))
+}
+
+fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn Channel) -> Result<IncomingStats> {
+    let t0 = Instant::now();
+    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, chan))?;
+    let hello: Hello = match r.next_item()? {
+        Item::Control { tag: TAG_HELLO, body } => protocol::decode(&body)?,
+        other => return Err(MigrationError::Protocol(format!("expected HELLO, got {other:?}"))),
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(MigrationError::Incompatible(format!(
+            "source speaks migration protocol {}, this destination {}",
+            hello.protocol, PROTOCOL_VERSION
+        )));
+    }
+    let mine = vm.config_summary();
+    if hello.config != mine {
+        return Err(MigrationError::Incompatible(format!("source VM is [{}], destination VM is [{}]", hello.config, mine)));
+    }
+    let regions = vm.ram_regions();
+    let layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.size)).collect();
+    if hello.ram != layout {
+        return Err(MigrationError::Incompatible("RAM layouts differ".into()));
+    }
+    vm.discard_ram().map_err(MigrationError::Vm)?;
+    protocol::write_reply(back, &Reply::Ready)?;
+
+    let mut st = IncomingStats::default();
+    let mut switch_at: Option<Instant> = None;
+    let mut sections: Vec<Section> = Vec::new();
+    loop {
+        match r.next_item()? {
+            Item::RamData { gpa, npages } => {
+                let p = region_slice(&regions, gpa, npages)?;
+                // SAFETY: bounds checked against a RAM region; the guest is not running.
+                let dst = unsafe { std::slice::from_raw_parts_mut(p, npages as usize * PAGE_SIZE) };
+                r.read_pages_into(dst)?;
+                st.pages += npages as u64;
+            }
+            Item::RamZero { gpa, npages } => {
+                let p = region_slice(&regions, gpa, npages)?;
+                // SAFETY: as above; dropping private anonymous pages makes them read as zero.
+                let rc = unsafe { libc::madvise(p as *mut _, npages as usize * PAGE_SIZE, libc::MADV_DONTNEED) };
+                if rc != 0 {
+                    return Err(MigrationError::Io(std::io::Error::last_os_error()));
+                }
+                st.pages += npages as u64;
+            }
+            Item::Control { tag: TAG_ROUND_END, body } => {
+                let re: RoundEnd = protocol::decode(&body)?;
+                st.rounds = re.round + 1;
+            }
+            Item::Control { tag: TAG_SWITCHOVER, .. } => switch_at = Some(Instant::now()),
+            Item::Control { tag, .. } => {
+                return Err(MigrationError::Protocol(format!("unexpected control record {tag:#x}")))
+            }
+            Item::Section(s) => {
+                if switch_at.is_none() {
+                    return Err(MigrationError::Protocol("state section before SWITCHOVER".into()));
+                }
+                if sections.len() >= 4096 {
+                    return Err(MigrationError::Protocol("too many state sections".into()));
+                }
+                sections.push(s);
+            }
+            Item::End => break,
+        }
+    }
+    let switch_at = switch_at.ok_or_else(|| MigrationError::Protocol("stream ended without SWITCHOVER".into()))?;
+    let t_restore = Instant::now();
+    vm.check_state(&sections).map_err(MigrationError::Vm)?;
+    vm.restore_state(&sections).map_err(MigrationError::Vm)?;
+    st.restore_ms = t_restore.elapsed().as_secs_f64() * 1000.0;
+    vm.before_resume_incoming().map_err(MigrationError::Vm)?;
+    vm.resume();
+    st.switchover_ms = switch_at.elapsed().as_secs_f64() * 1000.0;
+    st.bytes = r.bytes_read();
+    st.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let running = Running {
+        switchover_us: (st.switchover_ms * 1000.0) as u64,
+        restore_us: (st.restore_ms * 1000.0) as u64,
+    };
+    // The guest runs now; if the source cannot hear it, its disk lock guard keeps it paused.
+    if let Err(e) = protocol::write_reply(back, &Reply::Running(running)) {
+        tracing::warn!("could not tell the source the guest runs here: {e}");
+    }
+    Ok(st)
+}

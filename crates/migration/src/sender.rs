@@ -1,0 +1,284 @@
+//! The source side of a live migration: pre-copy rounds while the guest runs, then a short
+//! pause for the last dirty pages and the machine state. Any failure before the destination
+//! reports the guest running puts everything back: dirty logging off, disks re-locked, guest
+//! resumed, status `failed` (or `cancelled`) with the reason.
+
+use crate::protocol::{self, Hello, Reply, RoundEnd, PROTOCOL_VERSION, TAG_HELLO, TAG_ROUND_END, TAG_SWITCHOVER};
+use crate::ram::{count, populated_pages, send_marked};
+use crate::stats::{Params, Round, Stats, Status};
+use crate::transport::{connect, Channel, Limited, Uri};
+use crate::{MigratableVm, MigrationError, Result};
+use std::io::BufWriter;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmstate::stream::{StreamWriter, PAGE_SIZE};
+
+/// What the monitor shares with a running migration.
+#[derive(Default)]
+pub struct Shared {
+    pub stats: Mutex<Stats>,
+    pub params: Mutex<Params>,
+    pub cancel: AtomicBool,
+}
+
+impl Shared {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Shared::default())
+    }
+    pub fn stats(&self) -> Stats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn update(&self, f: impl FnOnce(&mut Stats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+    pub fn params(&self) -> Params {
+        self.params.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Notifications for the monitor (QMP `MIGRATION` and `MIGRATION_PASS` events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Status(Status),
+    Pass(u64),
+}
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bandwidth assumed before any round moved enough data to measure it.
+const DEFAULT_BANDWIDTH: f64 = 100e6;
+
+type Writer = StreamWriter<BufWriter<Limited<Box<dyn Channel>>>>;
+
+/// Runs a migration to `uri`. Returns when it completed (guest running on the destination,
+/// source paused) or failed (source running again).
+pub fn migrate(vm: &dyn MigratableVm, uri: &Uri, shared: &Shared, events: &dyn Fn(Event)) -> Result<()> {
+    let params = shared.params();
+    let total: u64 = vm.ram_regions().iter().map(|r| r.size).sum();
+    shared.cancel.store(false, Ordering::SeqCst);
+    shared.update(|s| {
+        *s = Stats {
+            status: Status::Setup,
+            total,
+            remaining: total,
+            downtime_limit_ms: params.downtime_limit_ms,
+            max_bandwidth: params.max_bandwidth,
+            ..Default::default()
+        }
+    });
+    events(Event::Status(Status::Setup));
+    let t0 = Instant::now();
+    let mut run = Run { vm, shared, events, params, t0, paused: false, logging: false };
+    match run.go(uri) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let cancelled = matches!(e, MigrationError::Cancelled);
+            let msg = run.roll_back(&e);
+            let status = if cancelled { Status::Cancelled } else { Status::Failed };
+            shared.update(|s| {
+                s.status = status;
+                s.error = (!cancelled).then_some(msg);
+                s.total_time_ms = t0.elapsed().as_millis() as u64;
+            });
+            events(Event::Status(status));
+            Err(e)
+        }
+    }
+}
+
+struct Run<'a> {
+    vm: &'a dyn MigratableVm,
+    shared: &'a Shared,
+    events: &'a dyn Fn(Event),
+    params: Params,
+    t0: Instant,
+    paused: bool,
+    logging: bool,
+}
+
+impl Run<'_> {
+    fn cancelled(&self) -> bool {
+        self.shared.cancel.load(Ordering::SeqCst)
+    }
+
+    fn go(&mut self, uri: &Uri) -> Result<()> {
+        let chan = connect(uri)?;
+        let mut replies = chan.try_clone_box()?;
+        replies.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        let out = BufWriter::with_capacity(1 << 20, Limited::new(chan, self.params.max_bandwidth));
+        let mut w: Writer = StreamWriter::new(out)?;
+
+        let regions = self.vm.ram_regions();
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            config: self.vm.config_summary(),
+            ram: regions.iter().map(|r| (r.gpa, r.size)).collect(),
+        };
+        w.control(TAG_HELLO, &protocol::encode(&hello)?)?;
+        w.flush()?;
+        match protocol::read_reply(&mut replies)? {
+            Reply::Ready => {}
+            Reply::Error(e) => return Err(MigrationError::Refused(e)),
+            other => return Err(MigrationError::Protocol(format!("expected READY, got {other:?}"))),
+        }
+
+        self.vm.set_dirty_logging(true).map_err(MigrationError::Vm)?;
+        self.logging = true;
+        // Anything dirtied before logging started is covered by round 0 reading it now.
+        let _ = self.vm.take_dirty().map_err(MigrationError::Vm)?;
+        self.shared.update(|s| {
+            s.status = Status::Active;
+            s.setup_time_ms = self.t0.elapsed().as_millis() as u64;
+        });
+        (self.events)(Event::Status(Status::Active));
+
+        // Round 0: every populated page; zero pages are skipped (the destination starts zeroed).
+        let marks: Vec<Vec<u64>> = regions.iter().map(populated_pages).collect();
+        let mut bandwidth = DEFAULT_BANDWIDTH;
+        let mut last_harvest = Instant::now();
+        self.round(&mut w, 0, &marks, false, &mut bandwidth)?;
+
+        let mut round = 1u32;
+        let pending = loop {
+            if self.cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            let dirty = self.vm.take_dirty().map_err(MigrationError::Vm)?;
+            let n: u64 = dirty.iter().map(|b| count(b)).sum();
+            let since = last_harvest.elapsed().as_secs_f64().max(1e-6);
+            last_harvest = Instant::now();
+            let remaining = n * PAGE_SIZE as u64;
+            let expected_ms = remaining as f64 / bandwidth * 1000.0;
+            self.shared.update(|s| {
+                s.dirty_sync_count += 1;
+                s.dirty_pages_rate = (n as f64 / since) as u64;
+                s.remaining = remaining;
+                s.expected_downtime_ms = expected_ms.ceil() as u64;
+            });
+            (self.events)(Event::Pass(self.shared.stats().dirty_sync_count));
+            if expected_ms <= self.params.downtime_limit_ms as f64 {
+                break dirty;
+            }
+            self.round(&mut w, round, &dirty, true, &mut bandwidth)?;
+            round += 1;
+        };
+        self.switchover(&mut w, &mut *replies, pending)
+    }
+
+    /// Sends one round of marked pages and closes it with ROUND_END.
+    fn round(&self, w: &mut Writer, round: u32, marks: &[Vec<u64>], record_zero: bool, bw: &mut f64) -> Result<()> {
+        let start = Instant::now();
+        let before = w.bytes_written();
+        let regions = self.vm.ram_regions();
+        let mut st = vmstate::ram::RamStats::default();
+        let stop = || self.cancelled();
+        for (r, bits) in regions.iter().zip(marks) {
+            let (s, complete) = send_marked(w, r, bits, record_zero, &stop)?;
+            st.add(s);
+            if !complete {
+                return Err(MigrationError::Cancelled);
+            }
+        }
+        let pages = st.data_pages + st.zero_pages;
+        w.control(TAG_ROUND_END, &protocol::encode(&RoundEnd { round, pages })?)?;
+        w.flush()?;
+        let bytes = w.bytes_written() - before;
+        let elapsed = start.elapsed().as_secs_f64().max(1e-6);
+        if bytes >= 2 << 20 {
+            *bw = bytes as f64 / elapsed;
+        }
+        if self.params.max_bandwidth > 0 {
+            *bw = bw.min(self.params.max_bandwidth as f64);
+        }
+        let rec = Round {
+            round,
+            dirty_pages: marks.iter().map(|b| count(b)).sum(),
+            data_pages: st.data_pages,
+            zero_pages: st.zero_pages,
+            bytes,
+            elapsed_ms: elapsed * 1000.0,
+            at_ms: self.t0.elapsed().as_secs_f64() * 1000.0,
+            bandwidth_bps: bytes as f64 / elapsed,
+        };
+        self.shared.update(|s| {
+            s.transferred = w.bytes_written();
+            s.duplicate += st.zero_pages;
+            s.normal += st.data_pages;
+            s.normal_bytes += st.data_pages * PAGE_SIZE as u64;
+            let t = self.t0.elapsed().as_secs_f64().max(1e-6);
+            s.mbps = s.transferred as f64 * 8.0 / 1e6 / t;
+            s.pages_per_second = ((s.normal + s.duplicate) as f64 / t) as u64;
+            s.total_time_ms = (t * 1000.0) as u64;
+            s.rounds.push(rec);
+        });
+        Ok(())
+    }
+
+    fn switchover(&mut self, w: &mut Writer, replies: &mut dyn Channel, mut pending: Vec<Vec<u64>>) -> Result<()> {
+        self.shared.update(|s| s.status = Status::Device);
+        (self.events)(Event::Status(Status::Device));
+        self.vm.pause();
+        self.paused = true;
+        let t_pause = Instant::now();
+        self.vm.before_switchover().map_err(MigrationError::Vm)?;
+        let last = self.vm.take_dirty().map_err(MigrationError::Vm)?;
+        for (p, l) in pending.iter_mut().zip(&last) {
+            for (a, b) in p.iter_mut().zip(l) {
+                *a |= *b;
+            }
+        }
+        w.control(TAG_SWITCHOVER, &[])?;
+        let regions = self.vm.ram_regions();
+        let mut st = vmstate::ram::RamStats::default();
+        for (r, bits) in regions.iter().zip(&pending) {
+            st.add(send_marked(w, r, bits, true, &|| false)?.0);
+        }
+        for s in self.vm.save_state().map_err(MigrationError::Vm)? {
+            w.section(&s)?;
+        }
+        w.end()?;
+        let running = match protocol::read_reply(replies)? {
+            Reply::Running(r) => r,
+            Reply::Error(e) => return Err(MigrationError::Refused(e)),
+            other => return Err(MigrationError::Protocol(format!("expected RUNNING, got {other:?}"))),
+        };
+        let downtime = t_pause.elapsed().as_secs_f64() * 1000.0;
+        self.logging = false;
+        let _ = self.vm.set_dirty_logging(false);
+        self.shared.update(|s| {
+            s.status = Status::Completed;
+            s.downtime_ms = downtime;
+            s.dest_switchover_ms = running.switchover_us as f64 / 1000.0;
+            s.transferred = w.bytes_written();
+            s.remaining = 0;
+            s.duplicate += st.zero_pages;
+            s.normal += st.data_pages;
+            s.normal_bytes += st.data_pages * PAGE_SIZE as u64;
+            s.total_time_ms = self.t0.elapsed().as_millis() as u64;
+            let t = self.t0.elapsed().as_secs_f64().max(1e-6);
+            s.mbps = s.transferred as f64 * 8.0 / 1e6 / t;
+        });
+        (self.events)(Event::Status(Status::Completed));
+        Ok(())
+    }
+
+    /// Undoes what the failed attempt changed; returns the message to report.
+    fn roll_back(&mut self, e: &MigrationError) -> String {
+        let mut msg = e.to_string();
+        if self.logging {
+            let _ = self.vm.set_dirty_logging(false);
+        }
+        if self.paused {
+            match self.vm.after_failed_switchover() {
+                Ok(()) => self.vm.resume(),
+                Err(lock) => {
+                    // The destination may already run the guest: never let two copies write
+                    // the shared disk. The source stays paused.
+                    msg = format!("{msg}; source NOT resumed, its disk could not be taken back ({lock})");
+                }
+            }
+        }
+        tracing::warn!("migration failed: {msg}");
+        msg
+    }
+}

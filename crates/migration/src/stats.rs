@@ -1,0 +1,164 @@
+//! Migration status, parameters and statistics, named as QEMU's `query-migrate` names them,
+//! plus a per-round record for the migration report.
+
+use serde::{Deserialize, Serialize};
+
+/// QEMU's MigrationStatus names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    #[default]
+    None,
+    Setup,
+    Active,
+    Device,
+    Cancelling,
+    Cancelled,
+    Completed,
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Status::None => "none",
+            Status::Setup => "setup",
+            Status::Active => "active",
+            Status::Device => "device",
+            Status::Cancelling => "cancelling",
+            Status::Cancelled => "cancelled",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+        }
+    }
+    pub fn is_running(&self) -> bool {
+        matches!(self, Status::Setup | Status::Active | Status::Device | Status::Cancelling)
+    }
+}
+
+/// Tunables (`migrate_set_parameter`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Params {
+    /// Largest pause the switchover may cause, in ms (QEMU's `downtime-limit`).
+    pub downtime_limit_ms: u64,
+    /// Bytes per second, 0 = unlimited (QEMU's `max-bandwidth`).
+    pub max_bandwidth: u64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { downtime_limit_ms: 30, max_bandwidth: 0 }
+    }
+}
+
+/// One pre-copy round, for `info migrate` and the report.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct Round {
+    pub round: u32,
+    /// Pages found dirty when the round started (round 0: populated pages).
+    pub dirty_pages: u64,
+    pub data_pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+    pub elapsed_ms: f64,
+    /// Time since the migration started, at the end of the round.
+    pub at_ms: f64,
+    pub bandwidth_bps: f64,
+}
+
+/// Live statistics of the current (or last) migration.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Stats {
+    pub status: Status,
+    pub error: Option<String>,
+    pub total_time_ms: u64,
+    pub setup_time_ms: u64,
+    pub expected_downtime_ms: u64,
+    /// Source paused → destination reported the guest running (includes one network hop).
+    pub downtime_ms: f64,
+    /// Destination: SWITCHOVER received → guest resumed.
+    pub dest_switchover_ms: f64,
+    pub transferred: u64,
+    pub remaining: u64,
+    pub total: u64,
+    pub duplicate: u64,
+    pub normal: u64,
+    pub normal_bytes: u64,
+    pub dirty_pages_rate: u64,
+    pub dirty_sync_count: u64,
+    pub mbps: f64,
+    pub pages_per_second: u64,
+    pub rounds: Vec<Round>,
+    pub downtime_limit_ms: u64,
+    pub max_bandwidth: u64,
+}
+
+impl Stats {
+    /// QEMU's `query-migrate` reply.
+    pub fn to_qmp(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({ "status": self.status.as_str() });
+        if self.status == Status::None {
+            return v;
+        }
+        let m = v.as_object_mut().expect("object");
+        m.insert("total-time".into(), self.total_time_ms.into());
+        m.insert("setup-time".into(), self.setup_time_ms.into());
+        if self.status == Status::Completed {
+            m.insert("downtime".into(), (self.downtime_ms.round() as u64).into());
+            m.insert("x-godwit-downtime-exact-ms".into(), self.downtime_ms.into());
+            m.insert("x-godwit-destination-switchover-ms".into(), self.dest_switchover_ms.into());
+        } else {
+            m.insert("expected-downtime".into(), self.expected_downtime_ms.into());
+        }
+        m.insert(
+            "ram".into(),
+            serde_json::json!({
+                "transferred": self.transferred,
+                "remaining": self.remaining,
+                "total": self.total,
+                "duplicate": self.duplicate,
+                "normal": self.normal,
+                "normal-bytes": self.normal_bytes,
+                "dirty-pages-rate": self.dirty_pages_rate,
+                "dirty-sync-count": self.dirty_sync_count,
+                "mbps": self.mbps,
+                "pages-per-second": self.pages_per_second,
+                "page-size": 4096,
+            }),
+        );
+        if let Some(e) = &self.error {
+            m.insert("error-desc".into(), e.clone().into());
+        }
+        v
+    }
+
+    /// QEMU-like `info migrate` text.
+    pub fn to_hmp(&self) -> String {
+        let mut s = format!("Migration status: {}\n", self.status.as_str());
+        if self.status == Status::None {
+            return s;
+        }
+        if let Some(e) = &self.error {
+            s += &format!("Error: {e}\n");
+        }
+        s += &format!("total time: {} ms\n", self.total_time_ms);
+        if self.status == Status::Completed {
+            s += &format!("downtime: {:.2} ms (source paused -> guest running on destination)\n", self.downtime_ms);
+            s += &format!("destination switchover: {:.2} ms\n", self.dest_switchover_ms);
+        } else {
+            s += &format!("expected downtime: {} ms\n", self.expected_downtime_ms);
+        }
+        s += &format!("setup: {} ms\n", self.setup_time_ms);
+        s += &format!("transferred ram: {} kbytes\n", self.transferred / 1024);
+        s += &format!("throughput: {:.2} mbps\n", self.mbps);
+        s += &format!("remaining ram: {} kbytes\n", self.remaining / 1024);
+        s += &format!("total ram: {} kbytes\n", self.total / 1024);
+        s += &format!("duplicate: {} pages\n", self.duplicate);
+        s += &format!("normal: {} pages\n", self.normal);
+        s += &format!("normal bytes: {} kbytes\n", self.normal_bytes / 1024);
+        s += &format!("dirty sync count: {}\n", self.dirty_sync_count);
+        s += &format!("dirty pages rate: {} pages\n", self.dirty_pages_rate);
+        s += &format!("pages-per-second: {}\n", self.pages_per_second);
+        s
+    }
+}

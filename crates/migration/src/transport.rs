@@ -1,0 +1,203 @@
+//! Migration URIs (`tcp:HOST:PORT`, `tcp:0:PORT` = all addresses, `unix:PATH`), connecting,
+//! listening, and a bandwidth limiter for `max-bandwidth`.
+
+use crate::{MigrationError, Result};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uri {
+    Tcp { host: String, port: u16 },
+    Unix(String),
+}
+
+impl Uri {
+    pub fn parse(s: &str) -> Result<Uri> {
+        if let Some(rest) = s.strip_prefix("tcp:") {
+            let (host, port) = rest.rsplit_once(':').ok_or_else(|| MigrationError::Uri(s.into()))?;
+            let port: u16 = port.parse().map_err(|_| MigrationError::Uri(s.into()))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let host = if host.is_empty() || host == "0" { "0.0.0.0".to_string() } else { host.to_string() };
+            Ok(Uri::Tcp { host, port })
+        } else if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(MigrationError::Uri(s.into()));
+            }
+            Ok(Uri::Unix(p.to_string()))
+        } else {
+            Err(MigrationError::Uri(s.into()))
+        }
+    }
+}
+
+/// A connected migration channel (both directions).
+pub trait Channel: Read + Write + Send {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Channel>>;
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    fn shutdown(&self);
+}
+
+impl Channel for TcpStream {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Channel>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        TcpStream::set_read_timeout(self, t)
+    }
+    fn shutdown(&self) {
+        let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+impl Channel for UnixStream {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Channel>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, t)
+    }
+    fn shutdown(&self) {
+        let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+/// Connects to a destination.
+pub fn connect(uri: &Uri) -> Result<Box<dyn Channel>> {
+    match uri {
+        Uri::Tcp { host, port } => {
+            let addrs: Vec<_> = (host.as_str(), *port).to_socket_addrs()?.collect();
+            let mut last = None;
+            for a in addrs {
+                match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
+                    Ok(s) => {
+                        s.set_nodelay(true)?;
+                        return Ok(Box::new(s));
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(MigrationError::Io(last.unwrap_or_else(|| std::io::Error::other("no address"))))
+        }
+        Uri::Unix(p) => Ok(Box::new(UnixStream::connect(p)?)),
+    }
+}
+
+/// A bound listener waiting for one source.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, String),
+}
+
+impl Listener {
+    pub fn bind(uri: &Uri) -> Result<Listener> {
+        match uri {
+            Uri::Tcp { host, port } => Ok(Listener::Tcp(TcpListener::bind((host.as_str(), *port))?)),
+            Uri::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+            }
+        }
+    }
+
+    pub fn local_port(&self) -> Option<u16> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            Listener::Unix(..) => None,
+        }
+    }
+
+    /// Accepts exactly one peer.
+    pub fn accept(&self) -> Result<Box<dyn Channel>> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Ok(Box::new(s))
+            }
+            Listener::Unix(l, _) => Ok(Box::new(l.accept()?.0)),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A writer that never exceeds `limit` bytes per second on average (0 = unlimited), counting
+/// what it wrote.
+pub struct Limited<W: Write> {
+    inner: W,
+    pub limit: u64,
+    pub written: u64,
+    window_start: Instant,
+    window_bytes: u64,
+}
+
+impl<W: Write> Limited<W> {
+    pub fn new(inner: W, limit: u64) -> Self {
+        Limited { inner, limit, written: 0, window_start: Instant::now(), window_bytes: 0 }
+    }
+
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    fn throttle(&mut self) {
+        if self.limit == 0 {
+            return;
+        }
+        let elapsed = self.window_start.elapsed();
+        let allowed = Duration::from_secs_f64(self.window_bytes as f64 / self.limit as f64);
+        if allowed > elapsed {
+            std::thread::sleep(allowed - elapsed);
+        }
+        if self.window_start.elapsed() > Duration::from_millis(200) {
+            self.window_start = Instant::now();
+            self.window_bytes = 0;
+        }
+    }
+}
+
+impl<W: Write> Write for Limited<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // Bound each write so the limiter can pace large buffers.
+        let chunk = if self.limit == 0 { buf.len() } else { buf.len().min((self.limit / 50).max(4096) as usize) };
+        let n = self.inner.write(&buf[..chunk])?;
+        self.written += n as u64;
+        self.window_bytes += n as u64;
+        self.throttle();
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        assert_eq!(Uri::parse("tcp:0:6666").unwrap(), Uri::Tcp { host: "0.0.0.0".into(), port: 6666 });
+        assert_eq!(Uri::parse("tcp:127.0.0.1:1").unwrap(), Uri::Tcp { host: "127.0.0.1".into(), port: 1 });
+        assert_eq!(Uri::parse("tcp:[::1]:5").unwrap(), Uri::Tcp { host: "::1".into(), port: 5 });
+        assert_eq!(Uri::parse("unix:/tmp/x").unwrap(), Uri::Unix("/tmp/x".into()));
+        for bad in ["tcp:host", "tcp:h:99999", "exec:cat", "unix:", "fd:3"] {
+            assert!(Uri::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn limiter_counts() {
+        let mut l = Limited::new(Vec::new(), 0);
+        l.write_all(&[0u8; 10000]).unwrap();
+        assert_eq!(l.written, 10000);
+    }
+}
