@@ -1,0 +1,172 @@
+//! Shared helpers for the end-to-end tests: find the binaries, insist on KVM, spawn `godwit`
+//! with the test guest and follow its serial output line by line.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+pub fn godwit_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_godwit"))
+}
+
+/// The test guest, built next to `godwit` by `cargo build` (same profile).
+pub fn guest_bin() -> PathBuf {
+    let p = godwit_bin().parent().expect("target dir").join("godwit-guest");
+    assert!(
+        p.exists(),
+        "test guest {} is missing: build the workspace first (cargo build --release --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// Fails the test with a clear message when KVM is not usable here.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("this test needs /dev/kvm (read/write): {e}");
+    }
+}
+
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("godwit-test-{}-{}", name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tmpdir");
+    d
+}
+
+/// A running godwit process with its serial output split into lines.
+pub struct Vm {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Vm {
+    pub fn spawn(args: &[&str]) -> Vm {
+        require_kvm();
+        let mut child = Command::new(godwit_bin())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn godwit");
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                match l {
+                    Ok(l) => {
+                        if tx.send(l).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let se = stderr.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[godwit stderr] {l}");
+                let mut s = se.lock().unwrap();
+                s.push_str(&l);
+                s.push('\n');
+            }
+        });
+        let stdin = child.stdin.take();
+        Vm { child, stdin, lines: rx, seen: Vec::new(), stderr }
+    }
+
+    /// Boots the test guest with extra godwit args and guest command line.
+    pub fn guest(extra: &[&str], append: &str) -> Vm {
+        let g = guest_bin();
+        let mut args = vec!["-kernel", g.to_str().unwrap(), "-append", append];
+        args.extend_from_slice(extra);
+        Vm::spawn(&args)
+    }
+
+    /// Waits for a line containing `pat`.
+    pub fn wait_for(&mut self, pat: &str, timeout: Duration) -> String {
+        match self.try_wait_for(pat, timeout) {
+            Some(l) => l,
+            None => panic!(
+                "no line containing {pat:?} within {timeout:?}; last lines:\n{}\nstderr:\n{}",
+                self.seen.iter().rev().take(15).rev().cloned().collect::<Vec<_>>().join("\n"),
+                self.stderr.lock().unwrap()
+            ),
+        }
+    }
+
+    pub fn try_wait_for(&mut self, pat: &str, timeout: Duration) -> Option<String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(pat) {
+                        return Some(l);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Collects every line for `d`.
+    pub fn collect_for(&mut self, d: Duration) -> Vec<String> {
+        let end = Instant::now() + d;
+        let mut out = Vec::new();
+        while let Ok(l) = self.lines.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            self.seen.push(l.clone());
+            out.push(l);
+        }
+        out
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        let s = self.stdin.as_mut().expect("stdin");
+        s.write_all(bytes).expect("write to guest");
+        s.flush().expect("flush");
+    }
+
+    /// Waits for the process to exit; returns its code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parses `key=value` from a guest line.
+pub fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Runs godwit to completion with `args`, returning (exit code, stderr).
+pub fn run_to_end(args: &[&str]) -> (i32, String) {
+    let out = Command::new(godwit_bin()).args(args).stdin(Stdio::null()).output().expect("run godwit");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
