@@ -137,6 +137,9 @@ impl Run<'_> {
         let mut bandwidth = DEFAULT_BANDWIDTH;
         let mut last_harvest = Instant::now();
         self.round(&mut w, 0, &marks, false, &mut bandwidth)?;
+        // Pages never touched are zero pages too (QEMU's "duplicate"); they were not even read.
+        let untouched: u64 = regions.iter().zip(&marks).map(|(r, m)| r.size / PAGE_SIZE as u64 - count(m)).sum();
+        self.shared.update(|s| s.duplicate += untouched);
 
         let mut round = 1u32;
         let pending = loop {

@@ -8,7 +8,8 @@
 //!   0x01 SECTION  : u16 id_len | id (UTF-8) | u32 version | u32 len | len bytes
 //!   0x02 RAM_DATA : u64 gpa | u32 npages | npages * 4096 bytes of page contents
 //!   0x03 RAM_ZERO : u64 gpa | u32 npages            (pages that are all zero: not stored)
-//!   0x0F END      : u64 total bytes of records before END (a truncation check)
+//!   0x0F END      : u64 bytes before END | u32 CRC-32 of those bytes (truncation and
+//!                   corruption check; a reader discards everything it read on mismatch)
 //! ```
 //! Tags 0x40..=0x7F are reserved for the migration protocol's control records; a plain
 //! stream reader reports them as [`Item::Control`] so the protocol layer can handle them.
@@ -37,19 +38,21 @@ pub const MAX_PAGES_PER_RECORD: u32 = 1 << 18;
 pub struct StreamWriter<W: Write> {
     w: W,
     bytes: u64,
+    crc: crc32fast::Hasher,
 }
 
 impl<W: Write> StreamWriter<W> {
     /// Starts a stream: writes the header.
     pub fn new(mut w: W) -> Result<Self> {
-        w.write_all(MAGIC)?;
-        w.write_all(&FORMAT_VERSION.to_le_bytes())?;
-        Ok(StreamWriter { w, bytes: 12 })
+        let mut s = StreamWriter { w, bytes: 0, crc: crc32fast::Hasher::new() };
+        s.put(MAGIC)?;
+        s.put(&FORMAT_VERSION.to_le_bytes())?;
+        Ok(s)
     }
 
     /// Continues a stream whose header was already written elsewhere.
     pub fn without_header(w: W) -> Self {
-        StreamWriter { w, bytes: 0 }
+        StreamWriter { w, bytes: 0, crc: crc32fast::Hasher::new() }
     }
 
     pub fn bytes_written(&self) -> u64 {
@@ -58,6 +61,7 @@ impl<W: Write> StreamWriter<W> {
 
     fn put(&mut self, b: &[u8]) -> Result<()> {
         self.w.write_all(b)?;
+        self.crc.update(b);
         self.bytes += b.len() as u64;
         Ok(())
     }
@@ -125,9 +129,11 @@ impl<W: Write> StreamWriter<W> {
     /// Ends the stream and flushes.
     pub fn end(&mut self) -> Result<()> {
         let total = self.bytes;
-        let mut rec = [0u8; 9];
+        let crc = self.crc.clone().finalize();
+        let mut rec = [0u8; 13];
         rec[0] = TAG_END;
         rec[1..9].copy_from_slice(&total.to_le_bytes());
+        rec[9..13].copy_from_slice(&crc.to_le_bytes());
         self.put(&rec)?;
         self.w.flush()?;
         Ok(())
@@ -164,6 +170,7 @@ pub struct StreamReader<R: Read> {
     r: R,
     bytes: u64,
     pending_pages: u64,
+    crc: crc32fast::Hasher,
 }
 
 impl<R: Read> StreamReader<R> {
@@ -171,6 +178,8 @@ impl<R: Read> StreamReader<R> {
     pub fn new(mut r: R) -> Result<Self> {
         let mut hdr = [0u8; 12];
         r.read_exact(&mut hdr).map_err(|e| eof("stream header", e))?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&hdr);
         if &hdr[0..8] != MAGIC {
             return Err(StateError::Stream("not a Godwit VM-state stream (bad magic)".into()));
         }
@@ -180,12 +189,12 @@ impl<R: Read> StreamReader<R> {
                 "VM-state stream format version {v} not supported (this Godwit reads {FORMAT_VERSION})"
             )));
         }
-        Ok(StreamReader { r, bytes: 12, pending_pages: 0 })
+        Ok(StreamReader { r, bytes: 12, pending_pages: 0, crc })
     }
 
     /// Continues a stream whose header was checked elsewhere.
     pub fn without_header(r: R) -> Self {
-        StreamReader { r, bytes: 0, pending_pages: 0 }
+        StreamReader { r, bytes: 0, pending_pages: 0, crc: crc32fast::Hasher::new() }
     }
 
     pub fn bytes_read(&self) -> u64 {
@@ -194,6 +203,7 @@ impl<R: Read> StreamReader<R> {
 
     fn get(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
         self.r.read_exact(buf).map_err(|e| eof(what, e))?;
+        self.crc.update(buf);
         self.bytes += buf.len() as u64;
         Ok(())
     }
@@ -216,6 +226,7 @@ impl<R: Read> StreamReader<R> {
             return Err(StateError::Stream("RAM pages of the previous record not consumed".into()));
         }
         let start = self.bytes;
+        let crc_before = self.crc.clone().finalize();
         let mut tag = [0u8; 1];
         self.get(&mut tag, "record tag")?;
         match tag[0] {
@@ -256,9 +267,15 @@ impl<R: Read> StreamReader<R> {
             }
             TAG_END => {
                 let total = self.u64("end record")?;
+                let crc = self.u32("end record")?;
                 if total != start {
                     return Err(StateError::Stream(format!(
                         "stream end says {total} bytes, {start} were read"
+                    )));
+                }
+                if crc != crc_before {
+                    return Err(StateError::Stream(format!(
+                        "stream checksum mismatch (CRC-32 {crc_before:#010x}, stream says {crc:#010x}): corrupted"
                     )));
                 }
                 Ok(Item::End)
@@ -354,6 +371,26 @@ mod tests {
         assert_eq!(r.next_item().unwrap(), Item::RamZero { gpa: 0x10000, npages: 5 });
         assert_eq!(r.next_item().unwrap(), Item::Control { tag: 0x41, body: b"hi".to_vec() });
         assert_eq!(r.next_item().unwrap(), Item::End);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_an_error() {
+        let buf = sample();
+        for pos in 0..buf.len() {
+            let mut b = buf.clone();
+            b[pos] ^= 0x10;
+            let res = (|| -> Result<()> {
+                let mut r = StreamReader::new(&b[..])?;
+                loop {
+                    match r.next_item()? {
+                        Item::End => return Ok(()),
+                        Item::RamData { .. } => r.skip_pages()?,
+                        _ => {}
+                    }
+                }
+            })();
+            assert!(res.is_err(), "flip at {pos} accepted");
+        }
     }
 
     #[test]
