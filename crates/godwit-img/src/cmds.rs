@@ -1,0 +1,558 @@
+//! The subcommands.
+
+use crate::out::{self, Json};
+use crate::{parse, parse_size, CliError};
+use qcow2::{
+    BlockBackend, CreateOptions, ImageFormat, MapKind, NewSnapshot, OpenOptions, Qcow2, RawImage,
+    RepairMode,
+};
+use std::os::unix::fs::MetadataExt;
+use std::time::SystemTime;
+
+type R = Result<u8, CliError>;
+
+fn img_err(what: String) -> impl FnOnce(qcow2::Error) -> CliError {
+    move |e| CliError::Img(what, e)
+}
+
+fn fmt_arg(s: Option<&str>) -> Result<Option<ImageFormat>, CliError> {
+    match s {
+        None => Ok(None),
+        Some(f) => f
+            .parse::<ImageFormat>()
+            .map(Some)
+            .map_err(|_| CliError::Usage(format!("Unknown file format '{f}'"))),
+    }
+}
+
+fn one_file(pos: &[String]) -> Result<&str, CliError> {
+    match pos {
+        [f] => Ok(f),
+        [] => Err(CliError::Usage("Expecting one image file name".into())),
+        _ => Err(CliError::Usage(format!("Invalid argument '{}'", pos[1]))),
+    }
+}
+
+fn open_any(
+    file: &str,
+    fmt: Option<ImageFormat>,
+    read_only: bool,
+) -> Result<Box<dyn BlockBackend>, CliError> {
+    qcow2::open(file, fmt, &OpenOptions { read_only, ..Default::default() })
+        .map_err(img_err(format!("Could not open '{file}'")))
+}
+
+fn open_qcow2(file: &str, read_only: bool) -> Result<Qcow2, CliError> {
+    Qcow2::open(file, &OpenOptions { read_only, ..Default::default() })
+        .map_err(img_err(format!("Could not open '{file}'")))
+}
+
+fn output_json(a: &crate::Args) -> Result<bool, CliError> {
+    match a.opt("--output") {
+        None | Some("human") => Ok(false),
+        Some("json") => Ok(true),
+        Some(o) => Err(CliError::Usage(format!("--output must be used with human or json as argument. ('{o}')"))),
+    }
+}
+
+/// Create options from `-o a=b,c=d`.
+fn create_opts(o: Option<&str>, size: u64) -> Result<CreateOptions, CliError> {
+    let mut c = CreateOptions { size, ..Default::default() };
+    let mut rb_set = false;
+    for kv in o.unwrap_or("").split(',').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "cluster_size" => c.cluster_size = parse_size(v)?,
+            "compat" => {
+                c.version = match v {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => return Err(CliError::Usage(format!("Invalid parameter value for 'compat': '{v}'"))),
+                }
+            }
+            "refcount_bits" => {
+                c.refcount_bits = v
+                    .parse()
+                    .map_err(|_| CliError::Usage(format!("Invalid refcount_bits '{v}'")))?;
+                rb_set = true;
+            }
+            "size" => c.size = parse_size(v)?,
+            "lazy_refcounts" if v == "off" => {}
+            "extended_l2" if v == "off" => {}
+            "compression_type" if v == "zlib" => {}
+            "preallocation" if v == "off" => {}
+            _ => return Err(CliError::Usage(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    if c.version == 2 && rb_set && c.refcount_bits != 16 {
+        return Err(CliError::Usage(
+            "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)".into(),
+        ));
+    }
+    Ok(c)
+}
+
+pub fn create(argv: &[String]) -> R {
+    let a = parse(argv, &["-f", "-o", "-F", "-b"], &["-q", "-u"])?;
+    if a.opt("-b").is_some() {
+        return Err(CliError::Usage("backing files are not supported".into()));
+    }
+    let fmt = fmt_arg(a.opt("-f"))?.unwrap_or(ImageFormat::Raw);
+    let (file, size) = match a.pos.as_slice() {
+        [f, s] => (f.as_str(), parse_size(s)?),
+        [f] => (f.as_str(), 0),
+        _ => return Err(CliError::Usage("Expecting image file name".into())),
+    };
+    let quiet = a.flag("-q");
+    let o = create_opts(a.opt("-o"), size)?;
+    match fmt {
+        ImageFormat::Raw => {
+            if !quiet {
+                println!("Formatting '{file}', fmt=raw size={}", o.size);
+            }
+            RawImage::create(file, o.size).map_err(img_err(format!("{file}")))?;
+        }
+        ImageFormat::Qcow2 => {
+            if !quiet {
+                let compat = if o.version == 2 { " compat=0.10" } else { "" };
+                println!(
+                    "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2=off compression_type=zlib size={}{compat} lazy_refcounts=off refcount_bits={}",
+                    o.cluster_size, o.size, o.refcount_bits
+                );
+            }
+            let mut img = Qcow2::create(file, &o).map_err(img_err(format!("{file}")))?;
+            img.close().map_err(img_err(format!("{file}")))?;
+        }
+    }
+    Ok(0)
+}
+
+fn actual_size(file: &str) -> u64 {
+    std::fs::metadata(file).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+fn snapshot_json(s: &qcow2::SnapshotInfo) -> Json {
+    let mut v = Vec::new();
+    if let Some(i) = s.icount {
+        v.push(("icount", Json::Int(i as i128)));
+    }
+    v.extend([
+        ("vm-clock-nsec", Json::Int((s.vm_clock_ns % 1_000_000_000) as i128)),
+        ("name", Json::Str(s.name.clone())),
+        ("date-sec", Json::Int(s.date_sec as i128)),
+        ("date-nsec", Json::Int(s.date_nsec as i128)),
+        ("vm-clock-sec", Json::Int((s.vm_clock_ns / 1_000_000_000) as i128)),
+        ("id", Json::Str(s.id.clone())),
+        ("vm-state-size", Json::Int(s.vm_state_size as i128)),
+    ]);
+    Json::Obj(v)
+}
+
+pub fn info(argv: &[String]) -> R {
+    let a = parse(argv, &["-f", "--output"], &["-U", "--force-share", "--backing-chain"])?;
+    let json = output_json(&a)?;
+    let file = one_file(&a.pos)?;
+    let mut dev = open_any(file, fmt_arg(a.opt("-f"))?, true)?;
+    let size = dev.size();
+    let actual = actual_size(file);
+    let fmt = dev.format();
+    let q = dev.as_qcow2();
+    if json {
+        let mut v = Vec::new();
+        if let Some(q) = &q {
+            let snaps = q.snapshots();
+            if !snaps.is_empty() {
+                v.push(("snapshots", Json::Arr(snaps.iter().map(snapshot_json).collect())));
+            }
+        }
+        v.push(("virtual-size", Json::Int(size as i128)));
+        v.push(("filename", Json::Str(file.into())));
+        if let Some(q) = &q {
+            v.push(("cluster-size", Json::Int(q.cluster_size() as i128)));
+        }
+        v.push(("format", Json::Str(fmt.to_string())));
+        v.push(("actual-size", Json::Int(actual as i128)));
+        if let Some(q) = &q {
+            let mut d = Vec::new();
+            if q.version() >= 3 {
+                d.push(("compat", Json::Str("1.1".into())));
+                d.push(("compression-type", Json::Str("zlib".into())));
+                d.push(("lazy-refcounts", Json::Bool(q.header().compatible & 1 != 0)));
+                d.push(("refcount-bits", Json::Int(q.refcount_bits() as i128)));
+                d.push(("corrupt", Json::Bool(q.header().incompatible & 2 != 0)));
+                d.push(("extended-l2", Json::Bool(false)));
+            } else {
+                d.push(("compat", Json::Str("0.10".into())));
+                d.push(("compression-type", Json::Str("zlib".into())));
+                d.push(("refcount-bits", Json::Int(q.refcount_bits() as i128)));
+            }
+            v.push((
+                "format-specific",
+                Json::Obj(vec![("type", Json::Str("qcow2".into())), ("data", Json::Obj(d))]),
+            ));
+        }
+        v.push(("dirty-flag", Json::Bool(false)));
+        println!("{}", Json::Obj(v).pretty());
+        return Ok(0);
+    }
+    println!("image: {file}");
+    println!("file format: {fmt}");
+    println!("virtual size: {} ({size} bytes)", out::size_to_str(size));
+    println!("disk size: {}", out::size_to_str(actual));
+    if let Some(q) = q {
+        println!("cluster_size: {}", q.cluster_size());
+        let snaps = q.snapshots();
+        if !snaps.is_empty() {
+            println!("Snapshot list:");
+            println!("{}", out::snapshot_header());
+            for s in &snaps {
+                println!("{}", out::snapshot_row(s));
+            }
+        }
+        println!("Format specific information:");
+        if q.version() >= 3 {
+            println!("    compat: 1.1");
+            println!("    compression type: zlib");
+            println!("    lazy refcounts: {}", q.header().compatible & 1 != 0);
+            println!("    refcount bits: {}", q.refcount_bits());
+            println!("    corrupt: {}", q.header().incompatible & 2 != 0);
+            println!("    extended l2: false");
+        } else {
+            println!("    compat: 0.10");
+            println!("    compression type: zlib");
+            println!("    refcount bits: {}", q.refcount_bits());
+        }
+    }
+    Ok(0)
+}
+
+fn print_check(file: &str, r: &qcow2::CheckReport, json: bool) {
+    if json {
+        let mut v = vec![
+            ("image-end-offset", Json::Int(r.image_end_offset as i128)),
+            ("total-clusters", Json::Int(r.total_clusters as i128)),
+        ];
+        if r.corruptions > 0 {
+            v.push(("corruptions", Json::Int(r.corruptions as i128)));
+        }
+        if r.leaks > 0 {
+            v.push(("leaks", Json::Int(r.leaks as i128)));
+        }
+        if r.corruptions_fixed > 0 {
+            v.push(("corruptions-fixed", Json::Int(r.corruptions_fixed as i128)));
+        }
+        if r.leaks_fixed > 0 {
+            v.push(("leaks-fixed", Json::Int(r.leaks_fixed as i128)));
+        }
+        v.push(("check-errors", Json::Int(r.check_errors as i128)));
+        if r.allocated_clusters > 0 {
+            v.push(("allocated-clusters", Json::Int(r.allocated_clusters as i128)));
+        }
+        if r.fragmented_clusters > 0 {
+            v.push(("fragmented-clusters", Json::Int(r.fragmented_clusters as i128)));
+        }
+        if r.compressed_clusters > 0 {
+            v.push(("compressed-clusters", Json::Int(r.compressed_clusters as i128)));
+        }
+        v.push(("filename", Json::Str(file.into())));
+        v.push(("format", Json::Str("qcow2".into())));
+        println!("{}", Json::Obj(v).pretty());
+        return;
+    }
+    for m in &r.messages {
+        eprintln!("{m}");
+    }
+    if r.is_clean() {
+        println!("No errors were found on the image.");
+    } else {
+        if r.corruptions > 0 {
+            println!(
+                "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
+                r.corruptions
+            );
+        }
+        if r.leaks > 0 {
+            println!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
+                r.leaks
+            );
+        }
+        if r.check_errors > 0 {
+            println!(
+                "\n{} internal errors have occurred during the check.",
+                r.check_errors
+            );
+        }
+    }
+    if r.total_clusters != 0 && r.allocated_clusters != 0 {
+        let t = r.total_clusters as f64;
+        println!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+            r.allocated_clusters,
+            r.total_clusters,
+            r.allocated_clusters as f64 * 100.0 / t,
+            r.fragmented_clusters as f64 * 100.0 / r.allocated_clusters as f64,
+            r.compressed_clusters as f64 * 100.0 / r.allocated_clusters as f64,
+        );
+    }
+    if r.image_end_offset > 0 {
+        println!("Image end offset: {}", r.image_end_offset);
+    }
+}
+
+pub fn check(argv: &[String]) -> R {
+    let a = parse(argv, &["-f", "--output", "-r"], &["-q", "-U", "--force-share"])?;
+    let json = output_json(&a)?;
+    let file = one_file(&a.pos)?;
+    let mode = match a.opt("-r") {
+        None => None,
+        Some("leaks") => Some(RepairMode::Leaks),
+        Some("all") => Some(RepairMode::All),
+        Some(m) => return Err(CliError::Usage(format!("Invalid option for -r: '{m}' (use leaks or all)"))),
+    };
+    let fmt = fmt_arg(a.opt("-f"))?;
+    let fmt = match fmt {
+        Some(f) => f,
+        None => qcow2::probe(file).map_err(img_err(format!("Could not open '{file}'")))?,
+    };
+    if fmt == ImageFormat::Raw {
+        eprintln!("godwit-img: This image format does not support checks");
+        return Ok(63);
+    }
+    let mut img = open_qcow2(file, mode.is_none())?;
+    let r = match mode {
+        None => img.check().map_err(img_err("Check failed".into()))?,
+        Some(m) => {
+            let (before, after) = img.repair(m).map_err(img_err("Check failed".into()))?;
+            if !before.is_clean() && !json {
+                for m in &before.messages {
+                    eprintln!("{m}");
+                }
+                if after.leaks_fixed > 0 || after.corruptions_fixed > 0 {
+                    println!(
+                        "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
+                        after.leaks_fixed, after.corruptions_fixed
+                    );
+                }
+            }
+            after
+        }
+    };
+    if !(a.flag("-q") && !json) {
+        print_check(file, &r, json);
+    }
+    Ok(if r.check_errors > 0 {
+        1
+    } else if r.corruptions > 0 {
+        2
+    } else if r.leaks > 0 {
+        3
+    } else {
+        0
+    })
+}
+
+pub fn snapshot(argv: &[String]) -> R {
+    let a = parse(argv, &["-c", "-a", "-d", "-f"], &["-l", "-q", "-U", "--force-share"])?;
+    let file = one_file(&a.pos)?;
+    let ops = a.flag("-l") as u8
+        + a.opt("-c").is_some() as u8
+        + a.opt("-a").is_some() as u8
+        + a.opt("-d").is_some() as u8;
+    if ops > 1 {
+        return Err(CliError::Usage("Cannot mix '-l', '-a', '-c', '-d'".into()));
+    }
+    if let Some(f) = fmt_arg(a.opt("-f"))? {
+        if f != ImageFormat::Qcow2 {
+            return Err(CliError::Usage(format!("Could not open '{file}': snapshots need qcow2")));
+        }
+    }
+    if ops == 0 || a.flag("-l") {
+        let img = open_qcow2(file, true)?;
+        let snaps = img.snapshots();
+        if !snaps.is_empty() {
+            println!("Snapshot list:");
+            println!("{}", out::snapshot_header());
+            for s in &snaps {
+                println!("{}", out::snapshot_row(s));
+            }
+        }
+        return Ok(0);
+    }
+    let mut img = open_qcow2(file, false)?;
+    if let Some(n) = a.opt("-c") {
+        let s = NewSnapshot {
+            name: n.to_string(),
+            vm_state_size: 0,
+            vm_clock_ns: 0,
+            date: SystemTime::now(),
+            icount: Some(0),
+            replace: false,
+        };
+        img.create_snapshot(&s).map_err(img_err(format!("Could not create snapshot '{n}'")))?;
+    } else if let Some(n) = a.opt("-a") {
+        img.goto_snapshot(n).map_err(img_err(format!("Could not apply snapshot '{n}'")))?;
+    } else if let Some(n) = a.opt("-d") {
+        img.delete_snapshot(n).map_err(img_err(format!("Could not delete snapshot '{n}'")))?;
+    }
+    img.close().map_err(img_err(file.to_string()))?;
+    Ok(0)
+}
+
+pub fn convert(argv: &[String]) -> R {
+    let a = parse(argv, &["-f", "-O", "-o", "-l", "-s", "-t", "-T"], &["-p", "-q", "-n", "-U", "-c"])?;
+    if a.flag("-c") {
+        return Err(CliError::Usage("writing compressed clusters is not supported".into()));
+    }
+    let (src, dst) = match a.pos.as_slice() {
+        [s, d] => (s.as_str(), d.as_str()),
+        _ => return Err(CliError::Usage("Expecting one input and one output file name".into())),
+    };
+    let in_fmt = fmt_arg(a.opt("-f"))?;
+    let out_fmt = fmt_arg(a.opt("-O"))?.unwrap_or(ImageFormat::Raw);
+    let snap: Option<String> = match (a.opt("-l"), a.opt("-s")) {
+        (Some(l), _) => {
+            let mut key = None;
+            for kv in l.split(',') {
+                match kv.split_once('=') {
+                    Some(("snapshot.name", v)) | Some(("snapshot.id", v)) => key = Some(v.to_string()),
+                    Some((k, _)) => return Err(CliError::Usage(format!("Invalid option '{k}' for -l"))),
+                    None => key = Some(kv.to_string()),
+                }
+            }
+            key
+        }
+        (None, Some(s)) => Some(s.to_string()),
+        _ => None,
+    };
+    let mut inp = open_any(src, in_fmt, true)?;
+    let size = match &snap {
+        None => inp.size(),
+        Some(k) => {
+            let q = inp
+                .as_qcow2()
+                .ok_or_else(|| CliError::Usage("snapshots need a qcow2 input".into()))?;
+            q.find_snapshot(k)
+                .ok_or_else(|| CliError::Usage(format!("Failed to load snapshot: snapshot '{k}' not found")))?
+                .disk_size
+        }
+    };
+    let mut outp: Box<dyn BlockBackend> = match out_fmt {
+        ImageFormat::Raw => Box::new(RawImage::create(dst, size).map_err(img_err(dst.to_string()))?),
+        ImageFormat::Qcow2 => {
+            let o = create_opts(a.opt("-o"), size)?;
+            Box::new(Qcow2::create(dst, &o).map_err(img_err(dst.to_string()))?)
+        }
+    };
+    let chunk = 2usize << 20;
+    let mut buf = vec![0u8; chunk];
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(chunk as u64) as usize;
+        let b = &mut buf[..n];
+        match &snap {
+            None => inp.read_at(off, b),
+            Some(k) => inp.as_qcow2().map_or(Ok(()), |q| q.read_snapshot(k, off, b)),
+        }
+        .map_err(img_err(format!("error while reading at byte {off}")))?;
+        if b.iter().any(|&x| x != 0) {
+            outp.write_at(off, b).map_err(img_err(format!("error while writing at byte {off}")))?;
+        }
+        off += n as u64;
+    }
+    outp.flush().map_err(img_err(dst.to_string()))?;
+    if let Some(q) = outp.as_qcow2() {
+        q.close().map_err(img_err(dst.to_string()))?;
+    }
+    Ok(0)
+}
+
+pub fn map(argv: &[String]) -> R {
+    let a = parse(argv, &["-f", "--output", "--start-offset", "--max-length"], &["-U", "--force-share"])?;
+    let json = output_json(&a)?;
+    let file = one_file(&a.pos)?;
+    let mut dev = open_any(file, fmt_arg(a.opt("-f"))?, true)?;
+    let size = dev.size();
+    let entries: Vec<qcow2::MapEntry> = match dev.as_qcow2() {
+        Some(q) => q.map().map_err(img_err(format!("Could not map '{file}'")))?,
+        None => vec![qcow2::MapEntry { start: 0, length: size, kind: MapKind::Data(0) }],
+    };
+    if json {
+        let lines: Vec<String> = entries
+            .iter()
+            .map(|e| {
+                let (present, zero, data, off) = match e.kind {
+                    MapKind::Unallocated => (false, true, false, None),
+                    MapKind::Zero(o) => (true, true, false, o),
+                    MapKind::Data(o) => (true, false, true, Some(o)),
+                    MapKind::Compressed => (true, false, true, None),
+                };
+                let mut s = format!(
+                    "{{ \"start\": {}, \"length\": {}, \"depth\": 0, \"present\": {present}, \"zero\": {zero}, \"data\": {data}",
+                    e.start, e.length
+                );
+                if let Some(o) = off {
+                    s.push_str(&format!(", \"offset\": {o}"));
+                }
+                s.push('}');
+                s
+            })
+            .collect();
+        println!("[{}]", lines.join(",\n"));
+    } else {
+        println!("{:<16}{:<16}{:<16}{}", "Offset", "Length", "Mapped to", "File");
+        let hx = |v: u64| if v == 0 { "0".to_string() } else { format!("{v:#x}") };
+        for e in &entries {
+            if let MapKind::Data(o) = e.kind {
+                println!("{:<16}{:<16}{:<16}{file}", hx(e.start), hx(e.length), hx(o));
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub fn resize(argv: &[String]) -> R {
+    // A leading "-" of "-SIZE" is a size, not an option: split it off before parsing.
+    let (opts, sz): (Vec<String>, Option<String>) = match argv.last() {
+        Some(l) if l.starts_with('-') && l[1..].starts_with(|c: char| c.is_ascii_digit()) => {
+            (argv[..argv.len() - 1].to_vec(), Some(l.clone()))
+        }
+        _ => (argv.to_vec(), None),
+    };
+    let a = parse(&opts, &["-f"], &["-q", "--shrink"])?;
+    let mut pos = a.pos.clone();
+    if let Some(s) = sz {
+        pos.push(s);
+    }
+    let (file, s) = match pos.as_slice() {
+        [f, s] => (f.as_str(), s.as_str()),
+        _ => return Err(CliError::Usage("Expecting image file name and size".into())),
+    };
+    let mut dev = open_any(file, fmt_arg(a.opt("-f"))?, false)?;
+    let cur = dev.size();
+    let new = if let Some(d) = s.strip_prefix('+') {
+        cur.checked_add(parse_size(d)?).ok_or_else(|| CliError::Usage("size overflow".into()))?
+    } else if let Some(d) = s.strip_prefix('-') {
+        cur.checked_sub(parse_size(d)?).ok_or_else(|| CliError::Usage("New image size must be positive".into()))?
+    } else {
+        parse_size(s)?
+    };
+    if new < cur && !a.flag("--shrink") {
+        return Err(CliError::Usage("Use the --shrink option to perform a shrink operation.".into()));
+    }
+    match dev.as_qcow2() {
+        Some(q) => {
+            q.resize(new).map_err(img_err("Error resizing image".into()))?;
+            q.close().map_err(img_err(file.to_string()))?;
+        }
+        None => {
+            drop(dev);
+            let mut r = RawImage::open(file, false).map_err(img_err(file.to_string()))?;
+            r.resize(new).map_err(img_err("Error resizing image".into()))?;
+        }
+    }
+    if !a.flag("-q") {
+        println!("Image resized.");
+    }
+    Ok(0)
+}

@@ -1,0 +1,219 @@
+//! The format-independent block device interface the VMM's disk devices use, its raw-file
+//! implementation, and format probing/opening by content.
+
+use crate::error::{Error, IoCtx, Result};
+use crate::header::MAGIC;
+use crate::image::{OpenOptions, Qcow2};
+use crate::storage::{FileStorage, Storage};
+use std::fmt;
+use std::fs::OpenOptions as FsOpenOptions;
+use std::path::Path;
+
+/// Image formats this crate knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// Plain disk image.
+    Raw,
+    /// qcow2.
+    Qcow2,
+}
+
+impl fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        })
+    }
+}
+
+impl std::str::FromStr for ImageFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            _ => Err(Error::Unsupported(format!("image format '{s}'"))),
+        }
+    }
+}
+
+/// A virtual disk: byte-addressed I/O within `0..size()`.
+pub trait BlockBackend: Send {
+    /// The image format behind this backend.
+    fn format(&self) -> ImageFormat;
+    /// Guest-visible size in bytes.
+    fn size(&self) -> u64;
+    /// True if writes are refused.
+    fn is_read_only(&self) -> bool;
+    /// Read `buf.len()` bytes at `off`.
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<()>;
+    /// Write `buf` at `off`.
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> Result<()>;
+    /// Make completed writes durable.
+    fn flush(&mut self) -> Result<()>;
+    /// Hint that a range is unused; it reads as zeros afterwards for whole clusters/blocks.
+    fn discard(&mut self, off: u64, len: u64) -> Result<()>;
+    /// Make a range read as zeros.
+    fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()>;
+    /// The qcow2 image, for snapshot and VM-state operations (None for raw).
+    fn as_qcow2(&mut self) -> Option<&mut Qcow2> {
+        None
+    }
+}
+
+fn check_range(off: u64, len: u64, size: u64) -> Result<()> {
+    match off.checked_add(len) {
+        Some(e) if e <= size => Ok(()),
+        _ => Err(Error::InvalidArgument(format!("access {off}+{len} beyond the disk size {size}"))),
+    }
+}
+
+impl BlockBackend for Qcow2 {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Qcow2
+    }
+    fn size(&self) -> u64 {
+        self.h.size
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        self.read_active(off, buf)
+    }
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        self.write_active(off, buf)
+    }
+    fn flush(&mut self) -> Result<()> {
+        Qcow2::flush(self)
+    }
+    fn discard(&mut self, off: u64, len: u64) -> Result<()> {
+        self.check_range(off, len)?;
+        self.discard_active(off, len, false)
+    }
+    fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
+        self.check_range(off, len)?;
+        self.discard_active(off, len, true)
+    }
+    fn as_qcow2(&mut self) -> Option<&mut Qcow2> {
+        Some(self)
+    }
+}
+
+/// A raw disk image file.
+pub struct RawImage {
+    file: Box<dyn Storage>,
+    size: u64,
+    read_only: bool,
+}
+
+impl RawImage {
+    /// Open a raw image.
+    pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<RawImage> {
+        let f = FsOpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path.as_ref())
+            .ctx("opening the image file")?;
+        Self::on(Box::new(FileStorage::new(f)), read_only)
+    }
+    /// Use any storage as a raw disk.
+    pub fn on(file: Box<dyn Storage>, read_only: bool) -> Result<RawImage> {
+        let size = file.len().ctx("querying the image size")?;
+        Ok(RawImage { file, size, read_only })
+    }
+    /// Create (or truncate) a raw image of `size` bytes.
+    pub fn create(path: impl AsRef<Path>, size: u64) -> Result<RawImage> {
+        let f = FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path.as_ref())
+            .ctx("creating the image file")?;
+        f.set_len(size).ctx("sizing the image file")?;
+        Self::on(Box::new(FileStorage::new(f)), false)
+    }
+    /// Change the size (truncate or extend with zeros).
+    pub fn resize(&mut self, size: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.file.set_len(size).ctx("resizing the image")?;
+        self.size = size;
+        Ok(())
+    }
+}
+
+impl BlockBackend for RawImage {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Raw
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(off, buf.len() as u64, self.size)?;
+        self.file.read_at(buf, off).ctx("reading the raw image")
+    }
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        check_range(off, buf.len() as u64, self.size)?;
+        self.file.write_at(buf, off).ctx("writing the raw image")
+    }
+    fn flush(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync().ctx("flushing the raw image")
+    }
+    fn discard(&mut self, off: u64, len: u64) -> Result<()> {
+        self.write_zeroes(off, len)
+    }
+    fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        check_range(off, len, self.size)?;
+        self.file.punch_hole(off, len).ctx("discarding in the raw image")
+    }
+}
+
+/// Detect the format of the image at `path` from its content (anything that is not qcow2 is
+/// raw).
+pub fn probe(path: impl AsRef<Path>) -> Result<ImageFormat> {
+    let f = FsOpenOptions::new().read(true).open(path.as_ref()).ctx("opening the image file")?;
+    let s = FileStorage::new(f);
+    probe_storage(&s)
+}
+
+/// Detect the format of a storage's content.
+pub fn probe_storage(s: &dyn Storage) -> Result<ImageFormat> {
+    let mut m = [0u8; 4];
+    s.read_at(&mut m, 0).ctx("reading the image")?;
+    Ok(if u32::from_be_bytes(m) == MAGIC { ImageFormat::Qcow2 } else { ImageFormat::Raw })
+}
+
+/// Open an image of format `format` (probed from the content when None).
+pub fn open(
+    path: impl AsRef<Path>,
+    format: Option<ImageFormat>,
+    opts: &OpenOptions,
+) -> Result<Box<dyn BlockBackend>> {
+    let fmt = match format {
+        Some(f) => f,
+        None => probe(path.as_ref())?,
+    };
+    Ok(match fmt {
+        ImageFormat::Raw => Box::new(RawImage::open(path, opts.read_only)?),
+        ImageFormat::Qcow2 => Box::new(Qcow2::open(path, opts)?),
+    })
+}

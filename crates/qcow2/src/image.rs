@@ -1,0 +1,801 @@
+//! The qcow2 image object: opening, creating, and the metadata primitives every other module
+//! builds on (L2 table access, refcount reads/updates, cluster allocation with refcount block and
+//! table growth, active L1 growth).
+//!
+//! Ordering rule of the incremental paths (guest writes, vmstate writes, L1/refcount growth): a
+//! cluster's refcount is raised on disk before anything points to it, data is written before the
+//! L2 entry, the L2 table before the L1 entry, and refcounts are dropped last. A writer killed at
+//! any point therefore leaves at most leaked clusters.
+
+use crate::cache::Lru;
+use crate::error::{corrupt, Error, IoCtx, Result};
+use crate::header::{self, Header};
+use crate::snapshot::SnapEntry;
+use crate::storage::{FileStorage, Storage};
+use std::collections::BTreeMap;
+use std::fs::OpenOptions as FsOpenOptions;
+use std::path::Path;
+
+/// Offset bits of L1/L2 entries.
+pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Refcount is exactly one.
+pub(crate) const COPIED: u64 = 1 << 63;
+/// Compressed cluster descriptor.
+pub(crate) const COMPRESSED: u64 = 1 << 62;
+/// Cluster reads as zeros (v3).
+pub(crate) const ZERO: u64 = 1;
+/// Highest host offset we will ever touch (QEMU's limit: 2^56).
+pub(crate) const MAX_HOST: u64 = 1 << 56;
+
+/// Options for opening an image.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Open without write access; every write fails with [`Error::ReadOnly`].
+    pub read_only: bool,
+    /// Flush (fsync) between every dependent metadata write on the guest-write path too, so the
+    /// ordering guarantee also holds across a host power loss, not only a process kill.
+    /// Snapshot operations and table relocations always flush.
+    pub strict_barriers: bool,
+}
+
+/// Parameters for creating an image.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Cluster size, a power of two in 512..=2 MiB (default 64 KiB).
+    pub cluster_size: u64,
+    /// 2 (compat=0.10) or 3 (compat=1.1).
+    pub version: u32,
+    /// Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64 (v2 requires 16).
+    pub refcount_bits: u32,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions { size: 0, cluster_size: 65536, version: 3, refcount_bits: 16 }
+    }
+}
+
+/// Kind of an L2 entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Unalloc,
+    ZeroPlain,
+    ZeroAlloc(u64),
+    Normal(u64),
+    /// Host byte offset and length of the compressed stream.
+    Compressed(u64, u64),
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    pub(crate) file: Box<dyn Storage>,
+    pub(crate) h: Header,
+    pub(crate) read_only: bool,
+    pub(crate) strict: bool,
+    pub(crate) cs: u64,
+    pub(crate) cbits: u32,
+    pub(crate) l2e: u64,
+    pub(crate) rbe: u64,
+    pub(crate) l1: Vec<u64>,
+    pub(crate) rt: Vec<u64>,
+    pub(crate) snapshots: Vec<SnapEntry>,
+    pub(crate) l2_cache: Lru<Vec<u64>>,
+    pub(crate) rb_cache: Lru<Vec<u8>>,
+    pub(crate) comp_cache: Option<(u64, Vec<u8>)>,
+    pub(crate) free_hint: u64,
+    pub(crate) dirty_marked: bool,
+    pub(crate) closed: bool,
+}
+
+impl std::fmt::Debug for Qcow2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2")
+            .field("version", &self.h.version)
+            .field("size", &self.h.size)
+            .field("cluster_size", &self.cs)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+pub(crate) fn be64(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// Read entry `i` of a refcount block.
+pub(crate) fn rc_get(b: &[u8], i: u64, order: u32) -> u64 {
+    let i = i as usize;
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let bit = i * bits;
+            ((b[bit / 8] >> (bit % 8)) & ((1u8 << bits) - 1)) as u64
+        }
+        3 => b[i] as u64,
+        4 => u16::from_be_bytes([b[2 * i], b[2 * i + 1]]) as u64,
+        5 => u32::from_be_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]) as u64,
+        _ => be64(b, 8 * i),
+    }
+}
+
+/// Write entry `i` of a refcount block; returns the byte range touched.
+pub(crate) fn rc_set(b: &mut [u8], i: u64, order: u32, v: u64) -> (usize, usize) {
+    let i = i as usize;
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let bit = i * bits;
+            let mask = ((1u8 << bits) - 1) << (bit % 8);
+            let byte = &mut b[bit / 8];
+            *byte = (*byte & !mask) | (((v as u8) << (bit % 8)) & mask);
+            (bit / 8, bit / 8 + 1)
+        }
+        3 => {
+            b[i] = v as u8;
+            (i, i + 1)
+        }
+        4 => {
+            b[2 * i..2 * i + 2].copy_from_slice(&(v as u16).to_be_bytes());
+            (2 * i, 2 * i + 2)
+        }
+        5 => {
+            b[4 * i..4 * i + 4].copy_from_slice(&(v as u32).to_be_bytes());
+            (4 * i, 4 * i + 4)
+        }
+        _ => {
+            b[8 * i..8 * i + 8].copy_from_slice(&v.to_be_bytes());
+            (8 * i, 8 * i + 8)
+        }
+    }
+}
+
+pub(crate) fn entries_to_bytes(e: &[u64]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(e.len() * 8);
+    for x in e {
+        v.extend_from_slice(&x.to_be_bytes());
+    }
+    v
+}
+
+pub(crate) fn bytes_to_entries(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8).map(|c| be64(c, 0)).collect()
+}
+
+impl Qcow2 {
+    /// Open the qcow2 image at `path`.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Qcow2> {
+        let f = FsOpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .open(path.as_ref())
+            .ctx("opening the image file")?;
+        Self::open_storage(Box::new(FileStorage::new(f)), opts)
+    }
+
+    /// Open an image on any [`Storage`].
+    pub fn open_storage(file: Box<dyn Storage>, opts: &OpenOptions) -> Result<Qcow2> {
+        let h = Header::read(file.as_ref())?;
+        if h.incompatible & header::INCOMPAT_CORRUPT != 0 && !opts.read_only {
+            return Err(Error::Corrupt(
+                "image is marked corrupt; open it read-only or repair it".into(),
+            ));
+        }
+        let cs = h.cluster_size();
+        let cbits = h.cluster_bits;
+        let rbits = 1u64 << h.refcount_order;
+        let mut img = Qcow2 {
+            file,
+            read_only: opts.read_only,
+            strict: opts.strict_barriers,
+            cs,
+            cbits,
+            l2e: cs / 8,
+            rbe: cs * 8 / rbits,
+            l1: Vec::new(),
+            rt: Vec::new(),
+            snapshots: Vec::new(),
+            l2_cache: Lru::new(((32u64 << 20) / cs) as usize),
+            rb_cache: Lru::new(((8u64 << 20) / cs) as usize),
+            comp_cache: None,
+            free_hint: 1,
+            dirty_marked: false,
+            closed: false,
+            h,
+        };
+        img.load_tables()?;
+        if !img.read_only {
+            let was_dirty = img.h.incompatible & header::INCOMPAT_DIRTY != 0;
+            if img.h.autoclear != 0 {
+                img.write_header_u64(header::OFF_AUTOCLEAR, 0)?;
+                img.h.autoclear = 0;
+            }
+            if was_dirty {
+                // Refcounts may be stale (lazy refcounts): rebuild them before any allocation.
+                img.rebuild_refcounts()?;
+            }
+            img.mark_dirty()?;
+        }
+        Ok(img)
+    }
+
+    /// Re-read all metadata from the file, dropping every cache. Used when another process may
+    /// have changed the image (e.g. at a live-migration handover on shared storage).
+    pub fn refresh(&mut self) -> Result<()> {
+        let h = Header::read(self.file.as_ref())?;
+        if h.cluster_bits != self.cbits || h.refcount_order != self.h.refcount_order {
+            return corrupt("cluster size or refcount width changed under us");
+        }
+        self.h = h;
+        self.load_tables()
+    }
+
+    fn load_tables(&mut self) -> Result<()> {
+        self.l2_cache.clear();
+        self.rb_cache.clear();
+        self.comp_cache = None;
+        self.free_hint = 1;
+        let n = self.h.l1_size as usize;
+        let mut b = vec![0u8; n * 8];
+        self.file.read_at(&mut b, self.h.l1_table_offset).ctx("reading the L1 table")?;
+        self.l1 = bytes_to_entries(&b);
+        let rtb = self.h.refcount_table_clusters as u64 * self.cs;
+        let mut b = vec![0u8; rtb as usize];
+        self.file
+            .read_at(&mut b, self.h.refcount_table_offset)
+            .ctx("reading the refcount table")?;
+        self.rt = bytes_to_entries(&b);
+        self.snapshots = crate::snapshot::read_table(self)?;
+        Ok(())
+    }
+
+    /// Create a new qcow2 image file at `path` (truncating an existing one) and open it.
+    pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Qcow2> {
+        let f = FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path.as_ref())
+            .ctx("creating the image file")?;
+        Self::create_on(Box::new(FileStorage::new(f)), opts)
+    }
+
+    /// Format an empty [`Storage`] as qcow2 and open it read-write.
+    pub fn create_on(file: Box<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2> {
+        let cs = opts.cluster_size;
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            return Err(Error::InvalidArgument(format!(
+                "cluster size {cs} must be a power of two between 512 and 2097152"
+            )));
+        }
+        if opts.version != 2 && opts.version != 3 {
+            return Err(Error::InvalidArgument(format!("version {} (use 2 or 3)", opts.version)));
+        }
+        let rb = opts.refcount_bits;
+        if !rb.is_power_of_two() || rb > 64 {
+            return Err(Error::InvalidArgument(format!("refcount_bits {rb}")));
+        }
+        if opts.version == 2 && rb != 16 {
+            return Err(Error::InvalidArgument(
+                "compat=0.10 only supports refcount_bits=16".into(),
+            ));
+        }
+        let cbits = cs.trailing_zeros();
+        let span = cs * (cs / 8);
+        let l1_need = opts.size.div_ceil(span);
+        if l1_need * 8 > header::MAX_L1_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "image size {} too large for cluster size {cs}",
+                opts.size
+            )));
+        }
+        let mut extensions = Vec::new();
+        if opts.version == 3 {
+            extensions.push(header::feature_table());
+        }
+        let h = Header {
+            version: opts.version,
+            cluster_bits: cbits,
+            size: 0,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: cs,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            refcount_order: rb.trailing_zeros(),
+            header_length: if opts.version == 3 { 112 } else { 72 },
+            extensions,
+        };
+        let hb = h.to_bytes();
+        if hb.len() as u64 > cs {
+            return Err(Error::InvalidArgument("header does not fit in one cluster".into()));
+        }
+        file.set_len(0).ctx("truncating the new image")?;
+        let mut c0 = vec![0u8; 3 * cs as usize];
+        c0[..hb.len()].copy_from_slice(&hb);
+        // Refcount table entry 0 -> block at cluster 2; block: clusters 0,1,2 used.
+        c0[cs as usize..cs as usize + 8].copy_from_slice(&(2 * cs).to_be_bytes());
+        let order = h.refcount_order;
+        for i in 0..3 {
+            rc_set(&mut c0[2 * cs as usize..], i, order, 1);
+        }
+        file.write_at(&c0, 0).ctx("writing the new image")?;
+        file.sync().ctx("flushing the new image")?;
+        let mut img = Self::open_storage(file, &OpenOptions::default())?;
+        img.grow_l1(l1_need, true)?;
+        img.write_header_u64(header::OFF_SIZE, opts.size)?;
+        img.sync()?;
+        img.h.size = opts.size;
+        Ok(img)
+    }
+
+    // ----- small helpers -----
+
+    /// Flush to disk if strict barriers are on (guest-write path ordering points).
+    pub(crate) fn barrier(&self) -> Result<()> {
+        if self.strict {
+            self.file.sync().ctx("flushing")?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn sync(&self) -> Result<()> {
+        self.file.sync().ctx("flushing")
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only || self.closed {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn write_header_u64(&mut self, off: u64, v: u64) -> Result<()> {
+        self.file.write_at(&v.to_be_bytes(), off).ctx("updating the header")
+    }
+
+    fn mark_dirty(&mut self) -> Result<()> {
+        if self.h.version >= 3 && self.h.incompatible & header::INCOMPAT_DIRTY == 0 {
+            self.h.incompatible |= header::INCOMPAT_DIRTY;
+            self.write_header_u64(header::OFF_INCOMPAT, self.h.incompatible)?;
+            self.sync()?;
+        }
+        self.dirty_marked = true;
+        Ok(())
+    }
+
+    /// Flush everything and clear the dirty bit. The image stays usable (writing sets the bit
+    /// again only on the next open, so call this only when done writing); also done on drop.
+    pub fn close(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        if !self.read_only {
+            self.sync()?;
+            if self.h.version >= 3 && self.h.incompatible & header::INCOMPAT_DIRTY != 0 {
+                self.h.incompatible &= !header::INCOMPAT_DIRTY;
+                self.write_header_u64(header::OFF_INCOMPAT, self.h.incompatible)?;
+                self.sync()?;
+            }
+        }
+        self.closed = true;
+        Ok(())
+    }
+
+    /// Bytes covered by one L2 table.
+    pub(crate) fn span(&self) -> u64 {
+        self.cs * self.l2e
+    }
+
+    /// First L1 index of the VM-state area for a disk of `size` bytes.
+    pub(crate) fn vm_state_index(&self, size: u64) -> u64 {
+        size.div_ceil(self.span())
+    }
+
+    /// Guest offset where the VM state starts.
+    pub fn vmstate_offset(&self) -> u64 {
+        self.vm_state_index(self.h.size) * self.span()
+    }
+
+    pub(crate) fn classify(&self, e: u64) -> Kind {
+        if e & COMPRESSED != 0 {
+            let x = 62 - (self.cbits - 8);
+            let off = e & ((1u64 << x) - 1);
+            let nsec = ((e >> x) & ((1u64 << (self.cbits - 8)) - 1)) + 1;
+            let len = nsec * 512 - (off & 511);
+            return Kind::Compressed(off, len);
+        }
+        let off = e & OFFSET_MASK;
+        if e & ZERO != 0 {
+            if off != 0 {
+                Kind::ZeroAlloc(off)
+            } else {
+                Kind::ZeroPlain
+            }
+        } else if off == 0 {
+            Kind::Unalloc
+        } else {
+            Kind::Normal(off)
+        }
+    }
+
+    // ----- L2 tables -----
+
+    pub(crate) fn read_l2_raw(&self, off: u64) -> Result<Vec<u64>> {
+        if off & (self.cs - 1) != 0 || off == 0 || off >= MAX_HOST {
+            return corrupt(format!("L2 table offset {off:#x} invalid"));
+        }
+        let mut b = vec![0u8; self.cs as usize];
+        self.file.read_at(&mut b, off).ctx("reading an L2 table")?;
+        Ok(bytes_to_entries(&b))
+    }
+
+    fn ensure_l2(&mut self, off: u64) -> Result<()> {
+        if !self.l2_cache.contains(off) {
+            let t = self.read_l2_raw(off)?;
+            self.l2_cache.insert(off, t);
+        }
+        Ok(())
+    }
+
+    /// Copy `n` entries starting at `idx` of the L2 table at `off`.
+    pub(crate) fn l2_entries(&mut self, off: u64, idx: u64, n: u64) -> Result<Vec<u64>> {
+        self.ensure_l2(off)?;
+        let t = self.l2_cache.get(off).ok_or_else(|| Error::Corrupt("L2 cache".into()))?;
+        Ok(t[idx as usize..(idx + n) as usize].to_vec())
+    }
+
+    /// Replace entries starting at `idx` and write them through.
+    pub(crate) fn set_l2_entries(&mut self, off: u64, idx: u64, v: &[u64]) -> Result<()> {
+        self.ensure_l2(off)?;
+        if let Some(t) = self.l2_cache.get(off) {
+            t[idx as usize..idx as usize + v.len()].copy_from_slice(v);
+        }
+        self.file
+            .write_at(&entries_to_bytes(v), off + idx * 8)
+            .ctx("writing an L2 table")
+    }
+
+    pub(crate) fn set_l1_entry(&mut self, idx: u64, v: u64) -> Result<()> {
+        self.l1[idx as usize] = v;
+        self.file
+            .write_at(&v.to_be_bytes(), self.h.l1_table_offset + idx * 8)
+            .ctx("writing the L1 table")
+    }
+
+    // ----- refcounts -----
+
+    fn load_rb(&mut self, off: u64) -> Result<()> {
+        if !self.rb_cache.contains(off) {
+            if off & (self.cs - 1) != 0 || off >= MAX_HOST {
+                return corrupt(format!("refcount block offset {off:#x} invalid"));
+            }
+            let mut b = vec![0u8; self.cs as usize];
+            self.file.read_at(&mut b, off).ctx("reading a refcount block")?;
+            self.rb_cache.insert(off, b);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn rb_offset(&self, idx: u64) -> Option<u64> {
+        let e = *self.rt.get(idx as usize)?;
+        let off = e & !0x1ff;
+        (off != 0).then_some(off)
+    }
+
+    /// On-disk refcount of host cluster `c`.
+    pub(crate) fn refcount(&mut self, c: u64) -> Result<u64> {
+        let Some(off) = self.rb_offset(c / self.rbe) else { return Ok(0) };
+        self.load_rb(off)?;
+        let order = self.h.refcount_order;
+        let b = self.rb_cache.get(off).ok_or_else(|| Error::Corrupt("rb cache".into()))?;
+        Ok(rc_get(b, c % self.rbe, order))
+    }
+
+    /// Apply refcount changes (cluster -> delta), in cluster order, writing each touched block
+    /// range once. Blocks must exist for increments (see `alloc_clusters`).
+    pub(crate) fn apply_deltas(&mut self, deltas: &BTreeMap<u64, i64>) -> Result<()> {
+        let order = self.h.refcount_order;
+        let max = if order == 6 { u64::MAX } else { (1u64 << (1u64 << order)) - 1 };
+        let mut it = deltas.iter().filter(|(_, d)| **d != 0).peekable();
+        while let Some((&c, _)) = it.peek() {
+            let idx = c / self.rbe;
+            let Some(off) = self.rb_offset(idx) else {
+                return corrupt(format!("refcount block missing for cluster {c}"));
+            };
+            self.load_rb(off)?;
+            let mut lo = usize::MAX;
+            let mut hi = 0;
+            let mut freed = Vec::new();
+            {
+                let b = self.rb_cache.get(off).ok_or_else(|| Error::Corrupt("rb".into()))?;
+                while let Some((&c2, &d)) = it.peek() {
+                    if c2 / self.rbe != idx {
+                        break;
+                    }
+                    it.next();
+                    let i = c2 % self.rbe;
+                    let old = rc_get(b, i, order);
+                    let new = if d >= 0 {
+                        match old.checked_add(d as u64) {
+                            Some(v) if v <= max => v,
+                            _ => return Err(Error::RefcountOverflow(1 << order)),
+                        }
+                    } else {
+                        match old.checked_sub(d.unsigned_abs()) {
+                            Some(v) => v,
+                            None => {
+                                return corrupt(format!(
+                                    "refcount of cluster {c2} would drop below zero"
+                                ))
+                            }
+                        }
+                    };
+                    let (a, z) = rc_set(b, i, order, new);
+                    lo = lo.min(a);
+                    hi = hi.max(z);
+                    if new == 0 {
+                        freed.push(c2);
+                    }
+                }
+            }
+            if lo < hi {
+                let b = self.rb_cache.get(off).ok_or_else(|| Error::Corrupt("rb".into()))?;
+                let piece = b[lo..hi].to_vec();
+                self.file
+                    .write_at(&piece, off + lo as u64)
+                    .ctx("writing a refcount block")?;
+            }
+            for c2 in freed {
+                let o = c2 * self.cs;
+                self.l2_cache.remove(o);
+                self.rb_cache.remove(o);
+                if self.comp_cache.as_ref().is_some_and(|(k, _)| k / self.cs == c2) {
+                    self.comp_cache = None;
+                }
+                self.free_hint = self.free_hint.min(c2.max(1));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn add_range(&mut self, c: u64, n: u64, d: i64) -> Result<()> {
+        let m: BTreeMap<u64, i64> = (c..c + n).map(|x| (x, d)).collect();
+        self.apply_deltas(&m)
+    }
+
+    /// Allocate `n` contiguous clusters (refcount raised to 1 on disk); returns the host offset.
+    pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        if n == 0 {
+            return Err(Error::InvalidArgument("zero-length allocation".into()));
+        }
+        loop {
+            let start = self.find_free_run(n)?;
+            if self.ensure_refblocks(start, n)? {
+                continue;
+            }
+            self.add_range(start, n, 1)?;
+            self.free_hint = start + n;
+            return Ok(start * self.cs);
+        }
+    }
+
+    fn find_free_run(&mut self, n: u64) -> Result<u64> {
+        let covered = self.rt.len() as u64 * self.rbe;
+        let mut c = self.free_hint.max(1);
+        let mut run_start = c;
+        let limit = MAX_HOST / self.cs;
+        loop {
+            if c - run_start >= n {
+                return Ok(run_start);
+            }
+            if c >= covered {
+                // Everything past the refcount table's reach is free.
+                if run_start + n > limit {
+                    return Err(Error::InvalidArgument("image would exceed 2^56 bytes".into()));
+                }
+                return Ok(run_start);
+            }
+            if self.refcount(c)? != 0 {
+                run_start = c + 1;
+            }
+            c += 1;
+        }
+    }
+
+    /// Make sure refcount blocks cover clusters [start, start+n). Returns true if it had to
+    /// allocate (the caller then rescans, since the new metadata may sit inside the run).
+    fn ensure_refblocks(&mut self, start: u64, n: u64) -> Result<bool> {
+        let first = start / self.rbe;
+        let last = (start + n - 1) / self.rbe;
+        for idx in first..=last {
+            if idx >= self.rt.len() as u64 {
+                self.grow_reftable(idx)?;
+                return Ok(true);
+            }
+            if self.rb_offset(idx).is_none() {
+                // All clusters of an uncovered block range are free: put the block inside its
+                // own range, at the first cluster of the run it describes.
+                let b = start.max(idx * self.rbe);
+                let mut blk = vec![0u8; self.cs as usize];
+                rc_set(&mut blk, b % self.rbe, self.h.refcount_order, 1);
+                self.file.write_at(&blk, b * self.cs).ctx("writing a refcount block")?;
+                self.barrier()?;
+                self.rt[idx as usize] = b * self.cs;
+                self.file
+                    .write_at(
+                        &(b * self.cs).to_be_bytes(),
+                        self.h.refcount_table_offset + idx * 8,
+                    )
+                    .ctx("writing the refcount table")?;
+                self.rb_cache.insert(b * self.cs, blk);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Relocate the refcount table to a bigger one with at least `min_idx + 1` entries. The new
+    /// table and the blocks describing it are placed in the first range no block covers yet.
+    fn grow_reftable(&mut self, min_idx: u64) -> Result<()> {
+        let old_entries = self.rt.len() as u64;
+        let per_cluster = self.cs / 8;
+        let s = old_entries * self.rbe;
+        let mut entries = (min_idx + 1).max(old_entries + old_entries / 2 + 1);
+        let (mut k, mut t);
+        loop {
+            t = entries.div_ceil(per_cluster);
+            k = (t + 1).div_ceil(self.rbe.saturating_sub(1).max(1)).max(1);
+            while k * self.rbe < k + t {
+                k += 1;
+            }
+            if entries >= old_entries + k {
+                break;
+            }
+            entries = old_entries + k;
+        }
+        if t * self.cs > header::MAX_REFTABLE_BYTES.max(self.cs) {
+            return Err(Error::InvalidArgument("refcount table would exceed 8 MiB".into()));
+        }
+        if (s + k + t) * self.cs > MAX_HOST {
+            return Err(Error::InvalidArgument("image would exceed 2^56 bytes".into()));
+        }
+        let entries = t * per_cluster;
+        let order = self.h.refcount_order;
+        let mut new_rt = self.rt.clone();
+        new_rt.resize(entries as usize, 0);
+        for j in 0..k {
+            let boff = (s + j) * self.cs;
+            let mut blk = vec![0u8; self.cs as usize];
+            let lo = s + j * self.rbe;
+            let hi = lo + self.rbe;
+            for c in lo.max(s)..hi.min(s + k + t) {
+                rc_set(&mut blk, c - lo, order, 1);
+            }
+            self.file.write_at(&blk, boff).ctx("writing a refcount block")?;
+            new_rt[(old_entries + j) as usize] = boff;
+        }
+        let toff = (s + k) * self.cs;
+        self.file
+            .write_at(&entries_to_bytes(&new_rt), toff)
+            .ctx("writing the refcount table")?;
+        self.sync()?;
+        let mut hb = Vec::with_capacity(12);
+        hb.extend_from_slice(&toff.to_be_bytes());
+        hb.extend_from_slice(&(t as u32).to_be_bytes());
+        self.file.write_at(&hb, header::OFF_REFTABLE).ctx("updating the header")?;
+        self.sync()?;
+        let old_off = self.h.refcount_table_offset;
+        let old_clusters = self.h.refcount_table_clusters as u64;
+        self.h.refcount_table_offset = toff;
+        self.h.refcount_table_clusters = t as u32;
+        self.rt = new_rt;
+        self.add_range(old_off / self.cs, old_clusters, -1)?;
+        Ok(())
+    }
+
+    /// Grow the active L1 table to at least `min` entries (exactly `min` if `exact`, else by
+    /// QEMU's 1.5x steps), relocating it.
+    pub(crate) fn grow_l1(&mut self, min: u64, exact: bool) -> Result<()> {
+        let old = self.l1.len() as u64;
+        if min <= old {
+            return Ok(());
+        }
+        let mut new = if exact { min } else { old.max(1) };
+        while new < min {
+            new = (new * 3).div_ceil(2);
+        }
+        if new * 8 > header::MAX_L1_BYTES {
+            if min * 8 > header::MAX_L1_BYTES {
+                return Err(Error::InvalidArgument(
+                    "L1 table would exceed 32 MiB (image or VM state too large)".into(),
+                ));
+            }
+            new = min;
+        }
+        let clusters = (new * 8).div_ceil(self.cs);
+        let off = self.alloc_clusters(clusters)?;
+        let mut l1 = self.l1.clone();
+        l1.resize(new as usize, 0);
+        self.file.write_at(&entries_to_bytes(&l1), off).ctx("writing the L1 table")?;
+        self.sync()?;
+        let mut hb = Vec::with_capacity(12);
+        hb.extend_from_slice(&(new as u32).to_be_bytes());
+        hb.extend_from_slice(&off.to_be_bytes());
+        self.file.write_at(&hb, header::OFF_L1).ctx("updating the header")?;
+        self.sync()?;
+        let old_off = self.h.l1_table_offset;
+        self.h.l1_size = new as u32;
+        self.h.l1_table_offset = off;
+        self.l1 = l1;
+        if old > 0 {
+            self.add_range(old_off / self.cs, (old * 8).div_ceil(self.cs), -1)?;
+        }
+        Ok(())
+    }
+
+    /// Drop one reference held by L2 entry `e` (collected into `d`).
+    pub(crate) fn deref_entry(&self, e: u64, d: &mut BTreeMap<u64, i64>) {
+        match self.classify(e) {
+            Kind::Normal(o) | Kind::ZeroAlloc(o) => *d.entry(o / self.cs).or_insert(0) -= 1,
+            Kind::Compressed(o, l) => {
+                for c in o / self.cs..=(o + l - 1) / self.cs {
+                    *d.entry(c).or_insert(0) -= 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ----- info -----
+
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.h.size
+    }
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.cs
+    }
+    /// qcow2 version (2 or 3).
+    pub fn version(&self) -> u32 {
+        self.h.version
+    }
+    /// Refcount width in bits.
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.h.refcount_order
+    }
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.h
+    }
+    /// Whether the image is open read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    /// Current length of the host file.
+    pub fn file_len(&self) -> Result<u64> {
+        self.file.len().ctx("querying the file size")
+    }
+    /// Flush all writes to stable storage.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.sync()
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}

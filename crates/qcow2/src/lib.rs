@@ -1,0 +1,63 @@
+//! # qcow2 — QEMU-compatible qcow2 images with internal snapshots and VM state
+//!
+//! A synchronous library for the qcow2 format as QEMU writes it (versions 2 and 3, cluster
+//! sizes 512 B – 2 MiB, refcount widths 1–64 bits, zero clusters, reading zlib-compressed
+//! clusters) with internal snapshots and the VM-state area used by `savevm`/`loadvm`. Images it
+//! writes pass `qemu-img check` and list identically in `qemu-img snapshot -l`.
+//!
+//! Refused with [`Error::Unsupported`]: encryption, external data files, extended L2 entries,
+//! zstd compression, backing files. Images with the dirty bit (lazy refcounts) get their
+//! refcounts rebuilt when opened read-write; images marked corrupt open read-only only.
+//!
+//! ## Disks
+//! [`open`] probes the format by content and returns a [`BlockBackend`] (qcow2 or raw); the
+//! VMM's block device only uses that trait. [`BlockBackend::as_qcow2`] reaches the snapshot API.
+//! [`Qcow2::refresh`] re-reads all metadata (live-migration handover on shared storage: the
+//! source flushes and stops writing, the destination refreshes or opens anew).
+//!
+//! ## savevm / loadvm
+//! Follows QEMU's order:
+//! ```no_run
+//! # use qcow2::*;
+//! # fn f(img: &mut Qcow2, state: &[u8]) -> Result<()> {
+//! // savevm: stream the state into the active layer's VM-state area ...
+//! let mut w = img.vmstate_writer()?;          // empties the area first
+//! w.write_all_bytes(state)?;                  // or std::io::Write; large buffers
+//! let vm_state_size = w.finish()?;
+//! // ... then take the snapshot (atomically replaces a same-named one) and drop the state
+//! // from the active layer.
+//! let mut s = NewSnapshot::new("vm-20250101000000");
+//! s.vm_state_size = vm_state_size;
+//! s.vm_clock_ns = 2_233_000_000;
+//! img.create_snapshot(&s)?;
+//! // loadvm: revert the disk, then stream the state back.
+//! img.goto_snapshot("vm-20250101000000")?;
+//! let mut r = img.vmstate_reader("vm-20250101000000")?;   // std::io::Read
+//! # let _ = r.len(); Ok(()) }
+//! ```
+//! `snapshots()` lists, `delete_snapshot(name)` deletes. Every snapshot-table change (create,
+//! goto, delete, refcount rebuild) is one atomic commit (new metadata in free space, then a
+//! single header write), so a crash or a full disk (ENOSPC) leaves the previous image and its
+//! snapshots intact. Guest and VM-state writes order refcount → data → L2 → L1 and release old
+//! clusters last, so a crash leaves at most leaked clusters.
+
+mod backend;
+mod cache;
+mod check;
+mod cluster;
+mod commit;
+mod error;
+pub mod header;
+mod image;
+mod map;
+mod snapshot;
+pub mod storage;
+mod vmstate;
+
+pub use backend::{open, probe, probe_storage, BlockBackend, ImageFormat, RawImage};
+pub use check::{CheckReport, RepairMode};
+pub use error::{Error, Result};
+pub use image::{CreateOptions, OpenOptions, Qcow2};
+pub use map::{MapEntry, MapKind};
+pub use snapshot::{NewSnapshot, SnapshotInfo};
+pub use vmstate::{VmStateReader, VmStateWriter, VMSTATE_CHUNK};

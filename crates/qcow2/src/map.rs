@@ -1,0 +1,99 @@
+//! Allocation map of the active layer (what `qemu-img map` shows) and resizing.
+
+use crate::error::{Error, IoCtx, Result};
+use crate::header::OFF_SIZE;
+use crate::image::{Kind, Qcow2, OFFSET_MASK};
+
+/// How a guest range is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKind {
+    /// Not allocated (reads as zeros).
+    Unallocated,
+    /// Zero cluster, optionally with preallocated host space.
+    Zero(Option<u64>),
+    /// Data at this host offset.
+    Data(u64),
+    /// Compressed data.
+    Compressed,
+}
+
+/// One run of the allocation map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Guest offset.
+    pub start: u64,
+    /// Bytes.
+    pub length: u64,
+    /// Storage kind (host offsets are those of `start`).
+    pub kind: MapKind,
+}
+
+impl Qcow2 {
+    /// The allocation map of the guest-visible disk, merged into runs.
+    pub fn map(&mut self) -> Result<Vec<MapEntry>> {
+        let cs = self.cs;
+        let size = self.h.size;
+        let mut out: Vec<MapEntry> = Vec::new();
+        let mut g = 0u64;
+        while g < size {
+            let span = self.span();
+            let l1i = g / span;
+            let n = (span - g % span).min(size - g);
+            let e = self.l1.get(l1i as usize).copied().unwrap_or(0) & OFFSET_MASK;
+            let kinds: Vec<MapKind> = if e == 0 {
+                vec![MapKind::Unallocated; n.div_ceil(cs) as usize]
+            } else {
+                let ents = self.l2_entries(e, (g / cs) % self.l2e, n.div_ceil(cs))?;
+                ents.iter()
+                    .map(|&x| match self.classify(x) {
+                        Kind::Unalloc => MapKind::Unallocated,
+                        Kind::ZeroPlain => MapKind::Zero(None),
+                        Kind::ZeroAlloc(o) => MapKind::Zero(Some(o)),
+                        Kind::Normal(o) => MapKind::Data(o),
+                        Kind::Compressed(..) => MapKind::Compressed,
+                    })
+                    .collect()
+            };
+            for (k, kind) in kinds.into_iter().enumerate() {
+                let start = g + k as u64 * cs;
+                let length = cs.min(size - start);
+                if let Some(last) = out.last_mut() {
+                    let cont = match (last.kind, kind) {
+                        (MapKind::Data(a), MapKind::Data(b)) => a + last.length == b,
+                        (MapKind::Zero(Some(a)), MapKind::Zero(Some(b))) => a + last.length == b,
+                        (a, b) => a == b && !matches!(a, MapKind::Data(_) | MapKind::Zero(Some(_))),
+                    };
+                    if cont {
+                        last.length += length;
+                        continue;
+                    }
+                }
+                out.push(MapEntry { start, length, kind });
+            }
+            g += n;
+        }
+        Ok(out)
+    }
+
+    /// Grow the virtual disk to `new_size` bytes (shrinking is refused). Any VM state left in
+    /// the active layer is dropped first, since the area moves.
+    pub fn resize(&mut self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        if new_size < self.h.size {
+            return Err(Error::Unsupported("shrinking a qcow2 image".into()));
+        }
+        if new_size == self.h.size {
+            return Ok(());
+        }
+        let need = new_size.div_ceil(self.span());
+        if need * 8 > crate::header::MAX_L1_BYTES {
+            return Err(Error::InvalidArgument(format!("size {new_size} too large")));
+        }
+        self.discard_vmstate()?;
+        self.grow_l1(need, true)?;
+        self.file.write_at(&new_size.to_be_bytes(), OFF_SIZE).ctx("updating the header")?;
+        self.sync()?;
+        self.h.size = new_size;
+        Ok(())
+    }
+}
