@@ -95,6 +95,67 @@ for smp in 1 4; do
   done
 done
 
+# Phase 2: virtio-blk disk ledger.
+DISKARGS=(-global virtio-mmio.force-legacy=false -drive "if=none,id=d0,file=$WORK/disk.raw,format=raw"
+          -device virtio-blk-device,drive=d0)
+truncate -s 16M "$WORK/disk.raw"
+start "disk" 2 "mode=dirty mib=16 rate=20 disk=on disk_mib=4 hb_ms=200" "${DISKARGS[@]}"
+wait_for '^GUEST READY cpus=2 ' 10 && ok "$LINE" || fail "no GUEST READY"
+if wait_for '^HEARTBEAT seq=5 .* disk=[0-9]+$' 10; then ok "$LINE"; else fail "no disk= in heartbeats"; fi
+w=$(field disk "$LINE"); (( w > 0 )) || fail "no sectors written"
+send v
+wait_for '^LEDGER ' 10 && [[ $LINE == "LEDGER OK pages=4096 "* ]] && ok "$LINE" || fail "verify: '$LINE'"
+wait_for '^DISK ' 20 && [[ $LINE == "DISK OK sectors=8192 "* ]] && ok "$LINE" || fail "disk verify: '$LINE'"
+send c
+wait_for '^DISK BAD sector=4096 ' 20 && ok "self-test: $LINE" || fail "lost disk write not detected"
+send v
+for i in $(seq 100); do n=$(grep -ac '^DISK OK' "$OUT"); (( n >= 2 )) && break; sleep 0.1; done
+(( n == 2 )) && ok "DISK OK again after the self-test" || fail "second v: $n DISK OK lines"
+finish; check_seq
+grep -aq 'GUEST WARN\|GUEST FAULT' "$OUT" && fail "$(grep -a 'GUEST WARN\|GUEST FAULT' "$OUT")"
+
+# Cold migration through QEMU (stop, migrate to a file, restore in a new QEMU, cont): heartbeats
+# continue with no gap or repeat, both ledgers verify; restored onto a disk that lost writes,
+# the disk ledger says BAD.
+# The HMP monitor is on two FIFOs (-monitor pipe:): hmp CMD sends, mon.log collects answers.
+rm -f "$WORK/mon.in" "$WORK/mon.out"; mkfifo "$WORK/mon.in" "$WORK/mon.out"
+mon_reader() { : >"$WORK/mon.log"; cat "$WORK/mon.out" >>"$WORK/mon.log" & }
+hmp() { printf '%s\n' "$1" >"$WORK/mon.in"; }
+hmp_wait() { # hmp_wait REGEX TRIES (50 ms each)
+    local i; for i in $(seq "$2"); do grep -aqE "$1" "$WORK/mon.log" && return 0; sleep 0.05; done; return 1
+}
+MIGARGS="mode=dirty mib=64 rate=50 disk=on disk_mib=4 hb_ms=100"
+truncate -s 0 "$WORK/disk.raw"; truncate -s 16M "$WORK/disk.raw"
+mon_reader
+start "mig-src" 2 "$MIGARGS" "${DISKARGS[@]}" -monitor "pipe:$WORK/mon"
+wait_for '^HEARTBEAT seq=15 ' 10 || fail "no heartbeats before migration"
+hmp stop; hmp "migrate \"exec:cat > $WORK/state\""
+for i in $(seq 100); do hmp "info migrate"; hmp_wait 'Migration status: completed' 2 && break; done
+hmp_wait 'Migration status: completed' 1 && ok "migrated to a file ($(du -k "$WORK/state" | cut -f1) KiB)" || fail "migration did not complete"
+cp "$WORK/disk.raw" "$WORK/disk.snap"
+hmp quit; wait $QPID; exec 3>&-; QPID=
+SRC_OUT=$OUT
+mon_reader
+start "mig-dst" 2 "$MIGARGS" "${DISKARGS[@]}" -monitor "pipe:$WORK/mon" -incoming "exec:cat $WORK/state"
+sleep 0.5; hmp cont
+last=$(grep -aE '^HEARTBEAT seq=' "$SRC_OUT" | tail -1 | sed -E 's/^HEARTBEAT seq=([0-9]+).*/\1/')
+wait_for "^HEARTBEAT seq=$((last + 10)) " 10 && ok "heartbeats continue after restore (source stopped at seq=$last)" || fail "no heartbeats after restore"
+send v
+wait_for '^LEDGER ' 10 && [[ $LINE == "LEDGER OK pages=16384 "* ]] && ok "after restore: $LINE" || fail "after restore: '$LINE'"
+wait_for '^DISK ' 20 && [[ $LINE == "DISK OK sectors=8192 "* ]] && ok "after restore: $LINE" || fail "after restore: '$LINE'"
+finish
+cat "$SRC_OUT" "$OUT" >"$WORK/mig-all.out"; OUT=$WORK/mig-all.out; NAME=mig; check_seq
+# Restore the same state onto the disk as it was at the stop, minus the first 1 MiB (zeroed).
+cp "$WORK/disk.snap" "$WORK/disk.raw"
+dd if=/dev/zero of="$WORK/disk.raw" bs=1M count=1 conv=notrunc status=none
+mon_reader
+start "mig-lost" 2 "$MIGARGS" "${DISKARGS[@]}" -monitor "pipe:$WORK/mon" -incoming "exec:cat $WORK/state"
+sleep 0.5; hmp cont
+wait_for '^HEARTBEAT ' 10
+send v
+wait_for '^DISK ' 20 && [[ $LINE == "DISK BAD "* ]] && ok "disk that lost writes: $LINE" || fail "lost writes not detected: '$LINE'"
+finish
+
 # Measurement: mode=dirty mib=256 rate=100 on 4 vCPUs, rate from the dirtied counter.
 start "rate" 4 "mode=dirty mib=256 rate=100 hb_ms=500"
 wait_for '^HEARTBEAT seq=2 ' 10; a=$LINE

@@ -8,10 +8,12 @@
 
 mod boot;
 mod config;
+mod disk;
 mod fmt;
 mod kernel;
 mod mem;
 mod user;
+mod virtio;
 mod workload;
 
 #[panic_handler]

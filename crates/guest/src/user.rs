@@ -5,6 +5,8 @@
 use crate::config::{self, Config};
 use crate::fmt::Line;
 use crate::kernel::{rdtsc, sys, Racy, CMDLINE, K, MAX_CPUS, MEMMAP};
+use crate::disk::{Disk, VerifyResult};
+use crate::virtio::{Blk, ProbeError};
 use crate::workload::{self, Worker, PAGE};
 use core::sync::atomic::{AtomicU64, Ordering::*};
 
@@ -40,6 +42,7 @@ pub struct UState {
     pub pages: AtomicU64,
     pub ledger: AtomicU64,
     pub mem_mib: AtomicU64,
+    pub disk_written: AtomicU64,
     pub cpu: [CpuStat; MAX_CPUS],
 }
 pub static U: UState = unsafe { core::mem::zeroed() };
@@ -99,14 +102,6 @@ pub extern "C" fn ap_user(cpu: u64) -> ! {
     }
 }
 
-struct Bsp {
-    cfg: Config,
-    tsc_hz: u64,
-    hb_period: u64,
-    next_hb: u64,
-    worker: Worker,
-}
-
 pub extern "C" fn bsp_user(_: u64) -> ! {
     let len = (K.cmdline_len.load(Relaxed) as usize).min(crate::kernel::MAX_CMDLINE);
     let line: &[u8] = unsafe { &(&*CMDLINE.get())[..len] };
@@ -143,8 +138,30 @@ pub extern "C" fn bsp_user(_: u64) -> ! {
     let map = unsafe { &*MEMMAP.get() };
     let ram: u64 = map[..nmap].iter().filter(|e| e.kind == 1).map(|e| e.size).sum();
     U.mem_mib.store((ram + (1 << 19)) >> 20, Relaxed);
+    let mut blk = None;
+    if c.disk {
+        match Blk::probe() {
+            Ok(b) => blk = Some(b),
+            Err(e) => {
+                let why = match e {
+                    ProbeError::NoDevice => "no virtio-blk device",
+                    ProbeError::ReadOnly => "virtio-blk device is read-only",
+                    ProbeError::Features => "virtio-blk feature negotiation failed (need VIRTIO_F_VERSION_1)",
+                    ProbeError::Queue => "virtio-blk queue unusable",
+                };
+                Line::new().s("GUEST WARN disk=on but ").s(why).send();
+            }
+        }
+    }
+    let mut sectors = 0;
+    if let Some(b) = &blk {
+        sectors = (c.disk_mib * 2048).min(b.capacity);
+        if sectors < c.disk_mib * 2048 {
+            Line::new().s("GUEST WARN disk region reduced to sectors=").u(sectors).send();
+        }
+    }
     let want = c.mib * 256;
-    let lay = workload::place(want);
+    let lay = workload::place(want, (sectors * 8 + PAGE - 1) & !(PAGE - 1));
     if lay.pages < want {
         Line::new().s("GUEST WARN region reduced to pages=").u(lay.pages).s(" (asked ").u(want).s(")").send();
     }
@@ -158,6 +175,10 @@ pub extern "C" fn bsp_user(_: u64) -> ! {
         U.cpu[i].start.store(s, Relaxed);
         U.cpu[i].end.store(e, Relaxed);
     }
+    let disk = blk.map(|b| {
+        let ledger = lay.region + lay.pages * PAGE;
+        Disk::new(b, sectors, ledger, unsafe { crate::boot::boot_tsc })
+    });
     syscall(sys::RELEASE, 0, 0, 0);
     let t0 = rdtsc();
     while (U.running.load(Acquire) as usize) < n - 1 && rdtsc() - t0 < 2000 * ms {
@@ -178,11 +199,63 @@ pub extern "C" fn bsp_user(_: u64) -> ! {
     Line::new().s("GUEST READY cpus=").u(up).s(" mem=").u(U.mem_mib.load(Relaxed)).send();
 
     let hb_period = c.hb_ms * ms;
-    let mut b = Bsp { cfg: c, tsc_hz, hb_period, next_hb: rdtsc() + hb_period, worker: Worker::new(0) };
+    let hb = Heartbeat { compact: c.compact, disk: c.disk, period: hb_period, next: rdtsc() + hb_period };
+    let mut b = Bsp { cfg: c, tsc_hz, hb, worker: Worker::new(0), disk, disk_warned: false };
     b.main_loop()
 }
 
+/// The heartbeat clock (TSC based) and line.
+struct Heartbeat {
+    compact: bool,
+    disk: bool,
+    period: u64,
+    next: u64,
+}
+
+impl Heartbeat {
+    fn beat(&mut self, now: u64) {
+        if now < self.next {
+            if self.next - now > 2 * self.period {
+                self.next = now + self.period; // TSC went backwards
+            }
+            return;
+        }
+        let seq = U.seq.load(Relaxed) + 1;
+        U.seq.store(seq, Relaxed);
+        let mut l = Line::new();
+        if self.compact {
+            l.s("H ").u(seq);
+        } else {
+            l.s("HEARTBEAT seq=").u(seq)
+                .s(" ticks=").u(K.ticks.load(Relaxed))
+                .s(" gen=").u(max_gen())
+                .s(" dirtied=").u(total_dirtied());
+            if self.disk {
+                l.s(" disk=").u(U.disk_written.load(Relaxed));
+            }
+        }
+        l.send();
+        self.next += self.period;
+        if self.next <= now {
+            self.next = now + self.period; // fell behind (pause, migration)
+        }
+    }
+}
+
+struct Bsp {
+    cfg: Config,
+    tsc_hz: u64,
+    hb: Heartbeat,
+    worker: Worker,
+    disk: Option<Disk>,
+    disk_warned: bool,
+}
+
 impl Bsp {
+    fn heartbeat(&mut self, now: u64) {
+        self.hb.beat(now);
+    }
+
     fn main_loop(&mut self) -> ! {
         loop {
             let now = rdtsc();
@@ -196,41 +269,22 @@ impl Bsp {
                     _ => {}
                 }
             }
+            if let Some(d) = self.disk.as_mut() {
+                d.step();
+                if d.failed() && !self.disk_warned {
+                    self.disk_warned = true;
+                    Line::new().s("GUEST WARN disk I/O error status=").u(d.error as u64).send();
+                }
+            }
             if self.cfg.dirty {
                 if self.worker.run(16) < 16 {
-                    idle(self.next_hb);
+                    idle(self.hb.next);
                 }
             } else {
-                idle(self.next_hb);
+                idle(self.hb.next);
             }
         }
     }
-
-    fn heartbeat(&mut self, now: u64) {
-        if now < self.next_hb {
-            if self.next_hb - now > 2 * self.hb_period {
-                self.next_hb = now + self.hb_period; // TSC went backwards
-            }
-            return;
-        }
-        let seq = U.seq.load(Relaxed) + 1;
-        U.seq.store(seq, Relaxed);
-        let mut l = Line::new();
-        if self.cfg.compact {
-            l.s("H ").u(seq);
-        } else {
-            l.s("HEARTBEAT seq=").u(seq)
-                .s(" ticks=").u(K.ticks.load(Relaxed))
-                .s(" gen=").u(max_gen())
-                .s(" dirtied=").u(total_dirtied());
-        }
-        l.send();
-        self.next_hb += self.hb_period;
-        if self.next_hb <= now {
-            self.next_hb = now + self.hb_period; // fell behind (pause, migration)
-        }
-    }
-
     /// Pause the APs at a clean point (between two pages); the BSP is at one already.
     fn pause_all(&mut self) {
         U.pause.store(1, SeqCst);
@@ -247,14 +301,43 @@ impl Bsp {
                 break;
             }
             self.heartbeat(now);
-            idle(self.next_hb.min(now + ms));
+            idle(self.hb.next.min(now + ms));
         }
     }
 
     fn verify(&mut self) {
         self.pause_all();
         self.verify_paused();
+        if self.cfg.disk {
+            self.verify_disk();
+        }
         U.pause.store(0, SeqCst);
+    }
+
+    fn verify_disk(&mut self) {
+        let mut l = Line::new();
+        let hb = &mut self.hb;
+        match self.disk.as_mut() {
+            None => {
+                l.s("DISK BAD sector=0 expected=0 found=0 reason=nodevice");
+            }
+            Some(d) => {
+                d.quiesce(|| hb.beat(rdtsc()));
+                match d.verify(|| hb.beat(rdtsc())) {
+                    VerifyResult::Ok { sectors, gen, unwritten } => {
+                        l.s("DISK OK sectors=").u(sectors).s(" gen=").u(gen).s(" unwritten=").u(unwritten);
+                    }
+                    VerifyResult::Bad { sector, expected, found, word } => {
+                        l.s("DISK BAD sector=").u(sector).s(" expected=").u(expected).s(" found=").u(found)
+                            .s(" word=").u(word as u64);
+                    }
+                    VerifyResult::Failed(st) => {
+                        l.s("DISK BAD sector=0 expected=0 found=0 reason=ioerror status=").u(st as u64);
+                    }
+                }
+            }
+        }
+        l.send();
     }
 
     fn verify_paused(&mut self) {
@@ -290,20 +373,32 @@ impl Bsp {
         l.send();
     }
 
-    /// Test hook for the verifier itself: with the workers paused, flip one word of the middle
-    /// page, verify (which must print LEDGER BAD for that page), then put the word back.
+    /// Test hook for the verifiers themselves: with the workers paused, flip one word of the
+    /// middle page and verify (must print LEDGER BAD for that page); with a disk, also raise the
+    /// expected generation of the middle sector of the disk region by one, as if its last write
+    /// had been lost, and verify the disk (must print DISK BAD for that sector). Then undo both.
     fn corrupt_check(&mut self) {
         let pages = U.pages.load(Relaxed);
-        if pages == 0 {
-            return;
-        }
         self.pause_all();
-        let p = (U.region.load(Relaxed) + pages / 2 * PAGE + 8 * 100) as *mut u64;
-        unsafe {
-            let old = p.read_volatile();
-            p.write_volatile(old ^ 0x10);
-            self.verify_paused();
-            p.write_volatile(old);
+        if pages > 0 {
+            let p = (U.region.load(Relaxed) + pages / 2 * PAGE + 8 * 100) as *mut u64;
+            unsafe {
+                let old = p.read_volatile();
+                p.write_volatile(old ^ 0x10);
+                self.verify_paused();
+                p.write_volatile(old);
+            }
+        }
+        let hb = &mut self.hb;
+        if let Some(d) = self.disk.as_mut().filter(|d| d.sectors > 0) {
+            d.quiesce(|| hb.beat(rdtsc()));
+            let e = unsafe { d.ledger().add((d.sectors / 2) as usize) };
+            unsafe {
+                let old = e.read_volatile();
+                e.write_volatile(old + 1);
+                self.verify_disk();
+                e.write_volatile(old);
+            }
         }
         U.pause.store(0, SeqCst);
     }
@@ -323,6 +418,9 @@ impl Bsp {
             .s(" hb_ms=").u(c.hb_ms)
             .s(" tsc_khz=").u(self.tsc_hz / 1000)
             .s(" uptime_ms=").u((rdtsc() - unsafe { crate::boot::boot_tsc }) / (self.tsc_hz / 1000))
+            .s(" disk=").u(U.disk_written.load(Relaxed))
+            .s(" disk_sectors=").u(self.disk.as_ref().map_or(0, |d| d.sectors))
+            .s(" disk_error=").u(self.disk.as_ref().map_or(0, |d| d.error as u64))
             .s(" cpu_dirtied=");
         for i in 0..ncpus() {
             if i > 0 {

@@ -41,9 +41,10 @@ fn align_up(v: u64, a: u64) -> u64 {
     (v + a - 1) & !(a - 1)
 }
 
-/// Place the ledger and the region in RAM after the image: the first RAM range of the PVH
-/// memory map that holds `want` pages, else the one that holds the most.
-pub fn place(want: u64) -> Layout {
+/// Place the ledger, the region and `extra` bytes after it (the disk ledger) in RAM after the
+/// image: the first RAM range of the PVH memory map that holds `want` pages, else the one that
+/// holds the most.
+pub fn place(want: u64, extra: u64) -> Layout {
     let image_end = align_up(&raw const crate::boot::__image_end as u64, PAGE);
     let n = (K.mem_entries.load(Relaxed) as usize).min(MAX_MEMMAP);
     let map: &[MemEntry; MAX_MEMMAP] = unsafe { &*MEMMAP.get() };
@@ -54,12 +55,12 @@ pub fn place(want: u64) -> Layout {
         }
         let start = e.addr.max(image_end);
         let end = (e.addr + e.size).min(MAPPED_TOP);
-        if end <= start + 2 * TWO_MIB {
+        if end <= start + 2 * TWO_MIB + extra {
             continue;
         }
         let ledger = align_up(start, PAGE);
-        let fit = |p: u64| align_up(align_up(ledger + 8 * p, PAGE), TWO_MIB) + p * PAGE <= end;
-        let mut pages = want.min((end - ledger) / (PAGE + 8));
+        let fit = |p: u64| align_up(align_up(ledger + 8 * p, PAGE), TWO_MIB) + p * PAGE + extra <= end;
+        let mut pages = want.min((end - ledger - extra) / (PAGE + 8));
         while pages > 0 && !fit(pages) {
             pages -= 1.max(pages / 64);
         }
