@@ -1,0 +1,229 @@
+//! The virtio-blk worker thread: waits (epoll) on the queue's notification eventfd and the
+//! control eventfd, pops descriptor chains, executes them and publishes completions in the used
+//! ring, raising the interrupt as the driver's notification suppression (`EVENT_IDX` or
+//! `NO_INTERRUPT`) allows.
+//!
+//! Pause protocol (with [`super::Control`]): the worker marks itself `busy` before touching a
+//! queue and checks `paused` before popping each chain, so `pause()` — which sets `paused` and
+//! waits for `busy` to drop — returns only once no request is in flight and nothing more will
+//! be popped. A kick that arrives while paused is remembered and served after `resume()`.
+
+use super::request::Executor;
+use super::{Control, DiskInfo, SharedBackend};
+use crate::device::{irq, ActivateContext, Interrupt};
+use crate::error::{Error, Result};
+use crate::mmio::lock;
+use crate::GuestMemoryMmap;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// epoll token of the control eventfd (queue tokens are their index).
+const WAKE_TOKEN: u64 = u64::MAX;
+/// `VIRTQ_AVAIL_F_NO_INTERRUPT`: the driver does not want interrupts (without `EVENT_IDX`).
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+pub(crate) struct Worker {
+    mem: GuestMemoryMmap,
+    queues: Vec<Arc<Mutex<Queue>>>,
+    /// Set once a queue's rings proved unusable; it is ignored until the device is reset.
+    broken: Vec<bool>,
+    queue_evts: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+    ctl: Arc<Control>,
+    exec: Executor,
+    epoll: Epoll,
+}
+
+/// Marks the worker dead if it unwinds, so `pause()` does not wait forever.
+struct DeathGuard<'a>(&'a Control);
+
+impl Drop for DeathGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut c = lock(&self.0.state);
+            c.dead = true;
+            c.busy = false;
+            self.0.cv.notify_all();
+        }
+    }
+}
+
+impl Worker {
+    pub fn new(ctx: ActivateContext, backend: SharedBackend, info: DiskInfo, ctl: Arc<Control>) -> Result<Self> {
+        let epoll = Epoll::new().map_err(Error::io("epoll_create"))?;
+        let add = |fd: i32, token: u64| {
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .map_err(Error::io("epoll_ctl"))
+        };
+        add(ctl.wake.as_raw_fd(), WAKE_TOKEN)?;
+        for (i, e) in ctx.queue_evts.iter().enumerate() {
+            add(e.as_raw_fd(), i as u64)?;
+        }
+        Ok(Worker {
+            exec: Executor::new(ctx.mem.clone(), backend, info, ctx.acked_features),
+            mem: ctx.mem,
+            broken: vec![false; ctx.queues.len()],
+            queues: ctx.queues,
+            queue_evts: ctx.queue_evts,
+            interrupt: ctx.interrupt,
+            ctl,
+            epoll,
+        })
+    }
+
+    fn paused(&self) -> bool {
+        lock(&self.ctl.state).paused
+    }
+
+    pub fn run(mut self) {
+        let ctl = self.ctl.clone();
+        let _guard = DeathGuard(&ctl);
+        // Serve whatever the driver queued before activation (or before a restore).
+        let mut kicked = true;
+        let mut events = vec![EpollEvent::default(); self.queue_evts.len() + 1];
+        loop {
+            let busy = {
+                let mut c = lock(&ctl.state);
+                if c.stop {
+                    break;
+                }
+                c.busy = kicked && !c.paused;
+                if !c.busy {
+                    ctl.cv.notify_all();
+                }
+                c.busy
+            };
+            if busy {
+                kicked = !self.process_all();
+                let mut c = lock(&ctl.state);
+                c.busy = false;
+                ctl.cv.notify_all();
+                continue;
+            }
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio-blk worker: epoll_wait failed: {e}; stopping");
+                    let mut c = lock(&ctl.state);
+                    c.dead = true;
+                    ctl.cv.notify_all();
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    WAKE_TOKEN => {
+                        let _ = ctl.wake.read();
+                    }
+                    i => {
+                        if let Some(e) = self.queue_evts.get(i as usize) {
+                            let _ = e.read();
+                            kicked = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves every queue until its ring is empty. Returns false if a pause interrupted it
+    /// (there may be more to do after resume).
+    fn process_all(&mut self) -> bool {
+        for i in 0..self.queues.len() {
+            if !self.process_queue(i) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn process_queue(&mut self, i: usize) -> bool {
+        if self.broken[i] {
+            return true;
+        }
+        let queue = self.queues[i].clone();
+        if !lock(&queue).ready() {
+            return true;
+        }
+        let mem = &self.mem;
+        let mut used_any = false;
+        let mut complete = true;
+        let mut rechecked = false;
+        if let Err(e) = lock(&queue).disable_notification(mem) {
+            tracing::warn!("virtio-blk: queue {i}: disabling notifications: {e}");
+        }
+        loop {
+            if self.paused() {
+                complete = false;
+                break;
+            }
+            let next = {
+                let mut q = lock(&queue);
+                match q.iter(mem) {
+                    Ok(mut it) => Ok(it.next()),
+                    Err(e) => Err(e),
+                }
+            };
+            match next {
+                Ok(Some(chain)) => {
+                    rechecked = false;
+                    let head = chain.head_index();
+                    let len = self.exec.handle(chain);
+                    match lock(&queue).add_used(mem, head, len) {
+                        Ok(()) => used_any = true,
+                        Err(e) => tracing::warn!("virtio-blk: queue {i}: descriptor {head} not returned: {e}"),
+                    }
+                }
+                Ok(None) if rechecked => {
+                    // The ring claims more entries but yields none: it is inconsistent.
+                    tracing::warn!("virtio-blk: queue {i}: available ring inconsistent; ignoring it until reset");
+                    self.broken[i] = true;
+                    break;
+                }
+                Ok(None) => {
+                    // Re-enable notifications, then look again: the driver may have added a
+                    // request between our last look and the re-enable.
+                    match lock(&queue).enable_notification(mem) {
+                        Ok(true) => {
+                            rechecked = true;
+                            let _ = lock(&queue).disable_notification(mem);
+                            continue;
+                        }
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::warn!("virtio-blk: queue {i}: enabling notifications: {e}");
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("virtio-blk: queue {i} is broken ({e}); ignoring it until reset");
+                    self.broken[i] = true;
+                    break;
+                }
+            }
+        }
+        if used_any && self.needs_interrupt(&queue) {
+            self.interrupt.trigger(irq::VRING);
+        }
+        complete
+    }
+
+    /// Whether the driver wants an interrupt for what was just used: `EVENT_IDX` when
+    /// negotiated, otherwise the available ring's `NO_INTERRUPT` flag.
+    fn needs_interrupt(&self, queue: &Mutex<Queue>) -> bool {
+        let mut q = lock(queue);
+        let wanted = q.needs_notification(&self.mem).unwrap_or(true);
+        if q.event_idx_enabled() || !wanted {
+            return wanted;
+        }
+        let flags: u16 = self.mem.read_obj(GuestAddress(q.avail_ring())).unwrap_or(0);
+        u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
+    }
+}
