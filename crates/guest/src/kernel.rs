@@ -417,7 +417,26 @@ unsafe fn pit_read() -> u64 {
     hi << 8 | lo
 }
 
-/// Measure the TSC and LAPIC timer rates against 10 ms of PIT channel 0.
+/// One reading of (PIT count, TSC, LAPIC current count), the tightest of a few: the vCPU can be
+/// descheduled between the reads, so keep the one whose TSC bracket is shortest.
+#[link_section = ".ktext"]
+unsafe fn pit_sample() -> (u64, u64, u64) {
+    let mut best = (0u64, 0u64, 0u64, u64::MAX);
+    let mut i = 0;
+    while i < 6 {
+        let t0 = rdtsc();
+        let a = lapic_rd(LAPIC_TMCCT) as u64;
+        let p = pit_read();
+        let t1 = rdtsc();
+        if t1.wrapping_sub(t0) < best.3 {
+            best = (p, t0 + (t1.wrapping_sub(t0) >> 1), a, t1.wrapping_sub(t0));
+        }
+        i += 1;
+    }
+    (best.0, best.1, best.2)
+}
+
+/// Measure the TSC and LAPIC timer rates against 20 ms of PIT channel 0.
 #[link_section = ".ktext"]
 unsafe fn calibrate() {
     lapic_wr(LAPIC_LVT_TIMER, 0x1_0000 | VEC_TIMER as u32);
@@ -425,23 +444,19 @@ unsafe fn calibrate() {
     outb(0x43, 0x30); // channel 0, lo/hi, mode 0
     outb(0x40, 0xff);
     outb(0x40, 0xff);
-    let p0 = pit_read();
-    let t0 = rdtsc();
-    let a0 = lapic_rd(LAPIC_TMCCT) as u64;
-    let target = PIT_HZ / 100;
+    let (p0, t0, a0) = pit_sample();
+    let target = PIT_HZ / 50;
     let mut ok = false;
-    let mut elapsed = 0u64;
     let mut n = 0u32;
     while n < 200_000 {
-        elapsed = p0.wrapping_sub(pit_read()) & 0xffff;
-        if elapsed >= target {
+        if p0.wrapping_sub(pit_read()) & 0xffff >= target {
             ok = true;
             break;
         }
         n += 1;
     }
-    let t1 = rdtsc();
-    let a1 = lapic_rd(LAPIC_TMCCT) as u64;
+    let (p1, t1, a1) = pit_sample();
+    let elapsed = p0.wrapping_sub(p1) & 0xffff;
     lapic_wr(LAPIC_TMICT, 0);
     if ok && t1 > t0 && a0 > a1 {
         let elapsed = if elapsed == 0 { 1 } else { elapsed };

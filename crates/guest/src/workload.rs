@@ -42,8 +42,8 @@ fn align_up(v: u64, a: u64) -> u64 {
 }
 
 /// Place the ledger, the region and `extra` bytes after it (the disk ledger) in RAM after the
-/// image: the first RAM range of the PVH memory map that holds `want` pages, else the one that
-/// holds the most.
+/// image: in the highest RAM range of the PVH memory map that holds `want` pages (above 4 GiB
+/// when the VM has RAM there), else in the one that holds the most.
 pub fn place(want: u64, extra: u64) -> Layout {
     let image_end = align_up(&raw const crate::boot::__image_end as u64, PAGE);
     let n = (K.mem_entries.load(Relaxed) as usize).min(MAX_MEMMAP);
@@ -64,11 +64,9 @@ pub fn place(want: u64, extra: u64) -> Layout {
         while pages > 0 && !fit(pages) {
             pages -= 1.max(pages / 64);
         }
-        if pages > best.pages || best.region == 0 {
+        let full = best.pages == want && best.region != 0;
+        if (pages == want && e.addr >= best.ledger) || (!full && (pages > best.pages || best.region == 0)) {
             best = Layout { region: align_up(align_up(ledger + 8 * pages, PAGE), TWO_MIB), pages, ledger };
-        }
-        if pages == want {
-            break;
         }
     }
     best
