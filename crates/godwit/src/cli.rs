@@ -37,6 +37,18 @@ pub struct Options {
     pub pidfile: Option<PathBuf>,
     pub help: bool,
     pub version: bool,
+    /// `-incoming URI|defer`.
+    pub incoming: Option<String>,
+    /// `-monitor SPEC` (several allowed), QEMU chardev syntax.
+    pub monitors: Vec<String>,
+    /// `-qmp SPEC` (several allowed).
+    pub qmps: Vec<String>,
+    /// `-loadvm TAG`.
+    pub loadvm: Option<String>,
+    /// `-drive SPEC` and bare positional image paths (as `file=PATH`).
+    pub drives: Vec<String>,
+    /// `-device SPEC`.
+    pub devices: Vec<String>,
 }
 
 impl Default for Options {
@@ -54,6 +66,12 @@ impl Default for Options {
             pidfile: None,
             help: false,
             version: false,
+            incoming: None,
+            monitors: Vec::new(),
+            qmps: Vec::new(),
+            loadvm: None,
+            drives: Vec::new(),
+            devices: Vec::new(),
         }
     }
 }
@@ -73,6 +91,14 @@ Godwit, a KVM virtual machine monitor for moving running VMs (QEMU-compatible op
   -S                   start with the vCPUs paused
   -no-reboot           exit instead of rebooting
   -pidfile FILE        write the process id to FILE
+  -incoming URI        wait for a live migration: tcp:HOST:PORT (tcp:0:PORT = any
+                       address), unix:PATH, or defer (then QMP migrate-incoming)
+  -monitor SPEC        human monitor: stdio, unix:PATH,server,nowait, tcp:HOST:PORT,server,nowait
+  -qmp SPEC            QMP server, same syntax
+  -loadvm TAG          start from the internal snapshot TAG of the disk image
+  -drive file=PATH[,format=raw|qcow2][,if=virtio|none][,id=ID][,readonly=on][,snapshot=on]
+  -device virtio-blk-device,drive=ID
+  IMAGE                a bare image path is the first disk (format probed)
   -enable-kvm, -accel kvm, -machine/-M TYPE, -cpu host, -nodefaults, -no-user-config
                        accepted for QEMU compatibility (KVM is the only accelerator)
   -h, --help           this text
@@ -175,6 +201,14 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, CliErro
             "-S" => o.start_paused = true,
             "-no-reboot" => o.no_reboot = true,
             "-pidfile" => o.pidfile = Some(PathBuf::from(arg("-pidfile")?)),
+            "-incoming" => o.incoming = Some(arg("-incoming")?),
+            "-monitor" => o.monitors.push(arg("-monitor")?),
+            "-qmp" => o.qmps.push(arg("-qmp")?),
+            "-loadvm" => o.loadvm = Some(arg("-loadvm")?),
+            "-drive" => o.drives.push(arg("-drive")?),
+            "-hda" => o.drives.push(format!("file={}", arg("-hda")?)),
+            "-device" => o.devices.push(arg("-device")?),
+            s if !s.starts_with('-') => o.drives.push(format!("file={s}")),
             s if IGNORED_FLAGS.contains(&s) => {}
             s if IGNORED_WITH_ARG.contains(&s) => {
                 let v = arg(s)?;

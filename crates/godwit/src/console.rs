@@ -1,27 +1,49 @@
-//! The serial console on the host side: guest output to stdout (or a file, or nowhere), host
-//! stdin into the UART's receive FIFO. A terminal on stdin is put in raw mode (as QEMU's
-//! `-nographic` does) and restored at exit.
+//! The serial console on the host side. Guest output goes to stdout (through QEMU-style
+//! `mon:stdio` multiplexing with the monitor, `Ctrl-a c` to switch), a file, or nowhere; host
+//! stdin goes into the UART's receive FIFO at the guest's pace. A terminal on stdin is put in
+//! raw mode (as QEMU's `-nographic` does) and restored at exit.
 
 use crate::cli::SerialTarget;
 use devices::bus::lock;
 use devices::serial::{Serial, SerialOut};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
 
-/// Opens the writer the UART sends guest output to.
-pub fn serial_output(t: &SerialTarget) -> std::io::Result<SerialOut> {
-    Ok(match t {
-        SerialTarget::Stdio => Box::new(StdoutRaw),
-        SerialTarget::File(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
-        SerialTarget::None => Box::new(std::io::sink()),
-    })
+/// The UART's writer; its target can be swapped once the stdio mux exists.
+#[derive(Clone)]
+pub struct ConsoleOut(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl ConsoleOut {
+    pub fn open(t: &SerialTarget) -> std::io::Result<Self> {
+        let w: Box<dyn Write + Send> = match t {
+            SerialTarget::Stdio => Box::new(StdoutRaw),
+            SerialTarget::File(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
+            SerialTarget::None => Box::new(std::io::sink()),
+        };
+        Ok(ConsoleOut(Arc::new(Mutex::new(w))))
+    }
+    pub fn redirect(&self, w: Box<dyn Write + Send>) {
+        *lock(&self.0) = w;
+    }
+    pub fn boxed(&self) -> SerialOut {
+        Box::new(self.clone())
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        lock(&self.0).flush()
+    }
 }
 
 /// Unbuffered stdout: every guest byte is visible at once (tests and users watch it live).
-struct StdoutRaw;
+pub struct StdoutRaw;
 impl Write for StdoutRaw {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         let mut out = std::io::stdout().lock();
@@ -62,24 +84,37 @@ pub fn restore_terminal() {
     }
 }
 
-/// Feeds stdin into the UART, waiting when its FIFO is full. Ends at EOF.
-pub fn spawn_stdin_feeder(serial: Arc<Mutex<Serial>>) {
-    let _ = std::thread::Builder::new().name("stdin".into()).spawn(move || {
-        let mut buf = [0u8; 256];
-        let mut stdin = std::io::stdin();
-        loop {
-            let n = match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let mut rest = &buf[..n];
-            while !rest.is_empty() {
-                let took = lock(&serial).enqueue(rest);
-                rest = &rest[took..];
-                if !rest.is_empty() {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
+/// Queues typed bytes into the UART, waiting while its FIFO is full.
+pub fn feed_serial(serial: &Mutex<Serial>, bytes: &[u8]) {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let took = lock(serial).enqueue(rest);
+        rest = &rest[took..];
+        if !rest.is_empty() {
+            std::thread::sleep(Duration::from_millis(2));
         }
-    });
+    }
+}
+
+/// Runs the stdio mux (serial + optional monitor) on its own thread until stdin ends.
+pub fn spawn_stdio(
+    serial: Arc<Mutex<Serial>>,
+    out: &ConsoleOut,
+    monitor: Option<Arc<monitor::Monitor>>,
+    quit: Box<dyn FnMut() + Send>,
+) -> std::io::Result<()> {
+    let interactive = unsafe { libc::isatty(0) == 1 };
+    let sink = move |b: &[u8]| feed_serial(&serial, b);
+    let mux = monitor::StdioMux::new(
+        monitor,
+        Box::new(sink),
+        Box::new(StdoutRaw),
+        quit,
+        monitor::MuxOptions { echo: interactive, ..Default::default() },
+    )?;
+    out.redirect(Box::new(mux.serial_output()));
+    std::thread::Builder::new().name("stdio".into()).spawn(move || {
+        let _ = mux.run(&mut std::io::stdin());
+    })?;
+    Ok(())
 }

@@ -1,11 +1,21 @@
-//! `godwit`: parse a QEMU-style command line, build the VM, run it until the guest or the user
-//! ends it. All logic lives in the library crates; this file wires them together.
+//! `godwit`: parse a QEMU-style command line, build the VM, start the monitors, serve an
+//! incoming migration if asked, and run until the guest or the user ends it. All logic lives
+//! in the library crates; this file wires them together.
 
 mod cli;
 mod console;
+mod incoming;
+mod machine;
+mod monitors;
+mod report;
+mod vmglue;
 
 use devices::VmRequest;
+use machine::Machine;
+use monitor::events::EventBus;
+use monitor::runstate::RunState;
 use std::process::ExitCode;
+use std::sync::Arc;
 use vmm::{Vm, VmConfig};
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -39,39 +49,57 @@ fn main() -> ExitCode {
             return fail(format!("cannot write pid file '{}': {e}", p.display()));
         }
     }
-    let out = match console::serial_output(&opts.serial) {
+    let console_out = match console::ConsoleOut::open(&opts.serial) {
         Ok(o) => o,
         Err(e) => return fail(format!("serial: {e}")),
     };
     let config = VmConfig { mem_size: opts.mem_mib << 20, vcpus: opts.smp, kernel, cmdline: opts.append.clone() };
-    let vm = match Vm::new(config, out) {
-        Ok(vm) => vm,
+    let vm = match Vm::new(config, console_out.boxed()) {
+        Ok(vm) => Arc::new(vm),
         Err(e) => return fail(e),
     };
-    if opts.serial == cli::SerialTarget::Stdio {
-        console::raw_terminal();
-        console::spawn_stdin_feeder(vm.serial().clone());
+    let events = EventBus::new();
+    let initial = if opts.incoming.is_some() {
+        RunState::Inmigrate
+    } else if opts.start_paused {
+        RunState::Prelaunch
+    } else {
+        RunState::Running
+    };
+    let machine = Machine::new(vm.clone(), initial, events);
+
+    if let Some(uri) = &opts.incoming {
+        if uri != "defer" {
+            if let Err(e) = incoming::start(&machine, uri) {
+                return fail(e);
+            }
+        }
     }
-    if !opts.start_paused {
+    let _servers = match monitors::start(&machine, &opts, &console_out) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    if initial == RunState::Running {
         vm.resume();
     }
-    let code = run(&vm, &opts);
+    let code = run(&machine, &opts);
     console::restore_terminal();
     code
 }
 
 /// Serves the VM's requests until one ends it.
-fn run(vm: &Vm, opts: &cli::Options) -> ExitCode {
+fn run(m: &Arc<Machine>, opts: &cli::Options) -> ExitCode {
     loop {
-        match vm.next_request() {
+        match m.vm.next_request() {
             VmRequest::DebugExit(status) => return ExitCode::from(status),
             VmRequest::PowerOff | VmRequest::Quit => return ExitCode::SUCCESS,
             VmRequest::Reset if opts.no_reboot => return ExitCode::SUCCESS,
             VmRequest::Reset => {
-                if let Err(e) = vm.reset() {
+                if let Err(e) = m.vm.reset() {
                     return fail(format!("reset failed: {e}"));
                 }
             }
+            VmRequest::Fatal { vcpu, message } if vcpu == usize::MAX => return fail(message),
             VmRequest::Fatal { vcpu, message } => return fail(format!("vCPU {vcpu}: {message}")),
         }
     }

@@ -43,7 +43,7 @@ pub struct StreamWriter<W: Write> {
 
 impl<W: Write> StreamWriter<W> {
     /// Starts a stream: writes the header.
-    pub fn new(mut w: W) -> Result<Self> {
+    pub fn new(w: W) -> Result<Self> {
         let mut s = StreamWriter { w, bytes: 0, crc: crc32fast::Hasher::new() };
         s.put(MAGIC)?;
         s.put(&FORMAT_VERSION.to_le_bytes())?;

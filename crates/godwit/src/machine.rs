@@ -1,0 +1,248 @@
+//! The running machine as the monitor sees it: implements `monitor::Backend` on top of the VM,
+//! keeps QEMU's run state, runs outgoing migrations on their own thread and serves incoming
+//! ones. One command layer: HMP and QMP both end up here.
+
+use crate::vmglue::VmHandle;
+use devices::{VmEvents, VmRequest};
+use migration::sender::{self, Shared};
+use migration::stats::{Params, Stats, Status};
+use migration::transport::Uri;
+use monitor::backend::{Backend, CmdResult};
+use monitor::command::MigrateArgs;
+use monitor::error::CommandError;
+use monitor::events::{Event, EventBus};
+use monitor::migration::{MigrationInfo, MigrationParameters, RamStats};
+use monitor::runstate::{RunState, RunStateMachine};
+use monitor::types::{CpuInfo, MemorySpace, MigrationStatus, ShutdownCause, VersionInfo};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use vmm::Vm;
+
+pub struct Machine {
+    pub vm: Arc<Vm>,
+    pub state: Arc<RunStateMachine>,
+    pub events: EventBus,
+    pub mig: Arc<Shared>,
+    mig_thread: Mutex<Option<JoinHandle<()>>>,
+    requests: VmEvents,
+}
+
+fn status_of(s: Status) -> MigrationStatus {
+    match s {
+        Status::None => MigrationStatus::None,
+        Status::Setup => MigrationStatus::Setup,
+        Status::Active => MigrationStatus::Active,
+        Status::Device => MigrationStatus::Device,
+        Status::Cancelling => MigrationStatus::Cancelling,
+        Status::Cancelled => MigrationStatus::Cancelled,
+        Status::Completed => MigrationStatus::Completed,
+        Status::Failed => MigrationStatus::Failed,
+    }
+}
+
+/// `query-migrate` data from the engine's statistics.
+pub fn migration_info(st: &Stats) -> MigrationInfo {
+    if st.status == Status::None {
+        return MigrationInfo::default();
+    }
+    let done = st.status == Status::Completed;
+    MigrationInfo {
+        status: Some(status_of(st.status)),
+        total_time: Some(st.total_time_ms),
+        setup_time: Some(st.setup_time_ms),
+        expected_downtime: (!done).then_some(st.expected_downtime_ms),
+        downtime: done.then_some(st.downtime_ms.round() as u64),
+        error_desc: st.error.clone(),
+        ram: Some(RamStats {
+            transferred: st.transferred,
+            remaining: st.remaining,
+            total: st.total,
+            duplicate: st.duplicate,
+            normal: st.normal,
+            normal_bytes: st.normal_bytes,
+            dirty_pages_rate: st.dirty_pages_rate,
+            mbps: st.mbps,
+            dirty_sync_count: st.dirty_sync_count,
+            page_size: 4096,
+            pages_per_second: st.pages_per_second,
+            precopy_bytes: st.transferred,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+impl Machine {
+    pub fn new(vm: Arc<Vm>, initial: RunState, events: EventBus) -> Arc<Machine> {
+        let requests = vm.events();
+        Arc::new(Machine {
+            vm,
+            state: Arc::new(RunStateMachine::new(initial, events.clone())),
+            events,
+            mig: Shared::new(),
+            mig_thread: Mutex::new(None),
+            requests,
+        })
+    }
+
+    pub fn handle(&self) -> VmHandle {
+        VmHandle { vm: self.vm.clone(), state: self.state.clone() }
+    }
+
+    fn migration_running(&self) -> bool {
+        self.mig.stats().status.is_running()
+    }
+
+    /// Starts an outgoing migration on its own thread.
+    pub fn start_migration(self: &Arc<Self>, uri: &str, report: Option<std::path::PathBuf>) -> CmdResult {
+        let uri = Uri::parse(uri).map_err(|e| CommandError::generic(e.to_string()))?;
+        if self.migration_running() {
+            return Err(CommandError::generic("There's a migration process in progress"));
+        }
+        if self.state.get() != RunState::Running && self.state.get() != RunState::Paused {
+            return Err(CommandError::generic(format!("cannot migrate a VM in state {}", self.state.get().as_str())));
+        }
+        let was_paused = self.state.get() == RunState::Paused;
+        // Mark the start before the thread runs so a query right after `migrate` sees it.
+        self.mig.stats.lock().unwrap_or_else(|p| p.into_inner()).status = Status::Setup;
+        let me = self.clone();
+        let t = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || {
+                let h = me.handle();
+                let ev = me.events.clone();
+                let res = sender::migrate(&h, &uri, &me.mig, &|e| match e {
+                    sender::Event::Status(s) => ev.emit(Event::Migration { status: status_of(s) }),
+                    sender::Event::Pass(p) => ev.emit(Event::MigrationPass { pass: p }),
+                });
+                match res {
+                    Ok(()) => {
+                        me.state.force(RunState::Postmigrate);
+                    }
+                    Err(e) => {
+                        tracing::warn!("migration failed: {e}");
+                        if was_paused && me.state.get() == RunState::Running {
+                            me.vm.pause();
+                            me.state.force(RunState::Paused);
+                        }
+                    }
+                }
+                if let Some(path) = report {
+                    if let Err(e) = crate::report::write(&path, &me.mig.stats()) {
+                        tracing::warn!("cannot write migration report {}: {e}", path.display());
+                    }
+                }
+            })
+            .map_err(|e| CommandError::generic(e.to_string()))?;
+        if let Some(old) = self.mig_thread.lock().unwrap_or_else(|p| p.into_inner()).replace(t) {
+            let _ = old.join();
+        }
+        Ok(())
+    }
+}
+
+/// `Backend` is implemented on `Arc<Machine>` holder so commands can start threads.
+pub struct MachineBackend(pub Arc<Machine>);
+
+impl Backend for MachineBackend {
+    fn run_state(&self) -> RunState {
+        self.0.state.get()
+    }
+
+    fn stop(&self) -> CmdResult {
+        let m = &self.0;
+        m.state
+            .update(|s| match s {
+                RunState::Running => {
+                    m.vm.pause();
+                    Ok(RunState::Paused)
+                }
+                other => Ok::<_, CommandError>(other),
+            })
+            .map(|_| ())
+    }
+
+    fn cont(&self) -> CmdResult {
+        let m = &self.0;
+        m.state
+            .update(|s| match s {
+                RunState::Paused | RunState::Prelaunch => {
+                    m.vm.resume();
+                    Ok(RunState::Running)
+                }
+                RunState::Running => Ok(RunState::Running),
+                RunState::Inmigrate => Err(CommandError::generic("the VM starts when the incoming migration completes")),
+                s if s.needs_reset() => Err(CommandError::generic("Resetting the Virtual Machine is required")),
+                s => Err(CommandError::generic(format!("cannot continue a VM in state {}", s.as_str()))),
+            })
+            .map(|_| ())
+    }
+
+    fn quit(&self, cause: ShutdownCause) -> CmdResult {
+        self.0.events.emit(Event::Shutdown { guest: false, reason: cause });
+        self.0.requests.send(VmRequest::Quit);
+        Ok(())
+    }
+
+    fn system_reset(&self) -> CmdResult {
+        self.0.vm.reset().map_err(|e| CommandError::generic(e.to_string()))?;
+        self.0.events.emit(Event::Reset { guest: false, reason: ShutdownCause::HostQmpSystemReset });
+        Ok(())
+    }
+
+    fn version(&self) -> VersionInfo {
+        VersionInfo::default()
+    }
+
+    fn query_cpus(&self) -> Result<Vec<CpuInfo>, CommandError> {
+        Ok((0..self.0.vm.vcpu_count()).map(|i| CpuInfo::new(i as u32, 0)).collect())
+    }
+
+    fn read_memory(&self, space: MemorySpace, addr: u64, buf: &mut [u8]) -> CmdResult {
+        let phys = match space {
+            MemorySpace::Physical => Some(addr),
+            MemorySpace::Virtual { cpu } => self.0.vm.translate(cpu as usize, addr),
+        };
+        let src = phys
+            .and_then(|p| self.0.vm.ram().host_slice(p, buf.len() as u64))
+            .ok_or_else(|| CommandError::generic(format!("Cannot access memory at {addr:#x}")))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn migrate(&self, args: &MigrateArgs) -> CmdResult {
+        if args.resume {
+            return Err(CommandError::unsupported("migrate -r (post-copy recovery)"));
+        }
+        self.0.start_migration(&args.uri, args.report_file.clone())
+    }
+
+    fn migrate_cancel(&self) -> CmdResult {
+        self.0.mig.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn query_migrate(&self) -> Result<MigrationInfo, CommandError> {
+        Ok(migration_info(&self.0.mig.stats()))
+    }
+
+    fn migrate_set_parameters(&self, p: &MigrationParameters) -> CmdResult {
+        let mut params = self.0.mig.params.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = p.downtime_limit {
+            params.downtime_limit_ms = d;
+        }
+        if let Some(b) = p.max_bandwidth {
+            params.max_bandwidth = b;
+        }
+        Ok(())
+    }
+
+    fn query_migrate_parameters(&self) -> Result<MigrationParameters, CommandError> {
+        let p: Params = self.0.mig.params();
+        Ok(MigrationParameters {
+            downtime_limit: Some(p.downtime_limit_ms),
+            max_bandwidth: Some(p.max_bandwidth),
+            ..Default::default()
+        })
+    }
+}
