@@ -104,16 +104,21 @@ impl Counter {
 impl Qcow2 {
     /// Clusters the current (old) metadata uses: on-disk refcounts, plus the old tables
     /// explicitly in case the refcounts are stale.
-    fn old_view(&mut self) -> Result<Vec<bool>> {
+    /// Only clusters below `limit` are considered: past the end of the file nothing live can
+    /// be stored, whatever stale refcounts say.
+    fn old_view(&mut self, limit: u64) -> Result<Vec<bool>> {
         let mut used: Vec<bool> = Vec::new();
         let mark = |used: &mut Vec<bool>, c: u64| {
+            if c >= limit {
+                return;
+            }
             if c as usize >= used.len() {
                 used.resize(c as usize + 1, false);
             }
             used[c as usize] = true;
         };
         let order = self.h.refcount_order;
-        for idx in 0..self.rt.len() as u64 {
+        for idx in 0..(self.rt.len() as u64).min(limit.div_ceil(self.rbe)) {
             let Some(off) = self.rb_offset(idx) else { continue };
             if off & (self.cs - 1) != 0 || off / self.cs >= crate::image::MAX_HOST / self.cs {
                 return corrupt("refcount block offset invalid");
@@ -150,8 +155,8 @@ impl Qcow2 {
     pub(crate) fn commit(&mut self, plan: Plan) -> Result<()> {
         self.check_writable()?;
         let cs = self.cs;
-        let old = self.old_view()?;
         let file_clusters = self.file_len()?.div_ceil(cs);
+        let old = self.old_view(file_clusters + 1)?;
         let mut cnt = Counter::new(file_clusters + 1);
         cnt.add(0, "header")?;
         // Existing snapshot L1 tables and what they reach.

@@ -119,6 +119,10 @@ impl Header {
         if version != 2 && version != 3 {
             return Err(Error::Unsupported(format!("qcow2 version {version}")));
         }
+        let min_len = if version == 2 { 72 } else { 104 };
+        if file.len().ctx("querying the file size")? < min_len {
+            return corrupt("file too short for a qcow2 header (truncated image)");
+        }
         let cluster_bits = be32(&b, 20);
         if !(9..=21).contains(&cluster_bits) {
             return corrupt(format!("cluster_bits {cluster_bits} out of range 9..21"));

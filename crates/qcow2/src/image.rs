@@ -238,7 +238,18 @@ impl Qcow2 {
         self.rb_cache.clear();
         self.comp_cache = None;
         self.free_hint = 1;
+        let file_len = self.file.len().ctx("querying the file size")?;
         let n = self.h.l1_size as usize;
+        if self.h.l1_table_offset.saturating_add(n as u64 * 8) > file_len {
+            return corrupt("active L1 table lies past the end of the file");
+        }
+        let rt_end = self
+            .h
+            .refcount_table_offset
+            .saturating_add(self.h.refcount_table_clusters as u64 * self.cs);
+        if rt_end > file_len.div_ceil(self.cs) * self.cs {
+            return corrupt("refcount table lies past the end of the file");
+        }
         let mut b = vec![0u8; n * 8];
         self.file.read_at(&mut b, self.h.l1_table_offset).ctx("reading the L1 table")?;
         self.l1 = bytes_to_entries(&b);
@@ -398,6 +409,15 @@ impl Qcow2 {
     /// First L1 index of the VM-state area for a disk of `size` bytes.
     pub(crate) fn vm_state_index(&self, size: u64) -> u64 {
         size.div_ceil(self.span())
+    }
+
+    /// Guest offset of the VM state of a snapshot whose disk had `disk_size` bytes.
+    pub(crate) fn vmstate_base(&self, disk_size: u64) -> Result<u64> {
+        let idx = self.vm_state_index(disk_size);
+        if idx > header::MAX_L1_BYTES / 8 {
+            return corrupt(format!("snapshot disk size {disk_size} is absurd"));
+        }
+        Ok(idx * self.span())
     }
 
     /// Guest offset where the VM state starts.
@@ -593,7 +613,13 @@ impl Qcow2 {
         let mut c = self.free_hint.max(1);
         let mut run_start = c;
         let limit = MAX_HOST / self.cs;
+        // Past the end of the file almost everything is free; a long run of set refcounts
+        // there only happens in hostile images.
+        let give_up = self.file_len()?.div_ceil(self.cs) + n + (1 << 20);
         loop {
+            if c > give_up {
+                return corrupt("no free cluster found: refcounts past the end of the file are set");
+            }
             if c - run_start >= n {
                 return Ok(run_start);
             }

@@ -47,6 +47,8 @@ mod check;
 mod cluster;
 mod commit;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod header;
 mod image;
 mod map;

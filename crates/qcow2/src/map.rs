@@ -40,9 +40,15 @@ impl Qcow2 {
             let l1i = g / span;
             let n = (span - g % span).min(size - g);
             let e = self.l1.get(l1i as usize).copied().unwrap_or(0) & OFFSET_MASK;
-            let kinds: Vec<MapKind> = if e == 0 {
-                vec![MapKind::Unallocated; n.div_ceil(cs) as usize]
-            } else {
+            if e == 0 {
+                match out.last_mut() {
+                    Some(last) if last.kind == MapKind::Unallocated => last.length += n,
+                    _ => out.push(MapEntry { start: g, length: n, kind: MapKind::Unallocated }),
+                }
+                g += n;
+                continue;
+            }
+            let kinds: Vec<MapKind> = {
                 let ents = self.l2_entries(e, (g / cs) % self.l2e, n.div_ceil(cs))?;
                 ents.iter()
                     .map(|&x| match self.classify(x) {

@@ -105,6 +105,7 @@ fn be32(b: &[u8], o: usize) -> u32 {
 /// Parse the snapshot table of `img`.
 pub(crate) fn read_table(img: &Qcow2) -> Result<Vec<SnapEntry>> {
     let n = img.h.nb_snapshots;
+    let file_len = img.file.len().ctx("querying the file size")?;
     let mut v = Vec::new();
     let mut pos = img.h.snapshots_offset;
     let start = pos;
@@ -120,6 +121,9 @@ pub(crate) fn read_table(img: &Qcow2) -> Result<Vec<SnapEntry>> {
         let extra_len = be32(&h, 36) as usize;
         if extra_len > 1024 {
             return corrupt(format!("snapshot extra data too large ({extra_len} bytes)"));
+        }
+        if pos.saturating_add(40 + (extra_len + id_len + name_len) as u64) > file_len {
+            return corrupt("snapshot table lies past the end of the file");
         }
         let mut rest = vec![0u8; extra_len + id_len + name_len];
         img.file.read_at(&mut rest, pos + 40).ctx("reading the snapshot table")?;
@@ -201,6 +205,9 @@ impl Qcow2 {
         }
         if s.l1_size as u64 * 8 > crate::header::MAX_L1_BYTES {
             return corrupt("snapshot L1 table too large");
+        }
+        if s.l1_offset.saturating_add(s.l1_size as u64 * 8) > self.file_len()? {
+            return corrupt("snapshot L1 table lies past the end of the file");
         }
         let mut b = vec![0u8; s.l1_size as usize * 8];
         self.file.read_at(&mut b, s.l1_offset).ctx("reading a snapshot L1 table")?;

@@ -54,9 +54,13 @@ impl Qcow2 {
         let i = self.find_id_or_name(key).ok_or_else(|| Error::SnapshotNotFound(key.into()))?;
         let s = self.snapshots[i].clone();
         let l1 = self.snapshot_l1(&s)?;
-        let base = self.vm_state_index(s.disk_size) * self.span();
+        let base = self.vmstate_base(s.disk_size)?;
         let avail = s.vm_state_size.saturating_sub(pos).min(buf.len() as u64) as usize;
-        self.read_l1(&l1, base + pos, &mut buf[..avail])?;
+        let off = base
+            .checked_add(pos)
+            .filter(|o| o.checked_add(avail as u64).is_some())
+            .ok_or_else(|| Error::InvalidArgument("VM state offset too large".into()))?;
+        self.read_l1(&l1, off, &mut buf[..avail])?;
         Ok(avail)
     }
 
@@ -70,7 +74,10 @@ impl Qcow2 {
             )));
         }
         let l1 = self.snapshot_l1(&s)?;
-        let base = self.vm_state_index(s.disk_size) * self.span();
+        let base = self.vmstate_base(s.disk_size)?;
+        if base.checked_add(s.vm_state_size).is_none() {
+            return Err(Error::Corrupt("VM state size is absurd".into()));
+        }
         Ok(VmStateReader {
             img: self,
             l1,
