@@ -171,6 +171,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
     pub fn status(&self) -> u32 {
         self.status
     }
+    /// The features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.driver_features
+    }
     /// True once the driver set `DRIVER_OK` and the device took over the queues.
     pub fn is_activated(&self) -> bool {
         self.activated
@@ -283,15 +287,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.queues.get(self.queue_sel as usize)
     }
 
-    /// Applies `f` to the selected queue if the driver may still configure it.
-    fn config_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+    /// Applies `f` to the selected queue if the driver may still configure it: before
+    /// `DRIVER_OK`, and (except for `QueueReady` itself) while the queue is not ready.
+    fn config_queue(&mut self, even_if_ready: bool, f: impl FnOnce(&mut Queue)) {
         if self.status & status::DRIVER_OK != 0 || self.activated {
             tracing::debug!("virtio-mmio {}: queue write after DRIVER_OK ignored", self.index);
             return;
         }
         if let Some(q) = self.selected_queue() {
             let mut q = lock(q);
-            if !q.ready() {
+            if even_if_ready || !q.ready() {
                 f(&mut q);
             }
         }
@@ -334,19 +339,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 }
             }
             reg::QUEUE_SEL => self.queue_sel = v,
-            reg::QUEUE_NUM => self.config_queue(|q| {
+            reg::QUEUE_NUM => self.config_queue(false, |q| {
                 let ok = u16::try_from(v).is_ok_and(|n| q.try_set_size(n).is_ok());
                 if !ok {
                     tracing::warn!("virtqueue size {v} refused (power of two up to {} required)", q.max_size());
                 }
             }),
-            reg::QUEUE_READY => self.config_queue(|q| q.set_ready(v == 1)),
-            reg::QUEUE_DESC_LOW => self.config_queue(|q| q.set_desc_table_address(Some(v), None)),
-            reg::QUEUE_DESC_HIGH => self.config_queue(|q| q.set_desc_table_address(None, Some(v))),
-            reg::QUEUE_DRIVER_LOW => self.config_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            reg::QUEUE_DRIVER_HIGH => self.config_queue(|q| q.set_avail_ring_address(None, Some(v))),
-            reg::QUEUE_DEVICE_LOW => self.config_queue(|q| q.set_used_ring_address(Some(v), None)),
-            reg::QUEUE_DEVICE_HIGH => self.config_queue(|q| q.set_used_ring_address(None, Some(v))),
+            reg::QUEUE_READY => self.config_queue(true, |q| q.set_ready(v == 1)),
+            reg::QUEUE_DESC_LOW => self.config_queue(false, |q| q.set_desc_table_address(Some(v), None)),
+            reg::QUEUE_DESC_HIGH => self.config_queue(false, |q| q.set_desc_table_address(None, Some(v))),
+            reg::QUEUE_DRIVER_LOW => self.config_queue(false, |q| q.set_avail_ring_address(Some(v), None)),
+            reg::QUEUE_DRIVER_HIGH => self.config_queue(false, |q| q.set_avail_ring_address(None, Some(v))),
+            reg::QUEUE_DEVICE_LOW => self.config_queue(false, |q| q.set_used_ring_address(Some(v), None)),
+            reg::QUEUE_DEVICE_HIGH => self.config_queue(false, |q| q.set_used_ring_address(None, Some(v))),
             reg::QUEUE_NOTIFY => {
                 // With VIRTIO_F_NOTIFICATION_DATA (not offered) the high bits would carry more.
                 if let Some(e) = self.queue_evts.get((v & 0xffff) as usize) {
