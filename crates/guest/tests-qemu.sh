@@ -156,6 +156,29 @@ send v
 wait_for '^DISK ' 20 && [[ $LINE == "DISK BAD "* ]] && ok "disk that lost writes: $LINE" || fail "lost writes not detected: '$LINE'"
 finish
 
+# Live migration over loopback TCP while dirtying 100 MiB/s: the ledger verifies on the
+# destination, heartbeats (10 ms, compact) run on without gap or repeat across the two outputs.
+PORT=$((40000 + RANDOM % 20000))
+LIVEARGS="mode=dirty mib=128 rate=100 hb_ms=10 hb=compact"
+mon_reader
+start "live-src" 2 "$LIVEARGS" -monitor "pipe:$WORK/mon"
+SRC_OUT=$OUT; SRC_PID=$QPID; exec 5>&3; exec 3>&-
+start "live-dst" 2 "$LIVEARGS" -incoming "tcp:127.0.0.1:$PORT"
+wait_for '^GUEST READY' 1 && fail "destination booted instead of waiting for the migration"
+OUT=$SRC_OUT; wait_for '^H 100$' 10 || fail "no heartbeats on the source"
+hmp "migrate_set_parameter max-bandwidth 4G"; hmp "migrate_set_parameter downtime-limit 50"
+hmp "migrate -d tcp:127.0.0.1:$PORT"
+for i in $(seq 120); do hmp "info migrate"; hmp_wait 'Migration status: (completed|failed)' 5 && break; done
+if hmp_wait 'Migration status: completed' 1; then
+    ok "live migration: $(grep -aE '^(total time|downtime|dirty sync count):' "$WORK/mon.log" | tail -3 | tr '\n' ' ')"
+else fail "live migration: $(grep -a 'Migration status' "$WORK/mon.log" | tail -1)"; fi
+hmp quit; exec 5>&-; wait $SRC_PID
+OUT=$WORK/live-dst.out; NAME=live-dst
+send v
+wait_for '^LEDGER ' 15 && [[ $LINE == "LEDGER OK pages=32768 "* ]] && ok "after live migration: $LINE" || fail "after live migration: '$LINE'"
+finish
+cat "$SRC_OUT" "$OUT" >"$WORK/live-all.out"; OUT=$WORK/live-all.out; NAME=live; check_seq
+
 # Measurement: mode=dirty mib=256 rate=100 on 4 vCPUs, rate from the dirtied counter.
 start "rate" 4 "mode=dirty mib=256 rate=100 hb_ms=500"
 wait_for '^HEARTBEAT seq=2 ' 10; a=$LINE
