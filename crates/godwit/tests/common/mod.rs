@@ -170,3 +170,82 @@ pub fn run_to_end(args: &[&str]) -> (i32, String) {
     let out = Command::new(godwit_bin()).args(args).stdin(Stdio::null()).output().expect("run godwit");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+impl Vm {
+    /// Waits until godwit's stderr contains `pat`.
+    pub fn wait_stderr(&self, pat: &str, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.stderr.lock().unwrap().contains(pat) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("stderr never showed {pat:?}: {}", self.stderr.lock().unwrap());
+    }
+}
+
+/// A human-monitor client over a unix socket.
+pub struct Hmp {
+    s: std::os::unix::net::UnixStream,
+}
+
+impl Hmp {
+    pub fn connect(path: &std::path::Path) -> Hmp {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                    let mut h = Hmp { s };
+                    h.read_to_prompt();
+                    return h;
+                }
+                Err(e) if Instant::now() > end => panic!("monitor {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    fn read_to_prompt(&mut self) -> String {
+        use std::io::Read;
+        let mut out = Vec::new();
+        let mut b = [0u8; 4096];
+        while !out.ends_with(b"(godwit) ") {
+            let n = self.s.read(&mut b).expect("monitor read");
+            assert!(n > 0, "monitor closed; got {:?}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&b[..n]);
+        }
+        let s = String::from_utf8_lossy(&out).into_owned();
+        s.trim_end_matches("(godwit) ").replace('\r', "").to_string()
+    }
+
+    /// Runs one command and returns its output (without the prompt).
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.s.write_all(format!("{line}\n").as_bytes()).expect("monitor write");
+        self.read_to_prompt()
+    }
+
+    /// Polls `info migrate` until the status is settled; returns the last output.
+    pub fn wait_migration(&mut self, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let out = self.cmd("info migrate");
+            if ["completed", "failed", "cancelled"].iter().any(|s| out.contains(&format!("Migration status: {s}"))) {
+                return out;
+            }
+            assert!(Instant::now() < end, "migration did not settle: {out}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Heartbeat sequence numbers in `lines`.
+pub fn seqs(lines: &[String]) -> Vec<u64> {
+    lines.iter().filter(|l| l.starts_with("HEARTBEAT")).filter_map(|l| field(l, "seq")).collect()
+}
