@@ -22,13 +22,26 @@ pub enum ChardevSpec {
     /// Output appended to a file.
     File { path: PathBuf },
     /// A unix socket. Only `server` mode is served.
-    Unix { path: PathBuf, server: bool, wait: bool },
+    Unix {
+        path: PathBuf,
+        server: bool,
+        wait: bool,
+    },
     /// A TCP socket; an empty host means all addresses. Only `server` mode is served.
-    Tcp { host: String, port: u16, server: bool, wait: bool, nodelay: bool },
+    Tcp {
+        host: String,
+        port: u16,
+        server: bool,
+        wait: bool,
+        nodelay: bool,
+    },
 }
 
 fn bad(spec: &str, reason: impl Into<String>) -> MonitorError {
-    MonitorError::BadChardev { spec: spec.to_string(), reason: reason.into() }
+    MonitorError::BadChardev {
+        spec: spec.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// Splits on `,` keeping `,,` as a literal comma.
@@ -39,12 +52,16 @@ fn split_options(s: &str) -> Vec<String> {
         if c == ',' {
             if chars.peek() == Some(&',') {
                 chars.next();
-                parts.last_mut().map(|p| p.push(','));
+                if let Some(p) = parts.last_mut() {
+                    p.push(',');
+                }
             } else {
                 parts.push(String::new());
             }
         } else {
-            parts.last_mut().map(|p| p.push(c));
+            if let Some(p) = parts.last_mut() {
+                p.push(c);
+            }
         }
     }
     parts
@@ -54,7 +71,10 @@ fn on_off(spec: &str, key: &str, v: Option<&str>) -> Result<bool, MonitorError> 
     match v {
         None | Some("on") => Ok(true),
         Some("off") => Ok(false),
-        Some(other) => Err(bad(spec, format!("'{key}' expects 'on' or 'off', got '{other}'"))),
+        Some(other) => Err(bad(
+            spec,
+            format!("'{key}' expects 'on' or 'off', got '{other}'"),
+        )),
     }
 }
 
@@ -69,9 +89,12 @@ impl ChardevSpec {
             "" => return Err(bad(spec, "empty")),
             _ => {}
         }
-        let (kind, rest) = spec
-            .split_once(':')
-            .ok_or_else(|| bad(spec, "expected stdio, mon:stdio, none, null, file:, unix: or tcp:"))?;
+        let (kind, rest) = spec.split_once(':').ok_or_else(|| {
+            bad(
+                spec,
+                "expected stdio, mon:stdio, none, null, file:, unix: or tcp:",
+            )
+        })?;
         let parts = split_options(rest);
         let addr = parts[0].clone();
         let (mut server, mut wait, mut nodelay) = (false, None, false);
@@ -94,7 +117,9 @@ impl ChardevSpec {
                 if socket_opts || addr.is_empty() {
                     return Err(bad(spec, "file: takes a path and no options"));
                 }
-                Ok(ChardevSpec::File { path: PathBuf::from(addr) })
+                Ok(ChardevSpec::File {
+                    path: PathBuf::from(addr),
+                })
             }
             "unix" => {
                 if addr.is_empty() {
@@ -103,25 +128,46 @@ impl ChardevSpec {
                 if nodelay {
                     return Err(bad(spec, "'nodelay' applies to tcp only"));
                 }
-                Ok(ChardevSpec::Unix { path: PathBuf::from(addr), server, wait: wait.unwrap_or(server) })
+                Ok(ChardevSpec::Unix {
+                    path: PathBuf::from(addr),
+                    server,
+                    wait: wait.unwrap_or(server),
+                })
             }
             "tcp" => {
-                let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad(spec, "expected tcp:HOST:PORT"))?;
-                let port: u16 = port.parse().map_err(|_| bad(spec, format!("invalid port '{port}'")))?;
-                let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-                Ok(ChardevSpec::Tcp { host: host.to_string(), port, server, wait: wait.unwrap_or(server), nodelay })
+                let (host, port) = addr
+                    .rsplit_once(':')
+                    .ok_or_else(|| bad(spec, "expected tcp:HOST:PORT"))?;
+                let port: u16 = port
+                    .parse()
+                    .map_err(|_| bad(spec, format!("invalid port '{port}'")))?;
+                let host = host
+                    .strip_prefix('[')
+                    .and_then(|h| h.strip_suffix(']'))
+                    .unwrap_or(host);
+                Ok(ChardevSpec::Tcp {
+                    host: host.to_string(),
+                    port,
+                    server,
+                    wait: wait.unwrap_or(server),
+                    nodelay,
+                })
             }
             "mon" => Err(bad(spec, "only mon:stdio is supported")),
-            "telnet" | "websocket" | "udp" | "pty" | "vc" | "pipe" | "serial" | "tty" => {
-                Err(bad(spec, format!("chardev backend '{kind}' is not supported")))
-            }
+            "telnet" | "websocket" | "udp" | "pty" | "vc" | "pipe" | "serial" | "tty" => Err(bad(
+                spec,
+                format!("chardev backend '{kind}' is not supported"),
+            )),
             _ => Err(bad(spec, format!("unknown chardev backend '{kind}'"))),
         }
     }
 
     /// True for `unix`/`tcp` specs in server mode, the only socket mode the monitor serves.
     pub fn is_server(&self) -> bool {
-        matches!(self, ChardevSpec::Unix { server: true, .. } | ChardevSpec::Tcp { server: true, .. })
+        matches!(
+            self,
+            ChardevSpec::Unix { server: true, .. } | ChardevSpec::Tcp { server: true, .. }
+        )
     }
 }
 
@@ -141,7 +187,13 @@ impl fmt::Display for ChardevSpec {
                 }
                 Ok(())
             }
-            ChardevSpec::Tcp { host, port, server, wait, nodelay } => {
+            ChardevSpec::Tcp {
+                host,
+                port,
+                server,
+                wait,
+                nodelay,
+            } => {
                 if host.contains(':') {
                     write!(f, "tcp:[{host}]:{port}")?;
                 } else {
@@ -166,28 +218,62 @@ mod tests {
     #[test]
     fn parses_qemu_monitor_specs() {
         assert_eq!(ChardevSpec::parse("stdio").unwrap(), ChardevSpec::Stdio);
-        assert_eq!(ChardevSpec::parse("mon:stdio").unwrap(), ChardevSpec::MonStdio);
+        assert_eq!(
+            ChardevSpec::parse("mon:stdio").unwrap(),
+            ChardevSpec::MonStdio
+        );
         assert_eq!(
             ChardevSpec::parse("unix:/tmp/a,,b.sock,server,nowait").unwrap(),
-            ChardevSpec::Unix { path: "/tmp/a,b.sock".into(), server: true, wait: false }
+            ChardevSpec::Unix {
+                path: "/tmp/a,b.sock".into(),
+                server: true,
+                wait: false
+            }
         );
         assert_eq!(
             ChardevSpec::parse("unix:/tmp/m,server").unwrap(),
-            ChardevSpec::Unix { path: "/tmp/m".into(), server: true, wait: true }
+            ChardevSpec::Unix {
+                path: "/tmp/m".into(),
+                server: true,
+                wait: true
+            }
         );
         assert_eq!(
             ChardevSpec::parse("tcp:127.0.0.1:4444,server=on,wait=off").unwrap(),
-            ChardevSpec::Tcp { host: "127.0.0.1".into(), port: 4444, server: true, wait: false, nodelay: false }
+            ChardevSpec::Tcp {
+                host: "127.0.0.1".into(),
+                port: 4444,
+                server: true,
+                wait: false,
+                nodelay: false
+            }
         );
         assert_eq!(
             ChardevSpec::parse("tcp::4444,server,nowait,nodelay").unwrap(),
-            ChardevSpec::Tcp { host: "".into(), port: 4444, server: true, wait: false, nodelay: true }
+            ChardevSpec::Tcp {
+                host: "".into(),
+                port: 4444,
+                server: true,
+                wait: false,
+                nodelay: true
+            }
         );
         assert_eq!(
             ChardevSpec::parse("tcp:[::1]:5,server,nowait").unwrap(),
-            ChardevSpec::Tcp { host: "::1".into(), port: 5, server: true, wait: false, nodelay: false }
+            ChardevSpec::Tcp {
+                host: "::1".into(),
+                port: 5,
+                server: true,
+                wait: false,
+                nodelay: false
+            }
         );
-        assert_eq!(ChardevSpec::parse("file:/tmp/out").unwrap(), ChardevSpec::File { path: "/tmp/out".into() });
+        assert_eq!(
+            ChardevSpec::parse("file:/tmp/out").unwrap(),
+            ChardevSpec::File {
+                path: "/tmp/out".into()
+            }
+        );
     }
 
     #[test]
@@ -210,7 +296,11 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in ["unix:/tmp/a,,b,server=on,wait=off", "tcp:[::1]:5,server=on,wait=on", "stdio"] {
+        for s in [
+            "unix:/tmp/a,,b,server=on,wait=off",
+            "tcp:[::1]:5,server=on,wait=on",
+            "stdio",
+        ] {
             let spec = ChardevSpec::parse(s).unwrap();
             assert_eq!(ChardevSpec::parse(&spec.to_string()).unwrap(), spec);
         }

@@ -55,7 +55,11 @@ pub enum Command {
     SystemPowerdown,
     Quit,
     /// Read guest memory for `x`/`xp` (at most [`MAX_MEMORY_DUMP`] bytes).
-    ReadMemory { space: MemorySpace, addr: u64, len: u64 },
+    ReadMemory {
+        space: MemorySpace,
+        addr: u64,
+        len: u64,
+    },
     /// `savevm`: synchronous.
     SnapshotSave(SnapshotRequest),
     /// `loadvm`: synchronous.
@@ -65,19 +69,29 @@ pub enum Command {
     /// `info snapshots`.
     QuerySnapshots,
     /// QMP `snapshot-save`/`-load`/`-delete`: run as a job, answered at once.
-    SnapshotJob { job_id: String, op: SnapshotOp, request: SnapshotRequest },
+    SnapshotJob {
+        job_id: String,
+        op: SnapshotOp,
+        request: SnapshotRequest,
+    },
     QueryJobs,
-    JobDismiss { id: String },
+    JobDismiss {
+        id: String,
+    },
     Migrate(MigrateArgs),
     MigrateCancel,
-    MigrateIncoming { uri: String },
+    MigrateIncoming {
+        uri: String,
+    },
     QueryMigrate,
     MigrateSetParameters(MigrationParameters),
     QueryMigrateParameters,
     MigrateSetCapabilities(Vec<CapabilityStatus>),
     QueryMigrateCapabilities,
     MigrateStartPostcopy,
-    MigrateRecover { uri: String },
+    MigrateRecover {
+        uri: String,
+    },
     QueryMigrateForecast,
 }
 
@@ -93,15 +107,27 @@ impl Command {
             Command::SystemReset => "system_reset",
             Command::SystemPowerdown => "system_powerdown",
             Command::Quit => "quit",
-            Command::ReadMemory { space: MemorySpace::Physical, .. } => "xp",
+            Command::ReadMemory {
+                space: MemorySpace::Physical,
+                ..
+            } => "xp",
             Command::ReadMemory { .. } => "x",
             Command::SnapshotSave(_) => "savevm",
             Command::SnapshotLoad(_) => "loadvm",
             Command::SnapshotDelete(_) => "delvm",
             Command::QuerySnapshots => "info snapshots",
-            Command::SnapshotJob { op: SnapshotOp::Save, .. } => "snapshot-save",
-            Command::SnapshotJob { op: SnapshotOp::Load, .. } => "snapshot-load",
-            Command::SnapshotJob { op: SnapshotOp::Delete, .. } => "snapshot-delete",
+            Command::SnapshotJob {
+                op: SnapshotOp::Save,
+                ..
+            } => "snapshot-save",
+            Command::SnapshotJob {
+                op: SnapshotOp::Load,
+                ..
+            } => "snapshot-load",
+            Command::SnapshotJob {
+                op: SnapshotOp::Delete,
+                ..
+            } => "snapshot-delete",
             Command::QueryJobs => "query-jobs",
             Command::JobDismiss { .. } => "job-dismiss",
             Command::Migrate(_) => "migrate",
@@ -166,9 +192,15 @@ mod tests {
     #[test]
     fn query_status_matches_qemu_schema() {
         let r = Reply::Status(StatusInfo::from(RunState::Running));
-        assert_eq!(r.to_json(), json!({"status": "running", "singlestep": false, "running": true}));
+        assert_eq!(
+            r.to_json(),
+            json!({"status": "running", "singlestep": false, "running": true})
+        );
         let r = Reply::Status(StatusInfo::from(RunState::Postmigrate));
-        assert_eq!(r.to_json(), json!({"status": "postmigrate", "singlestep": false, "running": false}));
+        assert_eq!(
+            r.to_json(),
+            json!({"status": "postmigrate", "singlestep": false, "running": false})
+        );
     }
 
     #[test]
@@ -178,7 +210,11 @@ mod tests {
             total_time: Some(10),
             setup_time: Some(1),
             expected_downtime: Some(3),
-            ram: Some(crate::migration::RamStats { transferred: 4096, mbps: 1.5, ..Default::default() }),
+            ram: Some(crate::migration::RamStats {
+                transferred: 4096,
+                mbps: 1.5,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let v = Reply::Migration(info).to_json();
@@ -201,6 +237,9 @@ mod tests {
         ] {
             assert!(v["ram"].get(key).is_some(), "ram.{key} missing");
         }
-        assert_eq!(Reply::Migration(MigrationInfo::default()).to_json(), json!({}));
+        assert_eq!(
+            Reply::Migration(MigrationInfo::default()).to_json(),
+            json!({})
+        );
     }
 }

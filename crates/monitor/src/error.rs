@@ -44,7 +44,10 @@ pub struct CommandError {
 
 impl CommandError {
     pub fn new(class: ErrorClass, desc: impl Into<String>) -> Self {
-        CommandError { class, desc: desc.into() }
+        CommandError {
+            class,
+            desc: desc.into(),
+        }
     }
 
     /// A `GenericError`, the class of almost every QEMU error.
@@ -54,12 +57,17 @@ impl CommandError {
 
     /// The backend does not implement this command (yet). `command` is the QMP name.
     pub fn unsupported(command: &str) -> Self {
-        Self::generic(format!("Command '{command}' is not supported by this VM yet"))
+        Self::generic(format!(
+            "Command '{command}' is not supported by this VM yet"
+        ))
     }
 
     /// QEMU's answer to a command name it does not know.
     pub fn command_not_found(command: &str) -> Self {
-        Self::new(ErrorClass::CommandNotFound, format!("The command {command} has not been found"))
+        Self::new(
+            ErrorClass::CommandNotFound,
+            format!("The command {command} has not been found"),
+        )
     }
 }
 

@@ -74,8 +74,13 @@ pub struct Timestamp {
 
 impl Timestamp {
     pub fn now() -> Self {
-        let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        Timestamp { seconds: d.as_secs(), microseconds: d.subsec_micros() }
+        let d = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp {
+            seconds: d.as_secs(),
+            microseconds: d.subsec_micros(),
+        }
     }
 }
 
@@ -147,10 +152,15 @@ impl EventBus {
     /// Stamps `event` with the current time and hands it to every subscriber, in subscription
     /// order. Never blocks on a subscriber (callbacks must not block either).
     pub fn emit(&self, event: Event) {
-        let record = Arc::new(EventRecord { event, timestamp: Timestamp::now() });
+        let record = Arc::new(EventRecord {
+            event,
+            timestamp: Timestamp::now(),
+        });
         tracing::debug!(event = record.name(), "monitor event");
         let mut inner = self.lock();
-        inner.subscribers.retain_mut(|(_, f)| f(&record) == Delivery::Keep);
+        inner
+            .subscribers
+            .retain_mut(|(_, f)| f(&record) == Delivery::Keep);
     }
 
     /// Registers a callback run for each event (under the bus lock: it must be quick).
@@ -158,11 +168,24 @@ impl EventBus {
         &self,
         f: impl FnMut(&Arc<EventRecord>) -> Delivery + Send + 'static,
     ) -> SubscriptionId {
+        self.subscribe_fn_then(f, || ()).0
+    }
+
+    /// Like [`subscribe_fn`](Self::subscribe_fn), and runs `then` while no event can be
+    /// emitted: whatever `then` queues comes before the first event the callback sees (QMP
+    /// uses it so the `qmp_capabilities` reply precedes every event, with no event lost between
+    /// them). `then` must not block.
+    pub fn subscribe_fn_then<T>(
+        &self,
+        f: impl FnMut(&Arc<EventRecord>) -> Delivery + Send + 'static,
+        then: impl FnOnce() -> T,
+    ) -> (SubscriptionId, T) {
         let mut inner = self.lock();
         let id = inner.next_id;
         inner.next_id += 1;
         inner.subscribers.push((id, Box::new(f)));
-        SubscriptionId(id)
+        let t = then();
+        (SubscriptionId(id), t)
     }
 
     /// A queue of the events emitted from now on. If the queue holds `capacity` undelivered
@@ -198,21 +221,44 @@ mod tests {
     #[test]
     fn wire_form_matches_qemu() {
         let rec = EventRecord {
-            event: Event::Shutdown { guest: true, reason: ShutdownCause::GuestShutdown },
-            timestamp: Timestamp { seconds: 5, microseconds: 7 },
+            event: Event::Shutdown {
+                guest: true,
+                reason: ShutdownCause::GuestShutdown,
+            },
+            timestamp: Timestamp {
+                seconds: 5,
+                microseconds: 7,
+            },
         };
         assert_eq!(
             rec.to_json(),
             json!({"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"},
                    "timestamp": {"seconds": 5, "microseconds": 7}})
         );
-        let stop = EventRecord { event: Event::Stop, timestamp: Timestamp { seconds: 1, microseconds: 2 } };
-        assert_eq!(stop.to_json(), json!({"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}));
-        let job = Event::JobStatusChange { id: "j0".into(), status: JobStatus::Concluded };
+        let stop = EventRecord {
+            event: Event::Stop,
+            timestamp: Timestamp {
+                seconds: 1,
+                microseconds: 2,
+            },
+        };
+        assert_eq!(
+            stop.to_json(),
+            json!({"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}})
+        );
+        let job = Event::JobStatusChange {
+            id: "j0".into(),
+            status: JobStatus::Concluded,
+        };
         assert_eq!(job.data(), Some(json!({"id": "j0", "status": "concluded"})));
-        let m = Event::Migration { status: MigrationStatus::PostcopyActive };
+        let m = Event::Migration {
+            status: MigrationStatus::PostcopyActive,
+        };
         assert_eq!(m.data(), Some(json!({"status": "postcopy-active"})));
-        assert_eq!(Event::MigrationPass { pass: 3 }.data(), Some(json!({"pass": 3})));
+        assert_eq!(
+            Event::MigrationPass { pass: 3 }.data(),
+            Some(json!({"pass": 3}))
+        );
     }
 
     #[test]
@@ -223,8 +269,18 @@ mod tests {
         bus.emit(Event::Stop);
         bus.emit(Event::Resume); // b is full now: dropped
         assert_eq!(bus.subscriber_count(), 1);
-        assert_eq!(a.try_iter().map(|r| r.name().to_string()).collect::<Vec<_>>(), ["STOP", "RESUME"]);
-        assert_eq!(b.try_iter().map(|r| r.name().to_string()).collect::<Vec<_>>(), ["STOP"]);
+        assert_eq!(
+            a.try_iter()
+                .map(|r| r.name().to_string())
+                .collect::<Vec<_>>(),
+            ["STOP", "RESUME"]
+        );
+        assert_eq!(
+            b.try_iter()
+                .map(|r| r.name().to_string())
+                .collect::<Vec<_>>(),
+            ["STOP"]
+        );
         drop(a);
         bus.emit(Event::Stop); // a's receiver is gone: dropped on delivery
         assert_eq!(bus.subscriber_count(), 0);

@@ -27,7 +27,10 @@ fn id_wellformed(id: &str) -> bool {
 
 impl JobRegistry {
     pub fn new(events: EventBus) -> Self {
-        JobRegistry { jobs: Arc::new(Mutex::new(Vec::new())), events }
+        JobRegistry {
+            jobs: Arc::new(Mutex::new(Vec::new())),
+            events,
+        }
     }
 
     /// Registers job `id` and runs `work` on a new thread. The job goes through QEMU's statuses
@@ -45,10 +48,14 @@ impl JobRegistry {
         {
             let mut jobs = lock(&self.jobs);
             if jobs.iter().any(|j| j.id == id) {
-                return Err(CommandError::generic(format!("Job ID '{id}' already in use")));
+                return Err(CommandError::generic(format!(
+                    "Job ID '{id}' already in use"
+                )));
             }
             if jobs.len() >= MAX_JOBS {
-                return Err(CommandError::generic("Too many jobs; dismiss concluded ones with job-dismiss"));
+                return Err(CommandError::generic(
+                    "Too many jobs; dismiss concluded ones with job-dismiss",
+                ));
             }
             jobs.push(JobInfo {
                 id: id.to_string(),
@@ -63,21 +70,23 @@ impl JobRegistry {
         let jobs = self.jobs.clone();
         let events = self.events.clone();
         let id_owned = id.to_string();
-        let spawned = std::thread::Builder::new().name(format!("job-{id}")).spawn(move || {
-            let reg = JobRegistry { jobs, events };
-            reg.set_status(&id_owned, JobStatus::Running, None);
-            match work() {
-                Ok(()) => {
-                    reg.set_status(&id_owned, JobStatus::Waiting, None);
-                    reg.set_status(&id_owned, JobStatus::Pending, None);
-                    reg.finish(&id_owned, None);
+        let spawned = std::thread::Builder::new()
+            .name(format!("job-{id}"))
+            .spawn(move || {
+                let reg = JobRegistry { jobs, events };
+                reg.set_status(&id_owned, JobStatus::Running, None);
+                match work() {
+                    Ok(()) => {
+                        reg.set_status(&id_owned, JobStatus::Waiting, None);
+                        reg.set_status(&id_owned, JobStatus::Pending, None);
+                        reg.finish(&id_owned, None);
+                    }
+                    Err(e) => {
+                        reg.set_status(&id_owned, JobStatus::Aborting, None);
+                        reg.finish(&id_owned, Some(e.desc));
+                    }
                 }
-                Err(e) => {
-                    reg.set_status(&id_owned, JobStatus::Aborting, None);
-                    reg.finish(&id_owned, Some(e.desc));
-                }
-            }
-        });
+            });
         if let Err(e) = spawned {
             self.finish(id, Some(format!("cannot start job thread: {e}")));
         }
@@ -94,7 +103,10 @@ impl JobRegistry {
                 }
             }
         }
-        self.events.emit(Event::JobStatusChange { id: id.to_string(), status });
+        self.events.emit(Event::JobStatusChange {
+            id: id.to_string(),
+            status,
+        });
     }
 
     fn finish(&self, id: &str, error: Option<String>) {
@@ -124,7 +136,10 @@ impl JobRegistry {
             }
             jobs.remove(pos);
         }
-        self.events.emit(Event::JobStatusChange { id: id.to_string(), status: JobStatus::Null });
+        self.events.emit(Event::JobStatusChange {
+            id: id.to_string(),
+            status: JobStatus::Null,
+        });
         Ok(())
     }
 }
@@ -138,11 +153,20 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn statuses(rx: &std::sync::mpsc::Receiver<Arc<crate::events::EventRecord>>, n: usize) -> Vec<JobStatus> {
+    fn statuses(
+        rx: &std::sync::mpsc::Receiver<Arc<crate::events::EventRecord>>,
+        n: usize,
+    ) -> Vec<JobStatus> {
         (0..n)
-            .map(|_| match &rx.recv_timeout(Duration::from_secs(10)).expect("event").event {
-                Event::JobStatusChange { status, .. } => *status,
-                other => panic!("unexpected {other:?}"),
+            .map(|_| {
+                match &rx
+                    .recv_timeout(Duration::from_secs(10))
+                    .expect("event")
+                    .event
+                {
+                    Event::JobStatusChange { status, .. } => *status,
+                    other => panic!("unexpected {other:?}"),
+                }
             })
             .collect()
     }
@@ -152,10 +176,18 @@ mod tests {
         let bus = EventBus::new();
         let rx = bus.subscribe(64);
         let reg = JobRegistry::new(bus);
-        reg.start("save0", JobType::SnapshotSave, || Ok(())).unwrap();
-        assert!(reg.start("save0", JobType::SnapshotSave, || Ok(())).unwrap_err().desc.contains("already in use"));
+        reg.start("save0", JobType::SnapshotSave, || Ok(()))
+            .unwrap();
+        assert!(reg
+            .start("save0", JobType::SnapshotSave, || Ok(()))
+            .unwrap_err()
+            .desc
+            .contains("already in use"));
         use JobStatus::*;
-        assert_eq!(statuses(&rx, 5), [Created, Running, Waiting, Pending, Concluded]);
+        assert_eq!(
+            statuses(&rx, 5),
+            [Created, Running, Waiting, Pending, Concluded]
+        );
         let list = reg.list();
         assert_eq!(list[0].current_progress, 1);
         assert_eq!(list[0].error, None);
@@ -170,7 +202,10 @@ mod tests {
         let bus = EventBus::new();
         let rx = bus.subscribe(64);
         let reg = JobRegistry::new(bus);
-        reg.start("load0", JobType::SnapshotLoad, || Err(CommandError::generic("no such snapshot"))).unwrap();
+        reg.start("load0", JobType::SnapshotLoad, || {
+            Err(CommandError::generic("no such snapshot"))
+        })
+        .unwrap();
         use JobStatus::*;
         assert_eq!(statuses(&rx, 4), [Created, Running, Aborting, Concluded]);
         assert_eq!(reg.list()[0].error.as_deref(), Some("no such snapshot"));

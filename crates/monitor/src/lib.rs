@@ -47,9 +47,11 @@ pub use migration::{
 pub use monitor::Monitor;
 pub use mux::{Focus, MuxExit, MuxOptions, MuxWriter, SerialSink, StdioMux};
 pub use runstate::{InvalidTransition, RunState, RunStateMachine};
-pub use server::{run_hmp_stream, run_qmp_stream, ListenAddr, MonitorServer, Protocol, ServeOptions};
+pub use server::{
+    run_hmp_stream, run_qmp_stream, ListenAddr, MonitorServer, Protocol, ServeOptions,
+};
 pub use term::RawTerminal;
 pub use types::{
-    CpuInfo, JobInfo, JobStatus, JobType, MemorySpace, MigrationStatus, ShutdownCause, SnapshotInfo,
-    StatusInfo, VersionInfo, VersionTriple, QEMU_COMPAT_VERSION,
+    CpuInfo, JobInfo, JobStatus, JobType, MemorySpace, MigrationStatus, ShutdownCause,
+    SnapshotInfo, StatusInfo, VersionInfo, VersionTriple, QEMU_COMPAT_VERSION,
 };

@@ -85,10 +85,15 @@ impl MigrationStrategy {
 impl FromStr for MigrationStrategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        [Self::Precopy, Self::AutoConverge, Self::Postcopy, Self::Auto]
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| format!("Parameter 'strategy' does not accept value '{s}'"))
+        [
+            Self::Precopy,
+            Self::AutoConverge,
+            Self::Postcopy,
+            Self::Auto,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+        .ok_or_else(|| format!("Parameter 'strategy' does not accept value '{s}'"))
     }
 }
 
@@ -122,10 +127,12 @@ impl ParamValue for u64 {
             Unit::Bytes => parse_size(s, 1),
             Unit::Plain | Unit::Ms => s.parse::<u64>().ok(),
         };
-        parsed.ok_or_else(|| format!("Parameter '{name}' expects a non-negative integer, got '{s}'"))
+        parsed
+            .ok_or_else(|| format!("Parameter '{name}' expects a non-negative integer, got '{s}'"))
     }
     fn from_json(name: &str, v: &Value) -> Result<Self, String> {
-        v.as_u64().ok_or_else(|| format!("Invalid parameter type for '{name}', expected: integer"))
+        v.as_u64()
+            .ok_or_else(|| format!("Invalid parameter type for '{name}', expected: integer"))
     }
     fn show(&self, unit: Unit) -> String {
         match unit {
@@ -145,7 +152,8 @@ impl ParamValue for bool {
         parse_on_off(s).ok_or_else(|| format!("Parameter '{name}' expects 'on' or 'off'"))
     }
     fn from_json(name: &str, v: &Value) -> Result<Self, String> {
-        v.as_bool().ok_or_else(|| format!("Invalid parameter type for '{name}', expected: boolean"))
+        v.as_bool()
+            .ok_or_else(|| format!("Invalid parameter type for '{name}', expected: boolean"))
     }
     fn show(&self, _unit: Unit) -> String {
         if *self { "on" } else { "off" }.to_string()
@@ -179,7 +187,9 @@ pub fn parse_on_off(s: &str) -> Option<bool> {
 /// then an optional suffix B/K/M/G/T/P/E (binary multiples); no suffix means `default_unit`.
 pub fn parse_size(s: &str, default_unit: u64) -> Option<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, suffix) = s.split_at(split);
     if num.is_empty() {
         return None;
@@ -276,7 +286,9 @@ fn check_range<T: ParamValue>(name: &str, v: &T, lo: u64, hi: u64) -> Result<(),
     if v.in_range(lo, hi) {
         Ok(())
     } else {
-        Err(format!("Parameter '{name}' expects an integer in the range of {lo} to {hi}"))
+        Err(format!(
+            "Parameter '{name}' expects an integer in the range of {lo} to {hi}"
+        ))
     }
 }
 
@@ -463,8 +475,14 @@ mod tests {
         assert_eq!(p.max_bandwidth, Some(100 << 20));
         assert_eq!(p.cpu_throttle_tailslow, Some(true));
         assert_eq!(p.strategy, Some(MigrationStrategy::Auto));
-        assert!(p.set_from_hmp("cpu-throttle-initial", "100").unwrap_err().contains("range of 1 to 99"));
-        assert!(p.set_from_hmp("nope", "1").unwrap_err().contains("Invalid parameter 'nope'"));
+        assert!(p
+            .set_from_hmp("cpu-throttle-initial", "100")
+            .unwrap_err()
+            .contains("range of 1 to 99"));
+        assert!(p
+            .set_from_hmp("nope", "1")
+            .unwrap_err()
+            .contains("Invalid parameter 'nope'"));
         assert!(p.set_from_hmp("downtime-limit", "-1").is_err());
         let lines = p.hmp_lines();
         assert!(lines.contains(&("max-bandwidth", "104857600 bytes/second".to_string())));
@@ -485,7 +503,9 @@ mod tests {
             "Invalid parameter type for 'downtime-limit', expected: integer"
         );
         let unknown = json!({"foo": 1});
-        assert!(MigrationParameters::from_qmp(unknown.as_object().unwrap()).unwrap_err().contains("unexpected"));
+        assert!(MigrationParameters::from_qmp(unknown.as_object().unwrap())
+            .unwrap_err()
+            .contains("unexpected"));
     }
 
     #[test]

@@ -95,7 +95,12 @@ impl MockVm {
             strategy: Some(MigrationStrategy::Precopy),
             ..Default::default()
         };
-        let caps = MigrationCapability::ALL.iter().map(|&capability| CapabilityStatus { capability, state: false });
+        let caps = MigrationCapability::ALL
+            .iter()
+            .map(|&capability| CapabilityStatus {
+                capability,
+                state: false,
+            });
         Arc::new(MockVm {
             state: Arc::new(RunStateMachine::new(initial, events.clone())),
             events,
@@ -146,21 +151,32 @@ impl MockVm {
     /// Writes guest memory (so tests can see `loadvm` restore it).
     pub fn poke(&self, addr: usize, bytes: &[u8]) {
         let mut m = lock(&self.memory);
-        if let Some(dst) = addr.checked_add(bytes.len()).and_then(|end| m.get_mut(addr..end)) {
+        if let Some(dst) = addr
+            .checked_add(bytes.len())
+            .and_then(|end| m.get_mut(addr..end))
+        {
             dst.copy_from_slice(bytes);
         }
     }
 
     fn set(&self, s: RunState) -> CmdResult {
-        self.state.set(s).map(|_| ()).map_err(|e| CommandError::generic(e.to_string()))
+        self.state
+            .set(s)
+            .map(|_| ())
+            .map_err(|e| CommandError::generic(e.to_string()))
     }
 
     fn migration_active(&self) -> bool {
-        lock(&self.migration).info.status.is_some_and(|s| !s.is_settled())
+        lock(&self.migration)
+            .info
+            .status
+            .is_some_and(|s| !s.is_settled())
     }
 
     fn cap(&self, c: MigrationCapability) -> bool {
-        lock(&self.caps).iter().any(|s| s.capability == c && s.state)
+        lock(&self.caps)
+            .iter()
+            .any(|s| s.capability == c && s.state)
     }
 }
 
@@ -169,7 +185,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn now_secs() -> (i64, u32) {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     (d.as_secs() as i64, d.subsec_nanos())
 }
 
@@ -188,19 +206,26 @@ impl Backend for MockVm {
     fn cont(&self) -> CmdResult {
         let s = self.state.get();
         if s.needs_reset() {
-            return Err(CommandError::generic("Resetting the Virtual Machine is required"));
+            return Err(CommandError::generic(
+                "Resetting the Virtual Machine is required",
+            ));
         }
         if matches!(s, RunState::Inmigrate | RunState::Suspended) || s.is_running() {
             return Ok(());
         }
         if self.migration_active() {
-            return Err(CommandError::generic("Migration is in progress; cannot resume now"));
+            return Err(CommandError::generic(
+                "Migration is in progress; cannot resume now",
+            ));
         }
         self.set(RunState::Running)
     }
 
     fn quit(&self, cause: ShutdownCause) -> CmdResult {
-        self.events.emit(Event::Shutdown { guest: false, reason: cause });
+        self.events.emit(Event::Shutdown {
+            guest: false,
+            reason: cause,
+        });
         self.quit_requested.store(true, Ordering::SeqCst);
         if let Some(hook) = lock(&self.quit_hook).as_mut() {
             hook();
@@ -209,10 +234,16 @@ impl Backend for MockVm {
     }
 
     fn system_reset(&self) -> CmdResult {
-        self.events.emit(Event::Reset { guest: false, reason: ShutdownCause::HostQmpSystemReset });
+        self.events.emit(Event::Reset {
+            guest: false,
+            reason: ShutdownCause::HostQmpSystemReset,
+        });
         *lock(&self.memory) = (0..MOCK_MEMORY).map(mock_memory_byte).collect();
         let s = self.state.get();
-        if !matches!(s, RunState::Running | RunState::Inmigrate | RunState::FinishMigrate) {
+        if !matches!(
+            s,
+            RunState::Running | RunState::Inmigrate | RunState::FinishMigrate
+        ) {
             self.state.force(RunState::Prelaunch);
         }
         Ok(())
@@ -222,7 +253,10 @@ impl Backend for MockVm {
         self.events.emit(Event::Powerdown);
         // The fake guest honours ACPI power-off at once, if it is running to see the button.
         if self.state.get().is_running() {
-            self.events.emit(Event::Shutdown { guest: true, reason: ShutdownCause::GuestShutdown });
+            self.events.emit(Event::Shutdown {
+                guest: true,
+                reason: ShutdownCause::GuestShutdown,
+            });
             self.set(RunState::Shutdown)?;
         }
         Ok(())
@@ -230,7 +264,9 @@ impl Backend for MockVm {
 
     fn query_cpus(&self) -> Result<Vec<CpuInfo>, CommandError> {
         let pid = i64::from(std::process::id());
-        Ok((0..self.cpus).map(|i| CpuInfo::new(i, pid + 1 + i64::from(i))).collect())
+        Ok((0..self.cpus)
+            .map(|i| CpuInfo::new(i, pid + 1 + i64::from(i)))
+            .collect())
     }
 
     fn read_memory(&self, space: MemorySpace, addr: u64, buf: &mut [u8]) -> CmdResult {
@@ -292,7 +328,10 @@ impl Backend for MockVm {
             .find(|s| s.info.name == req.tag)
             .map(|s| s.memory.clone())
             .ok_or_else(|| {
-                CommandError::generic(format!("Snapshot '{}' does not exist in one or more devices", req.tag))
+                CommandError::generic(format!(
+                    "Snapshot '{}' does not exist in one or more devices",
+                    req.tag
+                ))
             })?;
         let was_running = self.state.get().is_running();
         if was_running {
@@ -310,36 +349,56 @@ impl Backend for MockVm {
         let before = snaps.len();
         snaps.retain(|s| s.info.name != req.tag);
         if snaps.len() == before {
-            return Err(CommandError::generic(format!("Snapshot '{}' not found", req.tag)));
+            return Err(CommandError::generic(format!(
+                "Snapshot '{}' not found",
+                req.tag
+            )));
         }
         Ok(())
     }
 
     fn query_snapshots(&self) -> Result<Vec<SnapshotInfo>, CommandError> {
-        Ok(lock(&self.snapshots).iter().map(|s| s.info.clone()).collect())
+        Ok(lock(&self.snapshots)
+            .iter()
+            .map(|s| s.info.clone())
+            .collect())
     }
 
     fn migrate(&self, args: &MigrateArgs) -> CmdResult {
         if args.resume {
-            return Err(CommandError::generic("Cannot resume if there is no paused migration"));
+            return Err(CommandError::generic(
+                "Cannot resume if there is no paused migration",
+            ));
         }
         let proto = args.uri.split(':').next().unwrap_or("");
         if !matches!(proto, "tcp" | "unix" | "exec" | "fd" | "fail") || !args.uri.contains(':') {
-            return Err(CommandError::generic(format!("unknown migration protocol: {}", args.uri)));
+            return Err(CommandError::generic(format!(
+                "unknown migration protocol: {}",
+                args.uri
+            )));
         }
         if self.migration_active() {
-            return Err(CommandError::generic("There's a migration process in progress"));
+            return Err(CommandError::generic(
+                "There's a migration process in progress",
+            ));
         }
         let s = self.state.get();
-        if !matches!(s, RunState::Running | RunState::Paused | RunState::Postmigrate) {
-            return Err(CommandError::generic(format!("Cannot migrate in state '{s}'")));
+        if !matches!(
+            s,
+            RunState::Running | RunState::Paused | RunState::Postmigrate
+        ) {
+            return Err(CommandError::generic(format!(
+                "Cannot migrate in state '{s}'"
+            )));
         }
         {
             let mut m = lock(&self.migration);
             *m = Migration::default();
             m.info.status = Some(MigrationStatus::Setup);
         }
-        self.events.emit(Event::Migration { status: MigrationStatus::Setup });
+        self.events.emit(Event::Migration {
+            status: MigrationStatus::Setup,
+        });
         let worker = MigrationWorker {
             migration: self.migration.clone(),
             state: self.state.clone(),
@@ -365,17 +424,28 @@ impl Backend for MockVm {
 
     fn migrate_incoming(&self, uri: &str) -> CmdResult {
         if self.state.get() != RunState::Inmigrate {
-            return Err(CommandError::generic("'-incoming' was not specified on the command line"));
+            return Err(CommandError::generic(
+                "'-incoming' was not specified on the command line",
+            ));
         }
         if !uri.contains(':') {
-            return Err(CommandError::generic(format!("unknown migration protocol: {uri}")));
+            return Err(CommandError::generic(format!(
+                "unknown migration protocol: {uri}"
+            )));
         }
         {
             let mut m = lock(&self.migration);
-            m.info = MigrationInfo { status: Some(MigrationStatus::Completed), ..Default::default() };
+            m.info = MigrationInfo {
+                status: Some(MigrationStatus::Completed),
+                ..Default::default()
+            };
         }
-        self.events.emit(Event::Migration { status: MigrationStatus::Active });
-        self.events.emit(Event::Migration { status: MigrationStatus::Completed });
+        self.events.emit(Event::Migration {
+            status: MigrationStatus::Active,
+        });
+        self.events.emit(Event::Migration {
+            status: MigrationStatus::Completed,
+        });
         self.set(RunState::Running)
     }
 
@@ -394,7 +464,9 @@ impl Backend for MockVm {
 
     fn migrate_set_capabilities(&self, caps: &[CapabilityStatus]) -> CmdResult {
         if self.migration_active() {
-            return Err(CommandError::generic("There's a migration process in progress"));
+            return Err(CommandError::generic(
+                "There's a migration process in progress",
+            ));
         }
         let mut mine = lock(&self.caps);
         for c in caps {
@@ -416,13 +488,17 @@ impl Backend for MockVm {
             ));
         }
         if !self.migration_active() {
-            return Err(CommandError::generic("Postcopy must be started after migration has been started"));
+            return Err(CommandError::generic(
+                "Postcopy must be started after migration has been started",
+            ));
         }
         Ok(())
     }
 
     fn migrate_recover(&self, _uri: &str) -> CmdResult {
-        Err(CommandError::generic("Migrate recover can only be run when postcopy is paused."))
+        Err(CommandError::generic(
+            "Migrate recover can only be run when postcopy is paused.",
+        ))
     }
 
     fn query_migrate_forecast(&self) -> Result<MigrationForecast, CommandError> {

@@ -21,7 +21,11 @@ pub struct Monitor {
 impl Monitor {
     /// `events` is the bus the VMM emits on; QMP clients subscribe to it.
     pub fn new(backend: Arc<dyn Backend>, events: EventBus) -> Arc<Monitor> {
-        Arc::new(Monitor { backend, jobs: JobRegistry::new(events.clone()), events })
+        Arc::new(Monitor {
+            backend,
+            jobs: JobRegistry::new(events.clone()),
+            events,
+        })
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -65,7 +69,11 @@ impl Monitor {
                 empty(b.snapshot_delete(&req))
             }
             Command::QuerySnapshots => b.query_snapshots().map(Reply::Snapshots),
-            Command::SnapshotJob { job_id, op, request } => {
+            Command::SnapshotJob {
+                job_id,
+                op,
+                request,
+            } => {
                 let job_type = match op {
                     SnapshotOp::Save => JobType::SnapshotSave,
                     SnapshotOp::Load => JobType::SnapshotLoad,
@@ -93,9 +101,13 @@ impl Monitor {
             Command::MigrateIncoming { uri } => empty(b.migrate_incoming(&uri)),
             Command::QueryMigrate => b.query_migrate().map(Reply::Migration),
             Command::MigrateSetParameters(p) => empty(b.migrate_set_parameters(&p)),
-            Command::QueryMigrateParameters => b.query_migrate_parameters().map(Reply::MigrationParameters),
+            Command::QueryMigrateParameters => {
+                b.query_migrate_parameters().map(Reply::MigrationParameters)
+            }
             Command::MigrateSetCapabilities(caps) => empty(b.migrate_set_capabilities(&caps)),
-            Command::QueryMigrateCapabilities => b.query_migrate_capabilities().map(Reply::MigrationCapabilities),
+            Command::QueryMigrateCapabilities => b
+                .query_migrate_capabilities()
+                .map(Reply::MigrationCapabilities),
             Command::MigrateStartPostcopy => empty(b.migrate_start_postcopy()),
             Command::MigrateRecover { uri } => empty(b.migrate_recover(&uri)),
             Command::QueryMigrateForecast => b.query_migrate_forecast().map(Reply::Forecast),

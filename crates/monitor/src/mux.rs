@@ -42,7 +42,9 @@ pub struct MuxWriter {
 
 impl MuxWriter {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        MuxWriter { out: Arc::new(Mutex::new(out)) }
+        MuxWriter {
+            out: Arc::new(Mutex::new(out)),
+        }
     }
 }
 
@@ -85,7 +87,11 @@ pub struct MuxOptions {
 
 impl Default for MuxOptions {
     fn default() -> Self {
-        MuxOptions { echo: true, initial_focus: Focus::Serial, max_line: hmp::MAX_LINE }
+        MuxOptions {
+            echo: true,
+            initial_focus: Focus::Serial,
+            max_line: hmp::MAX_LINE,
+        }
     }
 }
 
@@ -201,11 +207,7 @@ impl StdioMux {
                         (self.quit)();
                         return Some(MuxExit::Quit);
                     }
-                    b'b' => {
-                        if self.focus == Focus::Serial {
-                            self.serial.send_break();
-                        }
-                    }
+                    b'b' if self.focus == Focus::Serial => self.serial.send_break(),
                     b'c' => self.switch_focus(),
                     _ => {} // unknown escapes are swallowed, as QEMU does
                 }
@@ -246,7 +248,12 @@ impl StdioMux {
     }
 }
 
-fn monitor_loop(monitor: Arc<Monitor>, rx: mpsc::Receiver<MonMsg>, out: &mut MuxWriter, opts: MuxOptions) {
+fn monitor_loop(
+    monitor: Arc<Monitor>,
+    rx: mpsc::Receiver<MonMsg>,
+    out: &mut MuxWriter,
+    opts: MuxOptions,
+) {
     let mut session = HmpSession::new(monitor.clone(), true);
     let mut editor = LineEditor::new(opts.max_line, opts.echo);
     let mut greeted = false;

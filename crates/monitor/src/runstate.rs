@@ -96,7 +96,10 @@ impl RunState {
 
     /// States from which `cont` is refused until the VM is reset (QEMU's `runstate_needs_reset`).
     pub fn needs_reset(self) -> bool {
-        matches!(self, RunState::InternalError | RunState::Shutdown | RunState::GuestPanicked)
+        matches!(
+            self,
+            RunState::InternalError | RunState::Shutdown | RunState::GuestPanicked
+        )
     }
 
     /// Whether QEMU allows a transition from `self` to `to`. Staying in the same state is
@@ -194,7 +197,10 @@ pub struct RunStateMachine {
 
 impl RunStateMachine {
     pub fn new(initial: RunState, events: EventBus) -> Self {
-        RunStateMachine { state: Mutex::new(initial), events }
+        RunStateMachine {
+            state: Mutex::new(initial),
+            events,
+        }
     }
 
     /// The current state.
@@ -205,7 +211,13 @@ impl RunStateMachine {
     /// Moves to `to` if QEMU allows it, emitting STOP/RESUME on the running edges.
     /// Returns the previous state.
     pub fn set(&self, to: RunState) -> Result<RunState, InvalidTransition> {
-        self.update(|from| if from.can_transition_to(to) { Ok(to) } else { Err(InvalidTransition { from, to }) })
+        self.update(|from| {
+            if from.can_transition_to(to) {
+                Ok(to)
+            } else {
+                Err(InvalidTransition { from, to })
+            }
+        })
     }
 
     /// Moves to `to` without checking QEMU's table (for recovery paths), still emitting events.
@@ -219,7 +231,10 @@ impl RunStateMachine {
     /// Atomically computes the next state from the current one. `f` returning an error leaves
     /// the state unchanged. Events are emitted while the state lock is held, so every observer
     /// sees STOP/RESUME in the order the transitions happened.
-    pub fn update<E>(&self, f: impl FnOnce(RunState) -> Result<RunState, E>) -> Result<RunState, E> {
+    pub fn update<E>(
+        &self,
+        f: impl FnOnce(RunState) -> Result<RunState, E>,
+    ) -> Result<RunState, E> {
         let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let from = *guard;
         let to = f(from)?;

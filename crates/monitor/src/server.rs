@@ -44,7 +44,11 @@ pub struct ServeOptions {
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { max_line: hmp::MAX_LINE, max_clients: 64, queue: 1024 }
+        ServeOptions {
+            max_line: hmp::MAX_LINE,
+            max_clients: 64,
+            queue: 1024,
+        }
     }
 }
 
@@ -79,9 +83,10 @@ pub fn run_hmp_stream(
         for ev in events.drain(..) {
             match ev {
                 LineEvent::Line(line) => session.execute_line(&line, output)?,
-                LineEvent::TooLong => {
-                    hmp::write_crlf(output, &format!("line too long (more than {max_line} bytes), ignored\n"))?
-                }
+                LineEvent::TooLong => hmp::write_crlf(
+                    output,
+                    &format!("line too long (more than {max_line} bytes), ignored\n"),
+                )?,
             }
             output.write_all(hmp::PROMPT.as_bytes())?;
         }
@@ -114,23 +119,32 @@ pub fn run_qmp_stream(
     let mut session = QmpSession::new(monitor.clone());
     let (tx, rx) = mpsc::sync_channel::<Outgoing>(opts.queue.max(1));
     let writer_closer = closer.clone();
-    let writer = std::thread::Builder::new().name("qmp-writer".into()).spawn(move || {
-        for msg in rx {
-            let bytes = match msg {
-                Outgoing::Line(b) => b,
-                Outgoing::Event(rec) => json_line(&rec.to_json()),
-            };
-            if output.write_all(&bytes).and_then(|()| output.flush()).is_err() {
-                if let Some(c) = &writer_closer {
-                    c();
+    let writer = std::thread::Builder::new()
+        .name("qmp-writer".into())
+        .spawn(move || {
+            for msg in rx {
+                let bytes = match msg {
+                    Outgoing::Line(b) => b,
+                    Outgoing::Event(rec) => json_line(&rec.to_json()),
+                };
+                if output
+                    .write_all(&bytes)
+                    .and_then(|()| output.flush())
+                    .is_err()
+                {
+                    if let Some(c) = &writer_closer {
+                        c();
+                    }
+                    return;
                 }
-                return;
             }
-        }
-    })?;
+        })?;
     let mut subscription = None;
     let result = (|| -> io::Result<()> {
-        if tx.send(Outgoing::Line(json_line(&session.greeting()))).is_err() {
+        if tx
+            .send(Outgoing::Line(json_line(&session.greeting())))
+            .is_err()
+        {
             return Ok(());
         }
         let mut streamer = JsonStreamer::new(opts.max_line);
@@ -149,26 +163,41 @@ pub fn run_qmp_stream(
                 streamer.feed(&buf[..n], &mut items);
             }
             for item in items.drain(..) {
-                let reply = session.handle(item);
-                if tx.send(Outgoing::Line(json_line(&reply))).is_err() {
-                    return Ok(()); // writer gone: the client cannot hear us any more
-                }
-                if session.is_negotiated() && subscription.is_none() {
+                let reply = Outgoing::Line(json_line(&session.handle(item)));
+                let reply = if session.is_negotiated() && subscription.is_none() {
+                    // Subscribe and queue the reply atomically: the reply comes first, and no
+                    // event emitted after it is missed.
                     let etx = tx.clone();
                     let ecloser = closer.clone();
-                    subscription = Some(monitor.events().subscribe_fn(move |rec| {
-                        match etx.try_send(Outgoing::Event(rec.clone())) {
+                    let (id, queued) = monitor.events().subscribe_fn_then(
+                        move |rec| match etx.try_send(Outgoing::Event(rec.clone())) {
                             Ok(()) => Delivery::Keep,
                             Err(TrySendError::Full(_)) => {
-                                tracing::warn!("QMP client does not read its events; disconnecting it");
+                                tracing::warn!(
+                                    "QMP client does not read its events; disconnecting it"
+                                );
                                 if let Some(c) = &ecloser {
                                     c();
                                 }
                                 Delivery::Drop
                             }
                             Err(TrySendError::Disconnected(_)) => Delivery::Drop,
-                        }
-                    }));
+                        },
+                        || tx.try_send(reply),
+                    );
+                    subscription = Some(id);
+                    match queued {
+                        Ok(()) => None,
+                        Err(TrySendError::Full(r)) => Some(r), // queue full: send it blocking below
+                        Err(TrySendError::Disconnected(_)) => return Ok(()),
+                    }
+                } else {
+                    Some(reply)
+                };
+                if let Some(reply) = reply {
+                    if tx.send(reply).is_err() {
+                        return Ok(()); // writer gone: the client cannot hear us any more
+                    }
                 }
             }
             if n == 0 {
@@ -256,17 +285,36 @@ impl MonitorServer {
         protocol: Protocol,
         opts: ServeOptions,
     ) -> Result<MonitorServer, MonitorError> {
-        let listen_err = |source| MonitorError::Listen { what: spec.to_string(), source };
+        let listen_err = |source| MonitorError::Listen {
+            what: spec.to_string(),
+            source,
+        };
         let (listener, addr, wait) = match spec {
-            ChardevSpec::Unix { path, server: true, wait } => {
+            ChardevSpec::Unix {
+                path,
+                server: true,
+                wait,
+            } => {
                 remove_stale_socket(path).map_err(listen_err)?;
                 let l = UnixListener::bind(path).map_err(listen_err)?;
                 (Listener::Unix(l), ListenAddr::Unix(path.clone()), *wait)
             }
-            ChardevSpec::Tcp { host, port, server: true, wait, nodelay } => {
-                let host = if host.is_empty() { "0.0.0.0" } else { host.as_str() };
-                let addrs: Vec<SocketAddr> =
-                    (host, *port).to_socket_addrs().map_err(listen_err)?.collect();
+            ChardevSpec::Tcp {
+                host,
+                port,
+                server: true,
+                wait,
+                nodelay,
+            } => {
+                let host = if host.is_empty() {
+                    "0.0.0.0"
+                } else {
+                    host.as_str()
+                };
+                let addrs: Vec<SocketAddr> = (host, *port)
+                    .to_socket_addrs()
+                    .map_err(listen_err)?
+                    .collect();
                 let l = TcpListener::bind(&addrs[..]).map_err(listen_err)?;
                 let local = l.local_addr().map_err(listen_err)?;
                 (Listener::Tcp(l, *nodelay), ListenAddr::Tcp(local), *wait)
@@ -281,7 +329,13 @@ impl MonitorServer {
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Clients = Arc::new(Mutex::new(HashMap::new()));
         let next_id = Arc::new(AtomicU64::new(0));
-        let ctx = ClientCtx { monitor, protocol, opts, clients: clients.clone(), next_id };
+        let ctx = ClientCtx {
+            monitor,
+            protocol,
+            opts,
+            clients: clients.clone(),
+            next_id,
+        };
         let first = if wait {
             eprintln!("godwit: waiting for connection on: disconnected:{spec}");
             Some(listener.accept().map_err(listen_err)?)
@@ -295,8 +349,16 @@ impl MonitorServer {
         let accept_thread = std::thread::Builder::new()
             .name("monitor-accept".into())
             .spawn(move || accept_loop(listener, ctx, stop2))
-            .map_err(|source| MonitorError::Io { what: "spawning the accept thread".into(), source })?;
-        Ok(MonitorServer { addr, stop, clients, accept_thread: Some(accept_thread) })
+            .map_err(|source| MonitorError::Io {
+                what: "spawning the accept thread".into(),
+                source,
+            })?;
+        Ok(MonitorServer {
+            addr,
+            stop,
+            clients,
+            accept_thread: Some(accept_thread),
+        })
     }
 
     pub fn local_addr(&self) -> &ListenAddr {
@@ -319,7 +381,11 @@ impl MonitorServer {
             ListenAddr::Tcp(a) => {
                 let mut a = *a;
                 if a.ip().is_unspecified() {
-                    a.set_ip(if a.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+                    a.set_ip(if a.is_ipv4() {
+                        [127, 0, 0, 1].into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    });
                 }
                 drop(TcpStream::connect(a));
             }
@@ -349,7 +415,10 @@ impl Drop for MonitorServer {
 fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
-        Ok(_) => Err(io::Error::new(io::ErrorKind::AlreadyExists, "path exists and is not a socket")),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "path exists and is not a socket",
+        )),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
@@ -389,23 +458,31 @@ impl ClientCtx {
             return;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let Ok(handle) = conn.clone_conn() else { return };
+        let Ok(handle) = conn.clone_conn() else {
+            return;
+        };
         if let Ok(mut c) = self.clients.lock() {
             c.insert(id, handle);
         }
-        let (monitor, protocol, opts, clients) =
-            (self.monitor.clone(), self.protocol, self.opts, self.clients.clone());
-        let spawned = std::thread::Builder::new().name(format!("monitor-client-{id}")).spawn(move || {
-            let r = serve_client(monitor, conn, protocol, opts);
-            if let Err(e) = r {
-                tracing::debug!("monitor client {id} ended: {e}");
-            }
-            if let Ok(mut c) = clients.lock() {
-                if let Some(h) = c.remove(&id) {
-                    h.shutdown_conn();
+        let (monitor, protocol, opts, clients) = (
+            self.monitor.clone(),
+            self.protocol,
+            self.opts,
+            self.clients.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("monitor-client-{id}"))
+            .spawn(move || {
+                let r = serve_client(monitor, conn, protocol, opts);
+                if let Err(e) = r {
+                    tracing::debug!("monitor client {id} ended: {e}");
                 }
-            }
-        });
+                if let Ok(mut c) = clients.lock() {
+                    if let Some(h) = c.remove(&id) {
+                        h.shutdown_conn();
+                    }
+                }
+            });
         if spawned.is_err() {
             if let Ok(mut c) = self.clients.lock() {
                 if let Some(h) = c.remove(&id) {
@@ -416,7 +493,12 @@ impl ClientCtx {
     }
 }
 
-fn serve_client(monitor: Arc<Monitor>, mut conn: Box<dyn Conn>, protocol: Protocol, opts: ServeOptions) -> io::Result<()> {
+fn serve_client(
+    monitor: Arc<Monitor>,
+    mut conn: Box<dyn Conn>,
+    protocol: Protocol,
+    opts: ServeOptions,
+) -> io::Result<()> {
     match protocol {
         Protocol::Hmp => {
             let mut out = conn.clone_conn()?;

@@ -153,7 +153,11 @@ pub struct StatusInfo {
 
 impl From<RunState> for StatusInfo {
     fn from(status: RunState) -> Self {
-        StatusInfo { running: status.is_running(), singlestep: false, status }
+        StatusInfo {
+            running: status.is_running(),
+            singlestep: false,
+            status,
+        }
     }
 }
 
@@ -173,7 +177,11 @@ pub struct VersionInfo {
 }
 
 /// The QEMU release whose monitor protocol Godwit speaks (and is benchmarked against).
-pub const QEMU_COMPAT_VERSION: VersionTriple = VersionTriple { major: 7, minor: 2, micro: 0 };
+pub const QEMU_COMPAT_VERSION: VersionTriple = VersionTriple {
+    major: 7,
+    minor: 2,
+    micro: 0,
+};
 
 impl Default for VersionInfo {
     fn default() -> Self {

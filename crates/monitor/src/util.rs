@@ -54,7 +54,11 @@ pub fn local_time(secs: i64) -> LocalTime {
 /// exponent is < -4 or >= 3.
 pub fn format_g3(v: f64) -> String {
     if v == 0.0 || !v.is_finite() {
-        return if v == 0.0 { "0".to_string() } else { v.to_string() };
+        return if v == 0.0 {
+            "0".to_string()
+        } else {
+            v.to_string()
+        };
     }
     // Round to 3 significant digits first, then decide the form from the rounded exponent.
     let sci = format!("{:.2e}", v); // d.dde±x

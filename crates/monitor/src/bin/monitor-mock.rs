@@ -11,8 +11,8 @@
 
 use monitor::mock::MockVm;
 use monitor::{
-    run_hmp_stream, run_qmp_stream, ChardevSpec, EventBus, ListenAddr, Monitor, MonitorServer, MuxOptions,
-    Protocol, RawTerminal, RunState, ServeOptions, ShutdownCause, StdioMux,
+    run_hmp_stream, run_qmp_stream, ChardevSpec, EventBus, ListenAddr, Monitor, MonitorServer,
+    MuxOptions, Protocol, RawTerminal, RunState, ServeOptions, ShutdownCause, StdioMux,
 };
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
@@ -58,7 +58,11 @@ fn parse_args() -> Result<Opts, String> {
             "-serial" => o.serial = Some(spec(value("-serial")?)?),
             "-nographic" => o.nographic = true,
             "-S" => o.paused = true,
-            "-smp" => o.smp = value("-smp")?.parse().map_err(|_| "-smp: expected a number".to_string())?,
+            "-smp" => {
+                o.smp = value("-smp")?
+                    .parse()
+                    .map_err(|_| "-smp: expected a number".to_string())?
+            }
             "-incoming" => {
                 if value("-incoming")? != "defer" {
                     return Err("-incoming: only 'defer' is supported by the mock".into());
@@ -66,7 +70,11 @@ fn parse_args() -> Result<Opts, String> {
                 o.incoming = true;
             }
             "-heartbeat" => {
-                o.heartbeat = Some(value("-heartbeat")?.parse().map_err(|_| "-heartbeat: expected ms".to_string())?)
+                o.heartbeat = Some(
+                    value("-heartbeat")?
+                        .parse()
+                        .map_err(|_| "-heartbeat: expected ms".to_string())?,
+                )
             }
             "-h" | "--help" => usage(),
             other => return Err(format!("unknown option '{other}'")),
@@ -106,24 +114,31 @@ fn main() {
 
     let mut servers = Vec::new();
     let mut stdio: Option<Protocol> = None;
-    for (specs, proto, name) in [(&opts.qmp, Protocol::Qmp, "qmp"), (&opts.hmp, Protocol::Hmp, "monitor")] {
+    for (specs, proto, name) in [
+        (&opts.qmp, Protocol::Qmp, "qmp"),
+        (&opts.hmp, Protocol::Hmp, "monitor"),
+    ] {
         for spec in specs.iter() {
             match spec {
                 ChardevSpec::Stdio => stdio = Some(proto),
                 ChardevSpec::None => {}
-                _ => match MonitorServer::start(mon.clone(), spec, proto, ServeOptions::default()) {
-                    Ok(s) => {
-                        match s.local_addr() {
-                            ListenAddr::Unix(p) => eprintln!("monitor-mock: {name} on unix:{}", p.display()),
-                            ListenAddr::Tcp(a) => eprintln!("monitor-mock: {name} on tcp:{a}"),
+                _ => {
+                    match MonitorServer::start(mon.clone(), spec, proto, ServeOptions::default()) {
+                        Ok(s) => {
+                            match s.local_addr() {
+                                ListenAddr::Unix(p) => {
+                                    eprintln!("monitor-mock: {name} on unix:{}", p.display())
+                                }
+                                ListenAddr::Tcp(a) => eprintln!("monitor-mock: {name} on tcp:{a}"),
+                            }
+                            servers.push(s);
                         }
-                        servers.push(s);
+                        Err(e) => {
+                            eprintln!("monitor-mock: {e}");
+                            std::process::exit(1);
+                        }
                     }
-                    Err(e) => {
-                        eprintln!("monitor-mock: {e}");
-                        std::process::exit(1);
-                    }
-                },
+                }
             }
         }
     }
@@ -159,7 +174,10 @@ fn main() {
         let quit = Box::new(move || {
             let _ = monitor::Backend::quit(&*quit_vm, ShutdownCause::HostUi);
         });
-        let mux_opts = MuxOptions { echo, ..Default::default() };
+        let mux_opts = MuxOptions {
+            echo,
+            ..Default::default()
+        };
         let mux = match StdioMux::new(Some(mon.clone()), serial, out, quit, mux_opts) {
             Ok(m) => m,
             Err(e) => {
@@ -175,10 +193,20 @@ fn main() {
     } else if let Some(proto) = stdio {
         let mut input = std::io::stdin();
         let r = match proto {
-            Protocol::Hmp => run_hmp_stream(mon.clone(), &mut input, &mut std::io::stdout(), false, 1 << 20),
-            Protocol::Qmp => {
-                run_qmp_stream(mon.clone(), &mut input as &mut dyn Read, Box::new(std::io::stdout()), None, ServeOptions::default())
-            }
+            Protocol::Hmp => run_hmp_stream(
+                mon.clone(),
+                &mut input,
+                &mut std::io::stdout(),
+                false,
+                1 << 20,
+            ),
+            Protocol::Qmp => run_qmp_stream(
+                mon.clone(),
+                &mut input as &mut dyn Read,
+                Box::new(std::io::stdout()),
+                None,
+                ServeOptions::default(),
+            ),
         };
         if let Err(e) = r {
             eprintln!("monitor-mock: stdio monitor: {e}");

@@ -36,7 +36,14 @@ pub struct LineEditor {
 
 impl LineEditor {
     pub fn new(max: usize, echo: bool) -> Self {
-        LineEditor { buf: Vec::new(), max: max.max(1), echo, discarding: false, last_cr: false, esc: Esc::None }
+        LineEditor {
+            buf: Vec::new(),
+            max: max.max(1),
+            echo,
+            discarding: false,
+            last_cr: false,
+            esc: Esc::None,
+        }
     }
 
     /// Feeds bytes; complete lines and errors go to `events`, echo bytes to `echo_out`.
@@ -81,7 +88,9 @@ impl LineEditor {
                 if self.discarding {
                     self.discarding = false;
                 } else {
-                    events.push(LineEvent::Line(String::from_utf8_lossy(&self.buf).into_owned()));
+                    events.push(LineEvent::Line(
+                        String::from_utf8_lossy(&self.buf).into_owned(),
+                    ));
                 }
                 self.buf.clear();
             }
@@ -133,7 +142,14 @@ mod tests {
     fn splits_on_every_line_ending() {
         let mut ed = LineEditor::new(100, false);
         let (ev, echo) = run(&mut ed, b"a\nb\r\nc\rd");
-        assert_eq!(ev, [LineEvent::Line("a".into()), LineEvent::Line("b".into()), LineEvent::Line("c".into())]);
+        assert_eq!(
+            ev,
+            [
+                LineEvent::Line("a".into()),
+                LineEvent::Line("b".into()),
+                LineEvent::Line("c".into())
+            ]
+        );
         assert!(echo.is_empty());
         let (ev, _) = run(&mut ed, b"\n");
         assert_eq!(ev, [LineEvent::Line("d".into())]);

@@ -61,7 +61,12 @@ impl HmpSession {
     /// `interactive` sessions (a terminal or socket) may block on a foreground `migrate`;
     /// others (`human-monitor-command`) run it detached, as QEMU does.
     pub fn new(monitor: Arc<Monitor>, interactive: bool) -> Self {
-        HmpSession { monitor, dump: DumpDefaults::default(), cpu: 0, interactive }
+        HmpSession {
+            monitor,
+            dump: DumpDefaults::default(),
+            cpu: 0,
+            interactive,
+        }
     }
 
     /// Selects the default CPU (QMP `human-monitor-command`'s `cpu-index`).
@@ -83,11 +88,17 @@ impl HmpSession {
         out.flush()
     }
 
-    fn run(&mut self, cmd: HmpCommand, out: &mut dyn Write) -> io::Result<Result<String, CommandError>> {
+    fn run(
+        &mut self,
+        cmd: HmpCommand,
+        out: &mut dyn Write,
+    ) -> io::Result<Result<String, CommandError>> {
         let m = &self.monitor;
         Ok(match cmd {
             HmpCommand::Nothing => Ok(String::new()),
-            HmpCommand::Help(topic) => Ok(render::help(topic.as_deref()).unwrap_or_else(|e| format!("{e}\n"))),
+            HmpCommand::Help(topic) => {
+                Ok(render::help(topic.as_deref()).unwrap_or_else(|e| format!("{e}\n")))
+            }
             HmpCommand::SelectCpu(n) => match m.execute(Command::QueryCpus) {
                 Ok(Reply::Cpus(list)) if !list.iter().any(|c| c.cpu_index == n) => {
                     Err(CommandError::generic("invalid CPU index"))
@@ -111,9 +122,21 @@ impl HmpSession {
                     _ => String::new(),
                 }
             }),
-            HmpCommand::Dump { physical, fmt, addr } => {
-                let size = if fmt.format == 'c' { 1 } else { u64::from(fmt.size) };
-                let Some(len) = fmt.count.checked_mul(size).filter(|l| *l <= crate::command::MAX_MEMORY_DUMP) else {
+            HmpCommand::Dump {
+                physical,
+                fmt,
+                addr,
+            } => {
+                let size = if fmt.format == 'c' {
+                    1
+                } else {
+                    u64::from(fmt.size)
+                };
+                let Some(len) = fmt
+                    .count
+                    .checked_mul(size)
+                    .filter(|l| *l <= crate::command::MAX_MEMORY_DUMP)
+                else {
                     return Ok(Ok(format!(
                         "{}: too much memory requested (at most {} bytes)\n",
                         if physical { "xp" } else { "x" },
@@ -135,17 +158,27 @@ impl HmpSession {
     /// Reads in 16-byte lines as QEMU does, so a fault part-way still prints what was readable
     /// followed by "Cannot access memory".
     fn dump(&self, space: crate::MemorySpace, addr: u64, len: u64, fmt: DumpFormat) -> String {
-        let wsize = if fmt.format == 'c' { 1 } else { u64::from(fmt.size) };
+        let wsize = if fmt.format == 'c' {
+            1
+        } else {
+            u64::from(fmt.size)
+        };
         let line = if wsize == 1 { 8 } else { 16 };
         let mut out = String::new();
         let mut off = 0u64;
         while off < len {
             let n = line.min(len - off);
             let at = addr.wrapping_add(off);
-            match self.monitor.execute(Command::ReadMemory { space, addr: at, len: n }) {
+            match self.monitor.execute(Command::ReadMemory {
+                space,
+                addr: at,
+                len: n,
+            }) {
                 Ok(Reply::Memory(data)) => out.push_str(&render::memory_dump(at, fmt, &data)),
                 Ok(_) => break,
-                Err(e) if e == CommandError::unsupported("x") => return format!("Error: {}\n", e.desc),
+                Err(e) if e == CommandError::unsupported("x") => {
+                    return format!("Error: {}\n", e.desc)
+                }
                 Err(_) => {
                     out.push_str(&format!("{at:016x}: Cannot access memory\n"));
                     break;
@@ -158,7 +191,11 @@ impl HmpSession {
 
     /// `migrate`: start it, then (foreground, interactive) wait until it settles, printing
     /// progress once a second.
-    fn migrate(&self, args: MigrateArgs, out: &mut dyn Write) -> io::Result<Result<String, CommandError>> {
+    fn migrate(
+        &self,
+        args: MigrateArgs,
+        out: &mut dyn Write,
+    ) -> io::Result<Result<String, CommandError>> {
         let mut args = args;
         let mut prefix = String::new();
         if !args.detach && !self.interactive {
@@ -216,10 +253,15 @@ fn migrate_result(info: &crate::MigrationInfo) -> String {
             info.downtime.unwrap_or(0)
         ),
         Some(S::Failed) => {
-            format!("migrate: {}\n", info.error_desc.as_deref().unwrap_or("Migration failed"))
+            format!(
+                "migrate: {}\n",
+                info.error_desc.as_deref().unwrap_or("Migration failed")
+            )
         }
         Some(S::Cancelled) => "migrate: cancelled\n".to_string(),
-        Some(S::PostcopyPaused) => "migrate: post-copy paused; resume with migrate -r URI\n".to_string(),
+        Some(S::PostcopyPaused) => {
+            "migrate: post-copy paused; resume with migrate -r URI\n".to_string()
+        }
         _ => String::new(),
     }
 }
@@ -235,7 +277,15 @@ pub fn render_reply(r: &Reply) -> String {
         Reply::Snapshots(s) => render::snapshots(s),
         Reply::Jobs(j) => j
             .iter()
-            .map(|j| format!("{}: {} ({}/{})\n", j.id, j.status.as_str(), j.current_progress, j.total_progress))
+            .map(|j| {
+                format!(
+                    "{}: {} ({}/{})\n",
+                    j.id,
+                    j.status.as_str(),
+                    j.current_progress,
+                    j.total_progress
+                )
+            })
             .collect(),
         Reply::Migration(m) => render::migrate(m, None),
         Reply::MigrationParameters(p) => render::migrate_parameters(p),

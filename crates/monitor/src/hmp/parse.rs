@@ -18,59 +18,151 @@ pub struct HmpEntry {
 
 /// Top-level commands, in `help` order.
 pub const COMMANDS: &[HmpEntry] = &[
-    HmpEntry { names: "cont|c", params: "", help: "resume emulation" },
-    HmpEntry { names: "cpu", params: "index", help: "set the default CPU" },
-    HmpEntry { names: "delvm", params: "tag", help: "delete a VM snapshot from its tag" },
-    HmpEntry { names: "help|?", params: "[cmd]", help: "show the help" },
-    HmpEntry { names: "info", params: "[subcommand]", help: "show various information about the system state" },
-    HmpEntry { names: "loadvm", params: "tag", help: "restore a VM snapshot from its tag" },
+    HmpEntry {
+        names: "cont|c",
+        params: "",
+        help: "resume emulation",
+    },
+    HmpEntry {
+        names: "cpu",
+        params: "index",
+        help: "set the default CPU",
+    },
+    HmpEntry {
+        names: "delvm",
+        params: "tag",
+        help: "delete a VM snapshot from its tag",
+    },
+    HmpEntry {
+        names: "help|?",
+        params: "[cmd]",
+        help: "show the help",
+    },
+    HmpEntry {
+        names: "info",
+        params: "[subcommand]",
+        help: "show various information about the system state",
+    },
+    HmpEntry {
+        names: "loadvm",
+        params: "tag",
+        help: "restore a VM snapshot from its tag",
+    },
     HmpEntry {
         names: "migrate",
         params: "[-d] [-r [file]] uri",
         help: "migrate to URI (-d: do not wait for completion; -r FILE: write the per-round \
                report to FILE; -r alone: resume a paused post-copy migration)",
     },
-    HmpEntry { names: "migrate_cancel", params: "", help: "cancel the current VM migration" },
-    HmpEntry { names: "migrate_incoming", params: "uri", help: "continue an incoming migration from an -incoming defer" },
-    HmpEntry { names: "migrate_recover", params: "uri", help: "continue a paused incoming postcopy migration" },
+    HmpEntry {
+        names: "migrate_cancel",
+        params: "",
+        help: "cancel the current VM migration",
+    },
+    HmpEntry {
+        names: "migrate_incoming",
+        params: "uri",
+        help: "continue an incoming migration from an -incoming defer",
+    },
+    HmpEntry {
+        names: "migrate_recover",
+        params: "uri",
+        help: "continue a paused incoming postcopy migration",
+    },
     HmpEntry {
         names: "migrate_set_capability",
         params: "capability state",
         help: "enable/disable the usage of a capability for migration",
     },
-    HmpEntry { names: "migrate_set_parameter", params: "parameter value", help: "set the parameter for migration" },
+    HmpEntry {
+        names: "migrate_set_parameter",
+        params: "parameter value",
+        help: "set the parameter for migration",
+    },
     HmpEntry {
         names: "migrate_start_postcopy",
         params: "",
         help: "followup to a migration command to switch the migration to postcopy mode",
     },
-    HmpEntry { names: "quit|q", params: "", help: "quit the emulator" },
+    HmpEntry {
+        names: "quit|q",
+        params: "",
+        help: "quit the emulator",
+    },
     HmpEntry {
         names: "savevm",
         params: "[tag]",
         help: "save a VM snapshot; without a tag a new snapshot named vm-DATE is created",
     },
-    HmpEntry { names: "stop|s", params: "", help: "stop emulation" },
-    HmpEntry { names: "system_powerdown", params: "", help: "send system power down event" },
-    HmpEntry { names: "system_reset", params: "", help: "reset the system" },
-    HmpEntry { names: "x", params: "/fmt addr", help: "virtual memory dump starting at 'addr'" },
-    HmpEntry { names: "xp", params: "/fmt addr", help: "physical memory dump starting at 'addr'" },
+    HmpEntry {
+        names: "stop|s",
+        params: "",
+        help: "stop emulation",
+    },
+    HmpEntry {
+        names: "system_powerdown",
+        params: "",
+        help: "send system power down event",
+    },
+    HmpEntry {
+        names: "system_reset",
+        params: "",
+        help: "reset the system",
+    },
+    HmpEntry {
+        names: "x",
+        params: "/fmt addr",
+        help: "virtual memory dump starting at 'addr'",
+    },
+    HmpEntry {
+        names: "xp",
+        params: "/fmt addr",
+        help: "physical memory dump starting at 'addr'",
+    },
 ];
 
 /// `info` subcommands, in `help info` order.
 pub const INFO_COMMANDS: &[HmpEntry] = &[
-    HmpEntry { names: "cpus", params: "", help: "show infos for each CPU" },
-    HmpEntry { names: "migrate", params: "", help: "show migration status" },
-    HmpEntry { names: "migrate_capabilities", params: "", help: "show current migration capabilities" },
+    HmpEntry {
+        names: "cpus",
+        params: "",
+        help: "show infos for each CPU",
+    },
+    HmpEntry {
+        names: "migrate",
+        params: "",
+        help: "show migration status",
+    },
+    HmpEntry {
+        names: "migrate_capabilities",
+        params: "",
+        help: "show current migration capabilities",
+    },
     HmpEntry {
         names: "migrate_forecast",
         params: "",
         help: "predict whether and how fast a migration would converge, per strategy",
     },
-    HmpEntry { names: "migrate_parameters", params: "", help: "show current migration parameters" },
-    HmpEntry { names: "snapshots", params: "", help: "show the currently saved VM snapshots" },
-    HmpEntry { names: "status", params: "", help: "show the current VM status (running|paused)" },
-    HmpEntry { names: "version", params: "", help: "show the version of QEMU this monitor speaks" },
+    HmpEntry {
+        names: "migrate_parameters",
+        params: "",
+        help: "show current migration parameters",
+    },
+    HmpEntry {
+        names: "snapshots",
+        params: "",
+        help: "show the currently saved VM snapshots",
+    },
+    HmpEntry {
+        names: "status",
+        params: "",
+        help: "show the current VM status (running|paused)",
+    },
+    HmpEntry {
+        names: "version",
+        params: "",
+        help: "show the version of QEMU this monitor speaks",
+    },
 ];
 
 /// The `/Nfu` of `x`/`xp`: how many units, which format, what unit size.
@@ -92,7 +184,11 @@ pub enum HmpCommand {
     /// `cpu N`.
     SelectCpu(u32),
     /// `x`/`xp`.
-    Dump { physical: bool, fmt: DumpFormat, addr: u64 },
+    Dump {
+        physical: bool,
+        fmt: DumpFormat,
+        addr: u64,
+    },
     /// `info cpus` (marks the selected CPU).
     InfoCpus,
     /// `info migrate` (status plus capabilities).
@@ -112,7 +208,10 @@ pub struct DumpDefaults {
 
 impl Default for DumpDefaults {
     fn default() -> Self {
-        DumpDefaults { format: 'x', size: 4 }
+        DumpDefaults {
+            format: 'x',
+            size: 4,
+        }
     }
 }
 
@@ -201,22 +300,34 @@ pub fn parse_line(line: &str, defaults: &mut DumpDefaults) -> Result<HmpCommand,
         "quit" | "q" => arity(0, 0).and_then(|()| vm(Command::Quit)),
         "cpu" => {
             arity(1, 1)?;
-            let n = parse_number(&args[0]).ok_or_else(|| format!("cpu: invalid CPU index '{}'", args[0]))?;
-            let n = u32::try_from(n).map_err(|_| format!("cpu: invalid CPU index '{}'", args[0]))?;
+            let n = parse_number(&args[0])
+                .ok_or_else(|| format!("cpu: invalid CPU index '{}'", args[0]))?;
+            let n =
+                u32::try_from(n).map_err(|_| format!("cpu: invalid CPU index '{}'", args[0]))?;
             Ok(HmpCommand::SelectCpu(n))
         }
         "savevm" => {
             arity(0, 1)?;
             let tag = args.into_iter().next().unwrap_or_default();
-            vm(Command::SnapshotSave(SnapshotRequest { tag, ..Default::default() }))
+            vm(Command::SnapshotSave(SnapshotRequest {
+                tag,
+                ..Default::default()
+            }))
         }
         "loadvm" | "delvm" => {
             arity(1, 1)?;
-            let req = SnapshotRequest { tag: args[0].clone(), ..Default::default() };
+            let req = SnapshotRequest {
+                tag: args[0].clone(),
+                ..Default::default()
+            };
             if req.tag.is_empty() {
                 return Err(format!("{name}: missing argument"));
             }
-            vm(if name == "loadvm" { Command::SnapshotLoad(req) } else { Command::SnapshotDelete(req) })
+            vm(if name == "loadvm" {
+                Command::SnapshotLoad(req)
+            } else {
+                Command::SnapshotDelete(req)
+            })
         }
         "migrate" => parse_migrate(&args),
         "migrate_cancel" => arity(0, 0).and_then(|()| vm(Command::MigrateCancel)),
@@ -239,9 +350,16 @@ pub fn parse_line(line: &str, defaults: &mut DumpDefaults) -> Result<HmpCommand,
         "migrate_set_capability" => {
             arity(2, 2)?;
             let capability: MigrationCapability = args[0].parse()?;
-            let state = parse_on_off(&args[1])
-                .ok_or_else(|| format!("migrate_set_capability: expected 'on' or 'off', got '{}'", args[1]))?;
-            vm(Command::MigrateSetCapabilities(vec![CapabilityStatus { capability, state }]))
+            let state = parse_on_off(&args[1]).ok_or_else(|| {
+                format!(
+                    "migrate_set_capability: expected 'on' or 'off', got '{}'",
+                    args[1]
+                )
+            })?;
+            vm(Command::MigrateSetCapabilities(vec![CapabilityStatus {
+                capability,
+                state,
+            }]))
         }
         _ => Err(format!("unknown command: '{name}'")),
     }
@@ -253,7 +371,9 @@ fn parse_info(rest: &str) -> Result<HmpCommand, String> {
         return Ok(HmpCommand::Help(Some("info".into())));
     };
     if args.len() > 1 {
-        return Err(format!("info {sub}: extraneous characters at the end of line"));
+        return Err(format!(
+            "info {sub}: extraneous characters at the end of line"
+        ));
     }
     let vm = |c: Command| Ok(HmpCommand::Vm(c));
     match sub.as_str() {
@@ -310,13 +430,24 @@ fn parse_dump(name: &str, rest: &str, defaults: &mut DumpDefaults) -> Result<Hmp
         let (spec, expr) = spec.split_at(end);
         (parse_format(spec, defaults)?, expr)
     } else {
-        (DumpFormat { count: 1, format: defaults.format, size: defaults.size }, rest)
+        (
+            DumpFormat {
+                count: 1,
+                format: defaults.format,
+                size: defaults.size,
+            },
+            rest,
+        )
     };
     if expr.trim().is_empty() {
         return Err(format!("{name}: address expected"));
     }
     let addr = eval_expr(expr).map_err(|e| format!("{name}: {e}"))?;
-    Ok(HmpCommand::Dump { physical: name == "xp", fmt, addr })
+    Ok(HmpCommand::Dump {
+        physical: name == "xp",
+        fmt,
+        addr,
+    })
 }
 
 /// Parses `Nfu` (after the `/`), QEMU's rules: count defaults to 1, format and size to the
@@ -326,7 +457,9 @@ pub fn parse_format(spec: &str, defaults: &mut DumpDefaults) -> Result<DumpForma
     let count = if digits == 0 {
         1
     } else {
-        spec[..digits].parse::<u64>().map_err(|_| format!("invalid count in format: '{}'", &spec[..digits]))?
+        spec[..digits]
+            .parse::<u64>()
+            .map_err(|_| format!("invalid count in format: '{}'", &spec[..digits]))?
     };
     let mut format = None;
     let mut size = None;
@@ -344,7 +477,11 @@ pub fn parse_format(spec: &str, defaults: &mut DumpDefaults) -> Result<DumpForma
     let format = format.unwrap_or(defaults.format);
     let size = size.unwrap_or(defaults.size);
     *defaults = DumpDefaults { format, size };
-    Ok(DumpFormat { count, format, size })
+    Ok(DumpFormat {
+        count,
+        format,
+        size,
+    })
 }
 
 /// A number as QEMU's monitor reads it: `0x` hex, leading `0` octal, else decimal.
@@ -365,11 +502,18 @@ pub fn parse_number(s: &str) -> Option<u64> {
 /// Evaluates an address expression: numbers (with optional K/M/G suffix), `+ - * / % & | ^`,
 /// unary `- ~ +`, parentheses. Arithmetic wraps like QEMU's 64-bit integers.
 pub fn eval_expr(s: &str) -> Result<u64, String> {
-    let mut p = ExprParser { s: s.as_bytes(), pos: 0, depth: 0 };
+    let mut p = ExprParser {
+        s: s.as_bytes(),
+        pos: 0,
+        depth: 0,
+    };
     let v = p.sum()?;
     p.skip_ws();
     if p.pos < p.s.len() {
-        return Err(format!("invalid char '{}' in expression", p.s[p.pos] as char));
+        return Err(format!(
+            "invalid char '{}' in expression",
+            p.s[p.pos] as char
+        ));
     }
     Ok(v)
 }
@@ -382,7 +526,11 @@ struct ExprParser<'a> {
 
 impl ExprParser<'_> {
     fn skip_ws(&mut self) {
-        while self.s.get(self.pos).is_some_and(|c| c.is_ascii_whitespace()) {
+        while self
+            .s
+            .get(self.pos)
+            .is_some_and(|c| c.is_ascii_whitespace())
+        {
             self.pos += 1;
         }
     }
@@ -460,7 +608,11 @@ impl ExprParser<'_> {
             Some(b'$') => Err("registers are not supported in expressions".into()),
             Some(c) if c.is_ascii_digit() => {
                 let start = self.pos;
-                while self.s.get(self.pos).is_some_and(|c| c.is_ascii_alphanumeric()) {
+                while self
+                    .s
+                    .get(self.pos)
+                    .is_some_and(|c| c.is_ascii_alphanumeric())
+                {
                     self.pos += 1;
                 }
                 let word = std::str::from_utf8(&self.s[start..self.pos]).unwrap_or("");
@@ -494,11 +646,17 @@ mod tests {
         assert_eq!(parse("c"), Ok(HmpCommand::Vm(Command::Cont)));
         assert_eq!(parse("stop"), Ok(HmpCommand::Vm(Command::Stop)));
         assert_eq!(parse("q"), Ok(HmpCommand::Vm(Command::Quit)));
-        assert_eq!(parse("info status"), Ok(HmpCommand::Vm(Command::QueryStatus)));
+        assert_eq!(
+            parse("info status"),
+            Ok(HmpCommand::Vm(Command::QueryStatus))
+        );
         assert_eq!(parse("info"), Ok(HmpCommand::Help(Some("info".into()))));
         assert_eq!(parse("foo"), Err("unknown command: 'foo'".into()));
         assert_eq!(parse("info foo"), Err("unknown command: 'info foo'".into()));
-        assert_eq!(parse("stop now"), Err("stop: extraneous characters at the end of line".into()));
+        assert_eq!(
+            parse("stop now"),
+            Err("stop: extraneous characters at the end of line".into())
+        );
         assert_eq!(parse("loadvm"), Err("loadvm: missing argument".into()));
     }
 
@@ -506,15 +664,26 @@ mod tests {
     fn snapshot_and_migration_commands() {
         assert_eq!(
             parse("savevm \"my snap\""),
-            Ok(HmpCommand::Vm(Command::SnapshotSave(SnapshotRequest { tag: "my snap".into(), ..Default::default() })))
+            Ok(HmpCommand::Vm(Command::SnapshotSave(SnapshotRequest {
+                tag: "my snap".into(),
+                ..Default::default()
+            })))
         );
         assert_eq!(
             parse("migrate -d tcp:h:1"),
-            Ok(HmpCommand::Migrate(MigrateArgs { uri: "tcp:h:1".into(), detach: true, ..Default::default() }))
+            Ok(HmpCommand::Migrate(MigrateArgs {
+                uri: "tcp:h:1".into(),
+                detach: true,
+                ..Default::default()
+            }))
         );
         assert_eq!(
             parse("migrate -r tcp:h:1"),
-            Ok(HmpCommand::Migrate(MigrateArgs { uri: "tcp:h:1".into(), resume: true, ..Default::default() }))
+            Ok(HmpCommand::Migrate(MigrateArgs {
+                uri: "tcp:h:1".into(),
+                resume: true,
+                ..Default::default()
+            }))
         );
         assert_eq!(
             parse("migrate -d -r rep.json tcp:h:1"),
@@ -527,7 +696,9 @@ mod tests {
         );
         assert!(parse("migrate -x u").is_err());
         assert!(parse("migrate a b").is_err());
-        assert!(matches!(parse("migrate_set_parameter downtime-limit 30"), Ok(HmpCommand::Vm(Command::MigrateSetParameters(p))) if p.downtime_limit == Some(30)));
+        assert!(
+            matches!(parse("migrate_set_parameter downtime-limit 30"), Ok(HmpCommand::Vm(Command::MigrateSetParameters(p))) if p.downtime_limit == Some(30))
+        );
         assert!(parse("migrate_set_parameter downtime-limit lots").is_err());
         assert!(parse("migrate_set_capability auto-converge maybe").is_err());
         assert!(parse("migrate_set_capability warp-speed on").is_err());
@@ -538,20 +709,52 @@ mod tests {
         let mut d = DumpDefaults::default();
         assert_eq!(
             parse_line("x /10xb 0x100", &mut d),
-            Ok(HmpCommand::Dump { physical: false, fmt: DumpFormat { count: 10, format: 'x', size: 1 }, addr: 0x100 })
+            Ok(HmpCommand::Dump {
+                physical: false,
+                fmt: DumpFormat {
+                    count: 10,
+                    format: 'x',
+                    size: 1
+                },
+                addr: 0x100
+            })
         );
         // Size is remembered.
         assert_eq!(
             parse_line("xp/2d 16+16", &mut d),
-            Ok(HmpCommand::Dump { physical: true, fmt: DumpFormat { count: 2, format: 'd', size: 1 }, addr: 32 })
+            Ok(HmpCommand::Dump {
+                physical: true,
+                fmt: DumpFormat {
+                    count: 2,
+                    format: 'd',
+                    size: 1
+                },
+                addr: 32
+            })
         );
         assert_eq!(
             parse_line("xp 0x10", &mut d),
-            Ok(HmpCommand::Dump { physical: true, fmt: DumpFormat { count: 1, format: 'd', size: 1 }, addr: 16 })
+            Ok(HmpCommand::Dump {
+                physical: true,
+                fmt: DumpFormat {
+                    count: 1,
+                    format: 'd',
+                    size: 1
+                },
+                addr: 16
+            })
         );
-        assert_eq!(parse_line("x /4z 0", &mut d), Err("invalid char in format: 'z'".into()));
-        assert!(parse_line("x /4i 0", &mut d).unwrap_err().contains("not supported"));
-        assert_eq!(parse_line("x /4x", &mut d), Err("x: address expected".into()));
+        assert_eq!(
+            parse_line("x /4z 0", &mut d),
+            Err("invalid char in format: 'z'".into())
+        );
+        assert!(parse_line("x /4i 0", &mut d)
+            .unwrap_err()
+            .contains("not supported"));
+        assert_eq!(
+            parse_line("x /4x", &mut d),
+            Err("x: address expected".into())
+        );
     }
 
     #[test]
@@ -569,7 +772,10 @@ mod tests {
 
     #[test]
     fn tokenizer_handles_quotes() {
-        assert_eq!(tokenize(r#"a "b c" "d\"e""#), Ok(vec!["a".into(), "b c".into(), "d\"e".into()]));
+        assert_eq!(
+            tokenize(r#"a "b c" "d\"e""#),
+            Ok(vec!["a".into(), "b c".into(), "d\"e".into()])
+        );
         assert!(tokenize("\"open").is_err());
     }
 }

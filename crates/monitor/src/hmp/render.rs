@@ -9,7 +9,10 @@ use crate::util::{local_time, size_to_str};
 use std::fmt::Write as _;
 
 pub fn status(s: &StatusInfo) -> String {
-    let mut out = format!("VM status: {}", if s.running { "running" } else { "paused" });
+    let mut out = format!(
+        "VM status: {}",
+        if s.running { "running" } else { "paused" }
+    );
     if s.singlestep {
         out.push_str(" (single step mode)");
     }
@@ -33,7 +36,11 @@ pub fn cpus(list: &[CpuInfo], selected: u32) -> String {
     let mut out = String::new();
     for c in list {
         let mark = if c.cpu_index == selected { '*' } else { ' ' };
-        let _ = writeln!(out, "{mark} CPU #{}: thread_id={}", c.cpu_index, c.thread_id);
+        let _ = writeln!(
+            out,
+            "{mark} CPU #{}: thread_id={}",
+            c.cpu_index, c.thread_id
+        );
     }
     out
 }
@@ -44,7 +51,11 @@ pub fn snapshots(list: &[SnapshotInfo]) -> String {
         return "There is no snapshot available.\n".to_string();
     }
     let mut out = String::from("List of snapshots present on all disks:\n");
-    let _ = writeln!(out, "{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
+    let _ = writeln!(
+        out,
+        "{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}",
+        "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"
+    );
     for s in list {
         let t = local_time(s.date_sec);
         let date = format!(
@@ -80,7 +91,12 @@ pub fn migrate(info: &MigrationInfo, caps: Option<&[CapabilityStatus]>) -> Strin
     if let Some(caps) = caps.filter(|c| !c.is_empty()) {
         out.push_str("capabilities: ");
         for c in caps {
-            let _ = write!(out, "{}: {} ", c.capability, if c.state { "on" } else { "off" });
+            let _ = write!(
+                out,
+                "{}: {} ",
+                c.capability,
+                if c.state { "on" } else { "off" }
+            );
         }
         out.push('\n');
     }
@@ -139,18 +155,28 @@ pub fn migrate(info: &MigrationInfo, caps: Option<&[CapabilityStatus]>) -> Strin
 }
 
 pub fn migrate_parameters(p: &MigrationParameters) -> String {
-    p.hmp_lines().into_iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+    p.hmp_lines()
+        .into_iter()
+        .map(|(k, v)| format!("{k}: {v}\n"))
+        .collect()
 }
 
 pub fn migrate_capabilities(caps: &[CapabilityStatus]) -> String {
-    caps.iter().map(|c| format!("{}: {}\n", c.capability, if c.state { "on" } else { "off" })).collect()
+    caps.iter()
+        .map(|c| format!("{}: {}\n", c.capability, if c.state { "on" } else { "off" }))
+        .collect()
 }
 
 pub fn forecast(f: &MigrationForecast) -> String {
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let mut out = String::new();
     let _ = writeln!(out, "ram: {:.1} MiB", mib(f.ram_total));
-    let _ = writeln!(out, "dirty rate: {:.1} MiB/s (sampled over {} ms)", mib(f.dirty_rate), f.sample_time);
+    let _ = writeln!(
+        out,
+        "dirty rate: {:.1} MiB/s (sampled over {} ms)",
+        mib(f.dirty_rate),
+        f.sample_time
+    );
     let _ = writeln!(out, "bandwidth: {:.1} MiB/s", mib(f.bandwidth));
     for s in &f.strategies {
         let _ = write!(out, "{}: ", s.strategy.as_str());
@@ -186,7 +212,10 @@ pub fn help(topic: Option<&str>) -> Result<String, String> {
     let matches = |e: &HmpEntry, name: &str| e.names.split('|').any(|n| n == name);
     match topic {
         None => Ok(COMMANDS.iter().map(|e| entry_line("", e)).collect()),
-        Some("info") => Ok(INFO_COMMANDS.iter().map(|e| entry_line("info ", e)).collect()),
+        Some("info") => Ok(INFO_COMMANDS
+            .iter()
+            .map(|e| entry_line("info ", e))
+            .collect()),
         Some(t) => COMMANDS
             .iter()
             .find(|e| matches(e, t))
@@ -198,7 +227,11 @@ pub fn help(topic: Option<&str>) -> Result<String, String> {
 /// The body of an `x`/`xp` dump of `data` read at `addr`, QEMU's layout: 16-digit address,
 /// 8 units per line for bytes and 16 bytes per line otherwise; `c` shows characters.
 pub fn memory_dump(addr: u64, fmt: DumpFormat, data: &[u8]) -> String {
-    let wsize = if fmt.format == 'c' { 1 } else { fmt.size.max(1) as usize };
+    let wsize = if fmt.format == 'c' {
+        1
+    } else {
+        fmt.size.max(1) as usize
+    };
     let line_size = if wsize == 1 { 8 } else { 16 };
     let bits = wsize * 8;
     let max_digits = match fmt.format {
@@ -208,7 +241,11 @@ pub fn memory_dump(addr: u64, fmt: DumpFormat, data: &[u8]) -> String {
     };
     let mut out = String::new();
     for (line_no, chunk) in data.chunks(line_size).enumerate() {
-        let _ = write!(out, "{:016x}:", addr.wrapping_add((line_no * line_size) as u64));
+        let _ = write!(
+            out,
+            "{:016x}:",
+            addr.wrapping_add((line_no * line_size) as u64)
+        );
         for unit in chunk.chunks(wsize) {
             let mut raw = [0u8; 8];
             raw[..unit.len()].copy_from_slice(unit);
@@ -216,7 +253,11 @@ pub fn memory_dump(addr: u64, fmt: DumpFormat, data: &[u8]) -> String {
             out.push(' ');
             match fmt.format {
                 'o' => {
-                    let s = if v == 0 { "0".to_string() } else { format!("0{v:o}") };
+                    let s = if v == 0 {
+                        "0".to_string()
+                    } else {
+                        format!("0{v:o}")
+                    };
                     let _ = write!(out, "{s:>max_digits$}");
                 }
                 'u' => {
@@ -256,15 +297,28 @@ mod tests {
 
     #[test]
     fn status_lines() {
-        assert_eq!(status(&StatusInfo::from(RunState::Running)), "VM status: running\n");
-        assert_eq!(status(&StatusInfo::from(RunState::Paused)), "VM status: paused\n");
-        assert_eq!(status(&StatusInfo::from(RunState::Postmigrate)), "VM status: paused (postmigrate)\n");
+        assert_eq!(
+            status(&StatusInfo::from(RunState::Running)),
+            "VM status: running\n"
+        );
+        assert_eq!(
+            status(&StatusInfo::from(RunState::Paused)),
+            "VM status: paused\n"
+        );
+        assert_eq!(
+            status(&StatusInfo::from(RunState::Postmigrate)),
+            "VM status: paused (postmigrate)\n"
+        );
     }
 
     #[test]
     fn dumps_like_qemu() {
         let data: Vec<u8> = (0u8..20).collect();
-        let f = |count, format, size| DumpFormat { count, format, size };
+        let f = |count, format, size| DumpFormat {
+            count,
+            format,
+            size,
+        };
         assert_eq!(
             memory_dump(0x1000, f(2, 'x', 4), &data[..8]),
             "0000000000001000: 0x03020100 0x07060504\n"
@@ -273,10 +327,22 @@ mod tests {
             memory_dump(0, f(10, 'x', 1), &data[..10]),
             "0000000000000000: 0x00 0x01 0x02 0x03 0x04 0x05 0x06 0x07\n0000000000000008: 0x08 0x09\n"
         );
-        assert_eq!(memory_dump(0, f(1, 'd', 2), &[0xff, 0xff]), "0000000000000000:    -1\n");
-        assert_eq!(memory_dump(0, f(1, 'u', 2), &[0xff, 0xff]), "0000000000000000: 65535\n");
-        assert_eq!(memory_dump(0, f(2, 'o', 1), &[8, 0]), "0000000000000000: 010   0\n");
-        assert_eq!(memory_dump(0, f(3, 'c', 4), b"A\n\x01"), "0000000000000000: 'A' '\\n' '\\x01'\n");
+        assert_eq!(
+            memory_dump(0, f(1, 'd', 2), &[0xff, 0xff]),
+            "0000000000000000:    -1\n"
+        );
+        assert_eq!(
+            memory_dump(0, f(1, 'u', 2), &[0xff, 0xff]),
+            "0000000000000000: 65535\n"
+        );
+        assert_eq!(
+            memory_dump(0, f(2, 'o', 1), &[8, 0]),
+            "0000000000000000: 010   0\n"
+        );
+        assert_eq!(
+            memory_dump(0, f(3, 'c', 4), b"A\n\x01"),
+            "0000000000000000: 'A' '\\n' '\\x01'\n"
+        );
         assert_eq!(
             memory_dump(0, f(1, 'x', 8), &0x1122334455667788u64.to_le_bytes()),
             "0000000000000000: 0x1122334455667788\n"
@@ -298,9 +364,20 @@ mod tests {
         let text = snapshots(&[s]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "List of snapshots present on all disks:");
-        assert_eq!(lines[1], "ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT");
-        assert!(lines[2].starts_with("--        snap0            20.4 MiB "), "{}", lines[2]);
-        assert!(lines[2].ends_with(" 01:02:03.456           "), "{:?}", lines[2]);
+        assert_eq!(
+            lines[1],
+            "ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT"
+        );
+        assert!(
+            lines[2].starts_with("--        snap0            20.4 MiB "),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[2].ends_with(" 01:02:03.456           "),
+            "{:?}",
+            lines[2]
+        );
         assert_eq!(snapshots(&[]), "There is no snapshot available.\n");
     }
 
@@ -309,7 +386,9 @@ mod tests {
         let all = help(None).unwrap();
         assert!(all.contains("cont|c  -- resume emulation\n"));
         assert!(all.contains("x /fmt addr -- virtual memory dump"));
-        assert!(help(Some("info")).unwrap().contains("info status  -- show the current VM status"));
+        assert!(help(Some("info"))
+            .unwrap()
+            .contains("info status  -- show the current VM status"));
         assert_eq!(help(Some("q")).unwrap(), "quit|q  -- quit the emulator\n");
         assert!(help(Some("nope")).is_err());
     }

@@ -45,7 +45,9 @@ pub struct Args<'a> {
 }
 
 fn type_error(name: &str, expected: &str) -> CommandError {
-    CommandError::generic(format!("Invalid parameter type for '{name}', expected: {expected}"))
+    CommandError::generic(format!(
+        "Invalid parameter type for '{name}', expected: {expected}"
+    ))
 }
 
 fn missing(name: &str) -> CommandError {
@@ -54,7 +56,10 @@ fn missing(name: &str) -> CommandError {
 
 impl<'a> Args<'a> {
     pub fn new(map: &'a Map<String, Value>) -> Self {
-        Args { map, used: Vec::new() }
+        Args {
+            map,
+            used: Vec::new(),
+        }
     }
 
     fn get(&mut self, name: &'static str) -> Option<&'a Value> {
@@ -85,7 +90,10 @@ impl<'a> Args<'a> {
     pub fn opt_u64(&mut self, name: &'static str) -> Result<Option<u64>, CommandError> {
         match self.get(name) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| type_error(name, "integer")),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| type_error(name, "integer")),
         }
     }
 
@@ -93,12 +101,19 @@ impl<'a> Args<'a> {
         self.opt_str_list(name)?.ok_or_else(|| missing(name))
     }
 
-    pub fn opt_str_list(&mut self, name: &'static str) -> Result<Option<Vec<String>>, CommandError> {
+    pub fn opt_str_list(
+        &mut self,
+        name: &'static str,
+    ) -> Result<Option<Vec<String>>, CommandError> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|i| i.as_str().map(String::from).ok_or_else(|| type_error(name, "array of strings")))
+                .map(|i| {
+                    i.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| type_error(name, "array of strings"))
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map(Some),
             Some(_) => Err(type_error(name, "array")),
@@ -116,7 +131,9 @@ impl<'a> Args<'a> {
     /// Fails on any member that was not asked for.
     pub fn finish(self) -> Result<(), CommandError> {
         match self.map.keys().find(|k| !self.used.contains(&k.as_str())) {
-            Some(k) => Err(CommandError::generic(format!("Parameter '{k}' is unexpected"))),
+            Some(k) => Err(CommandError::generic(format!(
+                "Parameter '{k}' is unexpected"
+            ))),
             None => Ok(()),
         }
     }
@@ -124,14 +141,25 @@ impl<'a> Args<'a> {
 
 fn snapshot_request(a: &mut Args<'_>, with_vmstate: bool) -> Result<SnapshotRequest, CommandError> {
     let tag = a.str("tag")?;
-    let vmstate = if with_vmstate { Some(a.str("vmstate")?) } else { None };
+    let vmstate = if with_vmstate {
+        Some(a.str("vmstate")?)
+    } else {
+        None
+    };
     let devices = Some(a.str_list("devices")?);
-    Ok(SnapshotRequest { tag, vmstate, devices })
+    Ok(SnapshotRequest {
+        tag,
+        vmstate,
+        devices,
+    })
 }
 
 /// Parses a VM command (everything but `qmp_capabilities`, `query-commands` and
 /// `human-monitor-command`, which the session handles). `Ok(None)`: unknown command.
-pub fn parse_vm_command(name: &str, args: &Map<String, Value>) -> Result<Option<Command>, CommandError> {
+pub fn parse_vm_command(
+    name: &str,
+    args: &Map<String, Value>,
+) -> Result<Option<Command>, CommandError> {
     let mut a = Args::new(args);
     let cmd = match name {
         "query-status" => Command::QueryStatus,
@@ -150,7 +178,11 @@ pub fn parse_vm_command(name: &str, args: &Map<String, Value>) -> Result<Option<
                 _ => SnapshotOp::Delete,
             };
             let request = snapshot_request(&mut a, op != SnapshotOp::Delete)?;
-            Command::SnapshotJob { job_id, op, request }
+            Command::SnapshotJob {
+                job_id,
+                op,
+                request,
+            }
         }
         "query-jobs" => Command::QueryJobs,
         "job-dismiss" => Command::JobDismiss { id: a.str("id")? },
@@ -167,7 +199,12 @@ pub fn parse_vm_command(name: &str, args: &Map<String, Value>) -> Result<Option<
                     "Block migration is not supported; Godwit migrates with shared storage",
                 ));
             }
-            Command::Migrate(MigrateArgs { uri, detach, resume, report_file })
+            Command::Migrate(MigrateArgs {
+                uri,
+                detach,
+                resume,
+                report_file,
+            })
         }
         "migrate_cancel" => Command::MigrateCancel,
         "migrate-incoming" => Command::MigrateIncoming { uri: a.str("uri")? },
@@ -180,13 +217,17 @@ pub fn parse_vm_command(name: &str, args: &Map<String, Value>) -> Result<Option<
         "migrate-set-capabilities" => {
             let mut caps = Vec::new();
             for item in a.array("capabilities")? {
-                let obj = item.as_object().ok_or_else(|| type_error("capabilities", "array of objects"))?;
+                let obj = item
+                    .as_object()
+                    .ok_or_else(|| type_error("capabilities", "array of objects"))?;
                 let mut ca = Args::new(obj);
                 let cap_name = ca.str("capability")?;
                 let state = ca.opt_bool("state")?.ok_or_else(|| missing("state"))?;
                 ca.finish()?;
                 let capability = cap_name.parse().map_err(|_| {
-                    CommandError::generic(format!("Parameter 'capability' does not accept value '{cap_name}'"))
+                    CommandError::generic(format!(
+                        "Parameter 'capability' does not accept value '{cap_name}'"
+                    ))
                 })?;
                 caps.push(CapabilityStatus { capability, state });
             }
@@ -214,22 +255,42 @@ mod tests {
     #[test]
     fn arguments_are_checked_like_qemu() {
         assert_eq!(parse("stop", json!({})), Ok(Some(Command::Stop)));
-        assert_eq!(parse("stop", json!({"now": true})).unwrap_err().desc, "Parameter 'now' is unexpected");
-        assert_eq!(parse("migrate", json!({})).unwrap_err().desc, "Parameter 'uri' is missing");
+        assert_eq!(
+            parse("stop", json!({"now": true})).unwrap_err().desc,
+            "Parameter 'now' is unexpected"
+        );
+        assert_eq!(
+            parse("migrate", json!({})).unwrap_err().desc,
+            "Parameter 'uri' is missing"
+        );
         assert_eq!(
             parse("migrate", json!({"uri": 5})).unwrap_err().desc,
             "Invalid parameter type for 'uri', expected: string"
         );
         assert_eq!(parse("frobnicate", json!({})), Ok(None));
         assert!(matches!(
-            parse("snapshot-save", json!({"job-id": "j", "tag": "t", "vmstate": "d", "devices": ["d"]})),
-            Ok(Some(Command::SnapshotJob { op: SnapshotOp::Save, .. }))
+            parse(
+                "snapshot-save",
+                json!({"job-id": "j", "tag": "t", "vmstate": "d", "devices": ["d"]})
+            ),
+            Ok(Some(Command::SnapshotJob {
+                op: SnapshotOp::Save,
+                ..
+            }))
         ));
-        assert!(parse("snapshot-save", json!({"job-id": "j", "tag": "t", "vmstate": "d", "devices": [1]})).is_err());
+        assert!(parse(
+            "snapshot-save",
+            json!({"job-id": "j", "tag": "t", "vmstate": "d", "devices": [1]})
+        )
+        .is_err());
         assert!(matches!(
             parse("migrate-set-capabilities", json!({"capabilities": [{"capability": "auto-converge", "state": true}]})),
             Ok(Some(Command::MigrateSetCapabilities(c))) if c.len() == 1 && c[0].state
         ));
-        assert!(parse("migrate-set-capabilities", json!({"capabilities": [{"capability": "warp", "state": true}]})).is_err());
+        assert!(parse(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "warp", "state": true}]})
+        )
+        .is_err());
     }
 }

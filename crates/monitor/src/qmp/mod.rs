@@ -28,7 +28,10 @@ pub struct QmpSession {
 
 fn error_reply(e: &CommandError, id: Option<Value>) -> Value {
     let mut m = Map::new();
-    m.insert("error".into(), json!({ "class": e.class.as_str(), "desc": e.desc }));
+    m.insert(
+        "error".into(),
+        json!({ "class": e.class.as_str(), "desc": e.desc }),
+    );
     if let Some(id) = id {
         m.insert("id".into(), id);
     }
@@ -46,7 +49,10 @@ fn return_reply(v: Value, id: Option<Value>) -> Value {
 
 impl QmpSession {
     pub fn new(monitor: Arc<Monitor>) -> Self {
-        QmpSession { monitor, negotiated: false }
+        QmpSession {
+            monitor,
+            negotiated: false,
+        }
     }
 
     /// `{"QMP": {"version": {"qemu": {...}, "package": "godwit X"}, "capabilities": []}}`
@@ -69,7 +75,10 @@ impl QmpSession {
 
     fn handle_value(&mut self, v: Value) -> Value {
         let Value::Object(obj) = v else {
-            return error_reply(&CommandError::generic("QMP input must be a JSON object"), None);
+            return error_reply(
+                &CommandError::generic("QMP input must be a JSON object"),
+                None,
+            );
         };
         let id = obj.get("id").cloned();
         match self.dispatch(&obj) {
@@ -79,24 +88,43 @@ impl QmpSession {
     }
 
     fn dispatch(&mut self, obj: &Map<String, Value>) -> Result<Value, CommandError> {
-        if let Some(k) = obj.keys().find(|k| !matches!(k.as_str(), "execute" | "exec-oob" | "arguments" | "id")) {
-            return Err(CommandError::generic(format!("QMP input member '{k}' is unexpected")));
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !matches!(k.as_str(), "execute" | "exec-oob" | "arguments" | "id"))
+        {
+            return Err(CommandError::generic(format!(
+                "QMP input member '{k}' is unexpected"
+            )));
         }
         let (name, oob) = match (obj.get("execute"), obj.get("exec-oob")) {
             (Some(_), Some(_)) => {
-                return Err(CommandError::generic("QMP input must not contain both 'execute' and 'exec-oob'"))
+                return Err(CommandError::generic(
+                    "QMP input must not contain both 'execute' and 'exec-oob'",
+                ))
             }
             (None, None) => return Err(CommandError::generic("QMP input lacks member 'execute'")),
             (Some(Value::String(s)), None) => (s.as_str(), false),
             (None, Some(Value::String(s))) => (s.as_str(), true),
-            (Some(_), None) => return Err(CommandError::generic("QMP input member 'execute' must be a string")),
-            (None, Some(_)) => return Err(CommandError::generic("QMP input member 'exec-oob' must be a string")),
+            (Some(_), None) => {
+                return Err(CommandError::generic(
+                    "QMP input member 'execute' must be a string",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(CommandError::generic(
+                    "QMP input member 'exec-oob' must be a string",
+                ))
+            }
         };
         let empty = Map::new();
         let args = match obj.get("arguments") {
             None => &empty,
             Some(Value::Object(a)) => a,
-            Some(_) => return Err(CommandError::generic("QMP input member 'arguments' must be an object")),
+            Some(_) => {
+                return Err(CommandError::generic(
+                    "QMP input member 'arguments' must be an object",
+                ))
+            }
         };
         if !self.negotiated && name != "qmp_capabilities" {
             return Err(CommandError::new(
@@ -105,13 +133,20 @@ impl QmpSession {
             ));
         }
         if oob {
-            return Err(CommandError::generic(format!("The command {name} does not support OOB")));
+            return Err(CommandError::generic(format!(
+                "The command {name} does not support OOB"
+            )));
         }
         match name {
             "qmp_capabilities" => self.qmp_capabilities(args),
             "query-commands" => {
                 commands::Args::new(args).finish()?;
-                Ok(Value::Array(commands::QMP_COMMANDS.iter().map(|c| json!({ "name": c })).collect()))
+                Ok(Value::Array(
+                    commands::QMP_COMMANDS
+                        .iter()
+                        .map(|c| json!({ "name": c }))
+                        .collect(),
+                ))
             }
             "human-monitor-command" => self.human_monitor_command(args),
             _ => match commands::parse_vm_command(name, args)? {
@@ -133,7 +168,9 @@ impl QmpSession {
         a.finish()?;
         for cap in &enable {
             if !CAPABILITIES.contains(&cap.as_str()) {
-                return Err(CommandError::generic(format!("Capability '{cap}' not available")));
+                return Err(CommandError::generic(format!(
+                    "Capability '{cap}' not available"
+                )));
             }
         }
         self.negotiated = true;

@@ -82,7 +82,10 @@ impl JsonStreamer {
             return;
         }
         // A top-level scalar ends at whitespace or a structural character.
-        if self.scalar && !self.in_string && (b.is_ascii_whitespace() || matches!(b, b'{' | b'[' | b'}' | b']')) {
+        if self.scalar
+            && !self.in_string
+            && (b.is_ascii_whitespace() || matches!(b, b'{' | b'[' | b'}' | b']'))
+        {
             self.emit(out);
         }
         if self.depth == 0 && !self.scalar {
@@ -97,7 +100,11 @@ impl JsonStreamer {
             }
         }
         if self.buf.len() >= self.max_len {
-            self.fail(out, &format!("message longer than {} bytes", self.max_len), b != b'\n');
+            self.fail(
+                out,
+                &format!("message longer than {} bytes", self.max_len),
+                b != b'\n',
+            );
             return;
         }
         self.buf.push(b);
@@ -121,7 +128,11 @@ impl JsonStreamer {
             b'{' | b'[' => {
                 self.depth += 1;
                 if self.depth > MAX_DEPTH {
-                    self.fail(out, &format!("nesting deeper than {MAX_DEPTH} levels"), true);
+                    self.fail(
+                        out,
+                        &format!("nesting deeper than {MAX_DEPTH} levels"),
+                        true,
+                    );
                 }
             }
             b'}' | b']' => {
@@ -173,7 +184,10 @@ mod tests {
         s.feed(br#"{"execute":"a"}{"execute""#, &mut out);
         assert_eq!(out, [JsonItem::Value(json!({"execute": "a"}))]);
         s.feed(br#":"b", "x": "}{\""}"#, &mut out);
-        assert_eq!(out[1], JsonItem::Value(json!({"execute": "b", "x": "}{\""})));
+        assert_eq!(
+            out[1],
+            JsonItem::Value(json!({"execute": "b", "x": "}{\""}))
+        );
     }
 
     #[test]
