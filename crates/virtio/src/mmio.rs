@@ -175,6 +175,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
     pub fn acked_features(&self) -> u64 {
         self.driver_features
     }
+    /// Queue `i`'s progress: (next available index to take, next used index to fill).
+    pub fn queue_indices(&self, i: usize) -> Option<(u16, u16)> {
+        self.queues.get(i).map(|q| {
+            let q = lock(q);
+            (q.next_avail(), q.next_used())
+        })
+    }
     /// True once the driver set `DRIVER_OK` and the device took over the queues.
     pub fn is_activated(&self) -> bool {
         self.activated

@@ -146,9 +146,13 @@ fn large_requests_are_chunked() {
 
 #[test]
 fn out_of_range_and_malformed_sizes_are_ioerr() {
-    let disk = MemDisk::new(MIB);
-    let mut d = Driver::start(disk.clone(), cfg(), !F_EVENT_IDX);
-    let sectors = (MIB / 512) as u64;
+    // The disk is one sector and a bit larger than its capacity; the device alone must stop
+    // requests past the capacity, before the backend sees them.
+    let disk = MemDisk::new(MIB + 1023);
+    let (spy, calls) = Spy::new(disk.clone());
+    let mut d = Driver::start_on(Box::new(spy), cfg(), !F_EVENT_IDX);
+    let sectors = (MIB / 512) as u64 + 1;
+    assert_eq!(d.r32(reg::CONFIG), sectors as u32, "capacity rounds down to whole sectors");
     assert_eq!(d.write(sectors, vec![1; 512]), S_IOERR, "first sector past the end");
     assert_eq!(d.write(sectors - 1, vec![1; 1024]), S_IOERR, "straddles the end");
     assert_eq!(d.read(u64::MAX, 512).0, S_IOERR, "sector * 512 overflows");
@@ -156,7 +160,9 @@ fn out_of_range_and_malformed_sizes_are_ioerr() {
     assert_eq!(d.request(T_OUT, 0, Data::Out(vec![1; 100], 1)).status, S_IOERR, "not whole sectors");
     assert_eq!(d.request(T_IN, 0, Data::In(513, 1)).status, S_IOERR);
     assert_eq!(d.request(99, 0, Data::None).status, S_UNSUPP, "unknown request type");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0, "the backend saw none of them");
     assert!(disk.contents().iter().all(|&b| b == 0), "nothing was written");
+    assert_eq!(d.write(sectors - 1, vec![1; 512]), S_OK, "the last whole sector is fine");
     // A backend failure is an I/O error too, and the device carries on afterwards.
     disk.set_failing(true);
     assert_eq!(d.write(0, vec![1; 512]), S_IOERR);

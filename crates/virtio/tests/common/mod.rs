@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use virtio::block::{Block, BlockConfig};
 use virtio::device::status;
 use virtio::mmio::reg;
-use virtio::{GuestMemoryMmap, MemDisk, MmioTransport, VirtioDevice};
+use virtio::{BlockBackend, GuestMemoryMmap, MemDisk, MmioTransport, VirtioDevice};
 use vm_memory::{Bytes, GuestAddress};
 
 pub const RAM: u64 = 16 << 20;
@@ -95,8 +95,13 @@ pub struct Driver {
 impl Driver {
     /// A device in slot 0 over `disk`, not yet initialised by the driver.
     pub fn raw(disk: MemDisk, cfg: BlockConfig) -> Self {
+        Self::raw_on(Box::new(disk), cfg)
+    }
+
+    /// A device in slot 0 over any backend, not yet initialised by the driver.
+    pub fn raw_on(disk: Box<dyn virtio::BlockBackend>, cfg: BlockConfig) -> Self {
         let mem = guest_memory();
-        let blk = Block::new(Box::new(disk), cfg).expect("block device");
+        let blk = Block::new(disk, cfg).expect("block device");
         let dev = MmioTransport::new(0, blk, mem.clone()).expect("transport");
         Self::with(dev, mem)
     }
@@ -107,7 +112,12 @@ impl Driver {
 
     /// A device the driver brought up, accepting every offered feature in `mask`.
     pub fn start(disk: MemDisk, cfg: BlockConfig, mask: u64) -> Self {
-        let mut d = Self::raw(disk, cfg);
+        Self::start_on(Box::new(disk), cfg, mask)
+    }
+
+    /// Like [`Driver::start`] over any backend.
+    pub fn start_on(disk: Box<dyn virtio::BlockBackend>, cfg: BlockConfig, mask: u64) -> Self {
+        let mut d = Self::raw_on(disk, cfg);
         let offered = d.device_features();
         assert!(d.negotiate(offered & mask), "features refused");
         d.setup_queue(Q);
@@ -294,6 +304,23 @@ impl Driver {
         self.dev.resume();
     }
 
+    /// Waits until the device has taken every request the driver made available (whether or
+    /// not it could return them), using pause as the sync point.
+    pub fn drain(&mut self) {
+        let target = self.avail_idx;
+        let dev = &mut self.dev;
+        wait_for("the device to take all requests", || {
+            dev.pause().expect("pause");
+            let (next_avail, _) = dev.queue_indices(0).unwrap();
+            dev.resume();
+            next_avail == target
+        });
+    }
+
+    pub fn status_byte(&self, addr: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(addr)).unwrap()
+    }
+
     pub fn device(&self) -> &Block {
         self.dev.device()
     }
@@ -306,4 +333,52 @@ impl Driver {
 /// A pattern that differs per sector and per generation.
 pub fn pattern(sector: u64, len: usize, gen: u8) -> Vec<u8> {
     (0..len).map(|i| (sector as usize * 31 + i * 7 + gen as usize) as u8).collect()
+}
+
+/// A backend that counts every call (also failing ones) before passing it to a [`MemDisk`]:
+/// shows whether the device itself stopped a bad request or left it to the backend.
+pub struct Spy {
+    pub disk: MemDisk,
+    pub calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Spy {
+    pub fn new(disk: MemDisk) -> (Self, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        (Spy { disk, calls: calls.clone() }, calls)
+    }
+    fn hit(&self) {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl BlockBackend for Spy {
+    fn format(&self) -> virtio::backend::ImageFormat {
+        virtio::backend::ImageFormat::Raw
+    }
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.disk.is_read_only()
+    }
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> qcow2::Result<()> {
+        self.hit();
+        self.disk.read_at(off, buf)
+    }
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> qcow2::Result<()> {
+        self.hit();
+        self.disk.write_at(off, buf)
+    }
+    fn flush(&mut self) -> qcow2::Result<()> {
+        self.disk.flush()
+    }
+    fn discard(&mut self, off: u64, len: u64) -> qcow2::Result<()> {
+        self.hit();
+        self.disk.discard(off, len)
+    }
+    fn write_zeroes(&mut self, off: u64, len: u64) -> qcow2::Result<()> {
+        self.hit();
+        self.disk.write_zeroes(off, len)
+    }
 }
