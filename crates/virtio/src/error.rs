@@ -24,6 +24,9 @@ pub enum Error {
         #[source]
         source: virtio_queue::Error,
     },
+    /// The driver configured a queue the device cannot use.
+    #[error("virtqueue {index}: {reason}")]
+    BadQueue { index: usize, reason: &'static str },
     /// The device configuration the VMM asked for is not usable.
     #[error("virtio-blk configuration: {0}")]
     Config(String),

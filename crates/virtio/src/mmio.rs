@@ -240,7 +240,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             let mut q = lock(q);
             q.set_event_idx(event_idx);
             if q.ready() && !q.is_valid(&self.mem) {
-                return Err(Error::Queue { index: i, source: virtio_queue::Error::InvalidSize });
+                return Err(Error::BadQueue { index: i, reason: "rings are not in guest RAM" });
             }
         }
         let mut evts = Vec::with_capacity(self.queue_evts.len());

@@ -23,6 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// epoll token of the control eventfd (queue tokens are their index).
 const WAKE_TOKEN: u64 = u64::MAX;
+/// Completions after which a long batch signals the driver without waiting for its end.
+const SIGNAL_EVERY: u32 = 16;
 /// `VIRTQ_AVAIL_F_NO_INTERRUPT`: the driver does not want interrupts (without `EVENT_IDX`).
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
@@ -152,7 +154,7 @@ impl Worker {
             return true;
         }
         let mem = &self.mem;
-        let mut used_any = false;
+        let mut unsignalled = 0u32;
         let mut complete = true;
         let mut rechecked = false;
         if let Err(e) = lock(&queue).disable_notification(mem) {
@@ -176,8 +178,15 @@ impl Worker {
                     let head = chain.head_index();
                     let len = self.exec.handle(chain);
                     match lock(&queue).add_used(mem, head, len) {
-                        Ok(()) => used_any = true,
+                        Ok(()) => unsignalled += 1,
                         Err(e) => tracing::warn!("virtio-blk: queue {i}: descriptor {head} not returned: {e}"),
+                    }
+                    // In a long batch, let the driver see completions before the batch ends.
+                    if unsignalled >= SIGNAL_EVERY {
+                        unsignalled = 0;
+                        if self.needs_interrupt(&queue) {
+                            self.interrupt.trigger(irq::VRING);
+                        }
                     }
                 }
                 Ok(None) if rechecked => {
@@ -209,7 +218,7 @@ impl Worker {
                 }
             }
         }
-        if used_any && self.needs_interrupt(&queue) {
+        if unsignalled > 0 && self.needs_interrupt(&queue) {
             self.interrupt.trigger(irq::VRING);
         }
         complete
