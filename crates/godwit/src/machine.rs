@@ -2,6 +2,7 @@
 //! keeps QEMU's run state, runs outgoing migrations on their own thread and serves incoming
 //! ones. One command layer: HMP and QMP both end up here.
 
+use crate::drives::SharedDisk;
 use crate::vmglue::VmHandle;
 use devices::{VmEvents, VmRequest};
 use migration::sender::{self, Shared};
@@ -25,6 +26,7 @@ pub struct Machine {
     pub mig: Arc<Shared>,
     mig_thread: Mutex<Option<JoinHandle<()>>>,
     requests: VmEvents,
+    pub disks: Vec<SharedDisk>,
 }
 
 fn status_of(s: Status) -> MigrationStatus {
@@ -73,7 +75,7 @@ pub fn migration_info(st: &Stats) -> MigrationInfo {
 }
 
 impl Machine {
-    pub fn new(vm: Arc<Vm>, initial: RunState, events: EventBus) -> Arc<Machine> {
+    pub fn new(vm: Arc<Vm>, initial: RunState, events: EventBus, disks: Vec<SharedDisk>) -> Arc<Machine> {
         let requests = vm.events();
         Arc::new(Machine {
             vm,
@@ -82,11 +84,12 @@ impl Machine {
             mig: Shared::new(),
             mig_thread: Mutex::new(None),
             requests,
+            disks,
         })
     }
 
     pub fn handle(&self) -> VmHandle {
-        VmHandle { vm: self.vm.clone(), state: self.state.clone() }
+        VmHandle { vm: self.vm.clone(), state: self.state.clone(), disks: self.disks.clone() }
     }
 
     fn migration_running(&self) -> bool {

@@ -4,6 +4,7 @@
 
 mod cli;
 mod console;
+mod drives;
 mod incoming;
 mod machine;
 mod monitors;
@@ -54,7 +55,30 @@ fn main() -> ExitCode {
         Err(e) => return fail(format!("serial: {e}")),
     };
     let config = VmConfig { mem_size: opts.mem_mib << 20, vcpus: opts.smp, kernel, cmdline: opts.append.clone() };
-    let vm = match Vm::new(config, console_out.boxed()) {
+    let specs = match drives::resolve(&opts.drives, &opts.devices) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let mut disks = Vec::new();
+    for s in &specs {
+        match drives::SharedDisk::open(s, opts.incoming.is_some()) {
+            Ok(d) => disks.push(d),
+            Err(e) => return fail(e),
+        }
+    }
+    let disk_specs = disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| vmm::vm::DiskSpec {
+            backend: d.device_backend(),
+            config: virtio::BlockConfig {
+                serial: d.spec.serial.clone().unwrap_or_else(|| format!("godwit-disk{i}")),
+                read_only: d.spec.read_only,
+                ..Default::default()
+            },
+        })
+        .collect();
+    let vm = match Vm::new(config, console_out.boxed(), disk_specs) {
         Ok(vm) => Arc::new(vm),
         Err(e) => return fail(e),
     };
@@ -66,7 +90,7 @@ fn main() -> ExitCode {
     } else {
         RunState::Running
     };
-    let machine = Machine::new(vm.clone(), initial, events);
+    let machine = Machine::new(vm.clone(), initial, events, disks);
 
     if let Some(uri) = &opts.incoming {
         if uri != "defer" {

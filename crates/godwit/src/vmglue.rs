@@ -2,6 +2,7 @@
 //! migration crate so that crate does not depend on the VM core). Pausing and resuming through
 //! this handle also moves the monitor's run state (`finish-migrate`, `running`).
 
+use crate::drives::SharedDisk;
 use migration::{MigratableVm, RamRegion};
 use monitor::runstate::{RunState, RunStateMachine};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use vmstate::Section;
 pub struct VmHandle {
     pub vm: Arc<Vm>,
     pub state: Arc<RunStateMachine>,
+    pub disks: Vec<SharedDisk>,
 }
 
 impl MigratableVm for VmHandle {
@@ -45,6 +47,25 @@ impl MigratableVm for VmHandle {
     }
     fn restore_state(&self, sections: &[Section]) -> Result<(), String> {
         self.vm.restore_state(sections).map_err(|e| e.to_string())
+    }
+    fn before_switchover(&self) -> Result<(), String> {
+        self.vm.quiesce().map_err(|e| e.to_string())?;
+        for d in &self.disks {
+            d.release()?;
+        }
+        Ok(())
+    }
+    fn after_failed_switchover(&self) -> Result<(), String> {
+        for d in &self.disks {
+            d.reacquire()?;
+        }
+        Ok(())
+    }
+    fn before_resume_incoming(&self) -> Result<(), String> {
+        for d in &self.disks {
+            d.reacquire()?;
+        }
+        Ok(())
     }
     fn config_summary(&self) -> String {
         let c = self.vm.config_state();

@@ -20,7 +20,16 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
+use virtio::{Block, BlockBackend, BlockConfig, MmioTransport};
 use vmstate::{Section, StateError, Stateful};
+
+/// A virtio-blk disk to attach: its backend and device configuration.
+pub struct DiskSpec {
+    pub backend: Box<dyn BlockBackend>,
+    pub config: BlockConfig,
+}
+
+pub type BlockDevice = Arc<Mutex<MmioTransport<Block>>>;
 
 const TSS_ADDRESS: usize = 0xfffb_d000;
 const APIC_LVT0: usize = 0x350;
@@ -55,6 +64,7 @@ pub struct Vm {
     ram: Arc<GuestRam>,
     vcpus: VcpuSet,
     serial: Arc<Mutex<Serial>>,
+    disks: Vec<BlockDevice>,
     events: VmEvents,
     requests: Mutex<Receiver<VmRequest>>,
     msr_list: Vec<u32>,
@@ -65,7 +75,7 @@ pub struct Vm {
 
 impl Vm {
     /// Builds the VM and loads the kernel; the vCPUs start paused (see [`Vm::resume`]).
-    pub fn new(config: VmConfig, serial_out: SerialOut) -> Result<Self> {
+    pub fn new(config: VmConfig, serial_out: SerialOut, disk_specs: Vec<DiskSpec>) -> Result<Self> {
         let kvm_sys = Kvm::new().map_err(Error::KvmOpen)?;
         let max = (kvm_sys.get_max_vcpus()).min(MAX_VCPUS);
         if config.vcpus == 0 || config.vcpus > max {
@@ -91,7 +101,21 @@ impl Vm {
             .map_err(dev_err)?;
         pio.insert(I8042::BASE as u64, I8042::LEN as u64, Arc::new(Mutex::new(I8042::new(events.clone()))))
             .map_err(dev_err)?;
-        let mmio = Bus::new();
+        let mut mmio = Bus::new();
+        let mut disks = Vec::new();
+        for (i, d) in disk_specs.into_iter().enumerate() {
+            let blk = Block::new(d.backend, d.config).map_err(|e| Error::Device(format!("disk {i}: {e}")))?;
+            let dev = MmioTransport::new(i, blk, ram.memory().clone()).map_err(|e| Error::Device(format!("disk {i}: {e}")))?;
+            fd.register_irqfd(dev.irq_evt(), dev.gsi()).map_err(kvm("KVM_IRQFD"))?;
+            for e in dev.ioevents() {
+                fd.register_ioevent(e.fd, &kvm_ioctls::IoEventAddress::Mmio(e.addr), e.datamatch)
+                    .map_err(kvm("KVM_IOEVENTFD"))?;
+            }
+            let (base, len) = (dev.mmio_base(), dev.mmio_len());
+            let dev = Arc::new(Mutex::new(dev));
+            mmio.insert(base, len, dev.clone()).map_err(dev_err)?;
+            disks.push(dev);
+        }
 
         let boot = boot::load_pvh(&ram, &config.kernel, &config.cmdline)?;
 
@@ -125,6 +149,7 @@ impl Vm {
             ram,
             vcpus,
             serial,
+            disks,
             events,
             requests: Mutex::new(rx),
             msr_list,
@@ -156,10 +181,29 @@ impl Vm {
         self.vcpus.vcpus.len()
     }
 
+    pub fn disks(&self) -> &[BlockDevice] {
+        &self.disks
+    }
+
     pub fn pause(&self) {
         self.vcpus.pause();
     }
+
+    /// Pauses the vCPUs, then drains and flushes every disk: guest RAM and disks are quiet,
+    /// ready for a snapshot or a migration switchover.
+    pub fn quiesce(&self) -> Result<()> {
+        self.vcpus.pause();
+        for (i, d) in self.disks.iter().enumerate() {
+            lock(d).pause().map_err(|e| Error::Device(format!("disk {i}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Resumes the disks (if quiesced) and the vCPUs.
     pub fn resume(&self) {
+        for d in &self.disks {
+            lock(d).resume();
+        }
         self.vcpus.resume();
     }
     pub fn is_paused(&self) -> bool {
@@ -195,11 +239,13 @@ impl Vm {
     }
 
     /// The device list a saved state must match.
-    fn config_state(&self) -> ConfigState {
+    pub fn config_state(&self) -> ConfigState {
         ConfigState {
             mem_size: self.config.mem_size,
             vcpus: self.config.vcpus as u32,
-            devices: vec![lock(&self.serial).state_id()],
+            devices: std::iter::once(lock(&self.serial).state_id())
+                .chain(self.disks.iter().map(|d| lock(d).state_id()))
+                .collect(),
         }
     }
 
@@ -212,6 +258,9 @@ impl Vm {
             out.push(vcpu::save(&fd, v.id as u32, &self.msr_list)?.to_section()?);
         }
         out.push(lock(&self.serial).save_state()?);
+        for d in &self.disks {
+            out.push(lock(d).save_state()?);
+        }
         Ok(out)
     }
 
@@ -255,6 +304,10 @@ impl Vm {
         }
         let serial_id = lock(&self.serial).state_id();
         vmstate::find(sections, &serial_id)?;
+        for d in &self.disks {
+            let id = lock(d).state_id();
+            vmstate::find(sections, &id)?;
+        }
         Ok((kvm_state, vcpu_states))
     }
 
@@ -271,6 +324,11 @@ impl Vm {
             let mut serial = lock(&self.serial);
             let id = serial.state_id();
             serial.restore_state(vmstate::find(sections, &id)?)?;
+            for d in &self.disks {
+                let mut d = lock(d);
+                let id = d.state_id();
+                d.restore_state(vmstate::find(sections, &id)?)?;
+            }
             Ok(())
         };
         if let Err(e) = apply(&kvm_state, &vcpu_states, sections) {

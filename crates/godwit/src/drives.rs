@@ -1,0 +1,477 @@
+//! `-drive` and `-device virtio-blk-device,drive=ID`: parsing QEMU's syntax, opening raw and
+//! qcow2 images, QEMU-compatible image locking, `snapshot=on` overlays, and the shared handle
+//! through which savevm reaches the qcow2 image and live migration hands the image over.
+
+use qcow2::{BlockBackend, ImageFormat, OpenOptions, Qcow2};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// One `-drive`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DriveSpec {
+    pub file: PathBuf,
+    pub format: Option<ImageFormat>,
+    pub id: Option<String>,
+    pub interface: String,
+    pub read_only: bool,
+    pub snapshot: bool,
+    pub serial: Option<String>,
+    /// The format was not given (QEMU warns when it then probes raw).
+    pub probed: bool,
+}
+
+fn split(s: &str) -> Vec<String> {
+    // QEMU escapes a comma inside a value as ",,".
+    let mut out = vec![String::new()];
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == ',' {
+            if it.peek() == Some(&',') {
+                it.next();
+                out.last_mut().map(|p| p.push(','));
+            } else {
+                out.push(String::new());
+            }
+        } else {
+            out.last_mut().map(|p| p.push(c));
+        }
+    }
+    out
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!("parameter '{key}' expects 'on' or 'off'")),
+    }
+}
+
+pub fn parse_drive(spec: &str) -> Result<DriveSpec, String> {
+    let mut d = DriveSpec { interface: "virtio".into(), probed: true, ..Default::default() };
+    for (i, part) in split(spec).into_iter().enumerate() {
+        let (k, v) = match part.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None if i == 0 && !part.is_empty() => ("file".to_string(), part.clone()),
+            None => return Err(format!("'{part}' is not key=value")),
+        };
+        match k.as_str() {
+            "file" => d.file = PathBuf::from(v),
+            "format" => {
+                d.probed = false;
+                d.format = Some(match v.as_str() {
+                    "raw" => ImageFormat::Raw,
+                    "qcow2" => ImageFormat::Qcow2,
+                    other => return Err(format!("unsupported format '{other}' (raw or qcow2)")),
+                })
+            }
+            "if" => match v.as_str() {
+                "virtio" | "none" => d.interface = v,
+                other => return Err(format!("interface '{other}' is not supported (virtio or none)")),
+            },
+            "id" => d.id = Some(v),
+            "readonly" => d.read_only = on_off("readonly", &v)?,
+            "snapshot" => d.snapshot = on_off("snapshot", &v)?,
+            "serial" => d.serial = Some(v),
+            "cache" => match v.as_str() {
+                "writeback" | "none" | "directsync" | "writethrough" | "unsafe" => {}
+                other => return Err(format!("invalid cache mode '{other}'")),
+            },
+            "media" | "aio" | "discard" | "detect-zeroes" | "index" => {}
+            other => return Err(format!("unknown drive parameter '{other}'")),
+        }
+    }
+    if d.file.as_os_str().is_empty() {
+        return Err("no file= given".into());
+    }
+    Ok(d)
+}
+
+/// Resolves `-drive` specs and `-device virtio-blk-device,drive=ID` into the ordered disks.
+pub fn resolve(drives: &[String], devices: &[String]) -> Result<Vec<DriveSpec>, String> {
+    let mut parsed = Vec::new();
+    for s in drives {
+        parsed.push(parse_drive(s).map_err(|e| format!("-drive {s}: {e}"))?);
+    }
+    let mut by_id: HashMap<String, usize> = HashMap::new();
+    for (i, d) in parsed.iter().enumerate() {
+        if let Some(id) = &d.id {
+            if by_id.insert(id.clone(), i).is_some() {
+                return Err(format!("-drive: duplicate id '{id}'"));
+            }
+        }
+    }
+    let mut out: Vec<DriveSpec> = parsed.iter().filter(|d| d.interface == "virtio").cloned().collect();
+    for dev in devices {
+        let parts = split(dev);
+        let driver = parts.first().map(String::as_str).unwrap_or("");
+        match driver {
+            "virtio-blk-device" | "virtio-blk" | "virtio-blk-pci" => {
+                let id = parts
+                    .iter()
+                    .find_map(|p| p.strip_prefix("drive="))
+                    .ok_or_else(|| format!("-device {dev}: drive= is required"))?;
+                let i = *by_id.get(id).ok_or_else(|| format!("-device {dev}: no drive with id '{id}'"))?;
+                let mut d = parsed[i].clone();
+                if let Some(s) = parts.iter().find_map(|p| p.strip_prefix("serial=")) {
+                    d.serial = Some(s.to_string());
+                }
+                out.push(d);
+            }
+            "isa-debug-exit" => {} // always present at 0xf4
+            other => return Err(format!("-device '{other}' is not supported")),
+        }
+    }
+    Ok(out)
+}
+
+/// QEMU's image locking: OFD locks on bytes 100+perm ("I use") and 200+perm ("I do not share"),
+/// so Godwit and QEMU refuse a second writer on the same image, whichever comes first.
+pub struct ImageLock {
+    _file: File,
+}
+
+const PERM_CONSISTENT_READ: u64 = 0;
+const PERM_WRITE: u64 = 1;
+const PERM_WRITE_UNCHANGED: u64 = 2;
+const PERM_RESIZE: u64 = 3;
+
+fn ofd(file: &File, cmd: libc::c_int, kind: libc::c_short, byte: u64) -> std::io::Result<libc::c_short> {
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte as libc::off_t;
+    fl.l_len = 1;
+    // SAFETY: fcntl with a valid fd and a flock struct we own.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl.l_type)
+}
+
+impl ImageLock {
+    /// Takes the locks for a writer (or, with `write == false`, a consistent reader).
+    pub fn acquire(path: &Path, write: bool) -> Result<ImageLock, String> {
+        let file = File::open(path).map_err(|e| format!("'{}': {e}", path.display()))?;
+        let (uses, unshares): (&[u64], &[u64]) = if write {
+            (&[PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE], &[PERM_WRITE, PERM_RESIZE])
+        } else {
+            (&[PERM_CONSISTENT_READ], &[PERM_WRITE])
+        };
+        let busy = |what: &str| {
+            format!(
+                "Failed to get \"{what}\" lock on '{}': is another process using the image?",
+                path.display()
+            )
+        };
+        // Someone refuses to share what we use, or uses what we refuse to share?
+        for &p in uses {
+            if ofd(&file, libc::F_OFD_GETLK, libc::F_WRLCK as _, 200 + p).map_err(|e| e.to_string())? != libc::F_UNLCK as libc::c_short {
+                return Err(busy(if p == PERM_WRITE { "write" } else { "shared" }));
+            }
+        }
+        for &p in unshares {
+            if ofd(&file, libc::F_OFD_GETLK, libc::F_WRLCK as _, 100 + p).map_err(|e| e.to_string())? != libc::F_UNLCK as libc::c_short {
+                return Err(busy(if p == PERM_WRITE { "write" } else { "resize" }));
+            }
+        }
+        for &p in uses {
+            ofd(&file, libc::F_OFD_SETLK, libc::F_RDLCK as _, 100 + p).map_err(|_| busy("shared"))?;
+        }
+        for &p in unshares {
+            ofd(&file, libc::F_OFD_SETLK, libc::F_RDLCK as _, 200 + p).map_err(|_| busy("write"))?;
+        }
+        Ok(ImageLock { _file: file })
+    }
+}
+
+/// An image opened for a disk, shared between the virtio-blk device (which does the guest's
+/// I/O through it) and the VMM (savevm reaches the qcow2 image; migration closes and reopens
+/// it at the handover). `None` inside = handed over: the guest is paused then.
+#[derive(Clone)]
+pub struct SharedDisk {
+    pub spec: DriveSpec,
+    inner: Arc<Mutex<Option<Box<dyn BlockBackend>>>>,
+    lock: Arc<Mutex<Option<ImageLock>>>,
+    size: u64,
+    format: ImageFormat,
+}
+
+fn open_backend(spec: &DriveSpec, read_only: bool) -> Result<Box<dyn BlockBackend>, String> {
+    let opts = OpenOptions { read_only, ..Default::default() };
+    let b = qcow2::open(&spec.file, spec.format, &opts).map_err(|e| format!("'{}': {e}", spec.file.display()))?;
+    if spec.snapshot {
+        return Ok(Box::new(Overlay::new(b)));
+    }
+    Ok(b)
+}
+
+impl SharedDisk {
+    /// Opens (and locks) the image. With `deferred`, for an incoming migration, the image is
+    /// only probed: it is opened for real at the handover, after the source let go of it.
+    pub fn open(spec: &DriveSpec, deferred: bool) -> Result<SharedDisk, String> {
+        let format = match spec.format {
+            Some(f) => f,
+            None => {
+                let f = qcow2::probe(&spec.file).map_err(|e| format!("'{}': {e}", spec.file.display()))?;
+                if f == ImageFormat::Raw {
+                    eprintln!(
+                        "godwit: warning: image format was not specified for '{}' and probing guessed raw; \
+                         specify format=raw explicitly to remove this warning",
+                        spec.file.display()
+                    );
+                }
+                f
+            }
+        };
+        let mut spec = spec.clone();
+        spec.format = Some(format);
+        let writes = !spec.read_only && !spec.snapshot;
+        let probe = open_backend(&spec, true)?;
+        let size = probe.size();
+        drop(probe);
+        let (inner, lock) = if deferred {
+            (None, None)
+        } else {
+            let lock = ImageLock::acquire(&spec.file, writes)?;
+            (Some(open_backend(&spec, !writes)?), Some(lock))
+        };
+        Ok(SharedDisk {
+            spec,
+            inner: Arc::new(Mutex::new(inner)),
+            lock: Arc::new(Mutex::new(lock)),
+            size,
+            format,
+        })
+    }
+
+    fn writes(&self) -> bool {
+        !self.spec.read_only && !self.spec.snapshot
+    }
+
+    pub fn backend(&self) -> MutexGuard<'_, Option<Box<dyn BlockBackend>>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the qcow2 image, or explains why there is none.
+    pub fn with_qcow2<R>(&self, f: impl FnOnce(&mut Qcow2) -> R) -> Result<R, String> {
+        let mut g = self.backend();
+        let b = g.as_mut().ok_or_else(|| format!("'{}' is not open", self.spec.file.display()))?;
+        match b.as_qcow2() {
+            Some(q) if !self.spec.snapshot => Ok(f(q)),
+            _ => Err(format!(
+                "Device '{}' is writable but does not support snapshots (format {})",
+                self.spec.id.clone().unwrap_or_else(|| self.spec.file.display().to_string()),
+                if self.spec.snapshot { "temporary snapshot overlay" } else { "raw" }
+            )),
+        }
+    }
+
+    /// Source side of a migration handover: flush, close the image cleanly (qcow2 dirty bit
+    /// cleared), drop the locks. The device must be drained.
+    pub fn release(&self) -> Result<(), String> {
+        if !self.writes() {
+            return Ok(());
+        }
+        let old = self.backend().take();
+        if let Some(mut b) = old {
+            b.flush().map_err(|e| e.to_string())?;
+            if let Some(q) = b.as_qcow2() {
+                q.close().map_err(|e| e.to_string())?;
+            }
+        }
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Ok(())
+    }
+
+    /// Takes the image back (after a failed handover on the source, or at the handover on the
+    /// destination): lock, then open with fresh metadata.
+    pub fn reacquire(&self) -> Result<(), String> {
+        if self.backend().is_some() {
+            return Ok(());
+        }
+        let lock = ImageLock::acquire(&self.spec.file, self.writes())?;
+        let b = open_backend(&self.spec, !self.writes())?;
+        if b.size() != self.size {
+            return Err(format!("'{}' changed size", self.spec.file.display()));
+        }
+        *self.backend() = Some(b);
+        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
+        Ok(())
+    }
+
+    /// The block device's view of this disk.
+    pub fn device_backend(&self) -> Box<dyn BlockBackend> {
+        Box::new(DiskHandle(self.clone()))
+    }
+}
+
+/// What the virtio-blk device holds: forwards to the shared image.
+struct DiskHandle(SharedDisk);
+
+fn gone() -> qcow2::Error {
+    qcow2::Error::Io {
+        context: "accessing a disk handed over to a migration destination",
+        source: std::io::Error::other("image not open"),
+    }
+}
+
+impl BlockBackend for DiskHandle {
+    fn format(&self) -> ImageFormat {
+        self.0.format
+    }
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+    fn is_read_only(&self) -> bool {
+        !self.0.writes() && !self.0.spec.snapshot
+    }
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> qcow2::Result<()> {
+        self.0.backend().as_mut().ok_or_else(gone)?.read_at(off, buf)
+    }
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> qcow2::Result<()> {
+        self.0.backend().as_mut().ok_or_else(gone)?.write_at(off, buf)
+    }
+    fn flush(&mut self) -> qcow2::Result<()> {
+        match self.0.backend().as_mut() {
+            Some(b) => b.flush(),
+            None => Ok(()),
+        }
+    }
+    fn discard(&mut self, off: u64, len: u64) -> qcow2::Result<()> {
+        self.0.backend().as_mut().ok_or_else(gone)?.discard(off, len)
+    }
+    fn write_zeroes(&mut self, off: u64, len: u64) -> qcow2::Result<()> {
+        self.0.backend().as_mut().ok_or_else(gone)?.write_zeroes(off, len)
+    }
+}
+
+/// `snapshot=on`: guest writes go to memory; the image is never written.
+struct Overlay {
+    base: Box<dyn BlockBackend>,
+    blocks: HashMap<u64, Box<[u8]>>,
+}
+
+const OVL_BLOCK: u64 = 4096;
+
+impl Overlay {
+    fn new(base: Box<dyn BlockBackend>) -> Self {
+        Overlay { base, blocks: HashMap::new() }
+    }
+    fn check(&self, off: u64, len: u64) -> qcow2::Result<()> {
+        match off.checked_add(len) {
+            Some(e) if e <= self.base.size() => Ok(()),
+            _ => Err(qcow2::Error::InvalidArgument(format!("access {off}+{len} beyond the disk"))),
+        }
+    }
+}
+
+impl BlockBackend for Overlay {
+    fn format(&self) -> ImageFormat {
+        self.base.format()
+    }
+    fn size(&self) -> u64 {
+        self.base.size()
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> qcow2::Result<()> {
+        self.check(off, buf.len() as u64)?;
+        self.base.read_at(off, buf)?;
+        let mut pos = off;
+        while pos < off + buf.len() as u64 {
+            let blk = pos / OVL_BLOCK;
+            let in_blk = pos % OVL_BLOCK;
+            let n = (OVL_BLOCK - in_blk).min(off + buf.len() as u64 - pos);
+            if let Some(b) = self.blocks.get(&blk) {
+                let d = (pos - off) as usize;
+                buf[d..d + n as usize].copy_from_slice(&b[in_blk as usize..(in_blk + n) as usize]);
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> qcow2::Result<()> {
+        self.check(off, buf.len() as u64)?;
+        let mut pos = off;
+        while pos < off + buf.len() as u64 {
+            let blk = pos / OVL_BLOCK;
+            let in_blk = pos % OVL_BLOCK;
+            let n = (OVL_BLOCK - in_blk).min(off + buf.len() as u64 - pos);
+            if !self.blocks.contains_key(&blk) {
+                let mut b = vec![0u8; OVL_BLOCK as usize].into_boxed_slice();
+                let len = OVL_BLOCK.min(self.base.size() - blk * OVL_BLOCK) as usize;
+                self.base.read_at(blk * OVL_BLOCK, &mut b[..len])?;
+                self.blocks.insert(blk, b);
+            }
+            let b = self.blocks.get_mut(&blk).expect("inserted above");
+            let s = (pos - off) as usize;
+            b[in_blk as usize..(in_blk + n) as usize].copy_from_slice(&buf[s..s + n as usize]);
+            pos += n;
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> qcow2::Result<()> {
+        Ok(())
+    }
+    fn discard(&mut self, _off: u64, _len: u64) -> qcow2::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&mut self, off: u64, len: u64) -> qcow2::Result<()> {
+        self.check(off, len)?;
+        let zeros = vec![0u8; 64 * 1024];
+        let mut pos = off;
+        while pos < off + len {
+            let n = (off + len - pos).min(zeros.len() as u64);
+            self.write_at(pos, &zeros[..n as usize])?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drive_syntax() {
+        let d = parse_drive("file=a,,b.img,format=qcow2,if=none,id=d0,readonly=on,cache=none").unwrap();
+        assert_eq!(d.file, PathBuf::from("a,b.img"));
+        assert_eq!(d.format, Some(ImageFormat::Qcow2));
+        assert_eq!(d.id.as_deref(), Some("d0"));
+        assert!(d.read_only && !d.probed);
+        assert!(parse_drive("file=x,format=vmdk").is_err());
+        assert!(parse_drive("file=x,if=ide").is_err());
+        assert!(parse_drive("format=raw").is_err());
+        assert!(parse_drive("file=x,bogus=1").is_err());
+        let v = resolve(
+            &["file=a.img".into(), "file=b.qcow2,if=none,id=d1".into()],
+            &["virtio-blk-device,drive=d1".into()],
+        )
+        .unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[1].file, PathBuf::from("b.qcow2"));
+        assert!(resolve(&[], &["virtio-blk-device,drive=nope".into()]).is_err());
+        assert!(resolve(&[], &["e1000".into()]).is_err());
+    }
+
+    #[test]
+    fn overlay_keeps_writes_in_memory() {
+        let mut base = qcow2::RawImage::create(std::env::temp_dir().join(format!("ovl-{}", std::process::id())), 65536).unwrap();
+        base.write_at(0, &[7u8; 100]).unwrap();
+        let mut o = Overlay::new(Box::new(base));
+        o.write_at(50, &[9u8; 5000]).unwrap();
+        let mut b = vec![0u8; 6000];
+        o.read_at(0, &mut b).unwrap();
+        assert_eq!(&b[..50], &[7u8; 50]);
+        assert_eq!(&b[50..5050], &[9u8; 5000][..]);
+        assert_eq!(b[5050], 0);
+        assert!(o.write_at(65530, &[1u8; 10]).is_err());
+    }
+}
