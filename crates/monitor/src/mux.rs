@@ -270,15 +270,20 @@ fn monitor_loop(
                     out.write_all(editor.pending())?;
                 }
                 MonMsg::Input(bytes) => {
-                    editor.feed(&bytes, &mut events, &mut echo);
-                    out.write_all(&echo)?;
-                    echo.clear();
-                    for ev in events.drain(..) {
-                        match ev {
-                            LineEvent::Line(line) => session.execute_line(&line, out)?,
-                            LineEvent::TooLong => hmp::write_crlf(out, "line too long, ignored\n")?,
+                    // Byte by byte, so typed-ahead lines echo after the previous output.
+                    for b in bytes {
+                        editor.feed(&[b], &mut events, &mut echo);
+                        out.write_all(&echo)?;
+                        echo.clear();
+                        for ev in events.drain(..) {
+                            match ev {
+                                LineEvent::Line(line) => session.execute_line(&line, out)?,
+                                LineEvent::TooLong => {
+                                    hmp::write_crlf(out, "line too long, ignored\n")?
+                                }
+                            }
+                            out.write_all(hmp::PROMPT.as_bytes())?;
                         }
-                        out.write_all(hmp::PROMPT.as_bytes())?;
                     }
                 }
             }

@@ -206,11 +206,7 @@ fn migration_in_the_foreground_and_detached() {
 
     // Foreground: returns when the migration has settled, with its outcome.
     let out = h.cmd("migrate tcp:127.0.0.1:1");
-    assert!(
-        out.ends_with("migrate: completed, total time ")
-            || out.contains("migrate: completed, total time "),
-        "{out}"
-    );
+    assert!(out.contains("migrate: completed, total time "), "{out}");
     assert_eq!(h.cmd("info status"), "VM status: paused (postmigrate)\n");
     let info = h.cmd("info migrate");
     for needle in [
@@ -252,7 +248,7 @@ fn migration_in_the_foreground_and_detached() {
     assert_eq!(h.cmd("migrate_cancel"), "");
     gate.open();
     let mut status = String::new();
-    for _ in 0..200 {
+    for _ in 0..1000 {
         status = h.cmd("info migrate");
         if status.contains("Migration status: cancelled") {
             break;
