@@ -385,3 +385,29 @@ fn events_keep_flowing_while_another_client_runs_a_long_command() {
 }
 
 use std::io::Write as _;
+
+#[test]
+fn server_with_wait_starts_only_once_a_client_is_there() {
+    let vm = mock_vm(RunState::Running);
+    let path = sock_path("wait");
+    let spec = format!("unix:{},server", path.display());
+    let monitor = vm.monitor.clone();
+    let starter = std::thread::spawn(move || {
+        let spec = monitor::ChardevSpec::parse(&spec).unwrap();
+        monitor::MonitorServer::start(monitor, &spec, Protocol::Qmp, Default::default()).unwrap()
+    });
+    // The socket appears while start() is still blocked waiting for us.
+    let mut tries = 0;
+    while !path.exists() {
+        tries += 1;
+        assert!(tries < 2000, "socket never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(!starter.is_finished());
+    let mut q = Qmp::ready(&monitor::ListenAddr::Unix(path.clone()));
+    let srv = starter.join().unwrap();
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    // Later clients are served by the accept loop as usual.
+    let mut q2 = Qmp::ready(srv.local_addr());
+    assert_eq!(q2.ok("query-status", json!({}))["status"], "running");
+}
