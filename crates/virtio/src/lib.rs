@@ -23,9 +23,19 @@
 //! // mmio_bus.insert(dev.mmio_base(), dev.mmio_len(), Arc::new(Mutex::new(dev)))
 //! # Ok(()) }
 //! ```
-//! Then, with the vCPUs paused: `pause()` (drains and flushes) before `save_state()` or at
-//! migration switchover, `restore_state()`, `device_mut().swap_backend(..)` to reopen the
-//! image on a migration destination, and `resume()` when the vCPUs run again.
+//! Then, with the vCPUs paused:
+//! - `pause()` drains the request in flight and flushes the disk: call it before
+//!   `save_state()` (savevm, migration switchover) and before touching the image directly
+//!   (`device().with_backend(|b| b.as_qcow2() ...)` for internal snapshots);
+//! - `restore_state()` once guest RAM is in place (a running device re-activates and serves
+//!   what is pending in the rings, unless it is paused); it keeps the paused/running mode;
+//! - `device_mut().swap_backend(new)` while paused hands the disk over to a reopened image
+//!   (migration destination) and returns the old one, flushed;
+//! - `resume()` when the vCPUs run again.
+//!
+//! Requests are served on one worker thread per device; a `QueueNotify` write that reaches
+//! the transport (no ioeventfd registered) only signals that thread, so the vCPU never waits
+//! for the disk.
 //!
 //! ## Modules
 //! - [`mmio`]: the transport registers, activation, notification/interrupt plumbing.

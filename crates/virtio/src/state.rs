@@ -12,7 +12,9 @@
 //! served once after the restore. Restoring checks everything first (same device type, queue
 //! count and maxima, the negotiated features offered here, the same config space, rings in
 //! guest RAM) and changes nothing when a check fails. A device that was running (`DRIVER_OK`)
-//! is re-activated; it keeps the paused/running mode it had before the restore.
+//! is re-activated; it keeps the paused/running mode it had before the restore, and when
+//! running it starts on the rings at once, so restore it after guest RAM (or keep it paused
+//! until then).
 
 use crate::device::{status, VirtioDevice};
 use crate::mmio::{lock, MmioTransport};
