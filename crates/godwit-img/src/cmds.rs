@@ -104,12 +104,15 @@ pub fn create(argv: &[String]) -> R {
         _ => return Err(CliError::Usage("Expecting image file name".into())),
     };
     let quiet = a.flag("-q");
-    let o = create_opts(a.opt("-o"), size)?;
+    // qemu-img rounds the size up to whole 512-byte sectors (after printing it).
+    let mut o = create_opts(a.opt("-o"), size)?;
+    let shown = o.size;
     match fmt {
         ImageFormat::Raw => {
             if !quiet {
-                println!("Formatting '{file}', fmt=raw size={}", o.size);
+                println!("Formatting '{file}', fmt=raw size={shown}");
             }
+            o.size = o.size.div_ceil(512) * 512;
             RawImage::create(file, o.size).map_err(img_err(format!("{file}")))?;
         }
         ImageFormat::Qcow2 => {
@@ -117,9 +120,10 @@ pub fn create(argv: &[String]) -> R {
                 let compat = if o.version == 2 { " compat=0.10" } else { "" };
                 println!(
                     "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2=off compression_type=zlib size={}{compat} lazy_refcounts=off refcount_bits={}",
-                    o.cluster_size, o.size, o.refcount_bits
+                    o.cluster_size, shown, o.refcount_bits
                 );
             }
+            o.size = o.size.div_ceil(512) * 512;
             let mut img = Qcow2::create(file, &o).map_err(img_err(format!("{file}")))?;
             img.close().map_err(img_err(format!("{file}")))?;
         }
@@ -228,34 +232,27 @@ pub fn info(argv: &[String]) -> R {
 
 fn print_check(file: &str, r: &qcow2::CheckReport, json: bool) {
     if json {
-        let mut v = vec![
-            ("image-end-offset", Json::Int(r.image_end_offset as i128)),
-            ("total-clusters", Json::Int(r.total_clusters as i128)),
-        ];
-        if r.corruptions > 0 {
-            v.push(("corruptions", Json::Int(r.corruptions as i128)));
-        }
-        if r.leaks > 0 {
-            v.push(("leaks", Json::Int(r.leaks as i128)));
-        }
-        if r.corruptions_fixed > 0 {
-            v.push(("corruptions-fixed", Json::Int(r.corruptions_fixed as i128)));
-        }
-        if r.leaks_fixed > 0 {
-            v.push(("leaks-fixed", Json::Int(r.leaks_fixed as i128)));
-        }
+        // qemu-img prints its QDict in hash order; this is that order.
+        let mut v = vec![("image-end-offset", Json::Int(r.image_end_offset as i128))];
+        let nz = |v: &mut Vec<(&'static str, Json)>, k: &'static str, n: u64| {
+            if n > 0 {
+                v.push((k, Json::Int(n as i128)));
+            }
+        };
+        nz(&mut v, "compressed-clusters", r.compressed_clusters);
+        v.push(("total-clusters", Json::Int(r.total_clusters as i128)));
+        nz(&mut v, "corruptions", r.corruptions);
+        nz(&mut v, "corruptions-fixed", r.corruptions_fixed);
         v.push(("check-errors", Json::Int(r.check_errors as i128)));
-        if r.allocated_clusters > 0 {
-            v.push(("allocated-clusters", Json::Int(r.allocated_clusters as i128)));
-        }
-        if r.fragmented_clusters > 0 {
-            v.push(("fragmented-clusters", Json::Int(r.fragmented_clusters as i128)));
-        }
-        if r.compressed_clusters > 0 {
-            v.push(("compressed-clusters", Json::Int(r.compressed_clusters as i128)));
-        }
+        nz(&mut v, "leaks", r.leaks);
+        nz(&mut v, "leaks-fixed", r.leaks_fixed);
+        nz(&mut v, "allocated-clusters", r.allocated_clusters);
         v.push(("filename", Json::Str(file.into())));
         v.push(("format", Json::Str("qcow2".into())));
+        nz(&mut v, "fragmented-clusters", r.fragmented_clusters);
+        for m in &r.messages {
+            eprintln!("{m}");
+        }
         println!("{}", Json::Obj(v).pretty());
         return;
     }
@@ -485,6 +482,7 @@ pub fn map(argv: &[String]) -> R {
                     MapKind::Unallocated => (false, true, false, None),
                     MapKind::Zero(o) => (true, true, false, o),
                     MapKind::Data(o) => (true, false, true, Some(o)),
+                    MapKind::DataHole(o) => (true, true, true, Some(o)),
                     MapKind::Compressed => (true, false, true, None),
                 };
                 let mut s = format!(
@@ -500,6 +498,11 @@ pub fn map(argv: &[String]) -> R {
             .collect();
         println!("[{}]", lines.join(",\n"));
     } else {
+        if entries.iter().any(|e| e.kind == MapKind::Compressed) {
+            return Err(CliError::Usage(
+                "File contains external, encrypted or compressed clusters.".into(),
+            ));
+        }
         println!("{:<16}{:<16}{:<16}{}", "Offset", "Length", "Mapped to", "File");
         let hx = |v: u64| if v == 0 { "0".to_string() } else { format!("{v:#x}") };
         for e in &entries {

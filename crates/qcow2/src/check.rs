@@ -161,8 +161,9 @@ impl Qcow2 {
     /// Count one L1 table for `check`, reporting instead of failing.
     fn count_checked(&mut self, cnt: &mut Counter, l1: &[u64], r: &mut CheckReport, active: bool) {
         let cs = self.cs;
-        let mut next_contig = 0u64;
         for (i, &e) in l1.iter().enumerate() {
+            // qemu-img counts fragmentation per L2 table.
+            let mut next_contig = 0u64;
             let off = e & OFFSET_MASK;
             if off == 0 {
                 continue;
@@ -184,9 +185,7 @@ impl Qcow2 {
                     continue;
                 }
             };
-            for (j, &x) in t.iter().enumerate() {
-                let guest_cluster = i as u64 * self.l2e + j as u64;
-                let in_disk = guest_cluster * cs < self.h.size;
+            for &x in t.iter() {
                 match self.classify(x) {
                     Kind::Compressed(o, l) => {
                         if x & COPIED != 0 {
@@ -199,9 +198,11 @@ impl Qcow2 {
                             r.corruptions += 1;
                             r.messages.push(format!("ERROR compressed cluster {o:#x} outside image"));
                         }
-                        if active && in_disk {
+                        if active {
+                            // Compressed clusters count as fragmented, as in qemu-img.
                             r.allocated_clusters += 1;
                             r.compressed_clusters += 1;
+                            r.fragmented_clusters += 1;
                         }
                     }
                     Kind::Normal(o) | Kind::ZeroAlloc(o) => {
@@ -215,7 +216,7 @@ impl Qcow2 {
                                 "ERROR offset={o:x}: Cluster is outside the image"
                             ));
                         }
-                        if active && in_disk {
+                        if active {
                             r.allocated_clusters += 1;
                             if next_contig != 0 && o != next_contig {
                                 r.fragmented_clusters += 1;

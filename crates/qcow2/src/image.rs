@@ -305,7 +305,8 @@ impl Qcow2 {
             )));
         }
         let mut extensions = Vec::new();
-        if opts.version == 3 {
+        // QEMU writes the feature-name table only when clusters are at least 8 KiB.
+        if opts.version == 3 && cs >= 8192 {
             extensions.push(header::feature_table());
         }
         let h = Header {
@@ -593,19 +594,69 @@ impl Qcow2 {
     }
 
     /// Allocate `n` contiguous clusters (refcount raised to 1 on disk); returns the host offset.
+    /// Missing refcount blocks for the run are created right behind it.
     pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
         if n == 0 {
             return Err(Error::InvalidArgument("zero-length allocation".into()));
         }
+        let mut extra = 0u64;
         loop {
-            let start = self.find_free_run(n)?;
-            if self.ensure_refblocks(start, n)? {
+            let start = self.find_free_run(n + extra)?;
+            let end = start + n + extra;
+            let first = start / self.rbe;
+            let last = (end - 1) / self.rbe;
+            if last >= self.rt.len() as u64 {
+                self.grow_reftable(last)?;
                 continue;
+            }
+            let missing: Vec<u64> =
+                (first..=last).filter(|&i| self.rb_offset(i).is_none()).collect();
+            if missing.len() as u64 > extra {
+                extra = missing.len() as u64;
+                continue;
+            }
+            if !missing.is_empty() {
+                self.create_refblocks(&missing, start + n)?;
             }
             self.add_range(start, n, 1)?;
             self.free_hint = start + n;
             return Ok(start * self.cs);
         }
+    }
+
+    /// Create refcount blocks for table indices `idx` at clusters `at, at+1, ...` (all free and
+    /// covered by existing blocks or by these new ones).
+    fn create_refblocks(&mut self, idx: &[u64], at: u64) -> Result<()> {
+        let order = self.h.refcount_order;
+        let pos: Vec<u64> = (0..idx.len() as u64).map(|j| at + j).collect();
+        // Refcounts of new blocks that land in ranges of existing blocks go first (a crash
+        // after this only leaks).
+        let mut d = BTreeMap::new();
+        for &p in &pos {
+            if !idx.contains(&(p / self.rbe)) {
+                d.insert(p, 1i64);
+            }
+        }
+        self.apply_deltas(&d)?;
+        for (j, &i) in idx.iter().enumerate() {
+            let mut blk = vec![0u8; self.cs as usize];
+            for &p in &pos {
+                if p / self.rbe == i {
+                    rc_set(&mut blk, p % self.rbe, order, 1);
+                }
+            }
+            self.file.write_at(&blk, pos[j] * self.cs).ctx("writing a refcount block")?;
+            self.rb_cache.insert(pos[j] * self.cs, blk);
+        }
+        self.barrier()?;
+        for (j, &i) in idx.iter().enumerate() {
+            let off = pos[j] * self.cs;
+            self.rt[i as usize] = off;
+            self.file
+                .write_at(&off.to_be_bytes(), self.h.refcount_table_offset + i * 8)
+                .ctx("writing the refcount table")?;
+        }
+        Ok(())
     }
 
     fn find_free_run(&mut self, n: u64) -> Result<u64> {
@@ -635,38 +686,6 @@ impl Qcow2 {
             }
             c += 1;
         }
-    }
-
-    /// Make sure refcount blocks cover clusters [start, start+n). Returns true if it had to
-    /// allocate (the caller then rescans, since the new metadata may sit inside the run).
-    fn ensure_refblocks(&mut self, start: u64, n: u64) -> Result<bool> {
-        let first = start / self.rbe;
-        let last = (start + n - 1) / self.rbe;
-        for idx in first..=last {
-            if idx >= self.rt.len() as u64 {
-                self.grow_reftable(idx)?;
-                return Ok(true);
-            }
-            if self.rb_offset(idx).is_none() {
-                // All clusters of an uncovered block range are free: put the block inside its
-                // own range, at the first cluster of the run it describes.
-                let b = start.max(idx * self.rbe);
-                let mut blk = vec![0u8; self.cs as usize];
-                rc_set(&mut blk, b % self.rbe, self.h.refcount_order, 1);
-                self.file.write_at(&blk, b * self.cs).ctx("writing a refcount block")?;
-                self.barrier()?;
-                self.rt[idx as usize] = b * self.cs;
-                self.file
-                    .write_at(
-                        &(b * self.cs).to_be_bytes(),
-                        self.h.refcount_table_offset + idx * 8,
-                    )
-                    .ctx("writing the refcount table")?;
-                self.rb_cache.insert(b * self.cs, blk);
-                return Ok(true);
-            }
-        }
-        Ok(false)
     }
 
     /// Relocate the refcount table to a bigger one with at least `min_idx + 1` entries. The new

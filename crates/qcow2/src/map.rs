@@ -13,6 +13,8 @@ pub enum MapKind {
     Zero(Option<u64>),
     /// Data at this host offset.
     Data(u64),
+    /// Allocated data cluster whose host range is a hole in the file (reads as zeros).
+    DataHole(u64),
     /// Compressed data.
     Compressed,
 }
@@ -66,8 +68,15 @@ impl Qcow2 {
                 if let Some(last) = out.last_mut() {
                     let cont = match (last.kind, kind) {
                         (MapKind::Data(a), MapKind::Data(b)) => a + last.length == b,
+                        (MapKind::DataHole(a), MapKind::DataHole(b)) => a + last.length == b,
                         (MapKind::Zero(Some(a)), MapKind::Zero(Some(b))) => a + last.length == b,
-                        (a, b) => a == b && !matches!(a, MapKind::Data(_) | MapKind::Zero(Some(_))),
+                        (a, b) => {
+                            a == b
+                                && !matches!(
+                                    a,
+                                    MapKind::Data(_) | MapKind::DataHole(_) | MapKind::Zero(Some(_))
+                                )
+                        }
                     };
                     if cont {
                         last.length += length;
@@ -78,7 +87,31 @@ impl Qcow2 {
             }
             g += n;
         }
-        Ok(out)
+        // Like qemu-img, report data clusters whose host bytes are file holes as zero.
+        let mut split: Vec<MapEntry> = Vec::with_capacity(out.len());
+        for e in out {
+            let MapKind::Data(o) = e.kind else {
+                split.push(e);
+                continue;
+            };
+            let regions = self.file.data_regions(o, e.length).ctx("mapping the file")?;
+            for (ho, hl, data) in regions {
+                let start = e.start + (ho - o);
+                let kind = if data { MapKind::Data(ho) } else { MapKind::DataHole(ho) };
+                let merge = match (split.last().map(|l| (l.kind, l.start + l.length, l.length)), kind) {
+                    (Some((MapKind::Data(a), end, len)), MapKind::Data(b))
+                    | (Some((MapKind::DataHole(a), end, len)), MapKind::DataHole(b)) => {
+                        end == start && a + len == b
+                    }
+                    _ => false,
+                };
+                match split.last_mut() {
+                    Some(l) if merge => l.length += hl,
+                    _ => split.push(MapEntry { start, length: hl, kind }),
+                }
+            }
+        }
+        Ok(split)
     }
 
     /// Grow the virtual disk to `new_size` bytes (shrinking is refused). Any VM state left in

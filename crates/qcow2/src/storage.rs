@@ -27,6 +27,11 @@ pub trait Storage: Send {
     fn punch_hole(&self, _off: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Split `[off, off+len)` into (offset, length, holds data) pieces; holes and the part past
+    /// the end read as zeros. Default: all data.
+    fn data_regions(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
+        Ok(vec![(off, len, true)])
+    }
 }
 
 /// A plain host file.
@@ -71,6 +76,56 @@ impl Storage for FileStorage {
     }
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    fn data_regions(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
+        let fd = self.file.as_raw_fd();
+        let flen = self.file.metadata()?.len();
+        let full_end = off + len;
+        // Past the end of the file a region continues the kind of the region that reaches the
+        // end (what qemu-img map reports); a range starting past it is a hole.
+        let end = full_end.min(flen);
+        let mut v: Vec<(u64, u64, bool)> = Vec::new();
+        let mut push = |v: &mut Vec<(u64, u64, bool)>, a: u64, b: u64, d: bool| {
+            if a >= b {
+                return;
+            }
+            match v.last_mut() {
+                Some(l) if l.2 == d && l.0 + l.1 == a => l.1 += b - a,
+                _ => v.push((a, b - a, d)),
+            }
+        };
+        let mut pos = off;
+        while pos < end {
+            // SAFETY: lseek on a valid fd with integer arguments.
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    push(&mut v, pos, end, false);
+                    break;
+                }
+                return Ok(vec![(off, len, true)]);
+            }
+            let data = (data as u64).min(end);
+            push(&mut v, pos, data, false);
+            if data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Ok(vec![(off, len, true)]);
+            }
+            let hole = (hole as u64).min(end);
+            push(&mut v, data, hole, true);
+            pos = hole;
+        }
+        if full_end > end.max(off) {
+            let a = end.max(off);
+            let kind = v.last().is_some_and(|l| l.2);
+            push(&mut v, a, full_end, kind);
+        }
+        Ok(v)
     }
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
         if len == 0 {
