@@ -332,3 +332,54 @@ fn vmstate_roundtrip_with_qemu_system() {
     assert!(out.contains("ours"), "{out}");
     assert_qemu_clean(&img);
 }
+
+/// A QEMU writer with lazy refcounts that crashed (qemu-io `abort`) leaves the dirty bit and
+/// stale refcounts: we read it correctly read-only, and a read-write open rebuilds the
+/// refcounts so that qemu-img check is clean.
+#[test]
+fn lazy_refcounts_dirty_image_is_recovered() {
+    let dir = Scratch::new("lazy");
+    let img = dir.path("lazy.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", p(&img), "16M"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 64k", p(&img)]);
+    ok("qemu-img", &["snapshot", "-c", "s", p(&img)]);
+    // abort() kills qemu-io after the writes without a clean close.
+    let _ = run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x22 32k 256k", "-c", "write -P 0x33 8M 64k", "-c", "abort", p(&img)]);
+    let bytes = std::fs::read(&img).unwrap();
+    assert_ne!(bytes[79] & 1, 0, "test setup: the image should carry the dirty bit");
+    let (code, out) = qemu_check_code(&img);
+    assert_ne!(code, 0, "test setup: stale refcounts expected:\n{out}");
+    let mut expect = vec![0u8; 16 << 20];
+    expect[..64 << 10].fill(0x11);
+    expect[32 << 10..(32 << 10) + (256 << 10)].fill(0x22);
+    expect[8 << 20..(8 << 20) + (64 << 10)].fill(0x33);
+    let mut q = Qcow2::open(&img, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    assert_eq!(first_diff(&our_raw(&mut q), &expect), None);
+    drop(q);
+    let mut q = Qcow2::open(&img, &OpenOptions::default()).unwrap();
+    assert!(q.check().unwrap().is_clean());
+    q.write_at(4 << 20, &[7u8; 4096]).unwrap();
+    expect[4 << 20..(4 << 20) + 4096].fill(7);
+    drop(q);
+    assert_qemu_clean(&img);
+    assert_eq!(first_diff(&qemu_raw(&img, None, &dir), &expect), None);
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(bytes[79] & 1, 0, "dirty bit cleared on clean close");
+}
+
+/// One-bit refcounts cannot hold a snapshot: the error is clear and the image stays intact.
+#[test]
+fn one_bit_refcounts_refuse_snapshots() {
+    let dir = Scratch::new("rc1");
+    let img = dir.path("rc1.qcow2");
+    let mut q = Qcow2::create(&img, &CreateOptions { size: 4 * MIB, cluster_size: 4096, version: 3, refcount_bits: 1 }).unwrap();
+    q.write_at(0, &pattern(1, 100_000)).unwrap();
+    let e = q.create_snapshot(&NewSnapshot::new("x")).unwrap_err();
+    assert!(matches!(e, qcow2::Error::RefcountOverflow(1)), "{e}");
+    assert!(q.snapshots().is_empty());
+    q.write_at(200_000, &pattern(2, 5000)).unwrap();
+    let data = our_raw(&mut q);
+    drop(q);
+    assert_qemu_clean(&img);
+    assert_eq!(first_diff(&qemu_raw(&img, None, &dir), &data), None);
+}
