@@ -9,12 +9,12 @@ use migration::sender::{self, Shared};
 use migration::stats::{Params, Stats, Status};
 use migration::transport::Uri;
 use monitor::backend::{Backend, CmdResult};
-use monitor::command::MigrateArgs;
+use monitor::command::{MigrateArgs, SnapshotRequest};
 use monitor::error::CommandError;
 use monitor::events::{Event, EventBus};
 use monitor::migration::{MigrationInfo, MigrationParameters, RamStats};
 use monitor::runstate::{RunState, RunStateMachine};
-use monitor::types::{CpuInfo, MemorySpace, MigrationStatus, ShutdownCause, VersionInfo};
+use monitor::types::{CpuInfo, MemorySpace, MigrationStatus, ShutdownCause, SnapshotInfo, VersionInfo};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use vmm::Vm;
@@ -211,6 +211,22 @@ impl Backend for MachineBackend {
             .ok_or_else(|| CommandError::generic(format!("Cannot access memory at {addr:#x}")))?;
         buf.copy_from_slice(src);
         Ok(())
+    }
+
+    fn snapshot_save(&self, req: &SnapshotRequest) -> CmdResult {
+        crate::snapshots::save(&self.0, &req.tag)
+    }
+
+    fn snapshot_load(&self, req: &SnapshotRequest) -> CmdResult {
+        crate::snapshots::load(&self.0, &req.tag)
+    }
+
+    fn snapshot_delete(&self, req: &SnapshotRequest) -> CmdResult {
+        crate::snapshots::delete(&self.0, &req.tag)
+    }
+
+    fn query_snapshots(&self) -> Result<Vec<SnapshotInfo>, CommandError> {
+        crate::snapshots::list(&self.0)
     }
 
     fn migrate(&self, args: &MigrateArgs) -> CmdResult {

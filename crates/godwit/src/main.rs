@@ -9,6 +9,7 @@ mod incoming;
 mod machine;
 mod monitors;
 mod report;
+mod snapshots;
 mod vmglue;
 
 use devices::VmRequest;
@@ -54,7 +55,13 @@ fn main() -> ExitCode {
         Ok(o) => o,
         Err(e) => return fail(format!("serial: {e}")),
     };
-    let config = VmConfig { mem_size: opts.mem_mib << 20, vcpus: opts.smp, kernel, cmdline: opts.append.clone() };
+    let config = VmConfig {
+        mem_size: opts.mem_mib << 20,
+        vcpus: opts.smp,
+        kernel,
+        cmdline: opts.append.clone(),
+        initrd: opts.initrd.clone(),
+    };
     let specs = match drives::resolve(&opts.drives, &opts.devices) {
         Ok(s) => s,
         Err(e) => return fail(e),
@@ -103,6 +110,11 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    if let Some(tag) = &opts.loadvm {
+        if let Err(e) = snapshots::load(&machine, tag) {
+            return fail(format!("-loadvm {tag}: {}", e.desc));
+        }
+    }
     if initial == RunState::Running {
         vm.resume();
     }

@@ -196,6 +196,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
     pub fn resume(&mut self) {
         self.device.resume()
     }
+    /// Makes the worker look at every queue (as if the driver had notified each).
+    pub(crate) fn kick_all_queues(&self) {
+        for e in &self.queue_evts {
+            let _ = e.write(1);
+        }
+    }
+
     /// True between [`MmioTransport::pause`] and [`MmioTransport::resume`].
     pub fn is_paused(&self) -> bool {
         self.device.is_paused()

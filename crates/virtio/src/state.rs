@@ -180,6 +180,10 @@ impl<D: VirtioDevice> Stateful for MmioTransport<D> {
                 // A spurious interrupt is harmless; a lost one would hang the driver.
                 self.interrupt.trigger(0);
             }
+            // The driver may have queued requests (and kicked) before the state was saved;
+            // that kick went to the old worker. A spurious kick is harmless, a lost one hangs a
+            // polling driver forever: look at every queue once.
+            self.kick_all_queues();
         }
         Ok(())
     }

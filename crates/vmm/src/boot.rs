@@ -31,6 +31,8 @@ const E820_RESERVED: u32 = 2;
 pub struct BootEntry {
     pub entry: u64,
     pub start_info: u64,
+    /// Linux 64-bit boot protocol (RSI = zero page, see `linux.rs`) instead of PVH's 32-bit entry.
+    pub long_mode: bool,
 }
 
 /// The e820-style memory map Godwit gives its guests (PVH memmap and, later, Linux's e820).
@@ -97,7 +99,7 @@ pub fn load_pvh(ram: &GuestRam, kernel: &Path, cmdline: &str) -> Result<BootEntr
         mem.write_obj(*d, GuestAddress(GDT_ADDR + 8 * i as u64))
             .map_err(|e| Error::GuestMemory { addr: GDT_ADDR, reason: e.to_string() })?;
     }
-    Ok(BootEntry { entry, start_info: START_INFO_ADDR })
+    Ok(BootEntry { entry, start_info: START_INFO_ADDR, long_mode: false })
 }
 
 fn seg(selector: u16, type_: u8, limit: u32, g: u8, db: u8, s: u8) -> kvm_segment {

@@ -22,6 +22,8 @@ pub enum Error {
     VcpuCount(usize),
     #[error("kernel '{path}': {reason}")]
     Kernel { path: PathBuf, reason: String },
+    #[error("initrd '{path}': {reason}")]
+    Initrd { path: PathBuf, reason: String },
     #[error("vCPU {0} thread: {1}")]
     VcpuThread(usize, String),
     #[error("device setup: {0}")]

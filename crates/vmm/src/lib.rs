@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod cpuid;
 pub mod error;
+pub mod linux;
 pub mod memory;
 pub mod runner;
 pub mod vcpu;

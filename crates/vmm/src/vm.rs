@@ -3,7 +3,7 @@
 //! the requests devices and vCPUs raise, dirty tracking, and save/restore of the whole machine
 //! state as [`Section`]s (guest RAM travels separately, see `vmstate::ram`).
 
-use crate::boot::{self, BootEntry};
+use crate::boot::BootEntry;
 use crate::error::{kvm, Error, Result};
 use crate::memory::GuestRam;
 use crate::runner::{Vcpu, VcpuContext, VcpuSet};
@@ -46,6 +46,7 @@ pub struct VmConfig {
     pub vcpus: usize,
     pub kernel: PathBuf,
     pub cmdline: String,
+    pub initrd: Option<PathBuf>,
 }
 
 /// The part of the configuration a saved state must match (section `vm.config`).
@@ -101,6 +102,8 @@ impl Vm {
             .map_err(dev_err)?;
         pio.insert(I8042::BASE as u64, I8042::LEN as u64, Arc::new(Mutex::new(I8042::new(events.clone()))))
             .map_err(dev_err)?;
+        let pm = Arc::new(Mutex::new(acpi::pm::AcpiPm::new(events.clone())));
+        pio.insert(acpi::pm::PM_PORT_BASE as u64, acpi::pm::PM_PORT_LEN as u64, pm).map_err(dev_err)?;
         let mut mmio = Bus::new();
         let mut disks = Vec::new();
         for (i, d) in disk_specs.into_iter().enumerate() {
@@ -117,7 +120,7 @@ impl Vm {
             disks.push(dev);
         }
 
-        let boot = boot::load_pvh(&ram, &config.kernel, &config.cmdline)?;
+        let boot = crate::linux::load_kernel(&ram, &config, &crate::linux::virtio_slots(&disks))?;
 
         let supported = kvm_sys
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -136,7 +139,7 @@ impl Vm {
             vfd.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))?;
             vcpu::write_msrs(&vfd, &[(MSR_IA32_MISC_ENABLE, 1), (MSR_MTRR_DEF_TYPE, 0x806)])?;
             if id == 0 {
-                boot::setup_boot_vcpu(&vfd, boot)?;
+                crate::linux::setup_boot_vcpu(&vfd, boot)?;
             }
             vcpus.push(Arc::new(Vcpu::new(id, vfd)));
         }
@@ -227,7 +230,7 @@ impl Vm {
     pub fn reset(&self) -> Result<()> {
         let was_running = !self.is_paused();
         self.pause();
-        let boot = boot::load_pvh(&self.ram, &self.config.kernel, &self.config.cmdline)?;
+        let boot = crate::linux::load_kernel(&self.ram, &self.config, &crate::linux::virtio_slots(&self.disks))?;
         if boot.entry != self.boot.entry {
             return Err(Error::Kernel { path: self.config.kernel.clone(), reason: "kernel changed on disk".into() });
         }
@@ -371,6 +374,11 @@ impl Vm {
                 (v.id, rip, halted)
             })
             .collect()
+    }
+
+    /// The guest's clock (kvmclock) in nanoseconds, for the snapshot's "VM CLOCK".
+    pub fn guest_clock_ns(&self) -> u64 {
+        self.fd.get_clock().map(|c| c.clock).unwrap_or(0)
     }
 
     /// Stops the vCPU threads for good.

@@ -1,0 +1,166 @@
+//! savevm / loadvm / delvm / info snapshots: the whole VM as an internal snapshot of its qcow2
+//! disk(s). The VM state (sections, then RAM with zero pages recorded but not stored) streams
+//! into the first qcow2 disk's VM-state area with large sequential writes; every writable disk
+//! gets a disk snapshot with the same tag at the same instant (vCPUs paused, disk I/O drained
+//! and flushed). loadvm checks the saved state against this VM before touching anything, so a
+//! mismatched or damaged snapshot leaves the VM as it was.
+
+use crate::drives::SharedDisk;
+use crate::machine::Machine;
+use monitor::{CommandError, RunState, SnapshotInfo};
+use qcow2::NewSnapshot;
+use std::io::{BufReader, BufWriter, Write};
+use std::time::Instant;
+
+const IO_BUF: usize = 8 << 20;
+
+fn err(e: impl std::fmt::Display) -> CommandError {
+    CommandError::generic(e.to_string())
+}
+
+/// The disks that take part: every writable one must be qcow2; the first qcow2 holds the state.
+fn snapshot_disks(m: &Machine) -> Result<(&SharedDisk, Vec<&SharedDisk>), CommandError> {
+    let mut all = Vec::new();
+    for d in &m.disks {
+        if d.spec.read_only {
+            continue;
+        }
+        d.with_qcow2(|_| ()).map_err(err)?;
+        all.push(d);
+    }
+    let first = *all.first().ok_or_else(|| err("No block device can accept snapshots"))?;
+    Ok((first, all))
+}
+
+/// Runs `f` with the VM quiesced in `during`, then puts the run state back.
+fn with_quiesced<R>(m: &Machine, during: RunState, f: impl FnOnce() -> Result<R, CommandError>) -> Result<R, CommandError> {
+    let before = m.state.get();
+    if !matches!(before, RunState::Running | RunState::Paused | RunState::Prelaunch | RunState::Postmigrate) {
+        return Err(err(format!("cannot do that while the VM is in state {}", before.as_str())));
+    }
+    m.state.force(during);
+    if let Err(e) = m.vm.quiesce() {
+        m.vm.resume();
+        m.state.force(before);
+        return Err(err(e));
+    }
+    let res = f();
+    if before == RunState::Running {
+        m.vm.resume();
+    }
+    let after = if before == RunState::Postmigrate && res.is_ok() && during == RunState::RestoreVm {
+        RunState::Paused
+    } else {
+        before
+    };
+    m.state.force(after);
+    res
+}
+
+pub fn save(m: &Machine, tag: &str) -> Result<(), CommandError> {
+    let (state_disk, disks) = snapshot_disks(m)?;
+    with_quiesced(m, RunState::SaveVm, || {
+        let t0 = Instant::now();
+        let clock_ns = m.vm.guest_clock_ns();
+        let h = m.handle();
+        let size = state_disk
+            .with_qcow2(|q| -> Result<u64, String> {
+                let w = q.vmstate_writer().map_err(|e| e.to_string())?;
+                let mut buf = BufWriter::with_capacity(IO_BUF, w);
+                migration::snapshot::save(&h, &mut buf).map_err(|e| e.to_string())?;
+                buf.flush().map_err(|e| e.to_string())?;
+                let w = buf.into_inner().map_err(|e| e.to_string())?;
+                w.finish().map_err(|e| e.to_string())
+            })
+            .map_err(err)?
+            .map_err(|e| err(format!("Error while writing VM state: {e}")))?;
+        for d in &disks {
+            let mut s = NewSnapshot::new(tag);
+            s.vm_clock_ns = clock_ns;
+            if std::ptr::eq(*d, state_disk) {
+                s.vm_state_size = size;
+            }
+            d.with_qcow2(|q| q.create_snapshot(&s).map(|_| ()))
+                .map_err(err)?
+                .map_err(|e| err(format!("Error while creating snapshot on '{}': {e}", d.spec.file.display())))?;
+        }
+        tracing::info!("savevm {tag}: {} MiB of VM state in {:?}", size >> 20, t0.elapsed());
+        Ok(())
+    })
+}
+
+pub fn load(m: &Machine, tag: &str) -> Result<(), CommandError> {
+    let (state_disk, disks) = snapshot_disks(m)?;
+    for d in &disks {
+        let found = d.with_qcow2(|q| q.find_snapshot(tag).is_some()).map_err(err)?;
+        if !found {
+            return Err(err(format!(
+                "Snapshot '{tag}' does not exist in one or more devices ('{}')",
+                d.spec.file.display()
+            )));
+        }
+    }
+    with_quiesced(m, RunState::RestoreVm, || {
+        let h = m.handle();
+        // 1. Read and check the machine state before changing anything.
+        let sections = state_disk
+            .with_qcow2(|q| -> Result<Vec<vmstate::Section>, String> {
+                let r = q.vmstate_reader(tag).map_err(|e| e.to_string())?;
+                let mut sr = vmstate::stream::StreamReader::new(BufReader::with_capacity(1 << 20, r))
+                    .map_err(|e| e.to_string())?;
+                migration::snapshot::read_sections(&mut sr).map(|(s, _)| s).map_err(|e| e.to_string())
+            })
+            .map_err(err)?
+            .map_err(|e| err(format!("Error while loading VM state: {e}")))?;
+        migration::MigratableVm::check_state(&h, &sections).map_err(|e| err(format!("Error while loading VM state: {e}")))?;
+        // 2. Revert the disks, then bring RAM and the machine state back.
+        for d in &disks {
+            d.with_qcow2(|q| q.goto_snapshot(tag).map(|_| ()))
+                .map_err(err)?
+                .map_err(|e| err(format!("Error while reverting '{}': {e}", d.spec.file.display())))?;
+        }
+        state_disk
+            .with_qcow2(|q| -> Result<(), String> {
+                let r = q.vmstate_reader(tag).map_err(|e| e.to_string())?;
+                migration::snapshot::load(&h, BufReader::with_capacity(IO_BUF, r)).map(|_| ()).map_err(|e| e.to_string())
+            })
+            .map_err(err)?
+            .map_err(|e| err(format!("Error while loading VM state: {e}")))?;
+        Ok(())
+    })
+}
+
+pub fn delete(m: &Machine, tag: &str) -> Result<(), CommandError> {
+    let (_, disks) = snapshot_disks(m)?;
+    let mut found = false;
+    for d in &disks {
+        let r = d.with_qcow2(|q| if q.find_snapshot(tag).is_some() { Some(q.delete_snapshot(tag)) } else { None }).map_err(err)?;
+        if let Some(r) = r {
+            r.map_err(|e| err(format!("Error while deleting snapshot on '{}': {e}", d.spec.file.display())))?;
+            found = true;
+        }
+    }
+    if !found {
+        return Err(err(format!("Snapshot '{tag}' not found")));
+    }
+    Ok(())
+}
+
+pub fn list(m: &Machine) -> Result<Vec<SnapshotInfo>, CommandError> {
+    let (state_disk, _) = snapshot_disks(m)?;
+    let snaps = state_disk.with_qcow2(|q| q.snapshots()).map_err(err)?;
+    Ok(snaps
+        .into_iter()
+        .filter(|s| s.vm_state_size > 0)
+        .map(|s| SnapshotInfo {
+            id: s.id,
+            name: s.name,
+            vm_state_size: s.vm_state_size,
+            date_sec: s.date_sec as i64,
+            date_nsec: s.date_nsec,
+            vm_clock_sec: (s.vm_clock_ns / 1_000_000_000) as i64,
+            vm_clock_nsec: (s.vm_clock_ns % 1_000_000_000) as u32,
+            icount: s.icount,
+        })
+        .collect())
+}
