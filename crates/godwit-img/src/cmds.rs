@@ -38,26 +38,44 @@ fn open_any(
     fmt: Option<ImageFormat>,
     read_only: bool,
 ) -> Result<Box<dyn BlockBackend>, CliError> {
-    qcow2::open(file, fmt, &OpenOptions { read_only, ..Default::default() })
-        .map_err(img_err(format!("Could not open '{file}'")))
+    qcow2::open(
+        file,
+        fmt,
+        &OpenOptions {
+            read_only,
+            ..Default::default()
+        },
+    )
+    .map_err(img_err(format!("Could not open '{file}'")))
 }
 
 fn open_qcow2(file: &str, read_only: bool) -> Result<Qcow2, CliError> {
-    Qcow2::open(file, &OpenOptions { read_only, ..Default::default() })
-        .map_err(img_err(format!("Could not open '{file}'")))
+    Qcow2::open(
+        file,
+        &OpenOptions {
+            read_only,
+            ..Default::default()
+        },
+    )
+    .map_err(img_err(format!("Could not open '{file}'")))
 }
 
 fn output_json(a: &crate::Args) -> Result<bool, CliError> {
     match a.opt("--output") {
         None | Some("human") => Ok(false),
         Some("json") => Ok(true),
-        Some(o) => Err(CliError::Usage(format!("--output must be used with human or json as argument. ('{o}')"))),
+        Some(o) => Err(CliError::Usage(format!(
+            "--output must be used with human or json as argument. ('{o}')"
+        ))),
     }
 }
 
 /// Create options from `-o a=b,c=d`.
 fn create_opts(o: Option<&str>, size: u64) -> Result<CreateOptions, CliError> {
-    let mut c = CreateOptions { size, ..Default::default() };
+    let mut c = CreateOptions {
+        size,
+        ..Default::default()
+    };
     let mut rb_set = false;
     for kv in o.unwrap_or("").split(',').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -67,7 +85,11 @@ fn create_opts(o: Option<&str>, size: u64) -> Result<CreateOptions, CliError> {
                 c.version = match v {
                     "0.10" | "v2" => 2,
                     "1.1" | "v3" => 3,
-                    _ => return Err(CliError::Usage(format!("Invalid parameter value for 'compat': '{v}'"))),
+                    _ => {
+                        return Err(CliError::Usage(format!(
+                            "Invalid parameter value for 'compat': '{v}'"
+                        )))
+                    }
                 }
             }
             "refcount_bits" => {
@@ -113,7 +135,7 @@ pub fn create(argv: &[String]) -> R {
                 println!("Formatting '{file}', fmt=raw size={shown}");
             }
             o.size = o.size.div_ceil(512) * 512;
-            RawImage::create(file, o.size).map_err(img_err(format!("{file}")))?;
+            RawImage::create(file, o.size).map_err(img_err(file.to_string()))?;
         }
         ImageFormat::Qcow2 => {
             if !quiet {
@@ -124,15 +146,17 @@ pub fn create(argv: &[String]) -> R {
                 );
             }
             o.size = o.size.div_ceil(512) * 512;
-            let mut img = Qcow2::create(file, &o).map_err(img_err(format!("{file}")))?;
-            img.close().map_err(img_err(format!("{file}")))?;
+            let mut img = Qcow2::create(file, &o).map_err(img_err(file.to_string()))?;
+            img.close().map_err(img_err(file.to_string()))?;
         }
     }
     Ok(0)
 }
 
 fn actual_size(file: &str) -> u64 {
-    std::fs::metadata(file).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(file)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 fn snapshot_json(s: &qcow2::SnapshotInfo) -> Json {
@@ -141,11 +165,17 @@ fn snapshot_json(s: &qcow2::SnapshotInfo) -> Json {
         v.push(("icount", Json::Int(i as i128)));
     }
     v.extend([
-        ("vm-clock-nsec", Json::Int((s.vm_clock_ns % 1_000_000_000) as i128)),
+        (
+            "vm-clock-nsec",
+            Json::Int((s.vm_clock_ns % 1_000_000_000) as i128),
+        ),
         ("name", Json::Str(s.name.clone())),
         ("date-sec", Json::Int(s.date_sec as i128)),
         ("date-nsec", Json::Int(s.date_nsec as i128)),
-        ("vm-clock-sec", Json::Int((s.vm_clock_ns / 1_000_000_000) as i128)),
+        (
+            "vm-clock-sec",
+            Json::Int((s.vm_clock_ns / 1_000_000_000) as i128),
+        ),
         ("id", Json::Str(s.id.clone())),
         ("vm-state-size", Json::Int(s.vm_state_size as i128)),
     ]);
@@ -153,7 +183,11 @@ fn snapshot_json(s: &qcow2::SnapshotInfo) -> Json {
 }
 
 pub fn info(argv: &[String]) -> R {
-    let a = parse(argv, &["-f", "--output"], &["-U", "--force-share", "--backing-chain"])?;
+    let a = parse(
+        argv,
+        &["-f", "--output"],
+        &["-U", "--force-share", "--backing-chain"],
+    )?;
     let json = output_json(&a)?;
     let file = one_file(&a.pos)?;
     let mut dev = open_any(file, fmt_arg(a.opt("-f"))?, true)?;
@@ -166,7 +200,10 @@ pub fn info(argv: &[String]) -> R {
         if let Some(q) = &q {
             let snaps = q.snapshots();
             if !snaps.is_empty() {
-                v.push(("snapshots", Json::Arr(snaps.iter().map(snapshot_json).collect())));
+                v.push((
+                    "snapshots",
+                    Json::Arr(snaps.iter().map(snapshot_json).collect()),
+                ));
             }
         }
         v.push(("virtual-size", Json::Int(size as i128)));
@@ -192,7 +229,10 @@ pub fn info(argv: &[String]) -> R {
             }
             v.push((
                 "format-specific",
-                Json::Obj(vec![("type", Json::Str("qcow2".into())), ("data", Json::Obj(d))]),
+                Json::Obj(vec![
+                    ("type", Json::Str("qcow2".into())),
+                    ("data", Json::Obj(d)),
+                ]),
             ));
         }
         v.push(("dirty-flag", Json::Bool(false)));
@@ -298,14 +338,22 @@ fn print_check(file: &str, r: &qcow2::CheckReport, json: bool) {
 }
 
 pub fn check(argv: &[String]) -> R {
-    let a = parse(argv, &["-f", "--output", "-r"], &["-q", "-U", "--force-share"])?;
+    let a = parse(
+        argv,
+        &["-f", "--output", "-r"],
+        &["-q", "-U", "--force-share"],
+    )?;
     let json = output_json(&a)?;
     let file = one_file(&a.pos)?;
     let mode = match a.opt("-r") {
         None => None,
         Some("leaks") => Some(RepairMode::Leaks),
         Some("all") => Some(RepairMode::All),
-        Some(m) => return Err(CliError::Usage(format!("Invalid option for -r: '{m}' (use leaks or all)"))),
+        Some(m) => {
+            return Err(CliError::Usage(format!(
+                "Invalid option for -r: '{m}' (use leaks or all)"
+            )))
+        }
     };
     let fmt = fmt_arg(a.opt("-f"))?;
     let fmt = match fmt {
@@ -335,7 +383,7 @@ pub fn check(argv: &[String]) -> R {
             after
         }
     };
-    if !(a.flag("-q") && !json) {
+    if !a.flag("-q") || json {
         print_check(file, &r, json);
     }
     Ok(if r.check_errors > 0 {
@@ -350,7 +398,11 @@ pub fn check(argv: &[String]) -> R {
 }
 
 pub fn snapshot(argv: &[String]) -> R {
-    let a = parse(argv, &["-c", "-a", "-d", "-f"], &["-l", "-q", "-U", "--force-share"])?;
+    let a = parse(
+        argv,
+        &["-c", "-a", "-d", "-f"],
+        &["-l", "-q", "-U", "--force-share"],
+    )?;
     let file = one_file(&a.pos)?;
     let ops = a.flag("-l") as u8
         + a.opt("-c").is_some() as u8
@@ -361,7 +413,9 @@ pub fn snapshot(argv: &[String]) -> R {
     }
     if let Some(f) = fmt_arg(a.opt("-f"))? {
         if f != ImageFormat::Qcow2 {
-            return Err(CliError::Usage(format!("Could not open '{file}': snapshots need qcow2")));
+            return Err(CliError::Usage(format!(
+                "Could not open '{file}': snapshots need qcow2"
+            )));
         }
     }
     if ops == 0 || a.flag("-l") {
@@ -386,24 +440,37 @@ pub fn snapshot(argv: &[String]) -> R {
             icount: Some(0),
             replace: false,
         };
-        img.create_snapshot(&s).map_err(img_err(format!("Could not create snapshot '{n}'")))?;
+        img.create_snapshot(&s)
+            .map_err(img_err(format!("Could not create snapshot '{n}'")))?;
     } else if let Some(n) = a.opt("-a") {
-        img.goto_snapshot(n).map_err(img_err(format!("Could not apply snapshot '{n}'")))?;
+        img.goto_snapshot(n)
+            .map_err(img_err(format!("Could not apply snapshot '{n}'")))?;
     } else if let Some(n) = a.opt("-d") {
-        img.delete_snapshot(n).map_err(img_err(format!("Could not delete snapshot '{n}'")))?;
+        img.delete_snapshot(n)
+            .map_err(img_err(format!("Could not delete snapshot '{n}'")))?;
     }
     img.close().map_err(img_err(file.to_string()))?;
     Ok(0)
 }
 
 pub fn convert(argv: &[String]) -> R {
-    let a = parse(argv, &["-f", "-O", "-o", "-l", "-s", "-t", "-T"], &["-p", "-q", "-n", "-U", "-c"])?;
+    let a = parse(
+        argv,
+        &["-f", "-O", "-o", "-l", "-s", "-t", "-T"],
+        &["-p", "-q", "-n", "-U", "-c"],
+    )?;
     if a.flag("-c") {
-        return Err(CliError::Usage("writing compressed clusters is not supported".into()));
+        return Err(CliError::Usage(
+            "writing compressed clusters is not supported".into(),
+        ));
     }
     let (src, dst) = match a.pos.as_slice() {
         [s, d] => (s.as_str(), d.as_str()),
-        _ => return Err(CliError::Usage("Expecting one input and one output file name".into())),
+        _ => {
+            return Err(CliError::Usage(
+                "Expecting one input and one output file name".into(),
+            ))
+        }
     };
     let in_fmt = fmt_arg(a.opt("-f"))?;
     let out_fmt = fmt_arg(a.opt("-O"))?.unwrap_or(ImageFormat::Raw);
@@ -412,8 +479,12 @@ pub fn convert(argv: &[String]) -> R {
             let mut key = None;
             for kv in l.split(',') {
                 match kv.split_once('=') {
-                    Some(("snapshot.name", v)) | Some(("snapshot.id", v)) => key = Some(v.to_string()),
-                    Some((k, _)) => return Err(CliError::Usage(format!("Invalid option '{k}' for -l"))),
+                    Some(("snapshot.name", v)) | Some(("snapshot.id", v)) => {
+                        key = Some(v.to_string())
+                    }
+                    Some((k, _)) => {
+                        return Err(CliError::Usage(format!("Invalid option '{k}' for -l")))
+                    }
                     None => key = Some(kv.to_string()),
                 }
             }
@@ -430,12 +501,16 @@ pub fn convert(argv: &[String]) -> R {
                 .as_qcow2()
                 .ok_or_else(|| CliError::Usage("snapshots need a qcow2 input".into()))?;
             q.find_snapshot(k)
-                .ok_or_else(|| CliError::Usage(format!("Failed to load snapshot: snapshot '{k}' not found")))?
+                .ok_or_else(|| {
+                    CliError::Usage(format!("Failed to load snapshot: snapshot '{k}' not found"))
+                })?
                 .disk_size
         }
     };
     let mut outp: Box<dyn BlockBackend> = match out_fmt {
-        ImageFormat::Raw => Box::new(RawImage::create(dst, size).map_err(img_err(dst.to_string()))?),
+        ImageFormat::Raw => {
+            Box::new(RawImage::create(dst, size).map_err(img_err(dst.to_string()))?)
+        }
         ImageFormat::Qcow2 => {
             let o = create_opts(a.opt("-o"), size)?;
             Box::new(Qcow2::create(dst, &o).map_err(img_err(dst.to_string()))?)
@@ -449,11 +524,14 @@ pub fn convert(argv: &[String]) -> R {
         let b = &mut buf[..n];
         match &snap {
             None => inp.read_at(off, b),
-            Some(k) => inp.as_qcow2().map_or(Ok(()), |q| q.read_snapshot(k, off, b)),
+            Some(k) => inp
+                .as_qcow2()
+                .map_or(Ok(()), |q| q.read_snapshot(k, off, b)),
         }
         .map_err(img_err(format!("error while reading at byte {off}")))?;
         if b.iter().any(|&x| x != 0) {
-            outp.write_at(off, b).map_err(img_err(format!("error while writing at byte {off}")))?;
+            outp.write_at(off, b)
+                .map_err(img_err(format!("error while writing at byte {off}")))?;
         }
         off += n as u64;
     }
@@ -465,14 +543,24 @@ pub fn convert(argv: &[String]) -> R {
 }
 
 pub fn map(argv: &[String]) -> R {
-    let a = parse(argv, &["-f", "--output", "--start-offset", "--max-length"], &["-U", "--force-share"])?;
+    let a = parse(
+        argv,
+        &["-f", "--output", "--start-offset", "--max-length"],
+        &["-U", "--force-share"],
+    )?;
     let json = output_json(&a)?;
     let file = one_file(&a.pos)?;
     let mut dev = open_any(file, fmt_arg(a.opt("-f"))?, true)?;
     let size = dev.size();
     let entries: Vec<qcow2::MapEntry> = match dev.as_qcow2() {
-        Some(q) => q.map().map_err(img_err(format!("Could not map '{file}'")))?,
-        None => vec![qcow2::MapEntry { start: 0, length: size, kind: MapKind::Data(0) }],
+        Some(q) => q
+            .map()
+            .map_err(img_err(format!("Could not map '{file}'")))?,
+        None => vec![qcow2::MapEntry {
+            start: 0,
+            length: size,
+            kind: MapKind::Data(0),
+        }],
     };
     if json {
         let lines: Vec<String> = entries
@@ -503,8 +591,14 @@ pub fn map(argv: &[String]) -> R {
                 "File contains external, encrypted or compressed clusters.".into(),
             ));
         }
-        println!("{:<16}{:<16}{:<16}{}", "Offset", "Length", "Mapped to", "File");
-        let hx = |v: u64| if v == 0 { "0".to_string() } else { format!("{v:#x}") };
+        println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+        let hx = |v: u64| {
+            if v == 0 {
+                "0".to_string()
+            } else {
+                format!("{v:#x}")
+            }
+        };
         for e in &entries {
             if let MapKind::Data(o) = e.kind {
                 println!("{:<16}{:<16}{:<16}{file}", hx(e.start), hx(e.length), hx(o));
@@ -534,24 +628,30 @@ pub fn resize(argv: &[String]) -> R {
     let mut dev = open_any(file, fmt_arg(a.opt("-f"))?, false)?;
     let cur = dev.size();
     let new = if let Some(d) = s.strip_prefix('+') {
-        cur.checked_add(parse_size(d)?).ok_or_else(|| CliError::Usage("size overflow".into()))?
+        cur.checked_add(parse_size(d)?)
+            .ok_or_else(|| CliError::Usage("size overflow".into()))?
     } else if let Some(d) = s.strip_prefix('-') {
-        cur.checked_sub(parse_size(d)?).ok_or_else(|| CliError::Usage("New image size must be positive".into()))?
+        cur.checked_sub(parse_size(d)?)
+            .ok_or_else(|| CliError::Usage("New image size must be positive".into()))?
     } else {
         parse_size(s)?
     };
     if new < cur && !a.flag("--shrink") {
-        return Err(CliError::Usage("Use the --shrink option to perform a shrink operation.".into()));
+        return Err(CliError::Usage(
+            "Use the --shrink option to perform a shrink operation.".into(),
+        ));
     }
     match dev.as_qcow2() {
         Some(q) => {
-            q.resize(new).map_err(img_err("Error resizing image".into()))?;
+            q.resize(new)
+                .map_err(img_err("Error resizing image".into()))?;
             q.close().map_err(img_err(file.to_string()))?;
         }
         None => {
             drop(dev);
             let mut r = RawImage::open(file, false).map_err(img_err(file.to_string()))?;
-            r.resize(new).map_err(img_err("Error resizing image".into()))?;
+            r.resize(new)
+                .map_err(img_err("Error resizing image".into()))?;
         }
     }
     if !a.flag("-q") {

@@ -29,7 +29,11 @@ pub struct Args {
 
 impl Args {
     pub fn opt(&self, k: &str) -> Option<&str> {
-        self.opts.iter().rev().find(|(a, _)| a == k).map(|(_, v)| v.as_str())
+        self.opts
+            .iter()
+            .rev()
+            .find(|(a, _)| a == k)
+            .map(|(_, v)| v.as_str())
     }
     pub fn flag(&self, k: &str) -> bool {
         self.flags.iter().any(|f| f == k)
@@ -38,7 +42,11 @@ impl Args {
 
 /// Split `argv` given which short/long options take a value.
 pub fn parse(argv: &[String], with_value: &[&str], flags: &[&str]) -> Result<Args, CliError> {
-    let mut a = Args { opts: Vec::new(), flags: Vec::new(), pos: Vec::new() };
+    let mut a = Args {
+        opts: Vec::new(),
+        flags: Vec::new(),
+        pos: Vec::new(),
+    };
     let mut i = 0;
     while i < argv.len() {
         let s = &argv[i];
@@ -67,7 +75,10 @@ pub fn parse(argv: &[String], with_value: &[&str], flags: &[&str]) -> Result<Arg
             } else {
                 return Err(CliError::Usage(format!("unrecognized option '{s}'")));
             }
-        } else if s.len() > 1 && s.starts_with('-') && !s[1..].starts_with(|c: char| c.is_ascii_digit()) {
+        } else if s.len() > 1
+            && s.starts_with('-')
+            && !s[1..].starts_with(|c: char| c.is_ascii_digit())
+        {
             let k = s[..2].to_string();
             if with_value.contains(&k.as_str()) {
                 let v = if s.len() > 2 {
@@ -94,7 +105,9 @@ pub fn parse(argv: &[String], with_value: &[&str], flags: &[&str]) -> Result<Arg
 
 /// qemu-img size syntax: a number with an optional k/M/G/T/P/E suffix (binary), or bytes.
 pub fn parse_size(s: &str) -> Result<u64, CliError> {
-    let bad = || CliError::Usage(format!("Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes. ('{s}')"));
+    let bad = || {
+        CliError::Usage(format!("Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes. ('{s}')"))
+    };
     let t = s.trim();
     let (num, mult) = match t.chars().last() {
         Some(c) if c.is_ascii_alphabetic() => {
@@ -119,7 +132,7 @@ pub fn parse_size(s: &str) -> Result<u64, CliError> {
         return n.checked_mul(mult).ok_or_else(bad);
     }
     let f: f64 = num.parse().map_err(|_| bad())?;
-    if !(f >= 0.0) || f * mult as f64 >= 9.2e18 {
+    if f.is_nan() || f < 0.0 || f * mult as f64 >= 9.2e18 {
         return Err(bad());
     }
     Ok((f * mult as f64) as u64)

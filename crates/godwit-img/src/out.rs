@@ -84,7 +84,10 @@ fn g3(x: f64) -> String {
     let prec = (2 - mag).max(0) as usize;
     let s = format!("{x:.prec$}");
     // Rounding may reach the next power of ten (999.6 -> "1000"): %g then uses an exponent.
-    let digits = s.split('.').next().map_or(0, |p| p.trim_start_matches('-').len());
+    let digits = s
+        .split('.')
+        .next()
+        .map_or(0, |p| p.trim_start_matches('-').len());
     if digits > 3 {
         let m = (x.abs().log10().round()) as i32;
         return format!("1e+{m:02}");
@@ -99,7 +102,11 @@ fn g3(x: f64) -> String {
 /// qemu's `size_to_str`: "0 B", "765 B", "623 KiB", "1.5 MiB", "0.977 KiB".
 pub fn size_to_str(v: u64) -> String {
     const SUF: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
-    let e = if v == 0 { 0 } else { (((v as f64) * 1.024).log2().floor() as usize) / 10 };
+    let e = if v == 0 {
+        0
+    } else {
+        (((v as f64) * 1.024).log2().floor() as usize) / 10
+    };
     let e = e.min(6);
     let x = v as f64 / (1u128 << (10 * e)) as f64;
     format!("{} {}B", g3(x), SUF[e])
@@ -127,7 +134,10 @@ pub fn local_date(sec: u32) -> String {
 
 /// qemu-img 7.2's snapshot list header.
 pub fn snapshot_header() -> String {
-    format!("{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
+    format!(
+        "{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}",
+        "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"
+    )
 }
 
 /// One snapshot list row in qemu-img 7.2's format.

@@ -41,7 +41,12 @@ fn ours(args: &[&str]) -> Output {
     run(G, args)
 }
 fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -49,8 +54,16 @@ fn ok(o: &Output) -> String {
 fn same(args: &[&str]) {
     let a = qemu(args);
     let b = ours(args);
-    let norm = |v: &[u8]| String::from_utf8_lossy(v).replace("qemu-img: ", "").replace("godwit-img: ", "");
-    assert_eq!(String::from_utf8_lossy(&b.stdout), String::from_utf8_lossy(&a.stdout), "stdout of {args:?}");
+    let norm = |v: &[u8]| {
+        String::from_utf8_lossy(v)
+            .replace("qemu-img: ", "")
+            .replace("godwit-img: ", "")
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&b.stdout),
+        String::from_utf8_lossy(&a.stdout),
+        "stdout of {args:?}"
+    );
     assert_eq!(norm(&b.stderr), norm(&a.stderr), "stderr of {args:?}");
     assert_eq!(b.status.code(), a.status.code(), "exit code of {args:?}");
 }
@@ -64,20 +77,42 @@ fn norm_map(out: &str, json: bool) -> Vec<(u64, u64, String, Option<u64>)> {
     for line in out.lines() {
         let num = |k: &str| -> Option<u64> {
             let i = line.find(&format!("\"{k}\": "))? + k.len() + 4;
-            line[i..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+            line[i..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
         };
         let (start, len, kind, off) = if json {
             let data = line.contains("\"data\": true");
-            let kind = if data { "data".to_string() } else { line.split("\"present\"").nth(1).unwrap_or("").split("\"data\"").next().unwrap_or("").to_string() };
-            (num("start").unwrap(), num("length").unwrap(), kind, num("offset"))
+            let kind = if data {
+                "data".to_string()
+            } else {
+                line.split("\"present\"")
+                    .nth(1)
+                    .unwrap_or("")
+                    .split("\"data\"")
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            };
+            (
+                num("start").unwrap(),
+                num("length").unwrap(),
+                kind,
+                num("offset"),
+            )
         } else {
             let f: Vec<&str> = line.split_whitespace().collect();
             let h = |t: &str| u64::from_str_radix(t.trim_start_matches("0x"), 16).unwrap();
-            if f.first() == Some(&"Offset") { continue; }
+            if f.first() == Some(&"Offset") {
+                continue;
+            }
             (h(f[0]), h(f[1]), "data".to_string(), Some(h(f[2])))
         };
         if let Some(l) = v.last_mut() {
-            if l.2 == kind && l.0 + l.1 == start && (kind != "data" || l.3.map(|o| o + l.1) == off) {
+            if l.2 == kind && l.0 + l.1 == start && (kind != "data" || l.3.map(|o| o + l.1) == off)
+            {
                 l.1 += len;
                 continue;
             }
@@ -90,21 +125,39 @@ fn norm_map(out: &str, json: bool) -> Vec<(u64, u64, String, Option<u64>)> {
 fn same_map(img: &Path) {
     for json in [true, false] {
         let mut args = vec!["map"];
-        if json { args.push("--output=json"); }
+        if json {
+            args.push("--output=json");
+        }
         args.push(s(img));
         let a = ok(&qemu(&args));
         let b = ok(&ours(&args));
         let (na, nb) = (norm_map(&a, json), norm_map(&b, json));
         if json {
-            assert_eq!(nb, na, "map --output=json of {}:\nqemu:\n{a}\nours:\n{b}", s(img));
+            assert_eq!(
+                nb,
+                na,
+                "map --output=json of {}:\nqemu:\n{a}\nours:\n{b}",
+                s(img)
+            );
         } else {
             // Human output leaves holes out, so runs may be split differently: every run of
             // either tool must lie inside a run of the other with the same guest->host delta.
-            let inside = |x: &(u64, u64, String, Option<u64>), ys: &[(u64, u64, String, Option<u64>)]| {
-                ys.iter().any(|y| y.0 <= x.0 && x.0 + x.1 <= y.0 + y.1 && y.3.unwrap() as i128 - y.0 as i128 == x.3.unwrap() as i128 - x.0 as i128)
+            let inside = |x: &(u64, u64, String, Option<u64>),
+                          ys: &[(u64, u64, String, Option<u64>)]| {
+                ys.iter().any(|y| {
+                    y.0 <= x.0
+                        && x.0 + x.1 <= y.0 + y.1
+                        && y.3.unwrap() as i128 - y.0 as i128 == x.3.unwrap() as i128 - x.0 as i128
+                })
             };
-            assert!(nb.iter().all(|x| inside(x, &na)) && na.iter().all(|x| nb.iter().any(|y| y.0 == x.0) || inside(x, &nb)),
-                "map of {}:\nqemu:\n{a}\nours:\n{b}", s(img));
+            assert!(
+                nb.iter().all(|x| inside(x, &na))
+                    && na
+                        .iter()
+                        .all(|x| nb.iter().any(|y| y.0 == x.0) || inside(x, &nb)),
+                "map of {}:\nqemu:\n{a}\nours:\n{b}",
+                s(img)
+            );
         }
     }
 }
@@ -141,12 +194,22 @@ fn create_is_byte_identical() {
             ga.extend([s(&b), size]);
             let qo = ok(&qemu(&qa));
             let go = ok(&ours(&ga));
-            assert_eq!(go.replace("g.qcow2", "q.qcow2"), qo, "create message for -o {o}");
-            assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "bytes differ for -o '{o}' size {size}");
+            assert_eq!(
+                go.replace("g.qcow2", "q.qcow2"),
+                qo,
+                "create message for -o {o}"
+            );
+            assert!(
+                std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+                "bytes differ for -o '{o}' size {size}"
+            );
         }
     }
     let r = d.path("r.img");
-    assert_eq!(ok(&ours(&["create", "-f", "raw", s(&r), "1M"])), format!("Formatting '{}', fmt=raw size=1048576\n", s(&r)));
+    assert_eq!(
+        ok(&ours(&["create", "-f", "raw", s(&r), "1M"])),
+        format!("Formatting '{}', fmt=raw size=1048576\n", s(&r))
+    );
     assert_eq!(std::fs::metadata(&r).unwrap().len(), 1 << 20);
 }
 
@@ -156,17 +219,37 @@ fn info_list_map_match() {
     // An image QEMU made, with a savevm snapshot (VM size, clock) and qemu-img snapshots.
     let img = d.path("a.qcow2");
     ok(&qemu(&["create", "-q", "-f", "qcow2", s(&img), "64M"]));
-    qemu_io(&img, &["write -P 0x11 0 200k", "write -z 1M 128k", "write -P 0x22 10M 4k"]);
+    qemu_io(
+        &img,
+        &[
+            "write -P 0x11 0 200k",
+            "write -z 1M 128k",
+            "write -P 0x22 10M 4k",
+        ],
+    );
     ok(&qemu(&["snapshot", "-c", "first snap", s(&img)]));
     let mut vm = Command::new("qemu-system-x86_64")
-        .args(["-machine", "none", "-nodefaults", "-display", "none", "-monitor", "stdio", "-drive"])
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-monitor",
+            "stdio",
+            "-drive",
+        ])
         .arg(format!("file={},if=none,format=qcow2", s(&img)))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("qemu-system-x86_64 (Debian qemu-system-x86) is needed for this test");
     use std::io::Write;
-    vm.stdin.take().unwrap().write_all(b"savevm vm1\nquit\n").unwrap();
+    vm.stdin
+        .take()
+        .unwrap()
+        .write_all(b"savevm vm1\nquit\n")
+        .unwrap();
     assert!(vm.wait().unwrap().success());
     qemu_io(&img, &["write -P 0x33 64k 64k"]);
     for args in [
@@ -184,7 +267,15 @@ fn info_list_map_match() {
     ok(&ours(&["snapshot", "-a", "first snap", s(&img)]));
     ok(&ours(&["snapshot", "-d", "vm1", s(&img)]));
     let v2 = d.path("v2.qcow2");
-    ok(&ours(&["create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=512", s(&v2), "3M"]));
+    ok(&ours(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10,cluster_size=512",
+        s(&v2),
+        "3M",
+    ]));
     qemu_io(&v2, &["write -P 0x44 1000 300k", "write -P 0x55 2M 20k"]);
     ok(&ours(&["snapshot", "-c", "x", s(&v2)]));
     let raw = d.path("r.raw");
@@ -209,7 +300,8 @@ fn set_refcount(img: &Path, cluster: u64, val: u16) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
     // Fresh qemu-img layout: refcount block 0 at cluster 2 (64 KiB clusters, 16-bit).
-    f.write_all_at(&val.to_be_bytes(), 0x20000 + 2 * cluster).unwrap();
+    f.write_all_at(&val.to_be_bytes(), 0x20000 + 2 * cluster)
+        .unwrap();
 }
 
 #[test]
@@ -218,10 +310,13 @@ fn check_findings_and_exit_codes_match() {
     let base = d.path("base.qcow2");
     ok(&qemu(&["create", "-q", "-f", "qcow2", s(&base), "64M"]));
     qemu_io(&base, &["write -P 0x11 0 64k"]); // L2 at cluster 4, data at cluster 5
-    // Leak: a cluster inside the file with a refcount but no reference.
+                                              // Leak: a cluster inside the file with a refcount but no reference.
     let leak = d.path("leak.qcow2");
     std::fs::copy(&base, &leak).unwrap();
-    let f = std::fs::OpenOptions::new().append(true).open(&leak).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&leak)
+        .unwrap();
     f.set_len(7 * 65536).unwrap();
     set_refcount(&leak, 6, 1);
     same(&["check", s(&leak)]);
@@ -236,35 +331,69 @@ fn check_findings_and_exit_codes_match() {
     assert_eq!(ours(&["check", s(&bad)]).status.code(), Some(2));
     // Repair leaks with our tool; QEMU then finds it clean.
     let o = ours(&["check", "-r", "leaks", s(&leak)]);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     assert!(String::from_utf8_lossy(&o.stdout).contains("1 leaked clusters\n    0 corruptions"));
     assert_eq!(qemu(&["check", s(&leak)]).status.code(), Some(0));
     let o = ours(&["check", "-r", "all", s(&bad)]);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     assert_eq!(qemu(&["check", s(&bad)]).status.code(), Some(0));
     // Compressed clusters (qemu-img convert -c): check statistics, info, map.
     let raw = d.path("text.raw");
     std::fs::write(&raw, b"compressible text ".repeat(200_000)).unwrap();
     let comp = d.path("comp.qcow2");
-    ok(&qemu(&["convert", "-c", "-f", "raw", "-O", "qcow2", s(&raw), s(&comp)]));
+    ok(&qemu(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&raw),
+        s(&comp),
+    ]));
     qemu_io(&comp, &["write -P 0x11 1M 64k"]);
     same(&["check", s(&comp)]);
     same(&["check", "--output=json", s(&comp)]);
     same(&["info", s(&comp)]);
     same(&["map", "--output=json", s(&comp)]);
     let (a, b) = (qemu(&["map", s(&comp)]), ours(&["map", s(&comp)]));
-    assert_eq!((a.status.code(), b.status.code()), (Some(1), Some(1)), "human map of compressed clusters fails in both");
+    assert_eq!(
+        (a.status.code(), b.status.code()),
+        (Some(1), Some(1)),
+        "human map of compressed clusters fails in both"
+    );
     // Raw images have no check, as in qemu-img.
     let raw = d.path("r.img");
     ok(&qemu(&["create", "-q", "-f", "raw", s(&raw), "1M"]));
-    assert_eq!(ours(&["check", "-f", "raw", s(&raw)]).status.code(), qemu(&["check", "-f", "raw", s(&raw)]).status.code());
+    assert_eq!(
+        ours(&["check", "-f", "raw", s(&raw)]).status.code(),
+        qemu(&["check", "-f", "raw", s(&raw)]).status.code()
+    );
 }
 
 #[test]
 fn snapshot_convert_resize_roundtrip() {
     let d = Scratch::new("conv");
     let img = d.path("x.qcow2");
-    ok(&ours(&["create", "-f", "qcow2", "-o", "cluster_size=4096", s(&img), "8M"]));
+    ok(&ours(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        s(&img),
+        "8M",
+    ]));
     qemu_io(&img, &["write -P 0x11 0 1M"]);
     ok(&ours(&["snapshot", "-c", "one", s(&img)]));
     qemu_io(&img, &["write -P 0x22 512k 1M"]);
@@ -282,12 +411,31 @@ fn snapshot_convert_resize_roundtrip() {
         ga.extend([s(&img), s(&b)]);
         ok(&qemu(&qa));
         ok(&ours(&ga));
-        assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "convert {l:?} differs");
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "convert {l:?} differs"
+        );
         // And raw -> qcow2 with our tool reads back identical in QEMU.
         let c = d.path("c.qcow2");
-        ok(&ours(&["convert", "-f", "raw", "-O", "qcow2", s(&b), s(&c)]));
+        ok(&ours(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&b),
+            s(&c),
+        ]));
         assert_eq!(qemu(&["check", s(&c)]).status.code(), Some(0));
-        ok(&qemu(&["convert", "-f", "qcow2", "-O", "raw", s(&c), s(&a)]));
+        ok(&qemu(&[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            s(&c),
+            s(&a),
+        ]));
         assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
     }
     ok(&ours(&["snapshot", "-a", "one", s(&img)]));
@@ -311,6 +459,10 @@ fn snapshot_convert_resize_roundtrip() {
         assert_eq!(o.status.code(), Some(1), "{bad:?}");
         let e = String::from_utf8_lossy(&o.stderr);
         assert_eq!(e.lines().count(), 1, "{bad:?}: {e}");
-        assert_eq!(qemu(&bad).status.code(), Some(1), "qemu-img agrees on failure for {bad:?}");
+        assert_eq!(
+            qemu(&bad).status.code(),
+            Some(1),
+            "qemu-img agrees on failure for {bad:?}"
+        );
     }
 }

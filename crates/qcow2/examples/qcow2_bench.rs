@@ -47,7 +47,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // VM state: 1 GiB stream past a 1 GiB disk.
     let p = dir.join("godwit-vmstate.qcow2");
-    let mut q = Qcow2::create(&p, &CreateOptions { size: 1 << 30, ..Default::default() })?;
+    let mut q = Qcow2::create(
+        &p,
+        &CreateOptions {
+            size: 1 << 30,
+            ..Default::default()
+        },
+    )?;
     let t = Instant::now();
     let mut w = q.vmstate_writer()?;
     let mut done = 0;
@@ -65,7 +71,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("snapshot {:.3}", t.elapsed().as_secs_f64());
     drop(q);
     evict(&p);
-    let mut q = Qcow2::open(&p, &OpenOptions { read_only: true, ..Default::default() })?;
+    let mut q = Qcow2::open(
+        &p,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
     let t = Instant::now();
     let mut r = q.vmstate_reader("bench")?;
     let mut buf = vec![0u8; 4 << 20];
@@ -84,7 +96,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Guest sequential I/O, same pattern as `qemu-img bench -s 4M -S 4M`.
     let p = dir.join("godwit-seq.qcow2");
-    let mut q = Qcow2::create(&p, &CreateOptions { size: total, ..Default::default() })?;
+    let mut q = Qcow2::create(
+        &p,
+        &CreateOptions {
+            size: total,
+            ..Default::default()
+        },
+    )?;
     let t = Instant::now();
     let mut off = 0;
     while off < total {
@@ -95,7 +113,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("seq_write {:.3}", t.elapsed().as_secs_f64());
     drop(q);
     evict(&p);
-    let mut q = Qcow2::open(&p, &OpenOptions { read_only: true, ..Default::default() })?;
+    let mut q = Qcow2::open(
+        &p,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
     let t = Instant::now();
     let mut off = 0;
     while off < total {
@@ -108,7 +132,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Random 4 KiB writes over a 1 GiB disk.
     let p = dir.join("godwit-rand.qcow2");
-    let mut q = Qcow2::create(&p, &CreateOptions { size: 1 << 30, ..Default::default() })?;
+    let mut q = Qcow2::create(
+        &p,
+        &CreateOptions {
+            size: 1 << 30,
+            ..Default::default()
+        },
+    )?;
     let page = vec![0x5au8; 4096];
     for (name, seed) in [("rand_alloc", 1u64), ("rand_overwrite", 1)] {
         let offs = offsets(nrand, 1 << 30, seed);

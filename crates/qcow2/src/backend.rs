@@ -65,7 +65,9 @@ pub trait BlockBackend: Send {
 fn check_range(off: u64, len: u64, size: u64) -> Result<()> {
     match off.checked_add(len) {
         Some(e) if e <= size => Ok(()),
-        _ => Err(Error::InvalidArgument(format!("access {off}+{len} beyond the disk size {size}"))),
+        _ => Err(Error::InvalidArgument(format!(
+            "access {off}+{len} beyond the disk size {size}"
+        ))),
     }
 }
 
@@ -123,7 +125,11 @@ impl RawImage {
     /// Use any storage as a raw disk.
     pub fn on(file: Box<dyn Storage>, read_only: bool) -> Result<RawImage> {
         let size = file.len().ctx("querying the image size")?;
-        Ok(RawImage { file, size, read_only })
+        Ok(RawImage {
+            file,
+            size,
+            read_only,
+        })
     }
     /// Create (or truncate) a raw image of `size` bytes.
     pub fn create(path: impl AsRef<Path>, size: u64) -> Result<RawImage> {
@@ -183,14 +189,19 @@ impl BlockBackend for RawImage {
             return Err(Error::ReadOnly);
         }
         check_range(off, len, self.size)?;
-        self.file.punch_hole(off, len).ctx("discarding in the raw image")
+        self.file
+            .punch_hole(off, len)
+            .ctx("discarding in the raw image")
     }
 }
 
 /// Detect the format of the image at `path` from its content (anything that is not qcow2 is
 /// raw).
 pub fn probe(path: impl AsRef<Path>) -> Result<ImageFormat> {
-    let f = FsOpenOptions::new().read(true).open(path.as_ref()).ctx("opening the image file")?;
+    let f = FsOpenOptions::new()
+        .read(true)
+        .open(path.as_ref())
+        .ctx("opening the image file")?;
     let s = FileStorage::new(f);
     probe_storage(&s)
 }
@@ -199,7 +210,11 @@ pub fn probe(path: impl AsRef<Path>) -> Result<ImageFormat> {
 pub fn probe_storage(s: &dyn Storage) -> Result<ImageFormat> {
     let mut m = [0u8; 4];
     s.read_at(&mut m, 0).ctx("reading the image")?;
-    Ok(if u32::from_be_bytes(m) == MAGIC { ImageFormat::Qcow2 } else { ImageFormat::Raw })
+    Ok(if u32::from_be_bytes(m) == MAGIC {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    })
 }
 
 /// Open an image of format `format` (probed from the content when None).

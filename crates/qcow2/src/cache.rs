@@ -11,7 +11,11 @@ pub(crate) struct Lru<T> {
 
 impl<T> Lru<T> {
     pub(crate) fn new(cap: usize) -> Self {
-        Lru { map: HashMap::new(), tick: 0, cap: cap.max(4) }
+        Lru {
+            map: HashMap::new(),
+            tick: 0,
+            cap: cap.max(4),
+        }
     }
     pub(crate) fn get(&mut self, k: u64) -> Option<&mut T> {
         self.tick += 1;

@@ -89,15 +89,17 @@ impl Qcow2 {
             }
         }
         let rtlen = self.h.refcount_table_clusters as u64 * cs;
-        if let Err(e) = cnt.add_bytes(self, self.h.refcount_table_offset, rtlen, "refcount table")
-        {
+        if let Err(e) = cnt.add_bytes(self, self.h.refcount_table_offset, rtlen, "refcount table") {
             err(&mut r, format!("ERROR {e}"));
         }
         let mut blocks = Vec::new();
         for (i, &e) in self.rt.clone().iter().enumerate() {
             let off = e & !0x1ff;
             if e & 0x1ff != 0 {
-                err(&mut r, format!("ERROR reserved bits set in refcount table entry {i}"));
+                err(
+                    &mut r,
+                    format!("ERROR reserved bits set in refcount table entry {i}"),
+                );
             }
             if off == 0 {
                 continue;
@@ -115,7 +117,10 @@ impl Qcow2 {
         let order = self.h.refcount_order;
         for &(i, off) in &blocks {
             if cnt.get(off / cs) != 1 {
-                err(&mut r, format!("ERROR refcount block {i} refcount={}", cnt.get(off / cs)));
+                err(
+                    &mut r,
+                    format!("ERROR refcount block {i} refcount={}", cnt.get(off / cs)),
+                );
             }
         }
         // Compare with the on-disk refcounts over the file (and whatever is referenced past
@@ -129,10 +134,12 @@ impl Qcow2 {
             let blk = match self.rb_offset(idx) {
                 Some(off) if off & (cs - 1) == 0 && off < file_len => {
                     let mut b = vec![0u8; cs as usize];
-                    self.file.read_at(&mut b, off).map_err(|source| crate::Error::Io {
-                        context: "reading a refcount block",
-                        source,
-                    })?;
+                    self.file
+                        .read_at(&mut b, off)
+                        .map_err(|source| crate::Error::Io {
+                            context: "reading a refcount block",
+                            source,
+                        })?;
                     Some(b)
                 }
                 _ => None,
@@ -145,9 +152,14 @@ impl Qcow2 {
                 }
                 if disk > calc {
                     r.leaks += 1;
-                    r.messages.push(format!("Leaked cluster {c} refcount={disk} reference={calc}"));
+                    r.messages.push(format!(
+                        "Leaked cluster {c} refcount={disk} reference={calc}"
+                    ));
                 } else if disk < calc {
-                    err(&mut r, format!("ERROR cluster {c} refcount={disk} reference={calc}"));
+                    err(
+                        &mut r,
+                        format!("ERROR cluster {c} refcount={disk} reference={calc}"),
+                    );
                 }
                 c += 1;
             }
@@ -170,11 +182,14 @@ impl Qcow2 {
             }
             if e & 0x7f00_0000_0000_01ff != 0 {
                 r.corruptions += 1;
-                r.messages.push(format!("ERROR reserved bits set in L1 entry {i}: {e:#x}"));
+                r.messages
+                    .push(format!("ERROR reserved bits set in L1 entry {i}: {e:#x}"));
             }
             if cnt.add(off / cs, "L2 table").is_err() {
                 r.corruptions += 1;
-                r.messages.push(format!("ERROR l2_offset={off:x}: L2 table is outside the image"));
+                r.messages.push(format!(
+                    "ERROR l2_offset={off:x}: L2 table is outside the image"
+                ));
                 continue;
             }
             let t = match cnt.l2(self, off) {
@@ -196,7 +211,8 @@ impl Qcow2 {
                         }
                         if cnt.add_bytes(self, o, l, "compressed data").is_err() {
                             r.corruptions += 1;
-                            r.messages.push(format!("ERROR compressed cluster {o:#x} outside image"));
+                            r.messages
+                                .push(format!("ERROR compressed cluster {o:#x} outside image"));
                         }
                         if active {
                             // Compressed clusters count as fragmented, as in qemu-img.
@@ -208,13 +224,13 @@ impl Qcow2 {
                     Kind::Normal(o) | Kind::ZeroAlloc(o) => {
                         if x & 0x3f00_0000_0000_01fe != 0 {
                             r.corruptions += 1;
-                            r.messages.push(format!("ERROR reserved bits set in L2 entry {x:#x}"));
+                            r.messages
+                                .push(format!("ERROR reserved bits set in L2 entry {x:#x}"));
                         }
                         if cnt.add(o / cs, "data cluster").is_err() {
                             r.corruptions += 1;
-                            r.messages.push(format!(
-                                "ERROR offset={o:x}: Cluster is outside the image"
-                            ));
+                            r.messages
+                                .push(format!("ERROR offset={o:x}: Cluster is outside the image"));
                         }
                         if active {
                             r.allocated_clusters += 1;
@@ -245,7 +261,9 @@ impl Qcow2 {
                     "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                 ));
             }
-            let Ok(t) = self.read_l2_raw(off) else { continue };
+            let Ok(t) = self.read_l2_raw(off) else {
+                continue;
+            };
             for &x in &t {
                 if x & COMPRESSED != 0 {
                     continue;
@@ -268,7 +286,9 @@ impl Qcow2 {
     /// again. Returns (report before, report after).
     pub fn repair(&mut self, mode: RepairMode) -> Result<(CheckReport, CheckReport)> {
         let before = self.check()?;
-        if before.is_clean() || (mode == RepairMode::Leaks && (before.corruptions > 0 || before.leaks == 0)) {
+        if before.is_clean()
+            || (mode == RepairMode::Leaks && (before.corruptions > 0 || before.leaks == 0))
+        {
             let after = before.clone();
             return Ok((before, after));
         }

@@ -72,7 +72,9 @@ impl Qcow2 {
 
     fn flush_pending(&self, buf: &mut [u8], p: Option<(usize, u64, usize)>) -> Result<()> {
         if let Some((pos, host, len)) = p {
-            self.file.read_at(&mut buf[pos..pos + len], host).ctx("reading guest data")?;
+            self.file
+                .read_at(&mut buf[pos..pos + len], host)
+                .ctx("reading guest data")?;
         }
         Ok(())
     }
@@ -85,7 +87,9 @@ impl Qcow2 {
             }
         }
         let mut src = vec![0u8; l as usize];
-        self.file.read_at(&mut src, h).ctx("reading a compressed cluster")?;
+        self.file
+            .read_at(&mut src, h)
+            .ctx("reading a compressed cluster")?;
         let mut out = vec![0u8; self.cs as usize];
         let mut d = flate2::Decompress::new(false);
         let r = d.decompress(&src, &mut out, flate2::FlushDecompress::Finish);
@@ -154,7 +158,9 @@ impl Qcow2 {
             }
             t
         };
-        self.file.write_at(&entries_to_bytes(&table), new).ctx("writing an L2 table")?;
+        self.file
+            .write_at(&entries_to_bytes(&table), new)
+            .ctx("writing an L2 table")?;
         self.l2_cache.insert(new, table);
         self.barrier()?;
         self.set_l1_entry(l1_idx, new | COPIED)?;
@@ -179,8 +185,9 @@ impl Qcow2 {
             let cin = if i == 0 { in0 } else { 0 };
             (start, end, cin)
         };
-        let in_place = |e: u64| e & COPIED != 0 && e & (crate::image::COMPRESSED | ZERO) == 0
-            && e & OFFSET_MASK != 0;
+        let in_place = |e: u64| {
+            e & COPIED != 0 && e & (crate::image::COMPRESSED | ZERO) == 0 && e & OFFSET_MASK != 0
+        };
         let mut i = 0u64;
         while i < nclu {
             let e = ents[i as usize];
@@ -199,7 +206,9 @@ impl Qcow2 {
                 if host > end_file + cs {
                     return corrupt(format!("data cluster {host:#x} lies past the end of file"));
                 }
-                self.file.write_at(&data[s..z], host).ctx("writing guest data")?;
+                self.file
+                    .write_at(&data[s..z], host)
+                    .ctx("writing guest data")?;
                 i = j + 1;
                 continue;
             }
@@ -224,7 +233,9 @@ impl Qcow2 {
                         q += 1;
                     }
                     let (_, zq, _) = piece(q);
-                    self.file.write_at(&data[s..zq], host).ctx("writing guest data")?;
+                    self.file
+                        .write_at(&data[s..zq], host)
+                        .ctx("writing guest data")?;
                     m = q + 1;
                 } else {
                     let mut buf = vec![0u8; cs as usize];

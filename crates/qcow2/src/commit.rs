@@ -40,11 +40,17 @@ pub(crate) struct Counter {
 
 impl Counter {
     pub(crate) fn new(limit: u64) -> Self {
-        Counter { refs: Vec::new(), limit, l2s: HashMap::new() }
+        Counter {
+            refs: Vec::new(),
+            limit,
+            l2s: HashMap::new(),
+        }
     }
     pub(crate) fn add(&mut self, c: u64, what: &str) -> Result<()> {
         if c >= self.limit {
-            return corrupt(format!("{what} at cluster {c} lies past the end of the file"));
+            return corrupt(format!(
+                "{what} at cluster {c} lies past the end of the file"
+            ));
         }
         if c as usize >= self.refs.len() {
             self.refs.resize(c as usize + 1, 0);
@@ -119,13 +125,17 @@ impl Qcow2 {
         };
         let order = self.h.refcount_order;
         for idx in 0..(self.rt.len() as u64).min(limit.div_ceil(self.rbe)) {
-            let Some(off) = self.rb_offset(idx) else { continue };
+            let Some(off) = self.rb_offset(idx) else {
+                continue;
+            };
             if off & (self.cs - 1) != 0 || off / self.cs >= crate::image::MAX_HOST / self.cs {
                 return corrupt("refcount block offset invalid");
             }
             mark(&mut used, off / self.cs);
             let mut b = vec![0u8; self.cs as usize];
-            self.file.read_at(&mut b, off).ctx("reading a refcount block")?;
+            self.file
+                .read_at(&mut b, off)
+                .ctx("reading a refcount block")?;
             for i in 0..self.rbe {
                 if crate::image::rc_get(&b, i, order) != 0 {
                     mark(&mut used, idx * self.rbe + i);
@@ -220,7 +230,11 @@ impl Qcow2 {
             }
         }
         // Placement: clusters free in both the old and the new view.
-        let mut alloc = Placer { cursor: 1, old: &old, cbits: self.cbits };
+        let mut alloc = Placer {
+            cursor: 1,
+            old: &old,
+            cbits: self.cbits,
+        };
         let mut new_l2_at: Vec<Option<u64>> = Vec::with_capacity(slots.len());
         for s in &slots {
             new_l2_at.push(match s {
@@ -230,9 +244,15 @@ impl Qcow2 {
         }
         let l1_len = slots.len() as u64;
         if l1_len * 8 > header::MAX_L1_BYTES {
-            return Err(Error::InvalidArgument("L1 table would exceed 32 MiB".into()));
+            return Err(Error::InvalidArgument(
+                "L1 table would exceed 32 MiB".into(),
+            ));
         }
-        let l1_off = if l1_len > 0 { alloc.run(&mut cnt, (l1_len * 8).div_ceil(cs))? } else { 0 };
+        let l1_off = if l1_len > 0 {
+            alloc.run(&mut cnt, (l1_len * 8).div_ceil(cs))?
+        } else {
+            0
+        };
         let mut snaps: Vec<SnapEntry> = Vec::with_capacity(plan.snaps.len());
         let mut snap_l1_writes: Vec<(u64, Vec<u64>)> = Vec::new();
         for (i, (e, new_l1)) in plan.snaps.into_iter().enumerate() {
@@ -252,7 +272,9 @@ impl Qcow2 {
         }
         let stable = table_bytes(&snaps);
         if stable.len() as u64 > 64 << 20 {
-            return Err(Error::InvalidArgument("snapshot table would exceed 64 MiB".into()));
+            return Err(Error::InvalidArgument(
+                "snapshot table would exceed 64 MiB".into(),
+            ));
         }
         let snap_off = if snaps.is_empty() {
             0
@@ -287,10 +309,16 @@ impl Qcow2 {
             }
         }
         if table.1 * cs > header::MAX_REFTABLE_BYTES.max(cs) {
-            return Err(Error::InvalidArgument("refcount table would exceed 8 MiB".into()));
+            return Err(Error::InvalidArgument(
+                "refcount table would exceed 8 MiB".into(),
+            ));
         }
         let order = self.h.refcount_order;
-        let max = if order == 6 { u64::MAX } else { (1u64 << (1u64 << order)) - 1 };
+        let max = if order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u64 << order)) - 1
+        };
         if let Some(c) = cnt.refs.iter().position(|&r| r > max) {
             let _ = c;
             return Err(Error::RefcountOverflow(1 << order));
@@ -313,19 +341,27 @@ impl Qcow2 {
         // Write everything to the free space, then flush.
         for (i, s) in slots.iter().enumerate() {
             if let (Slot::New(t), Some(off)) = (s, new_l2_at[i]) {
-                self.file.write_at(&entries_to_bytes(t), off).ctx("writing an L2 table")?;
+                self.file
+                    .write_at(&entries_to_bytes(t), off)
+                    .ctx("writing an L2 table")?;
             }
         }
         if l1_len > 0 {
-            self.file.write_at(&entries_to_bytes(&l1), l1_off).ctx("writing the L1 table")?;
+            self.file
+                .write_at(&entries_to_bytes(&l1), l1_off)
+                .ctx("writing the L1 table")?;
         }
         for (off, t) in &snap_l1_writes {
             if !t.is_empty() {
-                self.file.write_at(&entries_to_bytes(t), *off).ctx("writing a snapshot L1")?;
+                self.file
+                    .write_at(&entries_to_bytes(t), *off)
+                    .ctx("writing a snapshot L1")?;
             }
         }
         if !snaps.is_empty() {
-            self.file.write_at(&stable, snap_off).ctx("writing the snapshot table")?;
+            self.file
+                .write_at(&stable, snap_off)
+                .ctx("writing the snapshot table")?;
         }
         let mut rt = vec![0u64; (table.1 * cs / 8) as usize];
         for (&idx, &c) in &blocks {
@@ -340,7 +376,9 @@ impl Qcow2 {
             self.file.write_at(&b, c).ctx("writing a refcount block")?;
             rt[idx as usize] = c;
         }
-        self.file.write_at(&entries_to_bytes(&rt), table.0).ctx("writing the refcount table")?;
+        self.file
+            .write_at(&entries_to_bytes(&rt), table.0)
+            .ctx("writing the refcount table")?;
         self.sync()?;
         // The switch: one write of header bytes 24..72.
         let mut hb = Vec::with_capacity(48);
@@ -352,7 +390,9 @@ impl Qcow2 {
         hb.extend_from_slice(&(table.1 as u32).to_be_bytes());
         hb.extend_from_slice(&(snaps.len() as u32).to_be_bytes());
         hb.extend_from_slice(&snap_off.to_be_bytes());
-        self.file.write_at(&hb, OFF_SIZE).ctx("updating the header")?;
+        self.file
+            .write_at(&hb, OFF_SIZE)
+            .ctx("updating the header")?;
         self.sync()?;
         self.h.size = plan.size;
         self.h.l1_size = l1_len as u32;

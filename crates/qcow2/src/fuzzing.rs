@@ -12,8 +12,13 @@ pub fn exercise_image(data: &[u8]) {
     for rw in [false, true] {
         let mem = MemStorage::from_vec(data.to_vec());
         mem.set_space_limit(data.len() as u64 + (64 << 20));
-        let opts = OpenOptions { read_only: !rw, ..Default::default() };
-        let Ok(mut q) = Qcow2::open_storage(Box::new(mem), &opts) else { continue };
+        let opts = OpenOptions {
+            read_only: !rw,
+            ..Default::default()
+        };
+        let Ok(mut q) = Qcow2::open_storage(Box::new(mem), &opts) else {
+            continue;
+        };
         let size = q.size();
         let mut buf = vec![0u8; 256 << 10];
         let n = (size.min(buf.len() as u64)) as usize;

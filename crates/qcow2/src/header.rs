@@ -192,7 +192,9 @@ impl Header {
             return Err(Error::Unsupported("external data file".into()));
         }
         if h.incompatible & INCOMPAT_COMPRESSION != 0 {
-            return Err(Error::Unsupported("non-zlib compression type (zstd)".into()));
+            return Err(Error::Unsupported(
+                "non-zlib compression type (zstd)".into(),
+            ));
         }
         if h.incompatible & INCOMPAT_EXTL2 != 0 {
             return Err(Error::Unsupported("extended L2 entries".into()));
@@ -232,7 +234,8 @@ impl Header {
         let start = h.header_length as u64;
         let ext_len = cs.saturating_sub(start);
         let mut e = vec![0u8; ext_len as usize];
-        file.read_at(&mut e, start).ctx("reading header extensions")?;
+        file.read_at(&mut e, start)
+            .ctx("reading header extensions")?;
         let mut p = 0usize;
         while p + 8 <= e.len() {
             let kind = be32(&e, p);
@@ -249,7 +252,10 @@ impl Header {
                 EXT_CRYPTO => return Err(Error::Unsupported("encryption".into())),
                 _ => {}
             }
-            h.extensions.push(Extension { kind, data: e[p + 8..data_end].to_vec() });
+            h.extensions.push(Extension {
+                kind,
+                data: e[p + 8..data_end].to_vec(),
+            });
             p = (data_end + 7) & !7;
         }
         Ok(h)
@@ -312,5 +318,8 @@ pub fn feature_table() -> Extension {
         e[2..2 + name.len()].copy_from_slice(name.as_bytes());
         data.extend_from_slice(&e);
     }
-    Extension { kind: EXT_FEATURE_TABLE, data }
+    Extension {
+        kind: EXT_FEATURE_TABLE,
+        data,
+    }
 }

@@ -52,6 +52,7 @@ pub mod fuzzing;
 pub mod header;
 mod image;
 mod map;
+mod refcount;
 mod snapshot;
 pub mod storage;
 mod vmstate;

@@ -45,7 +45,11 @@ impl Qcow2 {
             if e == 0 {
                 match out.last_mut() {
                     Some(last) if last.kind == MapKind::Unallocated => last.length += n,
-                    _ => out.push(MapEntry { start: g, length: n, kind: MapKind::Unallocated }),
+                    _ => out.push(MapEntry {
+                        start: g,
+                        length: n,
+                        kind: MapKind::Unallocated,
+                    }),
                 }
                 g += n;
                 continue;
@@ -74,7 +78,9 @@ impl Qcow2 {
                             a == b
                                 && !matches!(
                                     a,
-                                    MapKind::Data(_) | MapKind::DataHole(_) | MapKind::Zero(Some(_))
+                                    MapKind::Data(_)
+                                        | MapKind::DataHole(_)
+                                        | MapKind::Zero(Some(_))
                                 )
                         }
                     };
@@ -83,7 +89,11 @@ impl Qcow2 {
                         continue;
                     }
                 }
-                out.push(MapEntry { start, length, kind });
+                out.push(MapEntry {
+                    start,
+                    length,
+                    kind,
+                });
             }
             g += n;
         }
@@ -94,11 +104,21 @@ impl Qcow2 {
                 split.push(e);
                 continue;
             };
-            let regions = self.file.data_regions(o, e.length).ctx("mapping the file")?;
+            let regions = self
+                .file
+                .data_regions(o, e.length)
+                .ctx("mapping the file")?;
             for (ho, hl, data) in regions {
                 let start = e.start + (ho - o);
-                let kind = if data { MapKind::Data(ho) } else { MapKind::DataHole(ho) };
-                let merge = match (split.last().map(|l| (l.kind, l.start + l.length, l.length)), kind) {
+                let kind = if data {
+                    MapKind::Data(ho)
+                } else {
+                    MapKind::DataHole(ho)
+                };
+                let merge = match (
+                    split.last().map(|l| (l.kind, l.start + l.length, l.length)),
+                    kind,
+                ) {
                     (Some((MapKind::Data(a), end, len)), MapKind::Data(b))
                     | (Some((MapKind::DataHole(a), end, len)), MapKind::DataHole(b)) => {
                         end == start && a + len == b
@@ -107,7 +127,11 @@ impl Qcow2 {
                 };
                 match split.last_mut() {
                     Some(l) if merge => l.length += hl,
-                    _ => split.push(MapEntry { start, length: hl, kind }),
+                    _ => split.push(MapEntry {
+                        start,
+                        length: hl,
+                        kind,
+                    }),
                 }
             }
         }
@@ -130,7 +154,9 @@ impl Qcow2 {
         }
         self.discard_vmstate()?;
         self.grow_l1(need, true)?;
-        self.file.write_at(&new_size.to_be_bytes(), OFF_SIZE).ctx("updating the header")?;
+        self.file
+            .write_at(&new_size.to_be_bytes(), OFF_SIZE)
+            .ctx("updating the header")?;
         self.sync()?;
         self.h.size = new_size;
         Ok(())

@@ -115,7 +115,9 @@ pub(crate) fn read_table(img: &Qcow2) -> Result<Vec<SnapEntry>> {
             return corrupt("snapshot table larger than 64 MiB");
         }
         let mut h = [0u8; 40];
-        img.file.read_at(&mut h, pos).ctx("reading the snapshot table")?;
+        img.file
+            .read_at(&mut h, pos)
+            .ctx("reading the snapshot table")?;
         let id_len = u16::from_be_bytes([h[12], h[13]]) as usize;
         let name_len = u16::from_be_bytes([h[14], h[15]]) as usize;
         let extra_len = be32(&h, 36) as usize;
@@ -126,7 +128,9 @@ pub(crate) fn read_table(img: &Qcow2) -> Result<Vec<SnapEntry>> {
             return corrupt("snapshot table lies past the end of the file");
         }
         let mut rest = vec![0u8; extra_len + id_len + name_len];
-        img.file.read_at(&mut rest, pos + 40).ctx("reading the snapshot table")?;
+        img.file
+            .read_at(&mut rest, pos + 40)
+            .ctx("reading the snapshot table")?;
         let extra = &rest[..extra_len];
         let vm32 = be32(&h, 32) as u64;
         let e = SnapEntry {
@@ -136,9 +140,21 @@ pub(crate) fn read_table(img: &Qcow2) -> Result<Vec<SnapEntry>> {
             date_nsec: be32(&h, 20),
             vm_clock_ns: be64(&h, 24),
             vm_state_size: if extra_len >= 8 { be64(extra, 0) } else { vm32 },
-            disk_size: if extra_len >= 16 { be64(extra, 8) } else { img.h.size },
-            icount: if extra_len >= 24 { be64(extra, 16) } else { u64::MAX },
-            extra_tail: if extra_len > 24 { extra[24..].to_vec() } else { Vec::new() },
+            disk_size: if extra_len >= 16 {
+                be64(extra, 8)
+            } else {
+                img.h.size
+            },
+            icount: if extra_len >= 24 {
+                be64(extra, 16)
+            } else {
+                u64::MAX
+            },
+            extra_tail: if extra_len > 24 {
+                extra[24..].to_vec()
+            } else {
+                Vec::new()
+            },
             id: rest[extra_len..extra_len + id_len].to_vec(),
             name: rest[extra_len + id_len..].to_vec(),
         };
@@ -165,7 +181,11 @@ pub(crate) fn table_bytes(s: &[SnapEntry]) -> Vec<u8> {
         v.extend_from_slice(&e.date_sec.to_be_bytes());
         v.extend_from_slice(&e.date_nsec.to_be_bytes());
         v.extend_from_slice(&e.vm_clock_ns.to_be_bytes());
-        let vm32 = if e.vm_state_size > u32::MAX as u64 { 0 } else { e.vm_state_size as u32 };
+        let vm32 = if e.vm_state_size > u32::MAX as u64 {
+            0
+        } else {
+            e.vm_state_size as u32
+        };
         v.extend_from_slice(&vm32.to_be_bytes());
         v.extend_from_slice(&(extra_len as u32).to_be_bytes());
         v.extend_from_slice(&e.vm_state_size.to_be_bytes());
@@ -210,7 +230,9 @@ impl Qcow2 {
             return corrupt("snapshot L1 table lies past the end of the file");
         }
         let mut b = vec![0u8; s.l1_size as usize * 8];
-        self.file.read_at(&mut b, s.l1_offset).ctx("reading a snapshot L1 table")?;
+        self.file
+            .read_at(&mut b, s.l1_offset)
+            .ctx("reading a snapshot L1 table")?;
         Ok(bytes_to_entries(&b))
     }
 
@@ -235,7 +257,9 @@ impl Qcow2 {
             return Err(Error::InvalidArgument("snapshot name too long".into()));
         }
         if s.name.is_empty() {
-            return Err(Error::InvalidArgument("snapshot name must not be empty".into()));
+            return Err(Error::InvalidArgument(
+                "snapshot name must not be empty".into(),
+            ));
         }
         let mut snaps: Vec<SnapEntry> = self.snapshots.clone();
         if s.replace {
@@ -286,7 +310,11 @@ impl Qcow2 {
                 active.push(Slot::New(self.read_l2_raw(off)?));
             }
         }
-        self.commit(Plan { size: self.h.size, active, snaps: plan_snaps })?;
+        self.commit(Plan {
+            size: self.h.size,
+            active,
+            snaps: plan_snaps,
+        })?;
         Ok(info)
     }
 
@@ -294,7 +322,9 @@ impl Qcow2 {
     /// snapshot's. The snapshot itself is kept.
     pub fn goto_snapshot(&mut self, key: &str) -> Result<SnapshotInfo> {
         self.check_writable()?;
-        let i = self.find_id_or_name(key).ok_or_else(|| Error::SnapshotNotFound(key.into()))?;
+        let i = self
+            .find_id_or_name(key)
+            .ok_or_else(|| Error::SnapshotNotFound(key.into()))?;
         let s = self.snapshots[i].clone();
         let sl1 = self.snapshot_l1(&s)?;
         let size = s.disk_size;
@@ -306,7 +336,11 @@ impl Qcow2 {
         let len = (self.l1.len() as u64).max(sl1.len() as u64).max(need) as usize;
         let mut active = Vec::with_capacity(len);
         for idx in 0..len {
-            let e = if (idx as u64) < need { sl1.get(idx).copied().unwrap_or(0) } else { 0 };
+            let e = if (idx as u64) < need {
+                sl1.get(idx).copied().unwrap_or(0)
+            } else {
+                0
+            };
             let off = e & OFFSET_MASK;
             if off == 0 {
                 active.push(Slot::Empty);
@@ -315,7 +349,11 @@ impl Qcow2 {
             }
         }
         let snaps = self.snapshots.iter().cloned().map(|e| (e, None)).collect();
-        self.commit(Plan { size, active, snaps })?;
+        self.commit(Plan {
+            size,
+            active,
+            snaps,
+        })?;
         Ok(s.info())
     }
 
@@ -334,7 +372,11 @@ impl Qcow2 {
             self.snapshots.iter().cloned().map(|e| (e, None)).collect();
         snaps.remove(i);
         let active = self.active_slots();
-        self.commit(Plan { size: self.h.size, active, snaps })?;
+        self.commit(Plan {
+            size: self.h.size,
+            active,
+            snaps,
+        })?;
         Ok(info)
     }
 
@@ -344,6 +386,10 @@ impl Qcow2 {
         self.check_writable()?;
         let active = self.active_slots();
         let snaps = self.snapshots.iter().cloned().map(|e| (e, None)).collect();
-        self.commit(Plan { size: self.h.size, active, snaps })
+        self.commit(Plan {
+            size: self.h.size,
+            active,
+            snaps,
+        })
     }
 }

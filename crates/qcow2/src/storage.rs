@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Positional byte storage an image lives on.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send {
     /// Fill `buf` from `off`; bytes past the end read as zero.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
@@ -85,7 +86,7 @@ impl Storage for FileStorage {
         // end (what qemu-img map reports); a range starting past it is a hole.
         let end = full_end.min(flen);
         let mut v: Vec<(u64, u64, bool)> = Vec::new();
-        let mut push = |v: &mut Vec<(u64, u64, bool)>, a: u64, b: u64, d: bool| {
+        let push = |v: &mut Vec<(u64, u64, bool)>, a: u64, b: u64, d: bool| {
             if a >= b {
                 return;
             }
@@ -176,7 +177,10 @@ impl MemStorage {
     }
     /// Storage holding `v`.
     pub fn from_vec(v: Vec<u8>) -> Self {
-        MemStorage { data: Arc::new(Mutex::new(v)), limit: Arc::new(AtomicU64::new(u64::MAX)) }
+        MemStorage {
+            data: Arc::new(Mutex::new(v)),
+            limit: Arc::new(AtomicU64::new(u64::MAX)),
+        }
     }
     /// A copy of the current bytes.
     pub fn to_vec(&self) -> Vec<u8> {
@@ -244,7 +248,10 @@ pub struct FaultStorage<S: Storage> {
 impl<S: Storage> FaultStorage<S> {
     /// Allow `budget` successful writes, then fail with EIO.
     pub fn new(inner: S, budget: u64) -> Self {
-        FaultStorage { inner, writes_left: Arc::new(AtomicU64::new(budget)) }
+        FaultStorage {
+            inner,
+            writes_left: Arc::new(AtomicU64::new(budget)),
+        }
     }
     /// Shared budget counter (remaining successful writes).
     pub fn budget(&self) -> Arc<AtomicU64> {

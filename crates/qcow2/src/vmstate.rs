@@ -25,7 +25,10 @@ impl Qcow2 {
         let off = self
             .vmstate_offset()
             .checked_add(pos)
-            .filter(|o| o.checked_add(data.len() as u64).is_some_and(|e| e < crate::image::MAX_HOST))
+            .filter(|o| {
+                o.checked_add(data.len() as u64)
+                    .is_some_and(|e| e < crate::image::MAX_HOST)
+            })
             .ok_or_else(|| Error::InvalidArgument("VM state offset too large".into()))?;
         self.write_active(off, data)
     }
@@ -45,13 +48,19 @@ impl Qcow2 {
     pub fn vmstate_writer(&mut self) -> Result<VmStateWriter<'_>> {
         self.check_writable()?;
         self.discard_vmstate()?;
-        Ok(VmStateWriter { img: self, buf: Vec::with_capacity(VMSTATE_CHUNK), pos: 0 })
+        Ok(VmStateWriter {
+            img: self,
+            buf: Vec::with_capacity(VMSTATE_CHUNK),
+            pos: 0,
+        })
     }
 
     /// Read `buf.len()` bytes at `pos` of the VM state saved in snapshot `key` (id, then name);
     /// returns how many bytes were available (short at the end of the state).
     pub fn load_vmstate(&mut self, key: &str, pos: u64, buf: &mut [u8]) -> Result<usize> {
-        let i = self.find_id_or_name(key).ok_or_else(|| Error::SnapshotNotFound(key.into()))?;
+        let i = self
+            .find_id_or_name(key)
+            .ok_or_else(|| Error::SnapshotNotFound(key.into()))?;
         let s = self.snapshots[i].clone();
         let l1 = self.snapshot_l1(&s)?;
         let base = self.vmstate_base(s.disk_size)?;
@@ -66,7 +75,9 @@ impl Qcow2 {
 
     /// A streaming reader over the VM state of snapshot `key` (id, then name).
     pub fn vmstate_reader(&mut self, key: &str) -> Result<VmStateReader<'_>> {
-        let i = self.find_id_or_name(key).ok_or_else(|| Error::SnapshotNotFound(key.into()))?;
+        let i = self
+            .find_id_or_name(key)
+            .ok_or_else(|| Error::SnapshotNotFound(key.into()))?;
         let s = self.snapshots[i].clone();
         if s.vm_state_size == 0 {
             return Err(Error::InvalidArgument(format!(
@@ -91,11 +102,17 @@ impl Qcow2 {
 
     /// Read guest bytes of a snapshot (id, then name) as they were when it was taken.
     pub fn read_snapshot(&mut self, key: &str, off: u64, buf: &mut [u8]) -> Result<()> {
-        let i = self.find_id_or_name(key).ok_or_else(|| Error::SnapshotNotFound(key.into()))?;
+        let i = self
+            .find_id_or_name(key)
+            .ok_or_else(|| Error::SnapshotNotFound(key.into()))?;
         let s = self.snapshots[i].clone();
         match off.checked_add(buf.len() as u64) {
             Some(e) if e <= s.disk_size => {}
-            _ => return Err(Error::InvalidArgument("read beyond the snapshot's disk size".into())),
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "read beyond the snapshot's disk size".into(),
+                ))
+            }
         }
         let l1 = self.snapshot_l1(&s)?;
         self.read_l1(&l1, off, buf)
@@ -192,13 +209,15 @@ impl VmStateReader<'_> {
             if self.buf_pos == self.buf.len() && out.len() >= VMSTATE_CHUNK {
                 // Large reads go straight into the caller's buffer.
                 let n = (out.len() as u64).min(left) as usize;
-                self.img.read_l1(&self.l1, self.base + self.pos, &mut out[..n])?;
+                self.img
+                    .read_l1(&self.l1, self.base + self.pos, &mut out[..n])?;
                 self.pos += n as u64;
                 return Ok(n);
             }
             let n = left.min(VMSTATE_CHUNK as u64) as usize;
             self.buf.resize(n, 0);
-            self.img.read_l1(&self.l1, self.base + self.pos, &mut self.buf)?;
+            self.img
+                .read_l1(&self.l1, self.base + self.pos, &mut self.buf)?;
             self.pos += n as u64;
             self.buf_pos = 0;
         }

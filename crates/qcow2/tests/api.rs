@@ -4,14 +4,25 @@
 mod common;
 use common::*;
 use qcow2::storage::MemStorage;
-use qcow2::{BlockBackend, CreateOptions, Error, ImageFormat, NewSnapshot, OpenOptions, Qcow2, RawImage};
+use qcow2::{
+    BlockBackend, CreateOptions, Error, ImageFormat, NewSnapshot, OpenOptions, Qcow2, RawImage,
+};
 
 #[test]
 fn probe_and_open_by_content() {
     let dir = Scratch::new("probe");
     let q = dir.path("d.qcow2");
     let r = dir.path("d.raw");
-    drop(Qcow2::create(&q, &CreateOptions { size: 1 << 20, ..Default::default() }).unwrap());
+    drop(
+        Qcow2::create(
+            &q,
+            &CreateOptions {
+                size: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
     drop(RawImage::create(&r, 1 << 20).unwrap());
     assert_eq!(qcow2::probe(&q).unwrap(), ImageFormat::Qcow2);
     assert_eq!(qcow2::probe(&r).unwrap(), ImageFormat::Raw);
@@ -27,12 +38,23 @@ fn probe_and_open_by_content() {
         d.write_zeroes(4096, 8192).unwrap();
         d.read_at(4096, &mut back[..8192]).unwrap();
         assert!(back[..8192].iter().all(|&b| b == 0));
-        assert!(matches!(d.write_at((1 << 20) - 10, &[0; 20]), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            d.write_at((1 << 20) - 10, &[0; 20]),
+            Err(Error::InvalidArgument(_))
+        ));
         assert!(d.read_at(u64::MAX - 5, &mut back[..10]).is_err());
         assert_eq!(d.as_qcow2().is_some(), fmt == ImageFormat::Qcow2);
         d.flush().unwrap();
         drop(d);
-        let mut ro = qcow2::open(path, Some(fmt), &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+        let mut ro = qcow2::open(
+            path,
+            Some(fmt),
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(ro.is_read_only());
         assert!(matches!(ro.write_at(0, &[1]), Err(Error::ReadOnly)));
         ro.read_at(5000, &mut back[..100]).unwrap();
@@ -42,8 +64,22 @@ fn probe_and_open_by_content() {
 #[test]
 fn refresh_sees_another_writer() {
     let mem = MemStorage::new();
-    let mut a = Qcow2::create_on(Box::new(mem.clone()), &CreateOptions { size: 8 << 20, ..Default::default() }).unwrap();
-    let mut b = Qcow2::open_storage(Box::new(mem.clone()), &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let mut a = Qcow2::create_on(
+        Box::new(mem.clone()),
+        &CreateOptions {
+            size: 8 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut b = Qcow2::open_storage(
+        Box::new(mem.clone()),
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     a.write_at(1 << 20, &pattern(1, 70_000)).unwrap();
     a.create_snapshot(&NewSnapshot::new("handover")).unwrap();
     a.write_at(3 << 20, &pattern(2, 5000)).unwrap();
@@ -71,7 +107,11 @@ fn unknown_header_extensions_survive() {
     v[504..504 + ext.len()].copy_from_slice(&ext);
     std::fs::write(&img, &v).unwrap();
     let mut q = Qcow2::open(&img, &OpenOptions::default()).unwrap();
-    assert!(q.header().extensions.iter().any(|e| e.kind == 0x1234_5678 && e.data == b"future stuff!"));
+    assert!(q
+        .header()
+        .extensions
+        .iter()
+        .any(|e| e.kind == 0x1234_5678 && e.data == b"future stuff!"));
     q.write_at(0, &pattern(1, 200_000)).unwrap();
     q.create_snapshot(&NewSnapshot::new("a")).unwrap();
     q.write_at(100, &pattern(2, 100)).unwrap();
@@ -80,14 +120,25 @@ fn unknown_header_extensions_survive() {
     q.resize(16 << 20).unwrap();
     drop(q);
     let after = std::fs::read(&img).unwrap();
-    assert_eq!(&after[504..504 + ext.len()], &ext[..], "extension bytes changed");
+    assert_eq!(
+        &after[504..504 + ext.len()],
+        &ext[..],
+        "extension bytes changed"
+    );
     assert_qemu_clean(&img);
 }
 
 #[test]
 fn snapshot_lookup_rules() {
     let mem = MemStorage::new();
-    let mut q = Qcow2::create_on(Box::new(mem), &CreateOptions { size: 1 << 20, ..Default::default() }).unwrap();
+    let mut q = Qcow2::create_on(
+        Box::new(mem),
+        &CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut s = NewSnapshot::new("2");
     s.replace = false;
     q.create_snapshot(&s).unwrap(); // id 1, name "2"
@@ -104,7 +155,13 @@ fn snapshot_lookup_rules() {
     let info = q.create_snapshot(&NewSnapshot::new("x")).unwrap();
     assert_eq!(info.id, "1");
     assert_eq!(q.snapshots().len(), 1);
-    assert!(matches!(q.goto_snapshot("nope"), Err(Error::SnapshotNotFound(_))));
-    assert!(q.vmstate_reader("x").is_err(), "disk-only snapshot has no VM state");
+    assert!(matches!(
+        q.goto_snapshot("nope"),
+        Err(Error::SnapshotNotFound(_))
+    ));
+    assert!(
+        q.vmstate_reader("x").is_err(),
+        "disk-only snapshot has no VM state"
+    );
     assert!(q.check().unwrap().is_clean());
 }

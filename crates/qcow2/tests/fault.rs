@@ -16,7 +16,12 @@ fn base_image(cs: u64, version: u32) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     let mem = MemStorage::new();
     let mut q = Qcow2::create_on(
         Box::new(mem.clone()),
-        &CreateOptions { size: 4 * MIB, cluster_size: cs, version, refcount_bits: 16 },
+        &CreateOptions {
+            size: 4 * MIB,
+            cluster_size: cs,
+            version,
+            refcount_bits: 16,
+        },
     )
     .unwrap();
     q.write_at(0, &pattern(1, 700_000)).unwrap();
@@ -56,13 +61,27 @@ fn verify_after_crash(bytes: Vec<u8>, base_disk: &[u8], base_vm: &[u8], dir: &Sc
     let f = dir.path("crashed.qcow2");
     std::fs::write(&f, &bytes).unwrap();
     let (code, out) = qemu_check_code(&f);
-    assert!(code == 0 || code == 3, "{what}: qemu-img check reports corruption (rc {code}):\n{out}");
-    let mut q = Qcow2::open(&f, &OpenOptions { read_only: true, ..Default::default() })
-        .unwrap_or_else(|e| panic!("{what}: our open failed: {e}"));
-    let s = q.find_snapshot("base").unwrap_or_else(|| panic!("{what}: snapshot base lost"));
+    assert!(
+        code == 0 || code == 3,
+        "{what}: qemu-img check reports corruption (rc {code}):\n{out}"
+    );
+    let mut q = Qcow2::open(
+        &f,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{what}: our open failed: {e}"));
+    let s = q
+        .find_snapshot("base")
+        .unwrap_or_else(|| panic!("{what}: snapshot base lost"));
     let mut d = vec![0u8; s.disk_size as usize];
     q.read_snapshot("base", 0, &mut d).unwrap();
-    assert!(first_diff(&d, base_disk).is_none(), "{what}: base snapshot contents changed");
+    assert!(
+        first_diff(&d, base_disk).is_none(),
+        "{what}: base snapshot contents changed"
+    );
     let mut vm = vec![0u8; base_vm.len()];
     assert_eq!(q.load_vmstate("base", 0, &mut vm).unwrap(), base_vm.len());
     assert!(vm == base_vm, "{what}: base VM state changed");
@@ -70,7 +89,11 @@ fn verify_after_crash(bytes: Vec<u8>, base_disk: &[u8], base_vm: &[u8], dir: &Sc
     // Opening read-write repairs (dirty bit) or keeps it clean; fix leaks and recheck.
     let mut q = Qcow2::open(&f, &OpenOptions::default()).unwrap();
     let (_, after) = q.repair(qcow2::RepairMode::All).unwrap();
-    assert!(after.is_clean(), "{what}: still unclean after repair: {:?}", after.messages);
+    assert!(
+        after.is_clean(),
+        "{what}: still unclean after repair: {:?}",
+        after.messages
+    );
     drop(q);
     assert_qemu_clean(&f);
 }
@@ -96,7 +119,10 @@ fn injected_write_failure_at_every_point() {
             let fs = FaultStorage::new(mem.clone(), n);
             if let Ok(mut q) = Qcow2::open_storage(Box::new(fs), &OpenOptions::default()) {
                 let r = workload(&mut q, 0);
-                assert!(n >= total || r.is_err(), "workload finished within {n} < {total} writes");
+                assert!(
+                    n >= total || r.is_err(),
+                    "workload finished within {n} < {total} writes"
+                );
             }
             let bytes = mem.to_vec();
             let f = dir.path("probe.qcow2");
@@ -104,11 +130,20 @@ fn injected_write_failure_at_every_point() {
             if qemu_check_code(&f).0 == 3 {
                 leaks_seen += 1;
             }
-            verify_after_crash(bytes, &base_disk, &base_vm, &dir, &format!("cs {cs} v{version} cut after {n} writes"));
+            verify_after_crash(
+                bytes,
+                &base_disk,
+                &base_vm,
+                &dir,
+                &format!("cs {cs} v{version} cut after {n} writes"),
+            );
             n += step;
         }
         // The cuts must land in the middle of operations, not only between them.
-        assert!(leaks_seen > 0, "no cut point ever produced leaked clusters: cut points too coarse");
+        assert!(
+            leaks_seen > 0,
+            "no cut point ever produced leaked clusters: cut points too coarse"
+        );
     }
 }
 
@@ -136,7 +171,11 @@ fn full_disk_during_savevm_keeps_old_snapshots() {
         match &r {
             Err(e) => {
                 assert!(e.is_no_space(), "expected ENOSPC, got {e}");
-                if stage == 0 { in_write += 1 } else { in_commit += 1 }
+                if stage == 0 {
+                    in_write += 1
+                } else {
+                    in_commit += 1
+                }
             }
             Ok(()) => {
                 // Enough room: the replacement happened; nothing more to verify here.
@@ -147,15 +186,26 @@ fn full_disk_during_savevm_keeps_old_snapshots() {
         // The image stays usable after the failure: the old snapshot is still there.
         assert!(q.find_snapshot("base").is_some());
         drop(q);
-        verify_after_crash(mem.to_vec(), &base_disk, &base_vm, &dir, &format!("ENOSPC with {extra} bytes free"));
+        verify_after_crash(
+            mem.to_vec(),
+            &base_disk,
+            &base_vm,
+            &dir,
+            &format!("ENOSPC with {extra} bytes free"),
+        );
     }
-    assert!(in_write > 0 && in_commit > 0, "ENOSPC hit the state write {in_write}x, the commit {in_commit}x");
+    assert!(
+        in_write > 0 && in_commit > 0,
+        "ENOSPC hit the state write {in_write}x, the commit {in_commit}x"
+    );
 }
 
 /// The body run by the child process of `sigkill_at_random_points`: loops forever.
 #[test]
 fn child_writer_entry() {
-    let Ok(path) = std::env::var("QCOW2_FAULT_CHILD") else { return };
+    let Ok(path) = std::env::var("QCOW2_FAULT_CHILD") else {
+        return;
+    };
     let mut q = Qcow2::open(&path, &OpenOptions::default()).unwrap();
     for round in 0.. {
         workload(&mut q, round).unwrap();
@@ -184,7 +234,12 @@ fn sigkill_at_random_points() {
         let f = dir.path("victim.qcow2");
         std::fs::write(&f, &base).unwrap();
         let mut child = std::process::Command::new(&exe)
-            .args(["--exact", "child_writer_entry", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "child_writer_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("QCOW2_FAULT_CHILD", &f)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -195,9 +250,19 @@ fn sigkill_at_random_points() {
         unsafe { libc_kill(child.id() as i32, 9) };
         let st = child.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(st.signal(), Some(9), "child must die from SIGKILL mid-workload, not exit ({st:?})");
+        assert_eq!(
+            st.signal(),
+            Some(9),
+            "child must die from SIGKILL mid-workload, not exit ({st:?})"
+        );
         let bytes = std::fs::read(&f).unwrap();
-        verify_after_crash(bytes, &base_disk, &base_vm, &dir, &format!("SIGKILL after {d} ms"));
+        verify_after_crash(
+            bytes,
+            &base_disk,
+            &base_vm,
+            &dir,
+            &format!("SIGKILL after {d} ms"),
+        );
     }
     let _ = MemStorage::new().len();
 }

@@ -14,7 +14,12 @@ fn seed(version: u32, cs: u64, rb: u32) -> Vec<u8> {
     let mem = MemStorage::new();
     let mut q = Qcow2::create_on(
         Box::new(mem.clone()),
-        &CreateOptions { size: 200_000, cluster_size: cs, version, refcount_bits: rb },
+        &CreateOptions {
+            size: 200_000,
+            cluster_size: cs,
+            version,
+            refcount_bits: rb,
+        },
     )
     .unwrap();
     use qcow2::BlockBackend;
@@ -38,7 +43,13 @@ fn be64(v: &mut [u8], off: usize, x: u64) {
 }
 
 fn open_err(v: Vec<u8>) -> Error {
-    match Qcow2::open_storage(Box::new(MemStorage::from_vec(v)), &OpenOptions { read_only: true, ..Default::default() }) {
+    match Qcow2::open_storage(
+        Box::new(MemStorage::from_vec(v)),
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    ) {
         Ok(_) => panic!("hostile image opened"),
         Err(e) => e,
     }
@@ -47,48 +58,133 @@ fn open_err(v: Vec<u8>) -> Error {
 #[test]
 fn hostile_headers_are_refused_clearly() {
     let good = seed(3, 512, 16);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    type Case = (&'static str, Box<dyn Fn(&mut Vec<u8>)>, &'static str);
+    let cases: Vec<Case> = vec![
         ("bad magic", Box::new(|v| v[0] = 0), "not a qcow2"),
         ("version 4", Box::new(|v| be32(v, 4, 4)), "version"),
-        ("cluster_bits 30", Box::new(|v| be32(v, 20, 30)), "cluster_bits"),
-        ("cluster_bits 8", Box::new(|v| be32(v, 20, 8)), "cluster_bits"),
+        (
+            "cluster_bits 30",
+            Box::new(|v| be32(v, 20, 30)),
+            "cluster_bits",
+        ),
+        (
+            "cluster_bits 8",
+            Box::new(|v| be32(v, 20, 8)),
+            "cluster_bits",
+        ),
         ("encryption", Box::new(|v| be32(v, 32, 2)), "LUKS"),
-        ("backing file", Box::new(|v| { be64(v, 8, 512); be32(v, 16, 4) }), "backing"),
-        ("absurd size", Box::new(|v| be64(v, 24, u64::MAX / 2)), "L1 table too small"),
-        ("L1 past EOF", Box::new(|v| be64(v, 40, 1 << 40)), "past the end"),
-        ("huge l1_size", Box::new(|v| be32(v, 36, u32::MAX)), "too large"),
-        ("refcount table past EOF", Box::new(|v| be64(v, 48, 1 << 40)), "past the end"),
-        ("refcount table huge", Box::new(|v| be32(v, 56, u32::MAX)), "too large"),
+        (
+            "backing file",
+            Box::new(|v| {
+                be64(v, 8, 512);
+                be32(v, 16, 4)
+            }),
+            "backing",
+        ),
+        (
+            "absurd size",
+            Box::new(|v| be64(v, 24, u64::MAX / 2)),
+            "L1 table too small",
+        ),
+        (
+            "L1 past EOF",
+            Box::new(|v| be64(v, 40, 1 << 40)),
+            "past the end",
+        ),
+        (
+            "huge l1_size",
+            Box::new(|v| be32(v, 36, u32::MAX)),
+            "too large",
+        ),
+        (
+            "refcount table past EOF",
+            Box::new(|v| be64(v, 48, 1 << 40)),
+            "past the end",
+        ),
+        (
+            "refcount table huge",
+            Box::new(|v| be32(v, 56, u32::MAX)),
+            "too large",
+        ),
         ("unaligned L1", Box::new(|v| be64(v, 40, 7)), "aligned"),
-        ("unknown incompat bit", Box::new(|v| be64(v, 72, 1 << 40)), "unknown incompatible"),
-        ("external data file", Box::new(|v| be64(v, 72, 1 << 2)), "external data"),
+        (
+            "unknown incompat bit",
+            Box::new(|v| be64(v, 72, 1 << 40)),
+            "unknown incompatible",
+        ),
+        (
+            "external data file",
+            Box::new(|v| be64(v, 72, 1 << 2)),
+            "external data",
+        ),
         ("zstd", Box::new(|v| be64(v, 72, 1 << 3)), "zstd"),
-        ("extended L2", Box::new(|v| be64(v, 72, 1 << 4)), "extended L2"),
-        ("refcount order 7", Box::new(|v| be32(v, 96, 7)), "refcount_order"),
-        ("header length 3", Box::new(|v| be32(v, 100, 3)), "header length"),
-        ("too many snapshots", Box::new(|v| be32(v, 60, 70000)), "too many snapshots"),
-        ("snapshot table past EOF", Box::new(|v| be64(v, 64, 1 << 40)), "past the end"),
-        ("truncated header", Box::new(|v| v.truncate(50)), "too short"),
+        (
+            "extended L2",
+            Box::new(|v| be64(v, 72, 1 << 4)),
+            "extended L2",
+        ),
+        (
+            "refcount order 7",
+            Box::new(|v| be32(v, 96, 7)),
+            "refcount_order",
+        ),
+        (
+            "header length 3",
+            Box::new(|v| be32(v, 100, 3)),
+            "header length",
+        ),
+        (
+            "too many snapshots",
+            Box::new(|v| be32(v, 60, 70000)),
+            "too many snapshots",
+        ),
+        (
+            "snapshot table past EOF",
+            Box::new(|v| be64(v, 64, 1 << 40)),
+            "past the end",
+        ),
+        (
+            "truncated header",
+            Box::new(|v| v.truncate(50)),
+            "too short",
+        ),
     ];
     for (what, f, expect) in cases {
         let mut v = good.clone();
         f(&mut v);
         let e = open_err(v).to_string();
-        assert!(e.contains(expect), "{what}: error '{e}' does not mention '{expect}'");
+        assert!(
+            e.contains(expect),
+            "{what}: error '{e}' does not mention '{expect}'"
+        );
     }
 }
 
 #[test]
 fn hostile_tables_give_errors_not_panics() {
     let good = seed(3, 512, 16);
-    let q = Qcow2::open_storage(Box::new(MemStorage::from_vec(good.clone())), &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let q = Qcow2::open_storage(
+        Box::new(MemStorage::from_vec(good.clone())),
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let h = q.header().clone();
     drop(q);
     // L1 entry pointing past EOF: reads fail with a clear corruption error or read zeros, and
     // the checker reports it.
     let mut v = good.clone();
     be64(&mut v, h.l1_table_offset as usize, (1u64 << 40) | (1 << 63));
-    let mut q = Qcow2::open_storage(Box::new(MemStorage::from_vec(v.clone())), &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let mut q = Qcow2::open_storage(
+        Box::new(MemStorage::from_vec(v.clone())),
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let r = q.check().unwrap();
     assert!(r.corruptions > 0, "check must flag an L2 table past EOF");
     drop(q);
@@ -112,7 +208,14 @@ fn hostile_tables_give_errors_not_panics() {
     let so = h.snapshots_offset as usize;
     be64(&mut v, so + 40, u64::MAX - 5); // vm_state_size (large)
     be64(&mut v, so + 48, u64::MAX - 5); // disk_size
-    let mut q = Qcow2::open_storage(Box::new(MemStorage::from_vec(v.clone())), &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let mut q = Qcow2::open_storage(
+        Box::new(MemStorage::from_vec(v.clone())),
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut b = [0u8; 16];
     assert!(q.load_vmstate("a", 0, &mut b).is_err());
     assert!(q.vmstate_reader("a").is_err());
@@ -121,7 +224,12 @@ fn hostile_tables_give_errors_not_panics() {
 }
 
 fn seeds() -> Vec<Vec<u8>> {
-    vec![seed(3, 512, 16), seed(2, 512, 16), seed(3, 1024, 8), seed(3, 512, 64)]
+    vec![
+        seed(3, 512, 16),
+        seed(2, 512, 16),
+        seed(3, 1024, 8),
+        seed(3, 512, 64),
+    ]
 }
 
 #[derive(Debug, Clone)]

@@ -59,15 +59,28 @@ fn clip(off: u64, len: u64, size: u64) -> (u64, u64) {
     (off, len.min(size - off))
 }
 
-fn run_case(cfg: (u32, u64, u32), ops: &[Op], dir: &Scratch, case: usize) -> Result<(), TestCaseError> {
+fn run_case(
+    cfg: (u32, u64, u32),
+    ops: &[Op],
+    dir: &Scratch,
+    case: usize,
+) -> Result<(), TestCaseError> {
     let (version, cs, rb) = cfg;
     let mem = MemStorage::new();
     let mut q = Qcow2::create_on(
         Box::new(mem.clone()),
-        &CreateOptions { size: DISK, cluster_size: cs, version, refcount_bits: rb },
+        &CreateOptions {
+            size: DISK,
+            cluster_size: cs,
+            version,
+            refcount_bits: rb,
+        },
     )
     .unwrap();
-    let mut m = Model { disk: vec![0; DISK as usize], snaps: BTreeMap::new() };
+    let mut m = Model {
+        disk: vec![0; DISK as usize],
+        snaps: BTreeMap::new(),
+    };
     for (step, op) in ops.iter().enumerate() {
         let size = m.disk.len() as u64;
         match op {
@@ -104,8 +117,10 @@ fn run_case(cfg: (u32, u64, u32), ops: &[Op], dir: &Scratch, case: usize) -> Res
                 m.snaps.insert(format!("s{name}"), (m.disk.clone(), vm));
             }
             Op::Snap { name } => {
-                q.create_snapshot(&NewSnapshot::new(&format!("s{name}"))).unwrap();
-                m.snaps.insert(format!("s{name}"), (m.disk.clone(), Vec::new()));
+                q.create_snapshot(&NewSnapshot::new(&format!("s{name}")))
+                    .unwrap();
+                m.snaps
+                    .insert(format!("s{name}"), (m.disk.clone(), Vec::new()));
             }
             Op::Goto { name } => {
                 let n = format!("s{name}");
@@ -136,9 +151,21 @@ fn run_case(cfg: (u32, u64, u32), ops: &[Op], dir: &Scratch, case: usize) -> Res
         }
         prop_assert_eq!(q.size(), m.disk.len() as u64);
         let got = our_raw(&mut q);
-        prop_assert!(first_diff(&got, &m.disk).is_none(), "step {} {:?}: contents differ at {:?}", step, op, first_diff(&got, &m.disk));
+        prop_assert!(
+            first_diff(&got, &m.disk).is_none(),
+            "step {} {:?}: contents differ at {:?}",
+            step,
+            op,
+            first_diff(&got, &m.disk)
+        );
         let r = q.check().unwrap();
-        prop_assert!(r.is_clean(), "step {} {:?}: recount: {:?}", step, op, r.messages);
+        prop_assert!(
+            r.is_clean(),
+            "step {} {:?}: recount: {:?}",
+            step,
+            op,
+            r.messages
+        );
     }
     // Snapshots hold what they held when taken.
     let names: Vec<String> = q.snapshots().iter().map(|s| s.name.clone()).collect();

@@ -22,11 +22,21 @@ fn qemu_io(img: &Path, cmds: &[&str]) {
 
 /// Our library agrees with QEMU on contents (active and each snapshot) and refcounts.
 fn compare_with_qemu(img: &Path, dir: &Scratch) {
-    let mut q = Qcow2::open(img, &OpenOptions { read_only: true, ..Default::default() })
-        .expect("open qemu-made image");
+    let mut q = Qcow2::open(
+        img,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .expect("open qemu-made image");
     let ours = our_raw(&mut q);
     let theirs = qemu_raw(img, None, dir);
-    assert_eq!(first_diff(&ours, &theirs), None, "active layer differs from qemu-img convert");
+    assert_eq!(
+        first_diff(&ours, &theirs),
+        None,
+        "active layer differs from qemu-img convert"
+    );
     for s in q.snapshots() {
         let mut v = vec![0u8; s.disk_size as usize];
         q.read_snapshot(&s.id, 0, &mut v).expect("read snapshot");
@@ -34,7 +44,11 @@ fn compare_with_qemu(img: &Path, dir: &Scratch) {
         assert_eq!(first_diff(&v, &theirs), None, "snapshot {} differs", s.name);
     }
     let r = q.check().expect("check");
-    assert!(r.is_clean(), "our check disagrees with a clean QEMU image: {:?}", r.messages);
+    assert!(
+        r.is_clean(),
+        "our check disagrees with a clean QEMU image: {:?}",
+        r.messages
+    );
 }
 
 #[test]
@@ -54,14 +68,28 @@ fn qemu_made_images_read_identically() {
     for &(compat, cs, rb, snaps) in matrix {
         let img = dir.path(&format!("q-{compat}-{cs}-{rb}.qcow2"));
         let o = format!("compat={compat},cluster_size={cs},refcount_bits={rb}");
-        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &o, p(&img), "8M"]);
+        ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &o, p(&img), "8M"],
+        );
         qemu_io(
             &img,
-            &["write -P 0xaa 0 100k", "write -P 0xbb 3146240 5000", "write -z 64k 128k"],
+            &[
+                "write -P 0xaa 0 100k",
+                "write -P 0xbb 3146240 5000",
+                "write -z 64k 128k",
+            ],
         );
         if snaps {
             ok("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
-            qemu_io(&img, &["write -P 0xcc 32k 64k", "discard 1M 256k", "write -P 0x11 7M 1M"]);
+            qemu_io(
+                &img,
+                &[
+                    "write -P 0xcc 32k 64k",
+                    "discard 1M 256k",
+                    "write -P 0x11 7M 1M",
+                ],
+            );
             ok("qemu-img", &["snapshot", "-c", "s2", p(&img)]);
             ok("qemu-img", &["snapshot", "-c", "s3", p(&img)]);
             qemu_io(&img, &["write -P 0xdd 6M 300k"]);
@@ -82,14 +110,30 @@ fn compressed_clusters_read_and_overwrite() {
         let raw = dir.path("src.raw");
         let mut data = Vec::new();
         for i in 0..(4 * MIB as usize / 64) {
-            data.extend_from_slice(format!("line {i:08} of compressible text, cluster size {cs}\n").as_bytes());
+            data.extend_from_slice(
+                format!("line {i:08} of compressible text, cluster size {cs}\n").as_bytes(),
+            );
         }
         data.resize(4 * MIB as usize, 0);
         data[MIB as usize..MIB as usize + 70000].copy_from_slice(&pattern(7, 70000));
         std::fs::write(&raw, &data).unwrap();
         let img = dir.path(&format!("c{cs}.qcow2"));
         let o = format!("cluster_size={cs}");
-        ok("qemu-img", &["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &o, p(&raw), p(&img)]);
+        ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                &o,
+                p(&raw),
+                p(&img),
+            ],
+        );
         compare_with_qemu(&img, &dir);
         // Overwrite parts of compressed clusters: they turn into normal clusters.
         let mut q = Qcow2::open(&img, &OpenOptions::default()).unwrap();
@@ -112,7 +156,9 @@ fn compare_listing(img: &Path, q: &Qcow2) {
     let ours = q.snapshots();
     for s in &ours {
         let needle = format!("\"name\": \"{}\"", s.name);
-        let at = json.find(&needle).unwrap_or_else(|| panic!("{} missing from qemu-img info:\n{json}", s.name));
+        let at = json
+            .find(&needle)
+            .unwrap_or_else(|| panic!("{} missing from qemu-img info:\n{json}", s.name));
         // The object around the name (qemu prints keys of one snapshot together).
         let start = json[..at].rfind('{').unwrap();
         let end = at + json[at..].find('}').unwrap();
@@ -125,7 +171,11 @@ fn compare_listing(img: &Path, q: &Qcow2) {
             ("vm-clock-nsec", (s.vm_clock_ns % 1_000_000_000).to_string()),
             ("id", format!("\"{}\"", s.id)),
         ] {
-            assert!(obj.contains(&format!("\"{k}\": {v}")), "{k} != {v} for {} in {obj}", s.name);
+            assert!(
+                obj.contains(&format!("\"{k}\": {v}")),
+                "{k} != {v} for {} in {obj}",
+                s.name
+            );
         }
         match s.icount {
             Some(i) => assert!(obj.contains(&format!("\"icount\": {i}")), "icount in {obj}"),
@@ -143,15 +193,27 @@ struct Model {
 
 fn verify(img: &Path, q: &mut Qcow2, m: &Model, dir: &Scratch) {
     q.flush().unwrap();
-    assert_eq!(first_diff(&our_raw(q), &m.disk), None, "our read of the active layer");
+    assert_eq!(
+        first_diff(&our_raw(q), &m.disk),
+        None,
+        "our read of the active layer"
+    );
     assert_qemu_clean(img);
-    assert_eq!(first_diff(&qemu_raw(img, None, dir), &m.disk), None, "qemu-img convert");
+    assert_eq!(
+        first_diff(&qemu_raw(img, None, dir), &m.disk),
+        None,
+        "qemu-img convert"
+    );
     let list = q.snapshots();
     assert_eq!(list.len(), m.snaps.len());
     for ((name, disk, vm), s) in m.snaps.iter().zip(&list) {
         assert_eq!(&s.name, name);
         assert_eq!(s.vm_state_size, vm.len() as u64);
-        assert_eq!(first_diff(&qemu_raw(img, Some(name), dir), disk), None, "snapshot {name}");
+        assert_eq!(
+            first_diff(&qemu_raw(img, Some(name), dir), disk),
+            None,
+            "snapshot {name}"
+        );
         if !vm.is_empty() {
             let mut r = q.vmstate_reader(name).unwrap();
             let mut got = Vec::new();
@@ -172,12 +234,30 @@ fn w(q: &mut Qcow2, m: &mut Model, off: u64, data: &[u8]) {
 #[test]
 fn our_images_pass_qemu_img() {
     let dir = Scratch::new("ours");
-    let matrix: &[(u32, u64, u32)] = &[(2, 65536, 16), (3, 512, 16), (3, 4096, 4), (3, 65536, 64), (3, 65536, 16)];
+    let matrix: &[(u32, u64, u32)] = &[
+        (2, 65536, 16),
+        (3, 512, 16),
+        (3, 4096, 4),
+        (3, 65536, 64),
+        (3, 65536, 16),
+    ];
     for &(version, cs, rb) in matrix {
         let img = dir.path(&format!("o-{version}-{cs}-{rb}.qcow2"));
         let size = 16 * MIB + 512 * 3;
-        let mut q = Qcow2::create(&img, &CreateOptions { size, cluster_size: cs, version, refcount_bits: rb }).unwrap();
-        let mut m = Model { disk: vec![0; size as usize], snaps: Vec::new() };
+        let mut q = Qcow2::create(
+            &img,
+            &CreateOptions {
+                size,
+                cluster_size: cs,
+                version,
+                refcount_bits: rb,
+            },
+        )
+        .unwrap();
+        let mut m = Model {
+            disk: vec![0; size as usize],
+            snaps: Vec::new(),
+        };
         w(&mut q, &mut m, 0, &pattern(1, 100_000));
         w(&mut q, &mut m, 3 * MIB + 17, &pattern(2, 2 * MIB as usize));
         w(&mut q, &mut m, size - 1000, &pattern(3, 1000));
@@ -211,7 +291,8 @@ fn our_images_pass_qemu_img() {
         d.icount = Some(0);
         d.replace = false;
         q.create_snapshot(&d).unwrap();
-        m.snaps.push(("disk only".into(), m.disk.clone(), Vec::new()));
+        m.snaps
+            .push(("disk only".into(), m.disk.clone(), Vec::new()));
         verify(&img, &mut q, &m, &dir);
 
         // savevm again under the same name: replaces vm1 atomically; bigger state.
@@ -254,7 +335,14 @@ fn our_images_pass_qemu_img() {
 fn qemu_deletes_and_applies_our_snapshots() {
     let dir = Scratch::new("qemu-del");
     let img = dir.path("x.qcow2");
-    let mut q = Qcow2::create(&img, &CreateOptions { size: 8 * MIB, ..Default::default() }).unwrap();
+    let mut q = Qcow2::create(
+        &img,
+        &CreateOptions {
+            size: 8 * MIB,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     q.write_at(0, &pattern(1, 300_000)).unwrap();
     let a = our_raw(&mut q);
     q.save_vmstate(0, &pattern(2, 1_000_000)).unwrap();
@@ -294,17 +382,34 @@ fn vmstate_roundtrip_with_qemu_system() {
     let monitor = |cmds: &str| -> String {
         use std::io::Write;
         let mut c = std::process::Command::new("qemu-system-x86_64");
-        c.args(["-machine", "none", "-nodefaults", "-display", "none", "-monitor", "stdio", "-drive"])
-            .arg(format!("file={},if=none,id=d0,format=qcow2", p(&img)))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+        c.args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-monitor",
+            "stdio",
+            "-drive",
+        ])
+        .arg(format!("file={},if=none,id=d0,format=qcow2", p(&img)))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
         let mut ch = c.spawn().expect(
             "qemu-system-x86_64 is not installed (Debian qemu-system-x86): needed for the savevm interop test",
         );
-        ch.stdin.take().unwrap().write_all(format!("{cmds}\nquit\n").as_bytes()).unwrap();
+        ch.stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{cmds}\nquit\n").as_bytes())
+            .unwrap();
         let o = ch.wait_with_output().unwrap();
-        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
     };
     monitor("savevm qemu1");
     assert_qemu_clean(&img);
@@ -315,7 +420,11 @@ fn vmstate_roundtrip_with_qemu_system() {
     let mut state = Vec::new();
     std::io::Read::read_to_end(&mut q.vmstate_reader("qemu1").unwrap(), &mut state).unwrap();
     assert_eq!(state.len() as u64, s.vm_state_size);
-    assert_eq!(&state[..8], b"QEVM\x00\x00\x00\x03", "QEMU migration stream magic");
+    assert_eq!(
+        &state[..8],
+        b"QEVM\x00\x00\x00\x03",
+        "QEMU migration stream magic"
+    );
     // Store the same bytes as our own snapshot; QEMU must be able to load it.
     q.write_at(0, &pattern(5, 70_000)).unwrap();
     let mut w = q.vmstate_writer().unwrap();
@@ -328,7 +437,10 @@ fn vmstate_roundtrip_with_qemu_system() {
     drop(q);
     assert_qemu_clean(&img);
     let out = monitor("loadvm ours\ninfo snapshots");
-    assert!(!out.contains("Error"), "QEMU failed to load our snapshot:\n{out}");
+    assert!(
+        !out.contains("Error"),
+        "QEMU failed to load our snapshot:\n{out}"
+    );
     assert!(out.contains("ours"), "{out}");
     assert_qemu_clean(&img);
 }
@@ -340,20 +452,59 @@ fn vmstate_roundtrip_with_qemu_system() {
 fn lazy_refcounts_dirty_image_is_recovered() {
     let dir = Scratch::new("lazy");
     let img = dir.path("lazy.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", p(&img), "16M"]);
-    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 64k", p(&img)]);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            p(&img),
+            "16M",
+        ],
+    );
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 0 64k", p(&img)],
+    );
     ok("qemu-img", &["snapshot", "-c", "s", p(&img)]);
     // abort() kills qemu-io after the writes without a clean close.
-    let _ = run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x22 32k 256k", "-c", "write -P 0x33 8M 64k", "-c", "abort", p(&img)]);
+    let _ = run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x22 32k 256k",
+            "-c",
+            "write -P 0x33 8M 64k",
+            "-c",
+            "abort",
+            p(&img),
+        ],
+    );
     let bytes = std::fs::read(&img).unwrap();
-    assert_ne!(bytes[79] & 1, 0, "test setup: the image should carry the dirty bit");
+    assert_ne!(
+        bytes[79] & 1,
+        0,
+        "test setup: the image should carry the dirty bit"
+    );
     let (code, out) = qemu_check_code(&img);
     assert_ne!(code, 0, "test setup: stale refcounts expected:\n{out}");
     let mut expect = vec![0u8; 16 << 20];
     expect[..64 << 10].fill(0x11);
     expect[32 << 10..(32 << 10) + (256 << 10)].fill(0x22);
     expect[8 << 20..(8 << 20) + (64 << 10)].fill(0x33);
-    let mut q = Qcow2::open(&img, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let mut q = Qcow2::open(
+        &img,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(first_diff(&our_raw(&mut q), &expect), None);
     drop(q);
     let mut q = Qcow2::open(&img, &OpenOptions::default()).unwrap();
@@ -372,7 +523,16 @@ fn lazy_refcounts_dirty_image_is_recovered() {
 fn one_bit_refcounts_refuse_snapshots() {
     let dir = Scratch::new("rc1");
     let img = dir.path("rc1.qcow2");
-    let mut q = Qcow2::create(&img, &CreateOptions { size: 4 * MIB, cluster_size: 4096, version: 3, refcount_bits: 1 }).unwrap();
+    let mut q = Qcow2::create(
+        &img,
+        &CreateOptions {
+            size: 4 * MIB,
+            cluster_size: 4096,
+            version: 3,
+            refcount_bits: 1,
+        },
+    )
+    .unwrap();
     q.write_at(0, &pattern(1, 100_000)).unwrap();
     let e = q.create_snapshot(&NewSnapshot::new("x")).unwrap_err();
     assert!(matches!(e, qcow2::Error::RefcountOverflow(1)), "{e}");

@@ -47,7 +47,10 @@ fn tool(name: &str) -> Command {
 
 /// Run a QEMU tool, returning its output (status not checked).
 pub fn run(name: &str, args: &[&str]) -> Output {
-    tool(name).args(args).output().unwrap_or_else(|e| panic!("running {name}: {e}"))
+    tool(name)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {name}: {e}"))
 }
 
 /// Run a QEMU tool and insist on success; returns stdout.
@@ -83,7 +86,11 @@ pub fn qemu_check_code(img: &Path) -> (i32, String) {
     let o = run("qemu-img", &["check", p(img)]);
     (
         o.status.code().unwrap_or(-1),
-        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
     )
 }
 
