@@ -249,3 +249,32 @@ pub fn free_port() -> u16 {
 pub fn seqs(lines: &[String]) -> Vec<u64> {
     lines.iter().filter(|l| l.starts_with("HEARTBEAT")).filter_map(|l| field(l, "seq")).collect()
 }
+
+/// Runs a command, panicking with its output if it fails; returns stdout.
+pub fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} is needed for this test (Debian qemu-utils): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img check` exit code and output.
+pub fn qemu_img_check(path: &std::path::Path) -> (i32, String) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-U", path.to_str().unwrap()])
+        .output()
+        .expect("qemu-img is needed for this test (Debian qemu-utils)");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+pub fn create_image(path: &std::path::Path, fmt: &str, size: &str) {
+    let _ = std::fs::remove_file(path);
+    sh("qemu-img", &["create", "-q", "-f", fmt, path.to_str().unwrap(), size]);
+}
