@@ -162,7 +162,7 @@ fn pvh_start_info_gets_rsdp_and_initrd_module() {
     assert_eq!(b.entry, 0x20_0000);
     let si = b.start_info;
     assert_eq!(r32(&ram, si), 0x336e_c578, "PVH magic");
-    let rsdp = r64(&ram, si + 24);
+    let rsdp = r64(&ram, si + 32);
     assert_eq!(rsdp, linux::acpi::DEFAULT_BASE);
     check_acpi(&ram, rsdp, 2, &[]);
     assert_eq!(r32(&ram, si + 12), 1, "nr_modules");
