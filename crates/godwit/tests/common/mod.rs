@@ -48,8 +48,14 @@ pub struct Vm {
 
 impl Vm {
     pub fn spawn(args: &[&str]) -> Vm {
+        let g = godwit_bin();
+        Vm::spawn_cmd(g.to_str().unwrap(), args)
+    }
+
+    /// Spawns any command whose stdio is godwit's (e.g. `ip netns exec NS godwit ...`).
+    pub fn spawn_cmd(cmd: &str, args: &[&str]) -> Vm {
         require_kvm();
-        let mut child = Command::new(godwit_bin())
+        let mut child = Command::new(cmd)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -198,13 +204,30 @@ impl Hmp {
                 Ok(s) => {
                     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
                     let mut h = Hmp { s };
-                    h.read_to_prompt();
-                    return h;
+                    match h.try_read_to_prompt() {
+                        Some(_) => return h,
+                        None if Instant::now() > end => panic!("monitor {} closes connections", path.display()),
+                        None => std::thread::sleep(Duration::from_millis(50)),
+                    }
                 }
                 Err(e) if Instant::now() > end => panic!("monitor {}: {e}", path.display()),
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
+    }
+
+    fn try_read_to_prompt(&mut self) -> Option<String> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        let mut b = [0u8; 4096];
+        while !out.ends_with(b"(godwit) ") {
+            let n = self.s.read(&mut b).ok()?;
+            if n == 0 {
+                return None;
+            }
+            out.extend_from_slice(&b[..n]);
+        }
+        Some(String::from_utf8_lossy(&out).into_owned())
     }
 
     fn read_to_prompt(&mut self) -> String {
