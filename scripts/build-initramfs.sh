@@ -140,8 +140,12 @@ echo "BOOT-OK uptime=$(cut -d' ' -f1 /proc/uptime) workload=$workload"
 case "$workload" in
   disk)
     if [ -b /dev/vda ]; then
-      bytes=$(dd if=/dev/vda of=/dev/null bs=1M count=64 2>&1 | sed -n 's/^\([0-9]*\) bytes.*/\1/p')
-      echo "DISK-READ-OK $bytes"
+      if out=$(dd if=/dev/vda of=/dev/null bs=1M count=64 2>&1); then
+        recs=$(echo "$out" | sed -n 's/^\([0-9]*\)+[0-9]* records out.*/\1/p')
+        echo "DISK-READ-OK bytes=$((${recs:-0} * 1048576))"
+      else
+        echo "DISK-READ-FAILED $out"
+      fi
     else
       echo "DISK-READ-FAILED no /dev/vda"
     fi ;;

@@ -29,7 +29,13 @@ trap 'rm -f "$tmp" "$out.tmp"' EXIT
 dd if="$in" of="$tmp" bs=1M iflag=skip_bytes,count_bytes skip="$start" count="$payload_length" status=none
 magic=$(od -An -tx1 -N 6 "$tmp" | tr -d ' \n')
 
-need() { command -v "$1" >/dev/null || die "$1 is needed (Debian package $2)"; }
+# need TOOL PACKAGE: installs the Debian package when the tool is missing (root only).
+need() {
+  command -v "$1" >/dev/null && return 0
+  [ "$(id -u)" = 0 ] || die "$1 is needed (Debian package $2)"
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq "$2"; } >/dev/null || die "apt-get install $2 failed"
+}
 # The payload carries a 4-byte size trailer some tools call garbage: trust the output's
 # ELF magic rather than the tool's exit status.
 case "$magic" in
