@@ -40,16 +40,40 @@ fn synthetic_bzimage_resets_through_acpi_then_powers_off() {
     let k = write(&d, "bzImage", &bzimage(Fake::default()));
     let rd = write(&d, "initrd", b"GODWITRD-and-more-bytes");
     let (k, rd) = (k.to_str().unwrap(), rd.to_str().unwrap());
-    let mut vm = Vm::spawn(&["-m", "64", "-smp", "2", "-kernel", k, "-initrd", rd, "-append", "console=ttyS0 hi"]);
+    let mut vm = Vm::spawn(&[
+        "-m",
+        "64",
+        "-smp",
+        "2",
+        "-kernel",
+        k,
+        "-initrd",
+        rd,
+        "-append",
+        "console=ttyS0 hi",
+    ]);
     let expect = format!("e{} console=ttyS0 hi GODWITRD", e820_len(64));
     let first = vm.wait_for("B1", FAST);
-    assert_eq!(first.trim_end(), format!("B1 {expect}"), "boot 1 saw a different zero page");
+    assert_eq!(
+        first.trim_end(),
+        format!("B1 {expect}"),
+        "boot 1 saw a different zero page"
+    );
     // The guest wrote the FADT reset value: Godwit reset the machine (RAM kept: the counter).
     let second = vm.wait_for("B2", FAST);
     assert_eq!(second.trim_end(), format!("B2 {expect}"));
     // Then it wrote SLP_TYP 5 | SLP_EN to the sleep control register.
-    assert_eq!(vm.wait_exit(FAST), Some(0), "stderr: {}", vm.stderr.lock().unwrap());
-    assert!(!vm.seen.iter().any(|l| l.contains('!')), "guest check failed: {:?}", vm.seen);
+    assert_eq!(
+        vm.wait_exit(FAST),
+        Some(0),
+        "stderr: {}",
+        vm.stderr.lock().unwrap()
+    );
+    assert!(
+        !vm.seen.iter().any(|l| l.contains('!')),
+        "guest check failed: {:?}",
+        vm.seen
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -57,12 +81,24 @@ fn synthetic_bzimage_resets_through_acpi_then_powers_off() {
 fn synthetic_bzimage_reset_honours_no_reboot() {
     let d = tmpdir("linux-noreboot");
     let k = write(&d, "bzImage", &bzimage(Fake::default()));
-    let mut vm = Vm::spawn(&["-m", "64", "-no-reboot", "-kernel", k.to_str().unwrap(), "-append", "x"]);
+    let mut vm = Vm::spawn(&[
+        "-m",
+        "64",
+        "-no-reboot",
+        "-kernel",
+        k.to_str().unwrap(),
+        "-append",
+        "x",
+    ]);
     let first = vm.wait_for("B1", FAST);
     assert_eq!(first.trim_end(), format!("B1 e{} x", e820_len(64)));
     assert_eq!(vm.wait_exit(FAST), Some(0));
     vm.collect_for(Duration::from_millis(200));
-    assert!(!vm.seen.iter().any(|l| l.contains("B2")), "rebooted despite -no-reboot: {:?}", vm.seen);
+    assert!(
+        !vm.seen.iter().any(|l| l.contains("B2")),
+        "rebooted despite -no-reboot: {:?}",
+        vm.seen
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -73,7 +109,11 @@ fn fails_in_one_line(args: &[&str], expect: &[&str]) {
         assert!(err.contains(e), "args {args:?}: stderr {err:?} lacks {e:?}");
     }
     assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err:?}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err:?}"
+    );
 }
 
 #[test]
@@ -81,16 +121,46 @@ fn bad_kernel_images_fail_clearly() {
     require_kvm();
     let d = tmpdir("linux-bad");
     let p = |name: &str, f: Fake| write(&d, name, &bzimage(f)).to_str().unwrap().to_string();
-    let truncated = p("truncated", Fake { truncate: 64, ..Fake::default() });
-    fails_in_one_line(&["-kernel", &truncated], &["godwit: kernel '", "truncated bzImage"]);
-    let not64 = p("not64", Fake { xloadflags: 0, ..Fake::default() });
+    let truncated = p(
+        "truncated",
+        Fake {
+            truncate: 64,
+            ..Fake::default()
+        },
+    );
+    fails_in_one_line(
+        &["-kernel", &truncated],
+        &["godwit: kernel '", "truncated bzImage"],
+    );
+    let not64 = p(
+        "not64",
+        Fake {
+            xloadflags: 0,
+            ..Fake::default()
+        },
+    );
     fails_in_one_line(&["-kernel", &not64], &["no 64-bit entry point"]);
-    let big = p("big", Fake { init_size: 200 << 20, ..Fake::default() });
-    fails_in_one_line(&["-m", "128", "-kernel", &big], &["needs 216 MiB", "has 128 MiB", "raise -m"]);
+    let big = p(
+        "big",
+        Fake {
+            init_size: 200 << 20,
+            ..Fake::default()
+        },
+    );
+    fails_in_one_line(
+        &["-m", "128", "-kernel", &big],
+        &["needs 216 MiB", "has 128 MiB", "raise -m"],
+    );
     let garbage = write(&d, "garbage", &[0x42u8; 4096]);
-    fails_in_one_line(&["-kernel", garbage.to_str().unwrap()], &["not a loadable PVH ELF kernel"]);
+    fails_in_one_line(
+        &["-kernel", garbage.to_str().unwrap()],
+        &["not a loadable PVH ELF kernel"],
+    );
     let ok = p("ok", Fake::default());
-    fails_in_one_line(&["-kernel", &ok, "-initrd", "/nonexistent/initrd"], &["initrd '/nonexistent/initrd'", "cannot open"]);
+    fails_in_one_line(
+        &["-kernel", &ok, "-initrd", "/nonexistent/initrd"],
+        &["initrd '/nonexistent/initrd'", "cannot open"],
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -103,13 +173,26 @@ struct RealKernel {
 }
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts")
+        .join(name)
 }
 
 fn run_script(name: &str, args: &[&str]) -> String {
-    let out = Command::new("bash").arg(script(name)).args(args).output().expect("run bash");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "scripts/{name} {args:?} failed:\n{text}");
+    let out = Command::new("bash")
+        .arg(script(name))
+        .args(args)
+        .output()
+        .expect("run bash");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "scripts/{name} {args:?} failed:\n{text}"
+    );
     text
 }
 
@@ -161,9 +244,18 @@ fn expected_acpi() -> Vec<String> {
     let t = vmm::linux::acpi_tables(VCPUS, &[]).unwrap();
     let l = t.layout;
     let mut v = vec![format!("ACPI: RSDP 0x{:016X} 000024 (v02 GODWIT)", l.rsdp)];
-    for (sig, a) in [("XSDT", l.xsdt), ("FACP", l.fadt), ("DSDT", l.dsdt), ("APIC", l.madt)] {
+    for (sig, a) in [
+        ("XSDT", l.xsdt),
+        ("FACP", l.fadt),
+        ("DSDT", l.dsdt),
+        ("APIC", l.madt),
+    ] {
         let b = t.table_at(a).unwrap();
-        v.push(format!("ACPI: {sig} 0x{a:016X} {:06X} (v{:02} GODWIT GODWITVM", b.len(), b[8]));
+        v.push(format!(
+            "ACPI: {sig} 0x{a:016X} {:06X} (v{:02} GODWIT GODWITVM",
+            b.len(),
+            b[8]
+        ));
     }
     v
 }
@@ -172,8 +264,21 @@ fn expected_acpi() -> Vec<String> {
 fn early_boot(kernel: &Path, timeout: Duration) -> Vm {
     let k = real_kernel();
     let (mem, smp) = (MEM_MIB.to_string(), VCPUS.to_string());
-    let args = ["-m", &mem, "-smp", &smp, "-kernel", kernel.to_str().unwrap()];
-    let mut vm = Vm::spawn(&[&args[..], &["-initrd", k.initramfs.to_str().unwrap(), "-append", CMDLINE]].concat());
+    let args = [
+        "-m",
+        &mem,
+        "-smp",
+        &smp,
+        "-kernel",
+        kernel.to_str().unwrap(),
+    ];
+    let mut vm = Vm::spawn(
+        &[
+            &args[..],
+            &["-initrd", k.initramfs.to_str().unwrap(), "-append", CMDLINE],
+        ]
+        .concat(),
+    );
     let start = Instant::now();
     let banner = vm.wait_for("Linux version ", timeout);
     assert!(banner.contains("cloud-amd64"), "{banner}");
@@ -182,18 +287,39 @@ fn early_boot(kernel: &Path, timeout: Duration) -> Vm {
     eprintln!("CPU count after {:?}: {}", start.elapsed(), cpus.trim_end());
     assert!(cpus.contains(&format!("Allowing {VCPUS} CPUs")), "{cpus}");
     let seen: Vec<String> = vm.seen.iter().map(|l| l.trim_end().to_string()).collect();
-    let e820: Vec<&str> =
-        seen.iter().filter_map(|l| l.find("BIOS-e820: ").map(|i| &l[i..])).collect();
-    assert_eq!(e820, expected_e820(), "the kernel's e820 map differs from ours");
+    let e820: Vec<&str> = seen
+        .iter()
+        .filter_map(|l| l.find("BIOS-e820: ").map(|i| &l[i..]))
+        .collect();
+    assert_eq!(
+        e820,
+        expected_e820(),
+        "the kernel's e820 map differs from ours"
+    );
     for want in expected_acpi() {
-        assert!(seen.iter().any(|l| l.contains(&want)), "kernel did not list {want:?}; saw:\n{}", seen.join("\n"));
+        assert!(
+            seen.iter().any(|l| l.contains(&want)),
+            "kernel did not list {want:?}; saw:\n{}",
+            seen.join("\n")
+        );
     }
-    assert!(seen.iter().any(|l| l.contains("ACPI: Using ACPI (MADT) for SMP configuration")), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("ACPI: Using ACPI (MADT) for SMP configuration")),
+        "{seen:?}"
+    );
     // The initrd is where we put it (top of RAM, page aligned): the kernel reports its range.
     let size = std::fs::metadata(&k.initramfs).unwrap().len();
     let top = (MEM_MIB << 20).min(0xC000_0000);
-    let want = format!("RAMDISK: [mem {:#010x}-{:#010x}]", (top - size) & !0xfff, top - 1);
-    assert!(seen.iter().any(|l| l.contains(&want)), "kernel did not report {want:?}");
+    let want = format!(
+        "RAMDISK: [mem {:#010x}-{:#010x}]",
+        (top - size) & !0xfff,
+        top - 1
+    );
+    assert!(
+        seen.iter().any(|l| l.contains(&want)),
+        "kernel did not report {want:?}"
+    );
     vm
 }
 

@@ -24,7 +24,9 @@ use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::VcpuFd;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header, E820_MAX_ENTRIES_ZEROPAGE};
+use linux_loader::loader::bootparam::{
+    boot_e820_entry, boot_params, setup_header, E820_MAX_ENTRIES_ZEROPAGE,
+};
 use linux_loader::loader::elf::start_info::{hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::{BzImage, KernelLoader};
 use std::fs::File;
@@ -46,7 +48,13 @@ const PD_ADDR: u64 = 0xb000;
 const BOOT_STACK: u64 = 0x8ff0;
 /// GDT of the 64-bit entry: null, null, __BOOT_CS (0x10), __BOOT_DS (0x18), TSS (0x20).
 const GDT_ADDR: u64 = 0x500;
-const GDT: [u64; 5] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8b00_0000_0067];
+const GDT: [u64; 5] = [
+    0,
+    0,
+    0x00af_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x0000_8b00_0000_0067,
+];
 const BOOT_CS: u16 = 0x10;
 const BOOT_DS: u16 = 0x18;
 const BOOT_TSS: u16 = 0x20;
@@ -92,19 +100,27 @@ impl BzImageInfo {
     pub fn run_start(&self) -> u64 {
         if self.relocatable {
             let a = self.kernel_alignment.max(1);
-            KERNEL_LOAD_ADDR.div_ceil(a).saturating_mul(a).max(self.pref_address)
+            KERNEL_LOAD_ADDR
+                .div_ceil(a)
+                .saturating_mul(a)
+                .max(self.pref_address)
         } else {
             self.pref_address
         }
     }
     /// End of the memory the kernel needs to decompress and start (`run_start + init_size`).
     pub fn needed_end(&self) -> u64 {
-        self.run_start().saturating_add(self.init_size).max(KERNEL_LOAD_ADDR + (self.expected_len - self.setup_bytes))
+        self.run_start()
+            .saturating_add(self.init_size)
+            .max(KERNEL_LOAD_ADDR + (self.expected_len - self.setup_bytes))
     }
 }
 
 fn kernel_err(path: &Path, reason: impl Into<String>) -> Error {
-    Error::Kernel { path: path.to_path_buf(), reason: reason.into() }
+    Error::Kernel {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 fn le16(b: &[u8], o: usize) -> u16 {
@@ -139,7 +155,10 @@ fn has_setup_magic(b: &[u8; 0x270]) -> bool {
 /// Parses and checks a bzImage's setup header: a 64-bit, complete, bzImage-style kernel.
 pub fn inspect_bzimage(path: &Path) -> Result<BzImageInfo> {
     let mut f = File::open(path).map_err(|e| kernel_err(path, format!("cannot open: {e}")))?;
-    let file_len = f.metadata().map_err(|e| kernel_err(path, e.to_string()))?.len();
+    let file_len = f
+        .metadata()
+        .map_err(|e| kernel_err(path, e.to_string()))?
+        .len();
     let b = read_setup(&mut f)
         .map_err(|e| kernel_err(path, format!("cannot read: {e}")))?
         .filter(has_setup_magic)
@@ -150,7 +169,10 @@ pub fn inspect_bzimage(path: &Path) -> Result<BzImageInfo> {
 fn parse_setup(path: &Path, b: &[u8; 0x270], file_len: u64) -> Result<BzImageInfo> {
     let protocol = le16(b, 0x206);
     if le16(b, 0x1fe) != BOOT_FLAG {
-        return Err(kernel_err(path, "bzImage setup header lacks the 0xAA55 boot flag"));
+        return Err(kernel_err(
+            path,
+            "bzImage setup header lacks the 0xAA55 boot flag",
+        ));
     }
     if protocol < MIN_PROTOCOL {
         return Err(kernel_err(
@@ -163,10 +185,16 @@ fn parse_setup(path: &Path, b: &[u8; 0x270], file_len: u64) -> Result<BzImageInf
         ));
     }
     if b[0x211] & LOADED_HIGH == 0 {
-        return Err(kernel_err(path, "zImage (loaded low) kernels are not supported, only bzImage"));
+        return Err(kernel_err(
+            path,
+            "zImage (loaded low) kernels are not supported, only bzImage",
+        ));
     }
     if le16(b, 0x236) & XLF_KERNEL_64 == 0 {
-        return Err(kernel_err(path, "bzImage has no 64-bit entry point (XLF_KERNEL_64): not an x86-64 kernel?"));
+        return Err(kernel_err(
+            path,
+            "bzImage has no 64-bit entry point (XLF_KERNEL_64): not an x86-64 kernel?",
+        ));
     }
     let sects = match b[0x1f1] {
         0 => 4,
@@ -177,7 +205,9 @@ fn parse_setup(path: &Path, b: &[u8; 0x270], file_len: u64) -> Result<BzImageInf
     if file_len < expected_len {
         return Err(kernel_err(
             path,
-            format!("truncated bzImage: the file has {file_len} bytes, its header says {expected_len}"),
+            format!(
+                "truncated bzImage: the file has {file_len} bytes, its header says {expected_len}"
+            ),
         ));
     }
     let info = BzImageInfo {
@@ -193,7 +223,10 @@ fn parse_setup(path: &Path, b: &[u8; 0x270], file_len: u64) -> Result<BzImageInf
         initrd_addr_max: le32(b, 0x22c) as u64,
     };
     if info.init_size == 0 || info.pref_address < KERNEL_LOAD_ADDR {
-        return Err(kernel_err(path, "bzImage header has no usable init_size/pref_address"));
+        return Err(kernel_err(
+            path,
+            "bzImage header has no usable init_size/pref_address",
+        ));
     }
     Ok(info)
 }
@@ -210,7 +243,10 @@ fn mib(x: u64) -> u64 {
 /// Loads the initrd at the top of low RAM (page aligned, below `addr_max`), above `floor`.
 /// Returns (address, size).
 fn load_initrd(ram: &GuestRam, path: &Path, floor: u64, addr_max: u64) -> Result<(u64, u64)> {
-    let err = |reason: String| Error::Initrd { path: path.to_path_buf(), reason };
+    let err = |reason: String| Error::Initrd {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut f = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
     let size = f.metadata().map_err(|e| err(e.to_string()))?.len();
     if size == 0 {
@@ -220,13 +256,11 @@ fn load_initrd(ram: &GuestRam, path: &Path, floor: u64, addr_max: u64) -> Result
     let addr = top.checked_sub(size).map(|a| a & !0xfff);
     let addr = match addr {
         Some(a) if a >= floor => a,
-        _ => {
-            return Err(err(format!(
-                "{} MiB do not fit in guest RAM above the kernel (it needs {} MiB below it; raise -m)",
-                mib(size),
-                mib(floor)
-            )))
-        }
+        _ => return Err(err(format!(
+            "{} MiB do not fit in guest RAM above the kernel (it needs {} MiB below it; raise -m)",
+            mib(size),
+            mib(floor)
+        ))),
     };
     let mem: &GuestMemoryMmap = ram.memory();
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
@@ -242,18 +276,30 @@ fn write_cmdline(ram: &GuestRam, kernel: &Path, cmdline: &str, max: usize) -> Re
     if c.len() + 1 > max {
         return Err(kernel_err(
             kernel,
-            format!("command line is {} bytes, this kernel takes at most {}", c.len(), max - 1),
+            format!(
+                "command line is {} bytes, this kernel takes at most {}",
+                c.len(),
+                max - 1
+            ),
         ));
     }
     c.push(0);
     ram.memory()
         .write_slice(&c, GuestAddress(CMDLINE_ADDR))
-        .map_err(|e| Error::GuestMemory { addr: CMDLINE_ADDR, reason: e.to_string() })
+        .map_err(|e| Error::GuestMemory {
+            addr: CMDLINE_ADDR,
+            reason: e.to_string(),
+        })
 }
 
 fn write_u64s(ram: &GuestRam, addr: u64, vals: &[u64]) -> Result<()> {
     let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-    ram.memory().write_slice(&bytes, GuestAddress(addr)).map_err(|e| Error::GuestMemory { addr, reason: e.to_string() })
+    ram.memory()
+        .write_slice(&bytes, GuestAddress(addr))
+        .map_err(|e| Error::GuestMemory {
+            addr,
+            reason: e.to_string(),
+        })
 }
 
 /// Writes the identity map of 0–4 GiB (2 MiB pages: 1 GiB pages triple-fault on some nested
@@ -269,7 +315,10 @@ fn write_page_tables_and_gdt(ram: &GuestRam) -> Result<()> {
 
 /// The e820 map for the zero page, from [`boot::memory_map`].
 pub fn e820(ram: &GuestRam) -> Vec<boot_e820_entry> {
-    boot::memory_map(ram).into_iter().map(|(addr, size, r#type)| boot_e820_entry { addr, size, r#type }).collect()
+    boot::memory_map(ram)
+        .into_iter()
+        .map(|(addr, size, r#type)| boot_e820_entry { addr, size, r#type })
+        .collect()
 }
 
 /// Loads a bzImage with the 64-bit boot protocol. `rsdp` goes to `acpi_rsdp_addr`.
@@ -292,16 +341,28 @@ pub fn load_bzimage(
             ),
         ));
     }
-    let cmdline_max = (info.cmdline_size as usize).saturating_add(1).min(CMDLINE_MAX);
+    let cmdline_max = (info.cmdline_size as usize)
+        .saturating_add(1)
+        .min(CMDLINE_MAX);
     write_cmdline(ram, kernel, cmdline, cmdline_max)?;
 
     let mut f = File::open(kernel).map_err(|e| kernel_err(kernel, format!("cannot open: {e}")))?;
     let mem: &GuestMemoryMmap = ram.memory();
-    let res = BzImage::load(mem, Some(GuestAddress(KERNEL_LOAD_ADDR)), &mut f, Some(GuestAddress(KERNEL_LOAD_ADDR)))
-        .map_err(|e| kernel_err(kernel, format!("cannot load bzImage: {e}")))?;
-    let hdr: setup_header = res.setup_header.ok_or_else(|| kernel_err(kernel, "bzImage loader returned no setup header"))?;
+    let res = BzImage::load(
+        mem,
+        Some(GuestAddress(KERNEL_LOAD_ADDR)),
+        &mut f,
+        Some(GuestAddress(KERNEL_LOAD_ADDR)),
+    )
+    .map_err(|e| kernel_err(kernel, format!("cannot load bzImage: {e}")))?;
+    let hdr: setup_header = res
+        .setup_header
+        .ok_or_else(|| kernel_err(kernel, "bzImage loader returned no setup header"))?;
 
-    let mut params = boot_params { hdr, ..Default::default() };
+    let mut params = boot_params {
+        hdr,
+        ..Default::default()
+    };
     params.hdr.type_of_loader = TYPE_OF_LOADER_UNDEFINED;
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     params.acpi_rsdp_addr = rsdp;
@@ -314,7 +375,10 @@ pub fn load_bzimage(
     }
     let map = e820(ram);
     if map.len() > E820_MAX_ENTRIES_ZEROPAGE {
-        return Err(kernel_err(kernel, format!("{} e820 entries do not fit the zero page", map.len())));
+        return Err(kernel_err(
+            kernel,
+            format!("{} e820 entries do not fit the zero page", map.len()),
+        ));
     }
     params.e820_entries = map.len() as u8;
     params.e820_table[..map.len()].copy_from_slice(&map);
@@ -322,9 +386,16 @@ pub fn load_bzimage(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
         mem,
     )
-    .map_err(|e| Error::GuestMemory { addr: ZERO_PAGE_ADDR, reason: e.to_string() })?;
+    .map_err(|e| Error::GuestMemory {
+        addr: ZERO_PAGE_ADDR,
+        reason: e.to_string(),
+    })?;
     write_page_tables_and_gdt(ram)?;
-    Ok(BootEntry { entry: res.kernel_load.0 + 0x200, start_info: ZERO_PAGE_ADDR, long_mode: true })
+    Ok(BootEntry {
+        entry: res.kernel_load.0 + 0x200,
+        start_info: ZERO_PAGE_ADDR,
+        long_mode: true,
+    })
 }
 
 /// End of the physical range an ELF kernel's PT_LOAD segments occupy.
@@ -333,12 +404,18 @@ fn elf_phys_end(path: &Path) -> Result<u64> {
     let mut f = File::open(path).map_err(|e| kernel_err(path, format!("cannot open: {e}")))?;
     let mut eh = [0u8; 64];
     f.read_exact(&mut eh).map_err(|_| bad("short ELF header"))?;
-    let (phoff, phentsize, phnum) = (le64(&eh, 0x20), le16(&eh, 0x36) as usize, le16(&eh, 0x38) as usize);
+    let (phoff, phentsize, phnum) = (
+        le64(&eh, 0x20),
+        le16(&eh, 0x36) as usize,
+        le16(&eh, 0x38) as usize,
+    );
     if phentsize < 56 || phnum > 256 {
         return Err(bad("implausible size or count"));
     }
     let mut ph = vec![0u8; phentsize * phnum];
-    f.seek(SeekFrom::Start(phoff)).and_then(|_| f.read_exact(&mut ph)).map_err(|_| bad("cannot read"))?;
+    f.seek(SeekFrom::Start(phoff))
+        .and_then(|_| f.read_exact(&mut ph))
+        .map_err(|_| bad("cannot read"))?;
     Ok(ph
         .chunks(phentsize)
         .filter(|p| le32(p, 0) == 1)
@@ -348,16 +425,31 @@ fn elf_phys_end(path: &Path) -> Result<u64> {
 }
 
 /// Adds the ACPI RSDP and the initrd (module 0) to the PVH start info `load_pvh` wrote.
-fn complete_pvh(ram: &GuestRam, b: &BootEntry, kernel: &Path, initrd: Option<&Path>, rsdp: u64) -> Result<()> {
+fn complete_pvh(
+    ram: &GuestRam,
+    b: &BootEntry,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    rsdp: u64,
+) -> Result<()> {
     let mem: &GuestMemoryMmap = ram.memory();
-    let gm = |e: vm_memory::GuestMemoryError| Error::GuestMemory { addr: b.start_info, reason: e.to_string() };
+    let gm = |e: vm_memory::GuestMemoryError| Error::GuestMemory {
+        addr: b.start_info,
+        reason: e.to_string(),
+    };
     let mut si: hvm_start_info = mem.read_obj(GuestAddress(b.start_info)).map_err(gm)?;
     si.rsdp_paddr = rsdp;
     if let Some(p) = initrd {
         let floor = elf_phys_end(kernel)?.max(crate::memory::PAGE_SIZE * 256);
         let (addr, size) = load_initrd(ram, p, floor, u64::MAX)?;
-        let m = hvm_modlist_entry { paddr: addr, size, cmdline_paddr: 0, reserved: 0 };
-        mem.write_obj(m, GuestAddress(PVH_MODLIST_ADDR)).map_err(gm)?;
+        let m = hvm_modlist_entry {
+            paddr: addr,
+            size,
+            cmdline_paddr: 0,
+            reserved: 0,
+        };
+        mem.write_obj(m, GuestAddress(PVH_MODLIST_ADDR))
+            .map_err(gm)?;
         si.nr_modules = 1;
         si.modlist_paddr = PVH_MODLIST_ADDR;
     }
@@ -367,14 +459,19 @@ fn complete_pvh(ram: &GuestRam, b: &BootEntry, kernel: &Path, initrd: Option<&Pa
 /// Whether `path` is a bzImage (as opposed to an ELF or anything else).
 pub fn is_bzimage(path: &Path) -> Result<bool> {
     let mut f = File::open(path).map_err(|e| kernel_err(path, format!("cannot open: {e}")))?;
-    Ok(read_setup(&mut f).map_err(|e| kernel_err(path, format!("cannot read: {e}")))?.is_some_and(|b| has_setup_magic(&b)))
+    Ok(read_setup(&mut f)
+        .map_err(|e| kernel_err(path, format!("cannot read: {e}")))?
+        .is_some_and(|b| has_setup_magic(&b)))
 }
 
 /// The ACPI tables for this machine.
 pub fn acpi_tables(vcpus: usize, virtio: &[(u64, u32)]) -> Result<acpi::Tables> {
     let platform = acpi::Platform {
         vcpus,
-        virtio: virtio.iter().map(|&(base, gsi)| acpi::VirtioMmio { base, gsi }).collect(),
+        virtio: virtio
+            .iter()
+            .map(|&(base, gsi)| acpi::VirtioMmio { base, gsi })
+            .collect(),
     };
     acpi::build(&platform, acpi::DEFAULT_BASE).map_err(|e| Error::Device(e.to_string()))
 }
@@ -400,10 +497,19 @@ pub fn load_kernel(
     let tables = acpi_tables(config.vcpus, virtio)?;
     ram.memory()
         .write_slice(&tables.bytes, GuestAddress(tables.base))
-        .map_err(|e| Error::GuestMemory { addr: tables.base, reason: e.to_string() })?;
+        .map_err(|e| Error::GuestMemory {
+            addr: tables.base,
+            reason: e.to_string(),
+        })?;
     let initrd = config.initrd.as_deref();
     if is_bzimage(&config.kernel)? {
-        load_bzimage(ram, &config.kernel, initrd, &config.cmdline, tables.rsdp_addr())
+        load_bzimage(
+            ram,
+            &config.kernel,
+            initrd,
+            &config.cmdline,
+            tables.rsdp_addr(),
+        )
     } else {
         let b = boot::load_pvh(ram, &config.kernel, &config.cmdline)?;
         complete_pvh(ram, &b, &config.kernel, initrd, tables.rsdp_addr())?;
@@ -412,7 +518,21 @@ pub fn load_kernel(
 }
 
 fn seg64(selector: u16, type_: u8, s: u8, l: u8, db: u8, g: u8, limit: u32) -> kvm_segment {
-    kvm_segment { base: 0, limit, selector, type_, present: 1, dpl: 0, db, s, l, g, avl: 0, unusable: 0, padding: 0 }
+    kvm_segment {
+        base: 0,
+        limit,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db,
+        s,
+        l,
+        g,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
 }
 
 /// Puts the boot vCPU at the kernel's entry: long mode for a bzImage (64-bit boot protocol),
@@ -439,8 +559,14 @@ pub fn setup_boot_vcpu(fd: &VcpuFd, b: BootEntry) -> Result<()> {
     sregs.cr4 = CR4_PAE;
     sregs.efer = EFER_LME | EFER_LMA;
     fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
-    let regs = kvm_regs { rip: b.entry, rsi: b.start_info, rsp: BOOT_STACK, rbp: BOOT_STACK, rflags: 0x2, ..Default::default() };
+    let regs = kvm_regs {
+        rip: b.entry,
+        rsi: b.start_info,
+        rsp: BOOT_STACK,
+        rbp: BOOT_STACK,
+        rflags: 0x2,
+        ..Default::default()
+    };
     fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
     Ok(())
 }
-

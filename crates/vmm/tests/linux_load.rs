@@ -19,7 +19,13 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-fn config(kernel: &Path, initrd: Option<&Path>, mem_mib: u64, vcpus: usize, cmdline: &str) -> VmConfig {
+fn config(
+    kernel: &Path,
+    initrd: Option<&Path>,
+    mem_mib: u64,
+    vcpus: usize,
+    cmdline: &str,
+) -> VmConfig {
     VmConfig {
         mem_size: mem_mib << 20,
         vcpus,
@@ -50,15 +56,34 @@ fn check_acpi(ram: &GuestRam, rsdp: u64, vcpus: usize, virtio: &[(u64, u32)]) {
     let table = |a: u64| read(ram, a, r32(ram, a + 4) as usize);
     let fadt = parse::fadt(&table(entries[0])).unwrap();
     let madt = parse::madt(&table(entries[1])).unwrap();
-    let lapics = madt.entries.iter().filter(|e| matches!(e, parse::MadtEntry::LocalApic { .. })).count();
+    let lapics = madt
+        .entries
+        .iter()
+        .filter(|e| matches!(e, parse::MadtEntry::LocalApic { .. }))
+        .count();
     assert_eq!(lapics, vcpus);
     let (_, ns) = parse::dsdt(&table(fadt.x_dsdt)).unwrap();
     assert_eq!(ns.devices.len(), 1 + virtio.len());
     for (i, (base, gsi)) in virtio.iter().enumerate() {
-        let Some(parse::AmlValue::Buffer(b)) = ns.get(&format!("\\_SB_.VR{i:02}._CRS")) else { panic!("no _CRS") };
+        let Some(parse::AmlValue::Buffer(b)) = ns.get(&format!("\\_SB_.VR{i:02}._CRS")) else {
+            panic!("no _CRS")
+        };
         let res = parse::resources(b).unwrap();
-        assert_eq!(res[0], parse::Resource::Memory32Fixed { writable: true, base: *base as u32, len: 0x200 });
-        assert_eq!(res[1], parse::Resource::Interrupt { flags: 3, gsis: vec![*gsi] });
+        assert_eq!(
+            res[0],
+            parse::Resource::Memory32Fixed {
+                writable: true,
+                base: *base as u32,
+                len: 0x200
+            }
+        );
+        assert_eq!(
+            res[1],
+            parse::Resource::Interrupt {
+                flags: 3,
+                gsis: vec![*gsi]
+            }
+        );
     }
 }
 
@@ -72,7 +97,12 @@ fn bzimage_zero_page_initrd_page_tables_and_acpi() {
     std::fs::write(&rd, &rd_bytes).unwrap();
     let ram = GuestRam::new(64 << 20).unwrap();
     let virtio = [(0xfeb0_0000, 16), (0xfeb0_0200, 17)];
-    let b = linux::load_kernel(&ram, &config(&k, Some(&rd), 64, 3, "console=ttyS0 x=1"), &virtio).unwrap();
+    let b = linux::load_kernel(
+        &ram,
+        &config(&k, Some(&rd), 64, 3, "console=ttyS0 x=1"),
+        &virtio,
+    )
+    .unwrap();
     assert!(b.long_mode);
     assert_eq!(b.entry, linux::KERNEL_LOAD_ADDR + 0x200);
     assert_eq!(b.start_info, linux::ZERO_PAGE_ADDR);
@@ -94,14 +124,20 @@ fn bzimage_zero_page_initrd_page_tables_and_acpi() {
     assert_eq!(n, map.len());
     for (i, (addr, size, ty)) in map.iter().enumerate() {
         let e = zp + 0x2d0 + 20 * i as u64;
-        assert_eq!((r64(&ram, e), r64(&ram, e + 8), r32(&ram, e + 16)), (*addr, *size, *ty));
+        assert_eq!(
+            (r64(&ram, e), r64(&ram, e + 8), r32(&ram, e + 16)),
+            (*addr, *size, *ty)
+        );
     }
     // The initrd: page-aligned, at the top of RAM, above what the kernel needs.
     let (rd_addr, rd_size) = (r32(&ram, zp + 0x218) as u64, r32(&ram, zp + 0x21c) as u64);
     assert_eq!(rd_size, rd_bytes.len() as u64);
     assert_eq!(rd_addr % 4096, 0);
     assert!(rd_addr + rd_size <= 64 << 20 && rd_addr + rd_size + 4096 > 64 << 20);
-    assert!(rd_addr >= 0x100_0000 + 0x20_0000, "initrd overlaps the kernel's run area");
+    assert!(
+        rd_addr >= 0x100_0000 + 0x20_0000,
+        "initrd overlaps the kernel's run area"
+    );
     assert_eq!(read(&ram, rd_addr, rd_bytes.len()), rd_bytes);
     // Identity map: PML4 -> PDPT -> 4 page directories of 2 MiB pages.
     let pdpt = r64(&ram, linux::PML4_ADDR) & !0xfff;
@@ -142,8 +178,12 @@ fn pvh_elf(entry: u32) -> Vec<u8> {
     ph(&mut f, 0, 1, 0x1000, 0x20_0000, 0x1000);
     ph(&mut f, 1, 4, 0x400, 0, 20);
     // Note: namesz 4, descsz 4, type 18 (XEN_ELFNOTE_PHYS32_ENTRY), "Xen\0", entry.
-    let note: Vec<u8> =
-        [4u32, 4, 18].iter().flat_map(|x| x.to_le_bytes()).chain(*b"Xen\0").chain(entry.to_le_bytes()).collect();
+    let note: Vec<u8> = [4u32, 4, 18]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .chain(*b"Xen\0")
+        .chain(entry.to_le_bytes())
+        .collect();
     f[0x400..0x400 + note.len()].copy_from_slice(&note);
     f.extend(std::iter::repeat_n(0xf4u8, 0x1000));
     f
@@ -189,9 +229,13 @@ fn load_err(image: &[u8], initrd: Option<&[u8]>, mem_mib: u64, cmdline: &str) ->
         std::fs::write(&rd, b).unwrap();
     }
     let ram = GuestRam::new(mem_mib << 20).unwrap();
-    let e = linux::load_kernel(&ram, &config(&k, initrd.map(|_| rd.as_path()), mem_mib, 1, cmdline), &[])
-        .expect_err("load must fail")
-        .to_string();
+    let e = linux::load_kernel(
+        &ram,
+        &config(&k, initrd.map(|_| rd.as_path()), mem_mib, 1, cmdline),
+        &[],
+    )
+    .expect_err("load must fail")
+    .to_string();
     let _ = std::fs::remove_dir_all(&d);
     assert!(!e.contains('\n'), "{e}");
     e
@@ -199,30 +243,89 @@ fn load_err(image: &[u8], initrd: Option<&[u8]>, mem_mib: u64, cmdline: &str) ->
 
 #[test]
 fn bad_kernels_and_initrds_are_refused_in_one_line() {
-    let e = load_err(&bzimage(Fake { truncate: 100, ..Fake::default() }), None, 64, "");
-    assert!(e.contains("truncated bzImage") && e.contains("header says"), "{e}");
-    let e = load_err(&bzimage(Fake { xloadflags: 0, ..Fake::default() }), None, 64, "");
+    let e = load_err(
+        &bzimage(Fake {
+            truncate: 100,
+            ..Fake::default()
+        }),
+        None,
+        64,
+        "",
+    );
+    assert!(
+        e.contains("truncated bzImage") && e.contains("header says"),
+        "{e}"
+    );
+    let e = load_err(
+        &bzimage(Fake {
+            xloadflags: 0,
+            ..Fake::default()
+        }),
+        None,
+        64,
+        "",
+    );
     assert!(e.contains("no 64-bit entry point"), "{e}");
-    let e = load_err(&bzimage(Fake { protocol: 0x0206, ..Fake::default() }), None, 64, "");
+    let e = load_err(
+        &bzimage(Fake {
+            protocol: 0x0206,
+            ..Fake::default()
+        }),
+        None,
+        64,
+        "",
+    );
     assert!(e.contains("boot protocol 2.06 is too old"), "{e}");
     // init_size 256 MiB: decompression needs 16 + 256 MiB.
-    let e = load_err(&bzimage(Fake { init_size: 256 << 20, ..Fake::default() }), None, 128, "");
-    assert!(e.contains("needs 272 MiB") && e.contains("has 128 MiB") && e.contains("-m"), "{e}");
-    let e = load_err(&bzimage(Fake { cmdline_size: 15, ..Fake::default() }), None, 64, "0123456789abcdef");
-    assert!(e.contains("command line is 16 bytes, this kernel takes at most 15"), "{e}");
+    let e = load_err(
+        &bzimage(Fake {
+            init_size: 256 << 20,
+            ..Fake::default()
+        }),
+        None,
+        128,
+        "",
+    );
+    assert!(
+        e.contains("needs 272 MiB") && e.contains("has 128 MiB") && e.contains("-m"),
+        "{e}"
+    );
+    let e = load_err(
+        &bzimage(Fake {
+            cmdline_size: 15,
+            ..Fake::default()
+        }),
+        None,
+        64,
+        "0123456789abcdef",
+    );
+    assert!(
+        e.contains("command line is 16 bytes, this kernel takes at most 15"),
+        "{e}"
+    );
     // Not a bzImage and not an ELF: the PVH loader's refusal.
     let e = load_err(&[0x5au8; 8192], None, 64, "");
     assert!(e.contains("not a loadable PVH ELF kernel"), "{e}");
     // Initrd too large for the room above the kernel, empty, missing.
-    let e = load_err(&bzimage(Fake::default()), Some(&vec![0u8; 50 << 20]), 64, "");
-    assert!(e.starts_with("initrd '") && e.contains("do not fit") && e.contains("raise -m"), "{e}");
+    let e = load_err(
+        &bzimage(Fake::default()),
+        Some(&vec![0u8; 50 << 20]),
+        64,
+        "",
+    );
+    assert!(
+        e.starts_with("initrd '") && e.contains("do not fit") && e.contains("raise -m"),
+        "{e}"
+    );
     let e = load_err(&bzimage(Fake::default()), Some(b""), 64, "");
     assert!(e.contains("initrd '") && e.contains("empty"), "{e}");
     let d = tmpdir("missing");
     let k = d.join("kernel");
     std::fs::write(&k, bzimage(Fake::default())).unwrap();
     let ram = GuestRam::new(64 << 20).unwrap();
-    let e = linux::load_kernel(&ram, &config(&k, Some(&d.join("nope")), 64, 1, ""), &[]).unwrap_err().to_string();
+    let e = linux::load_kernel(&ram, &config(&k, Some(&d.join("nope")), 64, 1, ""), &[])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("initrd '") && e.contains("cannot open"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -50,7 +50,13 @@ pub struct Fake {
 
 impl Default for Fake {
     fn default() -> Self {
-        Fake { protocol: 0x020f, xloadflags: 0x3, init_size: 0x20_0000, cmdline_size: 0x7ff, truncate: 0 }
+        Fake {
+            protocol: 0x020f,
+            xloadflags: 0x3,
+            init_size: 0x20_0000,
+            cmdline_size: 0x7ff,
+            truncate: 0,
+        }
     }
 }
 
