@@ -219,9 +219,9 @@ fn destination_dying_mid_stream_leaves_source_running() {
 
 #[test]
 fn cancel_keeps_source_running() {
-    let src = FakeVm::new(4096, "x");
-    let guest = src.start_guest(4096, 0);
-    let dst = FakeVm::new(4096, "x");
+    let src = FakeVm::new(1024, "x");
+    let guest = src.start_guest(1024, 0);
+    let dst = FakeVm::new(1024, "x");
     let (l, uri) = listen();
     let d = spawn_dest(dst.clone(), l);
     let shared = Shared::new();
@@ -229,7 +229,11 @@ fn cancel_keeps_source_running() {
     *shared.params.lock().unwrap() = migration::stats::Params { downtime_limit_ms: 1, max_bandwidth: 4 << 20 };
     let s2 = shared.clone();
     let canceller = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(1500));
+        // Cancel once the bulk round is over and dirty rounds are going on.
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        while s2.stats().dirty_sync_count < 2 && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         s2.cancel.store(true, Ordering::SeqCst);
     });
     let e = migrate(&*src, &uri, &shared, &|_| {}).unwrap_err();

@@ -39,12 +39,17 @@ pub struct StreamWriter<W: Write> {
     w: W,
     bytes: u64,
     crc: crc32fast::Hasher,
+    /// Guest RAM may change while it is being sent: pages are copied here once, and the copy
+    /// is both checksummed and written, so the checksum always matches the bytes sent.
+    scratch: Vec<u8>,
 }
+
+const SCRATCH: usize = 256 * 1024;
 
 impl<W: Write> StreamWriter<W> {
     /// Starts a stream: writes the header.
     pub fn new(w: W) -> Result<Self> {
-        let mut s = StreamWriter { w, bytes: 0, crc: crc32fast::Hasher::new() };
+        let mut s = StreamWriter { w, bytes: 0, crc: crc32fast::Hasher::new(), scratch: Vec::new() };
         s.put(MAGIC)?;
         s.put(&FORMAT_VERSION.to_le_bytes())?;
         Ok(s)
@@ -52,7 +57,7 @@ impl<W: Write> StreamWriter<W> {
 
     /// Continues a stream whose header was already written elsewhere.
     pub fn without_header(w: W) -> Self {
-        StreamWriter { w, bytes: 0, crc: crc32fast::Hasher::new() }
+        StreamWriter { w, bytes: 0, crc: crc32fast::Hasher::new(), scratch: Vec::new() }
     }
 
     pub fn bytes_written(&self) -> u64 {
@@ -93,7 +98,14 @@ impl<W: Write> StreamWriter<W> {
             hdr[1..9].copy_from_slice(&at.to_le_bytes());
             hdr[9..13].copy_from_slice(&((chunk.len() / PAGE_SIZE) as u32).to_le_bytes());
             self.put(&hdr)?;
-            self.put(chunk)?;
+            for piece in chunk.chunks(SCRATCH) {
+                let mut scratch = std::mem::take(&mut self.scratch);
+                scratch.clear();
+                scratch.extend_from_slice(piece);
+                let r = self.put(&scratch);
+                self.scratch = scratch;
+                r?;
+            }
         }
         Ok(())
     }
