@@ -201,7 +201,16 @@ fn run_script(name: &str, args: &[&str]) -> String {
 fn real_kernel() -> &'static RealKernel {
     static K: OnceLock<RealKernel> = OnceLock::new();
     K.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("godwit-linux-real-{}", std::process::id()));
+        // Under the target dir, one folder per test process; folders of processes that are gone
+        // (a test that panicked) are removed here, so nothing piles up.
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-real");
+        for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            if !Path::new("/proc").join(&pid).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let d = base.join(std::process::id().to_string());
         std::fs::create_dir_all(&d).unwrap();
         let initramfs = d.join("initramfs.cpio.gz");
         let log = run_script("build-initramfs.sh", &["-o", initramfs.to_str().unwrap()]);
