@@ -422,6 +422,11 @@ impl Qcow2 {
         if off & (self.cs - 1) != 0 || off == 0 || off >= MAX_HOST {
             return corrupt(format!("L2 table offset {off:#x} invalid"));
         }
+        if off >= self.file_len()? {
+            return corrupt(format!(
+                "L2 table at {off:#x} lies past the end of the file"
+            ));
+        }
         let mut b = vec![0u8; self.cs as usize];
         self.file.read_at(&mut b, off).ctx("reading an L2 table")?;
         Ok(bytes_to_entries(&b))

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use qcow2::storage::MemStorage;
-use qcow2::{CreateOptions, Error, NewSnapshot, OpenOptions, Qcow2};
+use qcow2::{BlockBackend, CreateOptions, Error, NewSnapshot, OpenOptions, Qcow2};
 
 /// A small valid image with data, a savevm snapshot and a disk-only one.
 fn seed(version: u32, cs: u64, rb: u32) -> Vec<u8> {
@@ -22,7 +22,6 @@ fn seed(version: u32, cs: u64, rb: u32) -> Vec<u8> {
         },
     )
     .unwrap();
-    use qcow2::BlockBackend;
     q.write_at(1000, &pattern(1, 20_000)).unwrap();
     q.save_vmstate(0, &pattern(2, 3000)).unwrap();
     let mut s = NewSnapshot::new("a");
@@ -187,11 +186,13 @@ fn hostile_tables_give_errors_not_panics() {
     .unwrap();
     let r = q.check().unwrap();
     assert!(r.corruptions > 0, "check must flag an L2 table past EOF");
+    let mut b = [0u8; 512];
+    let e = q.read_at(0, &mut b).unwrap_err();
+    assert!(e.to_string().contains("past the end of the file"), "{e}");
     drop(q);
     // Writing through it must not extend the file to 1 TiB.
     let mem = MemStorage::from_vec(v);
     if let Ok(mut q) = Qcow2::open_storage(Box::new(mem.clone()), &OpenOptions::default()) {
-        use qcow2::BlockBackend;
         let _ = q.write_at(0, &[1u8; 512]);
     }
     assert!(mem.to_vec().len() < 1 << 30);
