@@ -4,7 +4,10 @@
 //! reported back to the source and returned (the caller exits non-zero).
 
 use crate::protocol::{self, Hello, Reply, RoundEnd, Running, PROTOCOL_VERSION, TAG_HELLO, TAG_ROUND_END, TAG_SWITCHOVER};
-use crate::transport::{Channel, Listener};
+use crate::transport::{Channel, Listener, SpinReader};
+
+/// How long the destination busy-waits for the next record after a round ended.
+const SPIN_AFTER_ROUND: std::time::Duration = std::time::Duration::from_millis(20);
 use crate::{MigratableVm, MigrationError, RamRegion, Result};
 use std::io::BufReader;
 use std::time::Instant;
@@ -50,7 +53,7 @@ fn region_slice(regions: &[RamRegion], gpa: u64, npages: u32) -> Result<*mut u8>
 
 fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn Channel) -> Result<IncomingStats> {
     let t0 = Instant::now();
-    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, chan))?;
+    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, SpinReader::new(chan, None)?))?;
     let hello: Hello = match r.next_item()? {
         Item::Control { tag: TAG_HELLO, body } => protocol::decode(&body)?,
         other => return Err(MigrationError::Protocol(format!("expected HELLO, got {other:?}"))),
@@ -75,10 +78,13 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
 
     let mut st = IncomingStats::default();
     let mut switch_at: Option<Instant> = None;
+    let mut last_round_end = Instant::now();
     let mut sections: Vec<Section> = Vec::new();
     loop {
         match r.next_item()? {
             Item::RamData { gpa, npages } => {
+                // Data is flowing again: sleep in the kernel when the socket runs dry.
+                r.get_mut().get_mut().set_spin(std::time::Duration::ZERO);
                 let p = region_slice(&regions, gpa, npages)?;
                 // SAFETY: bounds checked against a RAM region; the guest is not running.
                 let dst = unsafe { std::slice::from_raw_parts_mut(p, npages as usize * PAGE_SIZE) };
@@ -97,8 +103,14 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
             Item::Control { tag: TAG_ROUND_END, body } => {
                 let re: RoundEnd = protocol::decode(&body)?;
                 st.rounds = re.round + 1;
+                last_round_end = Instant::now();
+                // The switchover may come next: wait for it awake.
+                r.get_mut().get_mut().set_spin(SPIN_AFTER_ROUND);
             }
-            Item::Control { tag: TAG_SWITCHOVER, .. } => switch_at = Some(Instant::now()),
+            Item::Control { tag: TAG_SWITCHOVER, .. } => {
+                switch_at = Some(Instant::now());
+                tracing::debug!("SWITCHOVER received {:.3} ms after the last round ended", last_round_end.elapsed().as_secs_f64() * 1e3);
+            }
             Item::Control { tag, .. } => {
                 return Err(MigrationError::Protocol(format!("unexpected control record {tag:#x}")))
             }

@@ -6,7 +6,7 @@
 use crate::protocol::{self, Hello, Reply, RoundEnd, PROTOCOL_VERSION, TAG_HELLO, TAG_ROUND_END, TAG_SWITCHOVER};
 use crate::ram::{count, populated_pages, send_marked};
 use crate::stats::{Params, Round, Stats, Status};
-use crate::transport::{connect, Channel, Limited, Uri};
+use crate::transport::{connect, Channel, Limited, SpinReader, Uri};
 use crate::{MigratableVm, MigrationError, Result};
 use std::io::BufWriter;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,8 +103,7 @@ impl Run<'_> {
 
     fn go(&mut self, uri: &Uri) -> Result<()> {
         let chan = connect(uri)?;
-        let mut replies = chan.try_clone_box()?;
-        replies.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        let mut replies = SpinReader::new(chan.try_clone_box()?, Some(REPLY_TIMEOUT))?;
         let out = BufWriter::with_capacity(1 << 20, Limited::new(chan, self.params.max_bandwidth));
         let mut w: Writer = StreamWriter::new(out)?;
 
@@ -165,7 +164,7 @@ impl Run<'_> {
             self.round(&mut w, round, &dirty, true, &mut bandwidth)?;
             round += 1;
         };
-        self.switchover(&mut w, &mut *replies, pending)
+        self.switchover(&mut w, &mut replies, pending)
     }
 
     /// Sends one round of marked pages and closes it with ROUND_END.
@@ -217,13 +216,15 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn switchover(&mut self, w: &mut Writer, replies: &mut dyn Channel, mut pending: Vec<Vec<u64>>) -> Result<()> {
+    fn switchover(&mut self, w: &mut Writer, replies: &mut SpinReader, mut pending: Vec<Vec<u64>>) -> Result<()> {
         self.shared.update(|s| s.status = Status::Device);
         (self.events)(Event::Status(Status::Device));
+        let t_pause = Instant::now();
         self.vm.pause();
         self.paused = true;
-        let t_pause = Instant::now();
+        let t_paused = t_pause.elapsed();
         self.vm.before_switchover().map_err(MigrationError::Vm)?;
+        let t_handover = t_pause.elapsed();
         let last = self.vm.take_dirty().map_err(MigrationError::Vm)?;
         for (p, l) in pending.iter_mut().zip(&last) {
             for (a, b) in p.iter_mut().zip(l) {
@@ -236,16 +237,23 @@ impl Run<'_> {
         for (r, bits) in regions.iter().zip(&pending) {
             st.add(send_marked(w, r, bits, true, &|| false)?.0);
         }
+        let t_ram = t_pause.elapsed();
         for s in self.vm.save_state().map_err(MigrationError::Vm)? {
             w.section(&s)?;
         }
+        replies.set_spin(Duration::from_millis(50));
         w.end()?;
+        let t_sent = t_pause.elapsed();
         let running = match protocol::read_reply(replies)? {
             Reply::Running(r) => r,
             Reply::Error(e) => return Err(MigrationError::Refused(e)),
             other => return Err(MigrationError::Protocol(format!("expected RUNNING, got {other:?}"))),
         };
         let downtime = t_pause.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(
+            "switchover: paused {:?}, disks handed over {:?}, last RAM sent {:?}, state sent {:?}, guest running {:.3} ms",
+            t_paused, t_handover, t_ram, t_sent, downtime
+        );
         self.logging = false;
         let _ = self.vm.set_dirty_logging(false);
         self.shared.update(|s| {

@@ -3,6 +3,7 @@
 
 use crate::{MigrationError, Result};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
@@ -33,10 +34,71 @@ impl Uri {
 }
 
 /// A connected migration channel (both directions).
-pub trait Channel: Read + Write + Send {
+pub trait Channel: Read + Write + Send + AsRawFd {
     fn try_clone_box(&self) -> std::io::Result<Box<dyn Channel>>;
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
     fn shutdown(&self);
+}
+
+/// A reader that, when told to, busy-polls a quiet socket for a while before sleeping in the
+/// kernel. Waking a sleeping thread costs milliseconds on some (nested) hosts; at the
+/// switchover every millisecond is guest downtime, so the two sides spin briefly there.
+pub struct SpinReader {
+    inner: Box<dyn Channel>,
+    spin: Duration,
+    timeout: Option<Duration>,
+}
+
+impl SpinReader {
+    pub fn new(inner: Box<dyn Channel>, timeout: Option<Duration>) -> std::io::Result<Self> {
+        Ok(SpinReader { inner, spin: Duration::ZERO, timeout })
+    }
+
+    /// A non-blocking read that leaves the socket (shared with the writing side) blocking.
+    fn try_read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: recv into a buffer we own, on our socket.
+        let n = unsafe {
+            libc::recv(self.inner.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT)
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Spin up to `d` before blocking, for the following reads (ZERO: never spin).
+    pub fn set_spin(&mut self, d: Duration) {
+        self.spin = d;
+    }
+}
+
+impl Read for SpinReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let start = Instant::now();
+        loop {
+            match self.try_read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if start.elapsed() < self.spin {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    let left = match self.timeout {
+                        Some(t) => match t.checked_sub(start.elapsed()) {
+                            Some(l) => l.as_millis().max(1) as i32,
+                            None => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "peer silent")),
+                        },
+                        None => -1,
+                    };
+                    let mut p = libc::pollfd { fd: self.inner.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut p, 1, left) };
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
 }
 
 impl Channel for TcpStream {

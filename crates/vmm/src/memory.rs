@@ -60,7 +60,7 @@ impl GuestRam {
             layout(size).into_iter().map(|(a, s)| (GuestAddress(a), s as usize)).collect();
         let mem = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| Error::MemoryAlloc { size: size >> 20, reason: e.to_string() })?;
-        let slots = mem
+        let slots: Vec<Slot> = mem
             .iter()
             .enumerate()
             .map(|(i, r)| Slot {
@@ -70,6 +70,14 @@ impl GuestRam {
                 host: r.as_ptr() as u64,
             })
             .collect();
+        for s in &slots {
+            // Transparent huge pages: one fault maps 2 MiB instead of 4 KiB. Populating fresh
+            // guest RAM (boot, an incoming migration, loadvm) costs a fault per page, which on
+            // a nested host is ~11 µs; with THP it is ~500x fewer faults. Advice only: where
+            // THP is off this does nothing.
+            // SAFETY: the range is our own anonymous mapping.
+            unsafe { libc::madvise(s.host as *mut libc::c_void, s.size as usize, libc::MADV_HUGEPAGE) };
+        }
         Ok(GuestRam { mem, slots, size })
     }
 
