@@ -12,7 +12,7 @@ use monitor::backend::{Backend, CmdResult};
 use monitor::command::{MigrateArgs, SnapshotRequest};
 use monitor::error::CommandError;
 use monitor::events::{Event, EventBus};
-use monitor::migration::{MigrationInfo, MigrationParameters, RamStats};
+use monitor::migration::{CapabilityStatus, MigrationCapability, MigrationInfo, MigrationParameters, RamStats};
 use monitor::runstate::{RunState, RunStateMachine};
 use monitor::types::{CpuInfo, MemorySpace, MigrationStatus, ShutdownCause, SnapshotInfo, VersionInfo};
 use std::sync::{Arc, Mutex};
@@ -27,6 +27,8 @@ pub struct Machine {
     mig_thread: Mutex<Option<JoinHandle<()>>>,
     requests: VmEvents,
     pub disks: Vec<SharedDisk>,
+    /// An incoming migration listener was started (`-incoming URI` or `migrate-incoming`).
+    pub incoming_started: std::sync::atomic::AtomicBool,
 }
 
 fn status_of(s: Status) -> MigrationStatus {
@@ -55,6 +57,7 @@ pub fn migration_info(st: &Stats) -> MigrationInfo {
         expected_downtime: (!done).then_some(st.expected_downtime_ms),
         downtime: done.then_some(st.downtime_ms.round() as u64),
         error_desc: st.error.clone(),
+        cpu_throttle_percentage: (st.cpu_throttle_percentage > 0).then_some(st.cpu_throttle_percentage),
         ram: Some(RamStats {
             transferred: st.transferred,
             remaining: st.remaining,
@@ -85,6 +88,7 @@ impl Machine {
             mig_thread: Mutex::new(None),
             requests,
             disks,
+            incoming_started: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -92,7 +96,7 @@ impl Machine {
         VmHandle { vm: self.vm.clone(), state: self.state.clone(), disks: self.disks.clone() }
     }
 
-    fn migration_running(&self) -> bool {
+    pub fn migration_running(&self) -> bool {
         self.mig.stats().status.is_running()
     }
 
@@ -236,6 +240,19 @@ impl Backend for MachineBackend {
         self.0.start_migration(&args.uri, args.report_file.clone())
     }
 
+    fn migrate_incoming(&self, uri: &str) -> CmdResult {
+        if self.0.state.get() != RunState::Inmigrate {
+            return Err(CommandError::generic("The incoming migration is only allowed with -incoming defer"));
+        }
+        if self.0.incoming_started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(CommandError::generic("The incoming migration has already been started"));
+        }
+        crate::incoming::start(&self.0, uri).map_err(|e| {
+            self.0.incoming_started.store(false, std::sync::atomic::Ordering::SeqCst);
+            CommandError::generic(e)
+        })
+    }
+
     fn migrate_cancel(&self) -> CmdResult {
         self.0.mig.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
@@ -253,7 +270,43 @@ impl Backend for MachineBackend {
         if let Some(b) = p.max_bandwidth {
             params.max_bandwidth = b;
         }
+        if let Some(v) = p.cpu_throttle_initial {
+            params.throttle_initial = v as u8;
+        }
+        if let Some(v) = p.cpu_throttle_increment {
+            params.throttle_increment = v as u8;
+        }
+        if let Some(v) = p.max_cpu_throttle {
+            params.throttle_max = v as u8;
+        }
         Ok(())
+    }
+
+    fn migrate_set_capabilities(&self, caps: &[CapabilityStatus]) -> CmdResult {
+        if self.0.migration_running() {
+            return Err(CommandError::generic("There's a migration process in progress"));
+        }
+        // Check everything first: an unsupported capability changes nothing.
+        for c in caps {
+            if c.state && c.capability != MigrationCapability::AutoConverge {
+                return Err(CommandError::generic(format!(
+                    "Migration capability '{}' is not supported by Godwit yet",
+                    c.capability.as_str()
+                )));
+            }
+        }
+        let mut params = self.0.mig.params.lock().unwrap_or_else(|e| e.into_inner());
+        for c in caps {
+            if c.capability == MigrationCapability::AutoConverge {
+                params.auto_converge = c.state;
+            }
+        }
+        Ok(())
+    }
+
+    fn query_migrate_capabilities(&self) -> Result<Vec<CapabilityStatus>, CommandError> {
+        let p = self.0.mig.params();
+        Ok(vec![CapabilityStatus { capability: MigrationCapability::AutoConverge, state: p.auto_converge }])
     }
 
     fn query_migrate_parameters(&self) -> Result<MigrationParameters, CommandError> {
@@ -261,6 +314,9 @@ impl Backend for MachineBackend {
         Ok(MigrationParameters {
             downtime_limit: Some(p.downtime_limit_ms),
             max_bandwidth: Some(p.max_bandwidth),
+            cpu_throttle_initial: Some(p.throttle_initial as u64),
+            cpu_throttle_increment: Some(p.throttle_increment as u64),
+            max_cpu_throttle: Some(p.throttle_max as u64),
             ..Default::default()
         })
     }

@@ -101,6 +101,7 @@ fn main() -> ExitCode {
 
     if let Some(uri) = &opts.incoming {
         if uri != "defer" {
+            machine.incoming_started.store(true, std::sync::atomic::Ordering::SeqCst);
             if let Err(e) = incoming::start(&machine, uri) {
                 return fail(e);
             }

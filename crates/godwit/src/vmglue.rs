@@ -48,6 +48,9 @@ impl MigratableVm for VmHandle {
     fn restore_state(&self, sections: &[Section]) -> Result<(), String> {
         self.vm.restore_state(sections).map_err(|e| e.to_string())
     }
+    fn set_throttle(&self, pct: u8) {
+        self.vm.set_throttle(pct);
+    }
     fn before_switchover(&self) -> Result<(), String> {
         self.vm.quiesce().map_err(|e| e.to_string())?;
         for d in &self.disks {

@@ -138,3 +138,35 @@ fn non_converging_guest_shows_it_and_cancel_returns_to_running() {
     p.src.wait_for("LEDGER OK", T);
     assert_eq!(p.dst.wait_exit(T), Some(1));
 }
+
+#[test]
+fn auto_converge_finishes_what_plain_precopy_cannot() {
+    let mut p = pair("autoconv", "512", "2", "mode=dirty mib=128 rate=0 hb_ms=100 cpus=2", "512");
+    p.hmp.cmd("migrate_set_parameter max-bandwidth 32M");
+    p.hmp.cmd("migrate_set_parameter cpu-throttle-initial 50");
+    p.hmp.cmd("migrate_set_parameter cpu-throttle-increment 20");
+    assert_eq!(p.hmp.cmd("migrate_set_capability auto-converge on").trim(), "");
+    assert!(p.hmp.cmd("info migrate_capabilities").contains("auto-converge: on"));
+    p.hmp.cmd(&format!("migrate -d tcp:127.0.0.1:{}", p.port));
+    let mut throttled = false;
+    let info = loop {
+        let info = p.hmp.cmd("info migrate");
+        throttled |= info.contains("throttle");
+        if info.contains("Migration status: completed") || info.contains("Migration status: failed") {
+            break info;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(info.contains("Migration status: completed"), "{info}");
+    assert!(throttled, "the guest was never throttled");
+    let first = p.dst.wait_for("HEARTBEAT", T);
+    p.src.collect_for(Duration::from_millis(200));
+    let last_src = seqs(&p.src.seen).into_iter().max().unwrap();
+    assert_eq!(field(&first, "seq"), Some(last_src + 1));
+    p.dst.send(b"v");
+    p.dst.wait_for("LEDGER OK", T);
+    // The destination runs unthrottled: its guest dirties at full speed again.
+    let a = p.dst.wait_for("HEARTBEAT", T);
+    let b = p.dst.wait_for("HEARTBEAT", T);
+    assert!(field(&b, "dirtied") > field(&a, "dirtied"));
+}

@@ -63,6 +63,10 @@ pub trait MigratableVm: Send + Sync {
     /// Validates saved state against this VM without changing anything.
     fn check_state(&self, sections: &[Section]) -> std::result::Result<(), String>;
     fn restore_state(&self, sections: &[Section]) -> std::result::Result<(), String>;
+    /// Holds the vCPUs back `pct` percent of the time (auto-converge); 0 releases them.
+    fn set_throttle(&self, pct: u8) {
+        let _ = pct;
+    }
     /// A short description both sides compare before any RAM moves (RAM size, vCPUs, devices).
     fn config_summary(&self) -> String;
     /// Source, at switchover, VM paused: drain and flush disks, release image locks.

@@ -141,6 +141,8 @@ impl Run<'_> {
         self.shared.update(|s| s.duplicate += untouched);
 
         let mut round = 1u32;
+        let mut outrun = 0u32;
+        let mut throttle = 0u8;
         let pending = loop {
             if self.cancelled() {
                 return Err(MigrationError::Cancelled);
@@ -160,6 +162,24 @@ impl Run<'_> {
             (self.events)(Event::Pass(self.shared.stats().dirty_sync_count));
             if expected_ms <= self.params.downtime_limit_ms as f64 {
                 break dirty;
+            }
+            // Auto-converge: when the guest dirties more than half of what the link carried in
+            // the same time, twice in a row, hold its vCPUs back a step more.
+            if self.params.auto_converge {
+                let dirty_bps = remaining as f64 / since;
+                outrun = if dirty_bps > 0.5 * bandwidth { outrun + 1 } else { 0 };
+                if outrun >= 2 {
+                    outrun = 0;
+                    throttle = if throttle == 0 {
+                        self.params.throttle_initial
+                    } else {
+                        throttle.saturating_add(self.params.throttle_increment)
+                    }
+                    .min(self.params.throttle_max);
+                    self.vm.set_throttle(throttle);
+                    self.shared.update(|s| s.cpu_throttle_percentage = throttle as u64);
+                    tracing::info!("auto-converge: vCPUs throttled to {throttle}%");
+                }
             }
             self.round(&mut w, round, &dirty, true, &mut bandwidth)?;
             round += 1;
@@ -219,6 +239,7 @@ impl Run<'_> {
     fn switchover(&mut self, w: &mut Writer, replies: &mut SpinReader, mut pending: Vec<Vec<u64>>) -> Result<()> {
         self.shared.update(|s| s.status = Status::Device);
         (self.events)(Event::Status(Status::Device));
+        self.vm.set_throttle(0);
         let t_pause = Instant::now();
         self.vm.pause();
         self.paused = true;
@@ -250,6 +271,7 @@ impl Run<'_> {
             other => return Err(MigrationError::Protocol(format!("expected RUNNING, got {other:?}"))),
         };
         let downtime = t_pause.elapsed().as_secs_f64() * 1000.0;
+        self.shared.update(|s| s.cpu_throttle_percentage = 0);
         tracing::info!(
             "switchover: paused {:?}, disks handed over {:?}, last RAM sent {:?}, state sent {:?}, guest running {:.3} ms",
             t_paused, t_handover, t_ram, t_sent, downtime
@@ -276,6 +298,8 @@ impl Run<'_> {
     /// Undoes what the failed attempt changed; returns the message to report.
     fn roll_back(&mut self, e: &MigrationError) -> String {
         let mut msg = e.to_string();
+        self.vm.set_throttle(0);
+        self.shared.update(|s| s.cpu_throttle_percentage = 0);
         if self.logging {
             let _ = self.vm.set_dirty_logging(false);
         }

@@ -43,11 +43,26 @@ pub struct Params {
     pub downtime_limit_ms: u64,
     /// Bytes per second, 0 = unlimited (QEMU's `max-bandwidth`).
     pub max_bandwidth: u64,
+    /// The `auto-converge` capability: throttle a guest that dirties faster than the link.
+    pub auto_converge: bool,
+    /// First throttle step, percent (`cpu-throttle-initial`).
+    pub throttle_initial: u8,
+    /// Further steps, percent (`cpu-throttle-increment`).
+    pub throttle_increment: u8,
+    /// Ceiling (`max-cpu-throttle`).
+    pub throttle_max: u8,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        Params { downtime_limit_ms: 30, max_bandwidth: 0 }
+        Params {
+            downtime_limit_ms: 30,
+            max_bandwidth: 0,
+            auto_converge: false,
+            throttle_initial: 20,
+            throttle_increment: 10,
+            throttle_max: 99,
+        }
     }
 }
 
@@ -89,6 +104,8 @@ pub struct Stats {
     pub mbps: f64,
     pub pages_per_second: u64,
     pub rounds: Vec<Round>,
+    /// Current auto-converge throttle, percent.
+    pub cpu_throttle_percentage: u64,
     pub downtime_limit_ms: u64,
     pub max_bandwidth: u64,
 }

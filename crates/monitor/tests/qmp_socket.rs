@@ -381,6 +381,8 @@ fn events_keep_flowing_while_another_client_runs_a_long_command() {
     gate.open();
     assert_eq!(human.until_prompt(), "");
     assert_eq!(watcher.wait_event("RESUME")["event"], "RESUME");
+    // The queued job's savevm runs next (stopping the VM again): wait until it is done.
+    while watcher.wait_event("JOB_STATUS_CHANGE")["data"]["status"] != "concluded" {}
     assert_eq!(human.cmd("info status"), "VM status: running\n");
 }
 

@@ -12,7 +12,9 @@ use devices::bus::Bus;
 use devices::{VmEvents, VmRequest};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::time::Duration;
 use std::thread::JoinHandle;
 
 /// The signal used to kick vCPU threads out of KVM_RUN.
@@ -70,7 +72,12 @@ struct Ctl {
 pub struct Control {
     st: Mutex<Ctl>,
     cv: Condvar,
+    /// Percentage of time the vCPUs are held back (auto-converge), 0 = not throttled.
+    throttle: AtomicU8,
 }
+
+/// The throttle period: a throttled vCPU runs `period * (100 - pct)%` then sleeps the rest.
+const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
 /// What a vCPU thread needs besides its own fd.
 #[derive(Clone)]
@@ -86,6 +93,7 @@ pub struct VcpuSet {
     pub vcpus: Vec<Arc<Vcpu>>,
     ctl: Arc<Control>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    throttler: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
 }
 
 impl VcpuSet {
@@ -95,6 +103,7 @@ impl VcpuSet {
         let ctl = Arc::new(Control {
             st: Mutex::new(Ctl { pause: true, alive: vcpus.len(), ..Default::default() }),
             cv: Condvar::new(),
+            throttle: AtomicU8::new(0),
         });
         let mut threads = Vec::new();
         for v in &vcpus {
@@ -105,7 +114,7 @@ impl VcpuSet {
                     .spawn(move || vcpu_loop(v, ctl, ctx))?,
             );
         }
-        let set = VcpuSet { vcpus, ctl, threads: Mutex::new(threads) };
+        let set = VcpuSet { vcpus, ctl, threads: Mutex::new(threads), throttler: Mutex::new(None) };
         drop(set.wait_parked(set.lock()));
         Ok(set)
     }
@@ -136,6 +145,56 @@ impl VcpuSet {
         drop(self.wait_parked(s));
     }
 
+    /// Kicks every running vCPU out of KVM_RUN (they re-enter at once unless paused or
+    /// throttled).
+    fn kick_all(&self, s: &Ctl) {
+        if s.pause {
+            return;
+        }
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for (v, t) in self.vcpus.iter().zip(threads.iter()) {
+            v.set_immediate_exit(1);
+            // SAFETY: the pthread id belongs to a thread we spawned and have not joined.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    /// Holds the vCPUs back `pct` percent of the time (QEMU's auto-converge CPU throttle);
+    /// 0 releases them. A kicker thread interrupts them every period; each vCPU then sleeps
+    /// its share on its own thread, waking at once for a pause.
+    pub fn set_throttle(self: &Arc<Self>, pct: u8) {
+        let pct = pct.min(99);
+        self.ctl.throttle.store(pct, Ordering::SeqCst);
+        let mut t = self.throttler.lock().unwrap_or_else(|p| p.into_inner());
+        if pct == 0 {
+            // The kicker notices within one period; nobody waits for it (this runs on the
+            // migration's critical path).
+            if let Some((stop, _detached)) = t.take() {
+                stop.store(true, Ordering::SeqCst);
+            }
+            self.ctl.cv.notify_all();
+            return;
+        }
+        if t.is_none() {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (me, stop2) = (Arc::downgrade(self), stop.clone());
+            if let Ok(h) = std::thread::Builder::new().name("throttle".into()).spawn(move || {
+                while !stop2.load(Ordering::SeqCst) {
+                    std::thread::sleep(THROTTLE_PERIOD);
+                    let Some(set) = me.upgrade() else { return };
+                    let s = set.lock();
+                    set.kick_all(&s);
+                }
+            }) {
+                *t = Some((stop, h));
+            }
+        }
+    }
+
+    pub fn throttle(&self) -> u8 {
+        self.ctl.throttle.load(Ordering::SeqCst)
+    }
+
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
         let mut s = self.lock();
@@ -150,6 +209,10 @@ impl VcpuSet {
 
     /// Ends every vCPU thread.
     pub fn shutdown(&self) {
+        if let Some((stop, h)) = self.throttler.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = h.join();
+        }
         self.pause();
         {
             let mut s = self.lock();
@@ -198,7 +261,7 @@ fn vcpu_loop(v: Arc<Vcpu>, ctl: Arc<Control>, ctx: VcpuContext) {
         let mut fd = v.lock();
         let outcome = match fd.run() {
             Ok(exit) => handle_exit(v.id, exit, &ctx),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Outcome::Continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Outcome::Kicked,
             Err(e) => Outcome::Stop(VmRequest::Fatal { vcpu: v.id, message: format!("KVM_RUN failed: {e}") }),
         };
         let outcome = match outcome {
@@ -209,6 +272,9 @@ fn vcpu_loop(v: Arc<Vcpu>, ctl: Arc<Control>, ctx: VcpuContext) {
             o => o,
         };
         drop(fd);
+        if let Outcome::Kicked = outcome {
+            throttle_sleep(&v, &ctl);
+        }
         if let Outcome::Stop(req) = outcome {
             let s = ctl.st.lock().unwrap_or_else(|p| p.into_inner());
             stopped_epoch = Some(s.epoch);
@@ -216,6 +282,22 @@ fn vcpu_loop(v: Arc<Vcpu>, ctl: Arc<Control>, ctx: VcpuContext) {
             ctx.events.send(req);
         }
     }
+}
+
+/// After a kick: if the VM is throttled (and not being paused), sleep this vCPU's share of the
+/// throttle period, waking early for a pause.
+fn throttle_sleep(v: &Vcpu, ctl: &Control) {
+    let pct = ctl.throttle.load(Ordering::SeqCst) as u32;
+    let s = ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+    if s.pause || s.quit {
+        return;
+    }
+    v.set_immediate_exit(0);
+    if pct == 0 {
+        return;
+    }
+    let nap = THROTTLE_PERIOD * pct / (100 - pct);
+    let _ = ctl.cv.wait_timeout_while(s, nap, |s| !s.pause && !s.quit && ctl.throttle.load(Ordering::SeqCst) > 0);
 }
 
 /// With `immediate_exit` set, KVM_RUN completes a pending port/MMIO read and returns EINTR
@@ -228,6 +310,8 @@ fn commit_pending_exit(v: &Vcpu) {
 
 enum Outcome {
     Continue,
+    /// KVM_RUN returned EINTR: a pause or a throttle kick.
+    Kicked,
     InternalError,
     Stop(VmRequest),
 }

@@ -63,7 +63,7 @@ pub struct Vm {
     config: VmConfig,
     fd: VmFd,
     ram: Arc<GuestRam>,
-    vcpus: VcpuSet,
+    vcpus: Arc<VcpuSet>,
     serial: Arc<Mutex<Serial>>,
     disks: Vec<BlockDevice>,
     events: VmEvents,
@@ -144,7 +144,7 @@ impl Vm {
             vcpus.push(Arc::new(Vcpu::new(id, vfd)));
         }
         let ctx = VcpuContext { pio: Arc::new(pio), mmio: Arc::new(mmio), events: events.clone(), ram: ram.clone() };
-        let vcpus = VcpuSet::start(vcpus, ctx).map_err(|e| Error::VcpuThread(0, e.to_string()))?;
+        let vcpus = Arc::new(VcpuSet::start(vcpus, ctx).map_err(|e| Error::VcpuThread(0, e.to_string()))?);
 
         let mut vm = Vm {
             config,
@@ -211,6 +211,15 @@ impl Vm {
     }
     pub fn is_paused(&self) -> bool {
         self.vcpus.is_paused()
+    }
+
+    /// Throttles the vCPUs to `100 - pct` percent of the time (auto-converge); 0 releases.
+    pub fn set_throttle(&self, pct: u8) {
+        self.vcpus.set_throttle(pct);
+    }
+
+    pub fn throttle(&self) -> u8 {
+        self.vcpus.throttle()
     }
 
     /// Waits for the next request from a device, a vCPU or the monitor.
