@@ -12,7 +12,10 @@ use monitor::backend::{Backend, CmdResult};
 use monitor::command::{MigrateArgs, SnapshotRequest};
 use monitor::error::CommandError;
 use monitor::events::{Event, EventBus};
-use monitor::migration::{CapabilityStatus, MigrationCapability, MigrationInfo, MigrationParameters, RamStats};
+use monitor::migration::{
+    CapabilityStatus, MigrationCapability, MigrationForecast, MigrationInfo, MigrationParameters, MigrationStrategy,
+    RamStats,
+};
 use monitor::runstate::{RunState, RunStateMachine};
 use monitor::types::{CpuInfo, MemorySpace, MigrationStatus, ShutdownCause, SnapshotInfo, VersionInfo};
 use std::sync::{Arc, Mutex};
@@ -110,6 +113,12 @@ impl Machine {
             return Err(CommandError::generic(format!("cannot migrate a VM in state {}", self.state.get().as_str())));
         }
         let was_paused = self.state.get() == RunState::Paused;
+        if self.mig.params().strategy_auto && !was_paused {
+            // Forecast first; plain pre-copy when it converges, auto-converge when only that does.
+            let (_, auto) = crate::forecast::forecast(self).map_err(CommandError::generic)?;
+            self.mig.params.lock().unwrap_or_else(|p| p.into_inner()).auto_converge = auto;
+            tracing::info!("strategy auto: {}", if auto { "auto-converge" } else { "precopy" });
+        }
         // Mark the start before the thread runs so a query right after `migrate` sees it.
         self.mig.stats.lock().unwrap_or_else(|p| p.into_inner()).status = Status::Setup;
         let me = self.clone();
@@ -279,7 +288,32 @@ impl Backend for MachineBackend {
         if let Some(v) = p.max_cpu_throttle {
             params.throttle_max = v as u8;
         }
+        match p.strategy {
+            Some(MigrationStrategy::Auto) => params.strategy_auto = true,
+            Some(MigrationStrategy::Precopy) => {
+                params.strategy_auto = false;
+                params.auto_converge = false;
+            }
+            Some(MigrationStrategy::AutoConverge) => {
+                params.strategy_auto = false;
+                params.auto_converge = true;
+            }
+            Some(MigrationStrategy::Postcopy) => {
+                return Err(CommandError::generic("post-copy is not supported by Godwit yet"))
+            }
+            None => {}
+        }
         Ok(())
+    }
+
+    fn query_migrate_forecast(&self) -> Result<MigrationForecast, CommandError> {
+        if self.0.migration_running() {
+            return Err(CommandError::generic("There's a migration process in progress"));
+        }
+        if self.0.state.get() != RunState::Running {
+            return Err(CommandError::generic("the forecast samples a running guest; the VM is not running"));
+        }
+        Ok(crate::forecast::forecast(&self.0).map_err(CommandError::generic)?.0)
     }
 
     fn migrate_set_capabilities(&self, caps: &[CapabilityStatus]) -> CmdResult {
@@ -317,6 +351,13 @@ impl Backend for MachineBackend {
             cpu_throttle_initial: Some(p.throttle_initial as u64),
             cpu_throttle_increment: Some(p.throttle_increment as u64),
             max_cpu_throttle: Some(p.throttle_max as u64),
+            strategy: Some(if p.strategy_auto {
+                MigrationStrategy::Auto
+            } else if p.auto_converge {
+                MigrationStrategy::AutoConverge
+            } else {
+                MigrationStrategy::Precopy
+            }),
             ..Default::default()
         })
     }

@@ -5,6 +5,7 @@
 mod cli;
 mod console;
 mod drives;
+mod forecast;
 mod incoming;
 mod machine;
 mod monitors;

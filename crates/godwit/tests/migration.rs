@@ -170,3 +170,32 @@ fn auto_converge_finishes_what_plain_precopy_cannot() {
     let b = p.dst.wait_for("HEARTBEAT", T);
     assert!(field(&b, "dirtied") > field(&a, "dirtied"));
 }
+
+/// The forecast's verdicts against what happens: an idle guest converges with plain
+/// pre-copy; a guest dirtying faster than a capped link does not, auto-converge would, and
+/// `strategy auto` then finishes the migration. (How close the predicted times come is a
+/// benchmark matter, not a test's.)
+#[test]
+fn forecast_verdicts_match_reality() {
+    let mut p = pair("forecast-idle", "512", "1", "mode=idle hb_ms=100 cpus=1", "512");
+    let f = p.hmp.cmd("info migrate_forecast");
+    assert!(f.contains("precopy: converges") && f.contains("recommended: precopy"), "{f}");
+    let out = p.hmp.cmd(&format!("migrate tcp:127.0.0.1:{}", p.port));
+    assert!(out.contains("completed"), "{out}");
+    drop(p);
+
+    let mut p = pair("forecast-hot", "512", "2", "mode=dirty mib=128 rate=0 hb_ms=100 cpus=2", "512");
+    p.hmp.cmd("migrate_set_parameter max-bandwidth 32M");
+    p.hmp.cmd("migrate_set_parameter cpu-throttle-initial 50");
+    p.hmp.cmd("migrate_set_parameter cpu-throttle-increment 20");
+    let f = p.hmp.cmd("info migrate_forecast");
+    assert!(f.contains("precopy: does not converge"), "{f}");
+    assert!(f.contains("auto-converge: converges") && f.contains("recommended: auto-converge"), "{f}");
+    p.hmp.cmd("migrate_set_parameter strategy auto");
+    p.hmp.cmd(&format!("migrate -d tcp:127.0.0.1:{}", p.port));
+    let info = p.hmp.wait_migration(T);
+    assert!(info.contains("Migration status: completed"), "{info}");
+    p.dst.wait_for("HEARTBEAT", T);
+    p.dst.send(b"v");
+    p.dst.wait_for("LEDGER OK", T);
+}

@@ -6,6 +6,7 @@
 //! The engine knows the VM only through the narrow [`MigratableVm`] trait.
 
 pub mod protocol;
+pub mod forecast;
 pub mod ram;
 pub mod receiver;
 pub mod sender;

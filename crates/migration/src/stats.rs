@@ -51,6 +51,9 @@ pub struct Params {
     pub throttle_increment: u8,
     /// Ceiling (`max-cpu-throttle`).
     pub throttle_max: u8,
+    /// `strategy auto`: forecast before migrating and turn auto-converge on when plain
+    /// pre-copy would not converge.
+    pub strategy_auto: bool,
 }
 
 impl Default for Params {
@@ -62,6 +65,7 @@ impl Default for Params {
             throttle_initial: 20,
             throttle_increment: 10,
             throttle_max: 99,
+            strategy_auto: false,
         }
     }
 }

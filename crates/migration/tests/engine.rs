@@ -226,7 +226,7 @@ fn cancel_keeps_source_running() {
     let d = spawn_dest(dst.clone(), l);
     let shared = Shared::new();
     // 4 MiB/s with a busy guest never converges under 1 ms; cancel after a while.
-    *shared.params.lock().unwrap() = migration::stats::Params { downtime_limit_ms: 1, max_bandwidth: 4 << 20 };
+    *shared.params.lock().unwrap() = migration::stats::Params { downtime_limit_ms: 1, max_bandwidth: 4 << 20, ..Default::default() };
     let s2 = shared.clone();
     let canceller = std::thread::spawn(move || {
         // Cancel once the bulk round is over and dirty rounds are going on.

@@ -1,0 +1,53 @@
+//! `info migrate_forecast` / `query-migrate-forecast`: sample the running guest's dirty rate,
+//! take the bandwidth (`max-bandwidth` when set, else what the last migration measured, else
+//! an assumed 1 GB/s) and predict plain pre-copy and auto-converge.
+
+use crate::machine::Machine;
+use migration::forecast::{predict, sample};
+use monitor::migration::{MigrationForecast, MigrationStrategy, StrategyForecast};
+use std::time::Duration;
+
+const WINDOW: Duration = Duration::from_millis(500);
+const ASSUMED_BANDWIDTH: f64 = 1e9;
+
+/// Returns the forecast and whether `strategy auto` should turn auto-converge on.
+pub fn forecast(m: &Machine) -> Result<(MigrationForecast, bool), String> {
+    let params = m.mig.params();
+    let last = m.mig.stats();
+    let bandwidth = if params.max_bandwidth > 0 {
+        params.max_bandwidth as f64
+    } else if let Some(bw) = last.rounds.iter().filter(|r| r.bytes >= 2 << 20).map(|r| r.bandwidth_bps).reduce(f64::max) {
+        bw
+    } else {
+        ASSUMED_BANDWIDTH
+    };
+    let s = sample(&m.handle(), WINDOW).map_err(|e| e.to_string())?;
+    let mut strategies = Vec::new();
+    let mut ok = Vec::new();
+    for (strategy, auto) in [(MigrationStrategy::Precopy, false), (MigrationStrategy::AutoConverge, true)] {
+        let p = predict(&s, bandwidth, &params, auto);
+        if p.converges {
+            ok.push(strategy);
+        }
+        strategies.push(StrategyForecast {
+            strategy,
+            converges: p.converges,
+            total_time: p.converges.then_some(p.total_ms.round() as u64),
+            downtime: p.converges.then_some(p.downtime_ms.round() as u64),
+        });
+    }
+    strategies.push(StrategyForecast { strategy: MigrationStrategy::Postcopy, converges: false, total_time: None, downtime: None });
+    let recommended = ok.first().copied();
+    let use_auto = recommended == Some(MigrationStrategy::AutoConverge);
+    Ok((
+        MigrationForecast {
+            ram_total: s.total_pages * 4096,
+            dirty_rate: s.dirty_rate() as u64,
+            sample_time: (s.window_s * 1000.0) as u64,
+            bandwidth: bandwidth as u64,
+            strategies,
+            recommended,
+        },
+        use_auto,
+    ))
+}
