@@ -7,7 +7,11 @@ use crate::protocol::{self, Hello, Reply, RoundEnd, Running, PROTOCOL_VERSION, T
 use crate::transport::{Channel, Listener, SpinReader};
 
 /// How long the destination busy-waits for the next record after a round ended.
-const SPIN_AFTER_ROUND: std::time::Duration = std::time::Duration::from_millis(20);
+const SPIN_AFTER_ROUND: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long it busy-waits before sleeping at any other time: a sleeping thread can take
+/// milliseconds to wake on a nested host, and a round end it sleeps through delays the
+/// switchover by that much.
+const SPIN_IDLE: std::time::Duration = std::time::Duration::from_millis(3);
 use crate::{MigratableVm, MigrationError, RamRegion, Result};
 use std::io::BufReader;
 use std::time::Instant;
@@ -53,7 +57,9 @@ fn region_slice(regions: &[RamRegion], gpa: u64, npages: u32) -> Result<*mut u8>
 
 fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn Channel) -> Result<IncomingStats> {
     let t0 = Instant::now();
-    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, SpinReader::new(chan, None)?))?;
+    let mut spin = SpinReader::new(chan, None)?;
+    spin.set_spin(SPIN_IDLE);
+    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, spin))?;
     let hello: Hello = match r.next_item()? {
         Item::Control { tag: TAG_HELLO, body } => protocol::decode(&body)?,
         other => return Err(MigrationError::Protocol(format!("expected HELLO, got {other:?}"))),
@@ -83,8 +89,8 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
     loop {
         match r.next_item()? {
             Item::RamData { gpa, npages } => {
-                // Data is flowing again: sleep in the kernel when the socket runs dry.
-                r.get_mut().get_mut().set_spin(std::time::Duration::ZERO);
+                // Data is flowing again: only a short spin before sleeping in the kernel.
+                r.get_mut().get_mut().set_spin(SPIN_IDLE);
                 let p = region_slice(&regions, gpa, npages)?;
                 // SAFETY: bounds checked against a RAM region; the guest is not running.
                 let dst = unsafe { std::slice::from_raw_parts_mut(p, npages as usize * PAGE_SIZE) };
