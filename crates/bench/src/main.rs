@@ -273,6 +273,15 @@ fn run_migrations(
                             c.add(&format!("{k}/syncs"), vmm, r.dirty_syncs);
                             c.add(&format!("{k}/tput"), vmm, r.throughput_mibs);
                             c.flag(&format!("{k}/seq"), vmm, r.seq_ok);
+                            if !r.seq_ok {
+                                eprintln!("    heartbeat sequence broken: {}", r.seq_detail);
+                                c.notes.push(format!(
+                                    "{k}: {} run {}: heartbeat sequence broken: {}",
+                                    vmm.name(),
+                                    i + 1,
+                                    r.seq_detail
+                                ));
+                            }
                         } else {
                             eprintln!(
                                 "not converged in {:.0} ms: {} syncs, {:.1} MiB sent; cancel {:.0} ms, source {}, ledger {}",

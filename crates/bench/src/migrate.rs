@@ -40,6 +40,8 @@ pub struct Run {
     pub hb_gap_ms: f64,
     /// The destination's first heartbeat continued the source's sequence (no gap, no repeat).
     pub seq_ok: bool,
+    /// When the sequence did not continue: what was seen on each side.
+    pub seq_detail: String,
     pub transferred_mib: f64,
     pub dirty_syncs: f64,
     /// transferred ÷ total time.
@@ -181,18 +183,25 @@ pub fn run(bins: &Bins, vmm: Vmm, case: &Case, dir: &Path, idx: usize) -> Res<Ru
     out.dirty_syncs = number(&info, "dirty sync count").unwrap_or(f64::NAN);
     out.throughput_mibs = out.transferred_mib / (out.total_ms / 1000.0);
 
-    let (t_dst, first) = dst.wait_line("first heartbeat after migration", T, |l| {
-        hb_seq(l).is_some()
-    })?;
-    let first = hb_seq(&first).unwrap_or(0);
-    std::thread::sleep(Duration::from_millis(100));
+    // The destination prints nothing before the guest runs there: its first output ends the
+    // pause. The source is stopped so that a heartbeat line the switchover cut in two (its
+    // start on the source, its end on the destination) can be put back together.
+    let (t_dst, first) = dst.wait_line("first output after migration", T, |_| true)?;
+    hmp.quit();
+    src.finish(Duration::from_secs(10));
     let last = src.heartbeats().into_iter().max_by_key(|(_, s)| *s);
     let (t_src, last) =
         last.ok_or_else(|| BenchError::Failed("no heartbeat from the source".into()))?;
     out.hb_gap_ms = t_dst.saturating_duration_since(t_src).as_secs_f64() * 1000.0;
-    out.seq_ok = first == last + 1;
+    let joined = format!("{}{first}", src.partial.clone().unwrap_or_default());
+    out.seq_ok = hb_seq(&joined) == Some(last + 1);
+    if !out.seq_ok {
+        out.seq_detail = format!(
+            "source's last heartbeat {last} (cut line {:?}), destination's first line {first:?}",
+            src.partial
+        );
+    }
     out.ledger_ok = dst.ledger_ok()?;
-    hmp.quit();
     dst.quit();
     drop(src);
     Ok(out)

@@ -142,9 +142,11 @@ pub struct Proc {
     pub name: String,
     child: Child,
     stdin: Option<ChildStdin>,
-    rx: Receiver<(Instant, String)>,
-    /// Every line seen so far, with the time the harness read it.
+    rx: Receiver<(Instant, String, bool)>,
+    /// Every complete line seen so far, with the time the harness read it.
     pub lines: Vec<(Instant, String)>,
+    /// What followed the last newline when the output ended.
+    pub partial: Option<String>,
     cursor: usize,
     stderr: Arc<Mutex<String>>,
     /// Just before the process was spawned.
@@ -190,8 +192,16 @@ impl Proc {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
                         let now = Instant::now();
-                        let l = String::from_utf8_lossy(&buf).trim_end().to_string();
-                        if tx.send((now, l)).is_err() {
+                        // A line cut by the end of output (the guest was moved mid-line).
+                        let complete = buf.ends_with(b"\n");
+                        let l = String::from_utf8_lossy(&buf);
+                        // Only a complete line loses its end: a cut one keeps its spaces.
+                        let l = if complete {
+                            l.trim_end().to_string()
+                        } else {
+                            l.into_owned()
+                        };
+                        if tx.send((now, l, complete)).is_err() {
                             return;
                         }
                     }
@@ -215,6 +225,7 @@ impl Proc {
             stdin,
             rx,
             lines: Vec::new(),
+            partial: None,
             cursor: 0,
             stderr,
             started,
@@ -232,13 +243,32 @@ impl Proc {
             .clone()
     }
 
+    fn take(&mut self, (t, l, complete): (Instant, String, bool)) {
+        if complete {
+            self.lines.push((t, l));
+        } else {
+            self.partial = Some(l);
+        }
+    }
+
     /// Moves every line already read into `lines`.
     pub fn pump(&mut self) {
         loop {
             match self.rx.try_recv() {
-                Ok(l) => self.lines.push(l),
+                Ok(m) => self.take(m),
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
             }
+        }
+    }
+
+    /// Waits (up to `timeout`) for the process to exit and its output to end.
+    pub fn finish(&mut self, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while let Ok(m) = self
+            .rx
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            self.take(m);
         }
     }
 
@@ -286,7 +316,7 @@ impl Proc {
             }
             let left = end.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
-                Ok(l) => self.lines.push(l),
+                Ok(m) => self.take(m),
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
                     return Err(BenchError::Timeout {
                         what: format!("{}: {what}", self.name),
@@ -490,4 +520,25 @@ pub fn free_port() -> Res<u16> {
     l.local_addr()
         .map(|a| a.port())
         .map_err(|e| BenchError::Io("local_addr".into(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_forms_and_a_line_cut_by_the_switchover() {
+        assert_eq!(hb_seq("H 12"), Some(12));
+        assert_eq!(hb_seq("HEARTBEAT seq=5 ticks=100 gen=0 dirtied=0"), Some(5));
+        assert_eq!(hb_seq("GUEST READY cpus=2 mem=1024"), None);
+        // "H " written on the source, "1923\n" on the destination.
+        assert_eq!(hb_seq(&format!("{}{}", "H ", "1923")), Some(1923));
+        assert_eq!(hb_seq("1923"), None);
+    }
+
+    #[test]
+    fn status_fields() {
+        assert_eq!(field("STATUS seq=3 dirtied=16384 cpus=2", "dirtied"), Some(16384));
+        assert_eq!(field("STATUS seq=3 cpu_dirtied=1,2", "dirtied"), None);
+    }
 }
