@@ -19,6 +19,9 @@ enum Fault {
     CutAfter(u64),
     /// Flip one byte at this offset of the source's stream.
     FlipAt(u64),
+    /// Forward everything but the stream's END record; once the source has sent it (it is
+    /// paused and waiting for RUNNING), kill the destination process.
+    KillAtEnd(u32),
 }
 
 /// Listens on a free port and forwards one connection to `to`, applying `fault`.
@@ -37,11 +40,56 @@ fn proxy(to: u16, fault: Fault) -> (u16, Arc<AtomicU64>) {
         });
         let mut buf = vec![0u8; 64 * 1024];
         let mut off = 0u64;
+        let mut tail: Vec<u8> = Vec::new();
         loop {
             let n = match a.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                    // Quiet source: the held bytes were not an END record's start after all
+                    // (unless they are the whole END, which arrives in one write).
+                    if !tail.is_empty() && tail[0] != 0x0F {
+                        let t = std::mem::take(&mut tail);
+                        off += t.len() as u64;
+                        if b.write_all(&t).is_err() {
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                Err(_) => break,
                 Ok(n) => n,
             };
+            if let Fault::KillAtEnd(pid) = fault {
+                // Forward everything except an END record (tag 0x0F, then the count of bytes
+                // before it, then a CRC): when one arrives, the source is paused and waiting
+                // for RUNNING — kill the destination instead of letting it finish.
+                let mut data = std::mem::take(&mut tail);
+                data.extend_from_slice(&buf[..n]);
+                let is_end = data.len() >= 13 && {
+                    let t = &data[data.len() - 13..];
+                    let before = off + (data.len() - 13) as u64;
+                    t[0] == 0x0F && u64::from_le_bytes(t[1..9].try_into().unwrap()) == before
+                };
+                if is_end {
+                    let keep = data.len() - 13;
+                    let _ = b.write_all(&data[..keep]);
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    let _ = a.shutdown(std::net::Shutdown::Both);
+                    let _ = b.shutdown(std::net::Shutdown::Both);
+                    break;
+                }
+                // An END record may straddle reads: hold back a possible start of one.
+                let hold = data.len().min(12);
+                let keep = data.len() - hold;
+                if b.write_all(&data[..keep]).is_err() {
+                    break;
+                }
+                off += keep as u64;
+                tail = data[keep..].to_vec();
+                // Nothing else is coming for a while (e.g. waiting for READY): flush the rest.
+                a.set_read_timeout(Some(Duration::from_millis(50))).ok();
+                continue;
+            }
             match fault {
                 Fault::CutAfter(limit) if off + n as u64 >= limit => {
                     let _ = a.shutdown(std::net::Shutdown::Both);
@@ -76,6 +124,10 @@ fn run_fault(name: &str, fault: Fault) {
     for _ in 0..10 {
         src.wait_for("HEARTBEAT", T);
     }
+    let fault = match fault {
+        Fault::KillAtEnd(_) => Fault::KillAtEnd(dst.child.id()),
+        f => f,
+    };
     let (pport, _seen) = proxy(dport, fault);
     let out = hmp.cmd(&format!("migrate tcp:127.0.0.1:{pport}"));
     let info = hmp.wait_migration(T);
@@ -87,9 +139,14 @@ fn run_fault(name: &str, fault: Fault) {
     assert!(field(&h2, "seq") > field(&h1, "seq"));
     src.send(b"v");
     src.wait_for("LEDGER OK", T);
-    // The destination gave up without running the guest.
-    assert_eq!(dst.wait_exit(T), Some(1));
-    assert!(dst.stderr.lock().unwrap().contains("incoming migration failed"), "{}", dst.stderr.lock().unwrap());
+    // The destination gave up (or was killed) without running the guest.
+    let code = dst.wait_exit(T);
+    if let Fault::KillAtEnd(_) = fault {
+        assert_eq!(code, Some(-1), "killed by the test");
+    } else {
+        assert_eq!(code, Some(1));
+        assert!(dst.stderr.lock().unwrap().contains("incoming migration failed"), "{}", dst.stderr.lock().unwrap());
+    }
     assert!(!dst.seen.iter().any(|l| l.contains("HEARTBEAT")));
     let _ = dst.collect_for(Duration::from_millis(100));
     assert!(!dst.seen.iter().any(|l| l.contains("HEARTBEAT")), "destination ran the guest");
@@ -103,4 +160,9 @@ fn link_cut_in_the_bulk_phase() {
 #[test]
 fn corrupted_byte_in_the_stream() {
     run_fault("flip", Fault::FlipAt(700_000));
+}
+
+#[test]
+fn destination_killed_in_the_final_phase() {
+    run_fault("killend", Fault::KillAtEnd(0));
 }
