@@ -44,7 +44,7 @@ pub struct StreamWriter<W: Write> {
     scratch: Vec<u8>,
 }
 
-const SCRATCH: usize = 256 * 1024;
+const SCRATCH: usize = 1024 * 1024;
 
 impl<W: Write> StreamWriter<W> {
     /// Starts a stream: writes the header.
