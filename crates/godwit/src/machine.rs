@@ -55,7 +55,7 @@ pub fn migration_info(st: &Stats) -> MigrationInfo {
     let done = st.status == Status::Completed;
     MigrationInfo {
         status: Some(status_of(st.status)),
-        total_time: Some(st.total_time_ms),
+        total_time: Some(st.live_total_ms()),
         setup_time: Some(st.setup_time_ms),
         expected_downtime: (!done).then_some(st.expected_downtime_ms),
         downtime: done.then_some(st.downtime_ms.round() as u64),

@@ -63,6 +63,7 @@ pub fn migrate(vm: &dyn MigratableVm, uri: &Uri, shared: &Shared, events: &dyn F
             remaining: total,
             downtime_limit_ms: params.downtime_limit_ms,
             max_bandwidth: params.max_bandwidth,
+            started: Some(Instant::now()),
             ..Default::default()
         }
     });

@@ -112,9 +112,20 @@ pub struct Stats {
     pub cpu_throttle_percentage: u64,
     pub downtime_limit_ms: u64,
     pub max_bandwidth: u64,
+    /// When the migration started (to report a live total time between rounds).
+    #[serde(skip)]
+    pub started: Option<std::time::Instant>,
 }
 
 impl Stats {
+    /// Total time so far while running, the final total once settled.
+    pub fn live_total_ms(&self) -> u64 {
+        match self.started {
+            Some(t) if self.status.is_running() => t.elapsed().as_millis() as u64,
+            _ => self.total_time_ms,
+        }
+    }
+
     /// QEMU's `query-migrate` reply.
     pub fn to_qmp(&self) -> serde_json::Value {
         let mut v = serde_json::json!({ "status": self.status.as_str() });
@@ -122,7 +133,7 @@ impl Stats {
             return v;
         }
         let m = v.as_object_mut().expect("object");
-        m.insert("total-time".into(), self.total_time_ms.into());
+        m.insert("total-time".into(), self.live_total_ms().into());
         m.insert("setup-time".into(), self.setup_time_ms.into());
         if self.status == Status::Completed {
             m.insert("downtime".into(), (self.downtime_ms.round() as u64).into());
@@ -162,7 +173,7 @@ impl Stats {
         if let Some(e) = &self.error {
             s += &format!("Error: {e}\n");
         }
-        s += &format!("total time: {} ms\n", self.total_time_ms);
+        s += &format!("total time: {} ms\n", self.live_total_ms());
         if self.status == Status::Completed {
             s += &format!("downtime: {:.2} ms (source paused -> guest running on destination)\n", self.downtime_ms);
             s += &format!("destination switchover: {:.2} ms\n", self.dest_switchover_ms);
