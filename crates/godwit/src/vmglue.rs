@@ -48,6 +48,9 @@ impl MigratableVm for VmHandle {
     fn restore_state(&self, sections: &[Section]) -> Result<(), String> {
         self.vm.restore_state(sections).map_err(|e| e.to_string())
     }
+    fn prepare_resume(&self) {
+        self.vm.prepare_resume();
+    }
     fn set_throttle(&self, pct: u8) {
         self.vm.set_throttle(pct);
     }

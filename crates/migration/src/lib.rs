@@ -64,6 +64,8 @@ pub trait MigratableVm: Send + Sync {
     /// Validates saved state against this VM without changing anything.
     fn check_state(&self, sections: &[Section]) -> std::result::Result<(), String>;
     fn restore_state(&self, sections: &[Section]) -> std::result::Result<(), String>;
+    /// Destination: the switchover has begun and the guest resumes within milliseconds.
+    fn prepare_resume(&self) {}
     /// Holds the vCPUs back `pct` percent of the time (auto-converge); 0 releases them.
     fn set_throttle(&self, pct: u8) {
         let _ = pct;

@@ -115,6 +115,7 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
             }
             Item::Control { tag: TAG_SWITCHOVER, .. } => {
                 switch_at = Some(Instant::now());
+                vm.prepare_resume();
                 tracing::debug!("SWITCHOVER received {:.3} ms after the last round ended", last_round_end.elapsed().as_secs_f64() * 1e3);
             }
             Item::Control { tag, .. } => {

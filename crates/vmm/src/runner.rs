@@ -74,6 +74,12 @@ pub struct Control {
     cv: Condvar,
     /// Percentage of time the vCPUs are held back (auto-converge), 0 = not throttled.
     throttle: AtomicU8,
+    /// While set, parked vCPUs busy-wait for the next resume instead of sleeping (a sleeping
+    /// thread wakes milliseconds late on a nested host; an incoming migration's switchover
+    /// sets this so the guest runs the moment its state is in).
+    spin_park: AtomicBool,
+    /// Mirrors `Ctl::epoch` for the spinning vCPUs.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 /// The throttle period: a throttled vCPU runs `period * (100 - pct)%` then sleeps the rest.
@@ -104,6 +110,8 @@ impl VcpuSet {
             st: Mutex::new(Ctl { pause: true, alive: vcpus.len(), ..Default::default() }),
             cv: Condvar::new(),
             throttle: AtomicU8::new(0),
+            spin_park: AtomicBool::new(false),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         });
         let mut threads = Vec::new();
         for v in &vcpus {
@@ -200,6 +208,16 @@ impl VcpuSet {
         let mut s = self.lock();
         s.pause = false;
         s.epoch += 1;
+        self.ctl.epoch.store(s.epoch, Ordering::SeqCst);
+        self.ctl.spin_park.store(false, Ordering::SeqCst);
+        self.ctl.cv.notify_all();
+    }
+
+    /// Makes parked vCPUs busy-wait until the next [`VcpuSet::resume`] (which ends it), so
+    /// that resume takes effect at once. For the last milliseconds before a known resume.
+    pub fn prepare_resume(&self) {
+        let _s = self.lock();
+        self.ctl.spin_park.store(true, Ordering::SeqCst);
         self.ctl.cv.notify_all();
     }
 
@@ -245,6 +263,16 @@ fn vcpu_loop(v: Arc<Vcpu>, ctl: Arc<Control>, ctx: VcpuContext) {
                 s.parked += 1;
                 ctl.cv.notify_all();
                 while !s.quit && must_wait(&s) {
+                    if ctl.spin_park.load(Ordering::SeqCst) && stopped_epoch.is_none() {
+                        let seen = s.epoch;
+                        drop(s);
+                        while ctl.spin_park.load(Ordering::SeqCst) && ctl.epoch.load(Ordering::SeqCst) == seen {
+                            // Yield: on a small host the thread restoring the state needs the CPU.
+                            std::thread::yield_now();
+                        }
+                        s = ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+                        continue;
+                    }
                     s = ctl.cv.wait(s).unwrap_or_else(|p| p.into_inner());
                 }
                 s.parked -= 1;

@@ -213,6 +213,11 @@ impl Vm {
         self.vcpus.is_paused()
     }
 
+    /// The next resume is imminent: parked vCPUs busy-wait for it instead of sleeping.
+    pub fn prepare_resume(&self) {
+        self.vcpus.prepare_resume();
+    }
+
     /// Throttles the vCPUs to `100 - pct` percent of the time (auto-converge); 0 releases.
     pub fn set_throttle(&self, pct: u8) {
         self.vcpus.set_throttle(pct);
