@@ -98,7 +98,7 @@ fn migration_between_two_hosts_with_a_shared_disk() {
     assert!(!out.status.success(), "the destination must hold the image lock");
     dst.send(b"q");
     assert_eq!(dst.wait_exit(T), Some(0));
-    hmp.cmd("quit");
+    hmp.quit();
     src.wait_exit(T);
     let (code, out) = qemu_img_check(&img);
     assert_eq!(code, 0, "{out}");

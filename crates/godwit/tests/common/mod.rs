@@ -249,6 +249,11 @@ impl Hmp {
         self.read_to_prompt()
     }
 
+    /// Sends `quit`; the VMM may close the connection before answering.
+    pub fn quit(&mut self) {
+        let _ = self.s.write_all(b"quit\n");
+    }
+
     /// Polls `info migrate` until the status is settled; returns the last output.
     pub fn wait_migration(&mut self, timeout: Duration) -> String {
         let end = Instant::now() + timeout;
