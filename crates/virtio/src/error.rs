@@ -30,6 +30,9 @@ pub enum Error {
     /// The device configuration the VMM asked for is not usable.
     #[error("virtio-blk configuration: {0}")]
     Config(String),
+    /// The network device configuration or its tap is not usable.
+    #[error("virtio-net: {0}")]
+    Net(String),
     /// The operation needs the device paused first (see `MmioTransport::pause`).
     #[error("the device must be paused for {0}")]
     NotPaused(&'static str),

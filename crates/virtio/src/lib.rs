@@ -41,6 +41,7 @@
 //! - [`mmio`]: the transport registers, activation, notification/interrupt plumbing.
 //! - [`device`]: the [`VirtioDevice`] trait and the shared interrupt line.
 //! - [`block`]: virtio-blk (config space, requests, worker thread).
+//! - [`net`]: virtio-net on a tap (receive/transmit thread, announcements after a move).
 //! - [`backend`]: the [`BlockBackend`] disk interface (from `qcow2`) and an in-memory disk.
 //! - `state`: [`vmstate::Stateful`] for the transport.
 
@@ -49,6 +50,7 @@ pub mod block;
 pub mod device;
 pub mod error;
 pub mod mmio;
+pub mod net;
 mod state;
 
 pub use backend::{BackendError, BlockBackend, MemDisk};
@@ -57,6 +59,7 @@ pub use block::{Block, BlockConfig};
 pub use device::{Interrupt, VirtioDevice};
 pub use error::{Error, Result};
 pub use mmio::{IoEvent, MmioTransport};
+pub use crate::net::{Net, NetConfig, NetCounters};
 pub use state::STATE_VERSION;
 
 /// Guest memory as the VMM allocates it: mmap-backed regions with an atomic dirty bitmap.
