@@ -7,6 +7,7 @@ pub mod cpuid;
 pub mod error;
 pub mod linux;
 pub mod memory;
+pub mod netdev;
 pub mod runner;
 pub mod vcpu;
 pub mod vm;

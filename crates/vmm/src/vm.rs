@@ -66,6 +66,7 @@ pub struct Vm {
     vcpus: Arc<VcpuSet>,
     serial: Arc<Mutex<Serial>>,
     disks: Vec<BlockDevice>,
+    nets: Vec<crate::netdev::NetDevice>,
     events: VmEvents,
     requests: Mutex<Receiver<VmRequest>>,
     msr_list: Vec<u32>,
@@ -77,6 +78,16 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM and loads the kernel; the vCPUs start paused (see [`Vm::resume`]).
     pub fn new(config: VmConfig, serial_out: SerialOut, disk_specs: Vec<DiskSpec>) -> Result<Self> {
+        Self::with_nics(config, serial_out, disk_specs, Vec::new())
+    }
+
+    /// Like [`Vm::new`], with network cards (in the virtio-mmio slots after the disks).
+    pub fn with_nics(
+        config: VmConfig,
+        serial_out: SerialOut,
+        disk_specs: Vec<DiskSpec>,
+        net_specs: Vec<crate::netdev::NetSpec>,
+    ) -> Result<Self> {
         let kvm_sys = Kvm::new().map_err(Error::KvmOpen)?;
         let max = (kvm_sys.get_max_vcpus()).min(MAX_VCPUS);
         if config.vcpus == 0 || config.vcpus > max {
@@ -120,7 +131,10 @@ impl Vm {
             disks.push(dev);
         }
 
-        let boot = crate::linux::load_kernel(&ram, &config, &crate::linux::virtio_slots(&disks))?;
+        let nets = crate::netdev::attach(&fd, ram.memory(), &mut mmio, disks.len(), net_specs)?;
+        let mut slots = crate::linux::virtio_slots(&disks);
+        slots.extend(crate::netdev::slots(&nets));
+        let boot = crate::linux::load_kernel(&ram, &config, &slots)?;
 
         let supported = kvm_sys
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -153,6 +167,7 @@ impl Vm {
             vcpus,
             serial,
             disks,
+            nets,
             events,
             requests: Mutex::new(rx),
             msr_list,
@@ -192,12 +207,33 @@ impl Vm {
         self.vcpus.pause();
     }
 
+    /// The network cards.
+    pub fn nics(&self) -> &[crate::netdev::NetDevice] {
+        &self.nets
+    }
+
+    /// Announces every NIC's MAC on its tap (after a migration or a restore; see
+    /// `net::announce`). Returns at once; the frames go out on the devices' threads.
+    pub fn announce(&self, params: net::AnnounceParams) {
+        for n in &self.nets {
+            lock(n).device().announce(params);
+        }
+    }
+
+    /// `info network` data.
+    pub fn nic_info(&self) -> Vec<crate::netdev::NicInfo> {
+        crate::netdev::info(&self.nets)
+    }
+
     /// Pauses the vCPUs, then drains and flushes every disk: guest RAM and disks are quiet,
     /// ready for a snapshot or a migration switchover.
     pub fn quiesce(&self) -> Result<()> {
         self.vcpus.pause();
         for (i, d) in self.disks.iter().enumerate() {
             lock(d).pause().map_err(|e| Error::Device(format!("disk {i}: {e}")))?;
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            lock(n).pause().map_err(|e| Error::Device(format!("NIC {i}: {e}")))?;
         }
         Ok(())
     }
@@ -206,6 +242,9 @@ impl Vm {
     pub fn resume(&self) {
         for d in &self.disks {
             lock(d).resume();
+        }
+        for n in &self.nets {
+            lock(n).resume();
         }
         self.vcpus.resume();
     }
@@ -244,7 +283,9 @@ impl Vm {
     pub fn reset(&self) -> Result<()> {
         let was_running = !self.is_paused();
         self.pause();
-        let boot = crate::linux::load_kernel(&self.ram, &self.config, &crate::linux::virtio_slots(&self.disks))?;
+        let mut slots = crate::linux::virtio_slots(&self.disks);
+        slots.extend(crate::netdev::slots(&self.nets));
+        let boot = crate::linux::load_kernel(&self.ram, &self.config, &slots)?;
         if boot.entry != self.boot.entry {
             return Err(Error::Kernel { path: self.config.kernel.clone(), reason: "kernel changed on disk".into() });
         }
@@ -262,6 +303,7 @@ impl Vm {
             vcpus: self.config.vcpus as u32,
             devices: std::iter::once(lock(&self.serial).state_id())
                 .chain(self.disks.iter().map(|d| lock(d).state_id()))
+                .chain(self.nets.iter().map(|n| lock(n).state_id()))
                 .collect(),
         }
     }
@@ -277,6 +319,9 @@ impl Vm {
         out.push(lock(&self.serial).save_state()?);
         for d in &self.disks {
             out.push(lock(d).save_state()?);
+        }
+        for n in &self.nets {
+            out.push(lock(n).save_state()?);
         }
         Ok(out)
     }
@@ -325,6 +370,10 @@ impl Vm {
             let id = lock(d).state_id();
             vmstate::find(sections, &id)?;
         }
+        for n in &self.nets {
+            let id = lock(n).state_id();
+            vmstate::find(sections, &id)?;
+        }
         Ok((kvm_state, vcpu_states))
     }
 
@@ -345,6 +394,11 @@ impl Vm {
                 let mut d = lock(d);
                 let id = d.state_id();
                 d.restore_state(vmstate::find(sections, &id)?)?;
+            }
+            for n in &self.nets {
+                let mut n = lock(n);
+                let id = n.state_id();
+                n.restore_state(vmstate::find(sections, &id)?)?;
             }
             Ok(())
         };
