@@ -49,6 +49,10 @@ pub struct Options {
     pub drives: Vec<String>,
     /// `-device SPEC`.
     pub devices: Vec<String>,
+    /// `-netdev SPEC`.
+    pub netdevs: Vec<String>,
+    /// Legacy `-net SPEC` (nic, tap, none).
+    pub nets: Vec<String>,
 }
 
 impl Default for Options {
@@ -72,6 +76,8 @@ impl Default for Options {
             loadvm: None,
             drives: Vec::new(),
             devices: Vec::new(),
+            netdevs: Vec::new(),
+            nets: Vec::new(),
         }
     }
 }
@@ -98,6 +104,12 @@ Godwit, a KVM virtual machine monitor for moving running VMs (QEMU-compatible op
   -loadvm TAG          start from the internal snapshot TAG of the disk image
   -drive file=PATH[,format=raw|qcow2][,if=virtio|none][,id=ID][,readonly=on][,snapshot=on]
   -device virtio-blk-device,drive=ID
+  -netdev tap,id=ID,ifname=NAME[,script=no|PATH][,downscript=no|PATH]
+                       a tap backend (opened with a vnet header; no script by default)
+  -device virtio-net-device,netdev=ID[,mac=MAC]
+                       a virtio-net card on that backend (default MAC 52:54:00:12:34:56+N)
+  -net nic[,macaddr=MAC] -net tap[,ifname=NAME][,script=..]
+                       legacy form: the i-th nic is connected to the i-th tap
   IMAGE                a bare image path is the first disk (format probed)
   -enable-kvm, -accel kvm, -machine/-M TYPE, -cpu host, -nodefaults, -no-user-config
                        accepted for QEMU compatibility (KVM is the only accelerator)
@@ -208,6 +220,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, CliErro
             "-drive" => o.drives.push(arg("-drive")?),
             "-hda" => o.drives.push(format!("file={}", arg("-hda")?)),
             "-device" => o.devices.push(arg("-device")?),
+            "-netdev" => o.netdevs.push(arg("-netdev")?),
+            "-net" => o.nets.push(arg("-net")?),
             s if !s.starts_with('-') => o.drives.push(format!("file={s}")),
             s if IGNORED_FLAGS.contains(&s) => {}
             s if IGNORED_WITH_ARG.contains(&s) => {

@@ -122,6 +122,7 @@ pub fn resolve(drives: &[String], devices: &[String]) -> Result<Vec<DriveSpec>, 
                 out.push(d);
             }
             "isa-debug-exit" => {} // always present at 0xf4
+            "virtio-net-device" | "virtio-net" | "virtio-net-pci" => {} // crate::nics
             other => return Err(format!("-device '{other}' is not supported")),
         }
     }

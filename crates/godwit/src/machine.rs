@@ -32,6 +32,8 @@ pub struct Machine {
     pub disks: Vec<SharedDisk>,
     /// An incoming migration listener was started (`-incoming URI` or `migrate-incoming`).
     pub incoming_started: std::sync::atomic::AtomicBool,
+    /// How NICs are announced after a migration or `loadvm` (`announce-*` parameters).
+    pub announce: Arc<Mutex<net::AnnounceParams>>,
 }
 
 fn status_of(s: Status) -> MigrationStatus {
@@ -92,11 +94,17 @@ impl Machine {
             requests,
             disks,
             incoming_started: std::sync::atomic::AtomicBool::new(false),
+            announce: Arc::new(Mutex::new(net::AnnounceParams::default())),
         })
     }
 
     pub fn handle(&self) -> VmHandle {
-        VmHandle { vm: self.vm.clone(), state: self.state.clone(), disks: self.disks.clone() }
+        VmHandle { vm: self.vm.clone(), state: self.state.clone(), disks: self.disks.clone(), announce: self.announce.clone() }
+    }
+
+    /// The current announcement parameters.
+    pub fn announce_params(&self) -> net::AnnounceParams {
+        *self.announce.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn migration_running(&self) -> bool {
@@ -200,6 +208,30 @@ impl Backend for MachineBackend {
         Ok(())
     }
 
+    fn announce_self(&self, a: &monitor::command::AnnounceArgs) -> CmdResult {
+        let mut p = self.0.announce_params();
+        let check = |name: &str, v: Option<u64>, lo: u64, hi: u64| match v {
+            Some(v) if !(lo..=hi).contains(&v) => Err(CommandError::generic(format!(
+                "Parameter '{name}' expects an integer in the range of {lo} to {hi}"
+            ))),
+            _ => Ok(v),
+        };
+        if let Some(v) = check("rounds", a.rounds, 0, 1000)? {
+            p.rounds = v as u32;
+        }
+        if let Some(v) = check("initial", a.initial, 0, 100_000)? {
+            p.initial_ms = v;
+        }
+        if let Some(v) = check("max", a.max, 0, 100_000)? {
+            p.max_ms = v;
+        }
+        if let Some(v) = check("step", a.step, 1, 10_000)? {
+            p.step_ms = v;
+        }
+        self.0.vm.announce(p);
+        Ok(())
+    }
+
     fn system_reset(&self) -> CmdResult {
         self.0.vm.reset().map_err(|e| CommandError::generic(e.to_string()))?;
         self.0.events.emit(Event::Reset { guest: false, reason: ShutdownCause::HostQmpSystemReset });
@@ -272,6 +304,21 @@ impl Backend for MachineBackend {
     }
 
     fn migrate_set_parameters(&self, p: &MigrationParameters) -> CmdResult {
+        {
+            let mut a = self.0.announce.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = p.announce_rounds {
+                a.rounds = v as u32;
+            }
+            if let Some(v) = p.announce_initial {
+                a.initial_ms = v;
+            }
+            if let Some(v) = p.announce_max {
+                a.max_ms = v;
+            }
+            if let Some(v) = p.announce_step {
+                a.step_ms = v;
+            }
+        }
         let mut params = self.0.mig.params.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = p.downtime_limit {
             params.downtime_limit_ms = d;
@@ -345,7 +392,12 @@ impl Backend for MachineBackend {
 
     fn query_migrate_parameters(&self) -> Result<MigrationParameters, CommandError> {
         let p: Params = self.0.mig.params();
+        let a = self.0.announce_params();
         Ok(MigrationParameters {
+            announce_rounds: Some(u64::from(a.rounds)),
+            announce_initial: Some(a.initial_ms),
+            announce_max: Some(a.max_ms),
+            announce_step: Some(a.step_ms),
             downtime_limit: Some(p.downtime_limit_ms),
             max_bandwidth: Some(p.max_bandwidth),
             cpu_throttle_initial: Some(p.throttle_initial as u64),

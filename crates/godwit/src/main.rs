@@ -9,6 +9,7 @@ mod forecast;
 mod incoming;
 mod machine;
 mod monitors;
+mod nics;
 mod report;
 mod snapshots;
 mod vmglue;
@@ -67,6 +68,10 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    let net_specs = match nics::resolve(&opts.netdevs, &opts.devices, &opts.nets).and_then(|n| nics::open(&n)) {
+        Ok(n) => n,
+        Err(e) => return fail(e),
+    };
     let mut disks = Vec::new();
     for s in &specs {
         match drives::SharedDisk::open(s, opts.incoming.is_some()) {
@@ -86,7 +91,7 @@ fn main() -> ExitCode {
             },
         })
         .collect();
-    let vm = match Vm::new(config, console_out.boxed(), disk_specs) {
+    let vm = match Vm::with_nics(config, console_out.boxed(), disk_specs, net_specs) {
         Ok(vm) => Arc::new(vm),
         Err(e) => return fail(e),
     };

@@ -100,7 +100,7 @@ pub fn load(m: &Machine, tag: &str) -> Result<(), CommandError> {
             )));
         }
     }
-    with_quiesced(m, RunState::RestoreVm, || {
+    let r = with_quiesced(m, RunState::RestoreVm, || {
         let h = m.handle();
         // 1. Read and check the machine state before changing anything.
         let sections = state_disk
@@ -127,7 +127,12 @@ pub fn load(m: &Machine, tag: &str) -> Result<(), CommandError> {
             .map_err(err)?
             .map_err(|e| err(format!("Error while loading VM state: {e}")))?;
         Ok(())
-    })
+    });
+    if r.is_ok() {
+        // The guest is back as it was on another host, maybe: tell the network where it is.
+        m.vm.announce(m.announce_params());
+    }
+    r
 }
 
 pub fn delete(m: &Machine, tag: &str) -> Result<(), CommandError> {

@@ -13,6 +13,8 @@ pub struct VmHandle {
     pub vm: Arc<Vm>,
     pub state: Arc<RunStateMachine>,
     pub disks: Vec<SharedDisk>,
+    /// Announcement parameters (destination: the guest's MACs are announced before it runs).
+    pub announce: Arc<std::sync::Mutex<net::AnnounceParams>>,
 }
 
 impl MigratableVm for VmHandle {
@@ -71,6 +73,8 @@ impl MigratableVm for VmHandle {
         for d in &self.disks {
             d.reacquire()?;
         }
+        // Switches and bridges learn the guest's new port now, not when their entries age out.
+        self.vm.announce(*self.announce.lock().unwrap_or_else(|p| p.into_inner()));
         Ok(())
     }
     fn config_summary(&self) -> String {

@@ -38,6 +38,11 @@ pub trait Backend: Send + Sync + 'static {
 
     // --- lifecycle (optional) -------------------------------------------------------------
 
+    /// `announce-self` / `announce_self`: send the NICs' announcement frames now.
+    fn announce_self(&self, _args: &crate::command::AnnounceArgs) -> CmdResult {
+        Err(CommandError::unsupported("announce-self"))
+    }
+
     /// `system_reset`: reset the VM, emitting `RESET` (guest false, `host-qmp-system-reset`).
     fn system_reset(&self) -> CmdResult {
         Err(CommandError::unsupported("system_reset"))

@@ -34,6 +34,16 @@ pub struct MigrateArgs {
     pub report_file: Option<PathBuf>,
 }
 
+/// Arguments of `announce-self` / `announce_self`: members left out take the `announce-*`
+/// migration parameters' values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AnnounceArgs {
+    pub initial: Option<u64>,
+    pub max: Option<u64>,
+    pub rounds: Option<u64>,
+    pub step: Option<u64>,
+}
+
 /// Kind of asynchronous snapshot job (QMP `snapshot-save`/`-load`/`-delete`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SnapshotOp {
@@ -93,6 +103,8 @@ pub enum Command {
         uri: String,
     },
     QueryMigrateForecast,
+    /// Announce the NICs' MACs on their backends now (RARP rounds).
+    AnnounceSelf(AnnounceArgs),
 }
 
 impl Command {
@@ -141,6 +153,7 @@ impl Command {
             Command::MigrateStartPostcopy => "migrate-start-postcopy",
             Command::MigrateRecover { .. } => "migrate-recover",
             Command::QueryMigrateForecast => "query-migrate-forecast",
+            Command::AnnounceSelf(_) => "announce-self",
         }
     }
 }

@@ -295,9 +295,9 @@ fn check_range<T: ParamValue>(name: &str, v: &T, lo: u64, hi: u64) -> Result<(),
 const ANY: u64 = u64::MAX;
 
 migration_parameters! {
-    announce_initial: u64 = "announce-initial", Ms, 1, 100_000;
-    announce_max: u64 = "announce-max", Ms, 1, 100_000;
-    announce_rounds: u64 = "announce-rounds", Plain, 1, 1000;
+    announce_initial: u64 = "announce-initial", Ms, 0, 100_000;
+    announce_max: u64 = "announce-max", Ms, 0, 100_000;
+    announce_rounds: u64 = "announce-rounds", Plain, 0, 1000;
     announce_step: u64 = "announce-step", Ms, 1, 10_000;
     throttle_trigger_threshold: u64 = "throttle-trigger-threshold", Plain, 1, 100;
     cpu_throttle_initial: u64 = "cpu-throttle-initial", Plain, 1, 99;

@@ -111,6 +111,7 @@ impl Monitor {
             Command::MigrateStartPostcopy => empty(b.migrate_start_postcopy()),
             Command::MigrateRecover { uri } => empty(b.migrate_recover(&uri)),
             Command::QueryMigrateForecast => b.query_migrate_forecast().map(Reply::Forecast),
+            Command::AnnounceSelf(a) => empty(b.announce_self(&a)),
         }
     }
 }

@@ -19,6 +19,11 @@ pub struct HmpEntry {
 /// Top-level commands, in `help` order.
 pub const COMMANDS: &[HmpEntry] = &[
     HmpEntry {
+        names: "announce_self",
+        params: "[interfaces] [id]",
+        help: "trigger GARP/RARP announcements",
+    },
+    HmpEntry {
         names: "cont|c",
         params: "",
         help: "resume emulation",
@@ -296,6 +301,7 @@ pub fn parse_line(line: &str, defaults: &mut DumpDefaults) -> Result<HmpCommand,
         "stop" | "s" => arity(0, 0).and_then(|()| vm(Command::Stop)),
         "cont" | "c" => arity(0, 0).and_then(|()| vm(Command::Cont)),
         "system_reset" => arity(0, 0).and_then(|()| vm(Command::SystemReset)),
+        "announce_self" => arity(0, 2).and_then(|()| vm(Command::AnnounceSelf(Default::default()))),
         "system_powerdown" => arity(0, 0).and_then(|()| vm(Command::SystemPowerdown)),
         "quit" | "q" => arity(0, 0).and_then(|()| vm(Command::Quit)),
         "cpu" => {

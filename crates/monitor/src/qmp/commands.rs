@@ -36,6 +36,7 @@ pub const QMP_COMMANDS: &[&str] = &[
     "migrate-start-postcopy",
     "migrate-recover",
     "query-migrate-forecast",
+    "announce-self",
 ];
 
 /// Typed access to an `arguments` object that remembers which members were used.
@@ -237,6 +238,17 @@ pub fn parse_vm_command(
         "migrate-start-postcopy" => Command::MigrateStartPostcopy,
         "migrate-recover" => Command::MigrateRecover { uri: a.str("uri")? },
         "query-migrate-forecast" => Command::QueryMigrateForecast,
+        "announce-self" => {
+            let args = crate::command::AnnounceArgs {
+                initial: a.opt_u64("initial")?,
+                max: a.opt_u64("max")?,
+                rounds: a.opt_u64("rounds")?,
+                step: a.opt_u64("step")?,
+            };
+            let _ = a.opt_str_list("interfaces")?;
+            let _ = a.opt_str("id")?;
+            Command::AnnounceSelf(args)
+        }
         _ => return Ok(None),
     };
     a.finish()?;
