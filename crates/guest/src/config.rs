@@ -16,6 +16,10 @@ pub struct Config {
     pub smp_wait_ms: u64,
     pub disk: bool,
     pub disk_mib: u64,
+    /// Run the virtio-net responder (`net=on`) at `ip`, with `mac` if given.
+    pub net: bool,
+    pub ip: [u8; 4],
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Config {
@@ -31,6 +35,9 @@ impl Config {
         smp_wait_ms: 20,
         disk: false,
         disk_mib: 8,
+        net: false,
+        ip: [10, 0, 2, 15],
+        mac: None,
     };
 }
 
@@ -46,6 +53,32 @@ fn num(v: &[u8]) -> Option<u64> {
         n = n * 10 + (c - b'0') as u64;
     }
     Some(n)
+}
+
+/// `a.b.c.d`.
+fn ipv4(v: &[u8]) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = v.split(|&b| b == b'.');
+    for o in out.iter_mut() {
+        let n = num(parts.next()?)?;
+        *o = u8::try_from(n).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn mac(v: &[u8]) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = v.split(|&b| b == b':');
+    for o in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        let hex = |c: u8| (c as char).to_digit(16);
+        *o = (hex(p[0])? * 16 + hex(p[1])?) as u8;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 pub fn parse(line: &[u8]) -> Config {
@@ -64,6 +97,21 @@ pub fn parse(line: &[u8]) -> Config {
                 b"compact" => c.compact = true,
                 _ => {}
             },
+            b"net" => match v {
+                b"on" => c.net = true,
+                b"off" => c.net = false,
+                _ => {}
+            },
+            b"ip" => {
+                if let Some(ip) = ipv4(v) {
+                    c.ip = ip;
+                }
+            }
+            b"mac" => {
+                if let Some(m) = mac(v) {
+                    c.mac = Some(m);
+                }
+            }
             b"disk" => match v {
                 b"on" => c.disk = true,
                 b"off" => c.disk = false,

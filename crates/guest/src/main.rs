@@ -12,6 +12,7 @@ mod disk;
 mod fmt;
 mod kernel;
 mod mem;
+mod net;
 mod user;
 mod virtio;
 mod workload;

@@ -153,6 +153,41 @@ pub extern "C" fn bsp_user(_: u64) -> ! {
             }
         }
     }
+    let nic = if c.net {
+        match crate::net::Nic::probe(c.ip, c.mac) {
+            Ok(n) => {
+                let mut l = Line::new();
+                l.s("GUEST NET mac=");
+                for (i, b) in n.mac.iter().enumerate() {
+                    let hex = b"0123456789abcdef";
+                    if i > 0 {
+                        l.s(":");
+                    }
+                    l.byte(hex[(b >> 4) as usize]).byte(hex[(b & 15) as usize]);
+                }
+                l.s(" ip=");
+                for (i, b) in n.ip.iter().enumerate() {
+                    if i > 0 {
+                        l.s(".");
+                    }
+                    l.u(*b as u64);
+                }
+                l.send();
+                Some(n)
+            }
+            Err(e) => {
+                let why = match e {
+                    crate::net::ProbeError::NoDevice => "no virtio-net device",
+                    crate::net::ProbeError::Features => "virtio-net feature negotiation failed",
+                    crate::net::ProbeError::Queue => "virtio-net queues unusable",
+                };
+                Line::new().s("GUEST WARN net=on but ").s(why).send();
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut sectors = 0;
     if let Some(b) = &blk {
         sectors = (c.disk_mib * 2048).min(b.capacity);
@@ -200,7 +235,7 @@ pub extern "C" fn bsp_user(_: u64) -> ! {
 
     let hb_period = c.hb_ms * ms;
     let hb = Heartbeat { compact: c.compact, disk: c.disk, period: hb_period, next: rdtsc() + hb_period };
-    let mut b = Bsp { cfg: c, tsc_hz, hb, worker: Worker::new(0), disk, disk_warned: false };
+    let mut b = Bsp { cfg: c, tsc_hz, hb, worker: Worker::new(0), disk, disk_warned: false, nic };
     b.main_loop()
 }
 
@@ -249,6 +284,7 @@ struct Bsp {
     worker: Worker,
     disk: Option<Disk>,
     disk_warned: bool,
+    nic: Option<crate::net::Nic>,
 }
 
 impl Bsp {
@@ -268,6 +304,9 @@ impl Bsp {
                     b'c' => self.corrupt_check(),
                     _ => {}
                 }
+            }
+            if let Some(n) = self.nic.as_mut() {
+                n.poll();
             }
             if let Some(d) = self.disk.as_mut() {
                 d.step();
@@ -421,6 +460,11 @@ impl Bsp {
             .s(" disk=").u(U.disk_written.load(Relaxed))
             .s(" disk_sectors=").u(self.disk.as_ref().map_or(0, |d| d.sectors))
             .s(" disk_error=").u(self.disk.as_ref().map_or(0, |d| d.error as u64))
+            .s(" net_rx=").u(crate::net::STATS.rx.load(Relaxed))
+            .s(" net_tx=").u(crate::net::STATS.tx.load(Relaxed))
+            .s(" net_arp=").u(crate::net::STATS.arp.load(Relaxed))
+            .s(" net_icmp=").u(crate::net::STATS.icmp.load(Relaxed))
+            .s(" net_other=").u(crate::net::STATS.other.load(Relaxed))
             .s(" cpu_dirtied=");
         for i in 0..ncpus() {
             if i > 0 {
