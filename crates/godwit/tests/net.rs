@@ -298,3 +298,34 @@ fn bad_network_options_are_one_clear_line() {
     let e = godwit_error(&["-netdev", "tap,id=n0,ifname=gwnoperm0", "-device", "virtio-net-device,netdev=n0"], true);
     assert!(e.contains("permission denied") && e.contains("gwnoperm0") && e.contains("CAP_NET_ADMIN"), "{e}");
 }
+
+#[test]
+fn cold_migration_with_loadvm_announces_on_the_new_tap() {
+    // savevm on one tap, quit, start the same command line on another tap with -loadvm: the
+    // restored guest answers there and the bridge learned its new port from the announcement.
+    let lan = Lan::new("c", &["gwca0", "gwcb0"]);
+    let dir = tmpdir("net-c");
+    let img = dir.join("vm.qcow2");
+    create_image(&img, "qcow2", "16M");
+    let drive = format!("file={}", img.display());
+    let mon = dir.join("mon");
+    let monarg = format!("unix:{},server,nowait", mon.display());
+    let mac = "52:54:00:00:40:01";
+    let dev = format!("virtio-net-device,netdev=n0,mac={mac}");
+    let mut a = lan.vm(&["-drive", &drive, "-netdev", "tap,id=n0,ifname=gwca0", "-device", &dev, "-monitor", &monarg], &append(&lan));
+    a.wait_for("GUEST READY", T);
+    let (_, rx) = Lan::ping_wait(lan.ping(20, "0.02"));
+    assert!(rx >= 19, "{rx}/20 before savevm");
+    let mut h = Hmp::connect(&mon);
+    assert_eq!(h.cmd("savevm net1").trim(), "");
+    let saved = status_field(&mut a, "net_icmp");
+    h.quit();
+    a.wait_exit(T);
+    drop(a);
+    let mut b = lan.vm(&["-drive", &drive, "-netdev", "tap,id=n0,ifname=gwcb0", "-device", &dev, "-loadvm", "net1"], &append(&lan));
+    b.wait_for("HEARTBEAT", T);
+    assert_eq!(lan.fdb_port(mac).as_deref(), Some("gwcb0"), "the announcement after -loadvm moved the guest's port");
+    let (_, rx) = Lan::ping_wait(lan.ping(20, "0.02"));
+    assert!(rx >= 19, "{rx}/20 after -loadvm on the other tap");
+    assert!(status_field(&mut b, "net_icmp") >= saved + rx, "counters continue from the snapshot");
+}
