@@ -664,6 +664,8 @@ mod tests {
             Err("stop: extraneous characters at the end of line".into())
         );
         assert_eq!(parse("loadvm"), Err("loadvm: missing argument".into()));
+        assert_eq!(parse("announce_self"), Ok(HmpCommand::Vm(Command::AnnounceSelf(Default::default()))));
+        assert!(parse("announce_self a b c").is_err());
     }
 
     #[test]

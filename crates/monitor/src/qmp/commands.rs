@@ -265,6 +265,18 @@ mod tests {
     }
 
     #[test]
+    fn announce_self_takes_optional_parameters() {
+        use crate::command::AnnounceArgs;
+        assert_eq!(parse("announce-self", json!({})), Ok(Some(Command::AnnounceSelf(AnnounceArgs::default()))));
+        assert_eq!(
+            parse("announce-self", json!({"initial": 50, "max": 550, "rounds": 5, "step": 100, "interfaces": ["n0"], "id": "a"})),
+            Ok(Some(Command::AnnounceSelf(AnnounceArgs { initial: Some(50), max: Some(550), rounds: Some(5), step: Some(100) })))
+        );
+        assert!(parse("announce-self", json!({"rounds": "x"})).is_err());
+        assert!(parse("announce-self", json!({"bogus": 1})).is_err());
+    }
+
+    #[test]
     fn arguments_are_checked_like_qemu() {
         assert_eq!(parse("stop", json!({})), Ok(Some(Command::Stop)));
         assert_eq!(
