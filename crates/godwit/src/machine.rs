@@ -208,6 +208,28 @@ impl Backend for MachineBackend {
         Ok(())
     }
 
+    fn query_network(&self) -> Result<Vec<monitor::types::NicInfo>, CommandError> {
+        Ok(self
+            .0
+            .vm
+            .nic_info()
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| monitor::types::NicInfo {
+                name: format!("net{i}"),
+                model: "virtio-net-device".into(),
+                macaddr: n.mac.to_string(),
+                backend: "tap".into(),
+                ifname: n.ifname,
+                rx_frames: n.counters.rx_frames,
+                tx_frames: n.counters.tx_frames,
+                rx_dropped: n.counters.rx_dropped,
+                tx_dropped: n.counters.tx_dropped,
+                announces: n.counters.announces,
+            })
+            .collect())
+    }
+
     fn announce_self(&self, a: &monitor::command::AnnounceArgs) -> CmdResult {
         let mut p = self.0.announce_params();
         let check = |name: &str, v: Option<u64>, lo: u64, hi: u64| match v {

@@ -141,7 +141,13 @@ fn status_field(vm: &mut Vm, key: &str) -> u64 {
 #[test]
 fn a_client_pings_the_guest() {
     let lan = Lan::new("p", &["gwtp0"]);
-    let mut vm = lan.vm(&["-netdev", "tap,id=n0,ifname=gwtp0,script=no,downscript=no", "-device", "virtio-net-device,netdev=n0,mac=52:54:00:00:10:01"], &append(&lan));
+    let dir = tmpdir("net-p");
+    let mon = dir.join("mon");
+    let monarg = format!("unix:{},server,nowait", mon.display());
+    let mut vm = lan.vm(
+        &["-netdev", "tap,id=n0,ifname=gwtp0,script=no,downscript=no", "-device", "virtio-net-device,netdev=n0,mac=52:54:00:00:10:01", "-monitor", &monarg],
+        &append(&lan),
+    );
     let l = vm.wait_for("GUEST NET", T);
     assert!(l.contains("mac=52:54:00:00:10:01"), "{l}");
     vm.wait_for("GUEST READY", T);
@@ -151,6 +157,11 @@ fn a_client_pings_the_guest() {
     assert!(rx >= 98, "{rx}/100 pings answered");
     assert!(status_field(&mut vm, "net_icmp") >= rx);
     assert!(status_field(&mut vm, "net_arp") >= 1);
+    let info = Hmp::connect(&mon).cmd("info network");
+    assert!(info.contains("net0: index=0,type=nic,model=virtio-net-device,macaddr=52:54:00:00:10:01"), "{info}");
+    assert!(info.contains("type=tap,ifname=gwtp0"), "{info}");
+    let rx: u64 = info.split_whitespace().find_map(|w| w.strip_prefix("rx=")).and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(rx >= 100, "{info}");
 }
 
 #[test]

@@ -38,6 +38,11 @@ pub trait Backend: Send + Sync + 'static {
 
     // --- lifecycle (optional) -------------------------------------------------------------
 
+    /// `info network`: the network cards and their backends.
+    fn query_network(&self) -> Result<Vec<crate::types::NicInfo>, CommandError> {
+        Ok(Vec::new())
+    }
+
     /// `announce-self` / `announce_self`: send the NICs' announcement frames now.
     fn announce_self(&self, _args: &crate::command::AnnounceArgs) -> CmdResult {
         Err(CommandError::unsupported("announce-self"))

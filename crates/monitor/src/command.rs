@@ -3,7 +3,7 @@
 //! renders it as text).
 
 use crate::migration::{CapabilityStatus, MigrationForecast, MigrationInfo, MigrationParameters};
-use crate::types::{CpuInfo, JobInfo, MemorySpace, SnapshotInfo, StatusInfo, VersionInfo};
+use crate::types::{CpuInfo, JobInfo, MemorySpace, NicInfo, SnapshotInfo, StatusInfo, VersionInfo};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
@@ -105,6 +105,8 @@ pub enum Command {
     QueryMigrateForecast,
     /// Announce the NICs' MACs on their backends now (RARP rounds).
     AnnounceSelf(AnnounceArgs),
+    /// `info network`.
+    QueryNetwork,
 }
 
 impl Command {
@@ -154,6 +156,7 @@ impl Command {
             Command::MigrateRecover { .. } => "migrate-recover",
             Command::QueryMigrateForecast => "query-migrate-forecast",
             Command::AnnounceSelf(_) => "announce-self",
+            Command::QueryNetwork => "info network",
         }
     }
 }
@@ -173,6 +176,7 @@ pub enum Reply {
     MigrationParameters(MigrationParameters),
     MigrationCapabilities(Vec<CapabilityStatus>),
     Forecast(MigrationForecast),
+    Network(Vec<NicInfo>),
 }
 
 impl Reply {
@@ -193,6 +197,7 @@ impl Reply {
             Reply::MigrationParameters(p) => ser(p),
             Reply::MigrationCapabilities(c) => ser(c),
             Reply::Forecast(f) => ser(f),
+            Reply::Network(n) => ser(n),
         }
     }
 }

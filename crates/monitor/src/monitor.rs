@@ -112,6 +112,7 @@ impl Monitor {
             Command::MigrateRecover { uri } => empty(b.migrate_recover(&uri)),
             Command::QueryMigrateForecast => b.query_migrate_forecast().map(Reply::Forecast),
             Command::AnnounceSelf(a) => empty(b.announce_self(&a)),
+            Command::QueryNetwork => b.query_network().map(Reply::Network),
         }
     }
 }

@@ -214,6 +214,25 @@ impl CpuInfo {
     }
 }
 
+/// One network card and its backend, for `info network`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct NicInfo {
+    /// Card name (`net0`, ...).
+    pub name: String,
+    pub model: String,
+    pub macaddr: String,
+    /// Backend type (`tap`) and interface.
+    pub backend: String,
+    pub ifname: String,
+    /// Godwit's counters: frames to and from the guest, dropped, announcements sent.
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+    pub rx_dropped: u64,
+    pub tx_dropped: u64,
+    pub announces: u64,
+}
+
 /// One internal snapshot (QEMU's `SnapshotInfo`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -291,6 +291,7 @@ pub fn render_reply(r: &Reply) -> String {
         Reply::MigrationParameters(p) => render::migrate_parameters(p),
         Reply::MigrationCapabilities(c) => render::migrate_capabilities(c),
         Reply::Forecast(f) => render::forecast(f),
+        Reply::Network(n) => render::network(n),
     }
 }
 

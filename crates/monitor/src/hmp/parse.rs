@@ -149,6 +149,11 @@ pub const INFO_COMMANDS: &[HmpEntry] = &[
         help: "predict whether and how fast a migration would converge, per strategy",
     },
     HmpEntry {
+        names: "network",
+        params: "",
+        help: "show the network state",
+    },
+    HmpEntry {
         names: "migrate_parameters",
         params: "",
         help: "show current migration parameters",
@@ -391,6 +396,7 @@ fn parse_info(rest: &str) -> Result<HmpCommand, String> {
         "migrate_parameters" => vm(Command::QueryMigrateParameters),
         "migrate_capabilities" => vm(Command::QueryMigrateCapabilities),
         "migrate_forecast" => vm(Command::QueryMigrateForecast),
+        "network" => vm(Command::QueryNetwork),
         _ => Err(format!("unknown command: 'info {sub}'")),
     }
 }

@@ -46,6 +46,21 @@ pub fn cpus(list: &[CpuInfo], selected: u32) -> String {
 }
 
 /// QEMU's `info snapshots`: the list of snapshots present on all disks, IDs shown as `--`.
+/// `info network`: QEMU's two lines per card (card, then its backend), plus Godwit's counters.
+pub fn network(list: &[crate::types::NicInfo]) -> String {
+    let mut out = String::new();
+    for (i, n) in list.iter().enumerate() {
+        let _ = writeln!(out, "{}: index={i},type=nic,model={},macaddr={}", n.name, n.model, n.macaddr);
+        let _ = writeln!(out, " \\ {}: index={i},type={},ifname={}", n.name, n.backend, n.ifname);
+        let _ = writeln!(
+            out,
+            "    rx={} tx={} rx_dropped={} tx_dropped={} announced={}",
+            n.rx_frames, n.tx_frames, n.rx_dropped, n.tx_dropped, n.announces
+        );
+    }
+    out
+}
+
 pub fn snapshots(list: &[SnapshotInfo]) -> String {
     if list.is_empty() {
         return "There is no snapshot available.\n".to_string();
