@@ -13,6 +13,7 @@ pub mod sender;
 pub mod snapshot;
 pub mod stats;
 pub mod transport;
+pub mod uffd;
 
 use vmstate::Section;
 
