@@ -1,6 +1,7 @@
 //! `info migrate_forecast` / `query-migrate-forecast`: sample the running guest's dirty rate,
 //! take the bandwidth (`max-bandwidth` when set, else what the last migration measured, else
-//! an assumed 1 GB/s) and predict plain pre-copy and auto-converge.
+//! an assumed 1 GB/s) and predict plain pre-copy, auto-converge and post-copy (available when
+//! this host has userfaultfd).
 
 use crate::machine::Machine;
 use migration::forecast::{predict, sample};
@@ -10,8 +11,17 @@ use std::time::Duration;
 const WINDOW: Duration = Duration::from_millis(500);
 const ASSUMED_BANDWIDTH: f64 = 1e9;
 
-/// Returns the forecast and whether `strategy auto` should turn auto-converge on.
-pub fn forecast(m: &Machine) -> Result<(MigrationForecast, bool), String> {
+/// What `strategy auto` should use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    Precopy,
+    AutoConverge,
+    Postcopy,
+}
+
+/// Returns the forecast and what `strategy auto` should pick: plain pre-copy when it
+/// converges, else post-copy when this host can serve it, else auto-converge.
+pub fn forecast(m: &Machine) -> Result<(MigrationForecast, Choice), String> {
     let params = m.mig.params();
     let last = m.mig.stats();
     let bandwidth = if params.max_bandwidth > 0 {
@@ -36,9 +46,28 @@ pub fn forecast(m: &Machine) -> Result<(MigrationForecast, bool), String> {
             downtime: p.converges.then_some(p.downtime_ms.round() as u64),
         });
     }
-    strategies.push(StrategyForecast { strategy: MigrationStrategy::Postcopy, converges: false, total_time: None, downtime: None });
-    let recommended = ok.first().copied();
-    let use_auto = recommended == Some(MigrationStrategy::AutoConverge);
+    let postcopy = migration::postcopy::available();
+    let pc = migration::postcopy::predict(&s, bandwidth);
+    strategies.push(StrategyForecast {
+        strategy: MigrationStrategy::Postcopy,
+        converges: postcopy,
+        total_time: postcopy.then_some(pc.total_ms.round() as u64),
+        downtime: postcopy.then_some(pc.downtime_ms.round() as u64),
+    });
+    let choice = if ok.first() == Some(&MigrationStrategy::Precopy) {
+        Choice::Precopy
+    } else if postcopy {
+        Choice::Postcopy
+    } else if ok.first() == Some(&MigrationStrategy::AutoConverge) {
+        Choice::AutoConverge
+    } else {
+        Choice::Precopy
+    };
+    let recommended = match choice {
+        Choice::Precopy => ok.first().copied(),
+        Choice::AutoConverge => Some(MigrationStrategy::AutoConverge),
+        Choice::Postcopy => Some(MigrationStrategy::Postcopy),
+    };
     Ok((
         MigrationForecast {
             ram_total: s.total_pages * 4096,
@@ -48,6 +77,6 @@ pub fn forecast(m: &Machine) -> Result<(MigrationForecast, bool), String> {
             strategies,
             recommended,
         },
-        use_auto,
+        choice,
     ))
 }

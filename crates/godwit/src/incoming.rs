@@ -16,6 +16,8 @@ pub fn start(m: &Arc<Machine>, uri: &str) -> Result<(), String> {
         _ => uri.to_string(),
     };
     eprintln!("godwit: waiting for an incoming migration on {shown}");
+    // Post-copy reports its status and takes `migrate_recover` through the monitor's shared state.
+    migration::postcopy_dest::attach_incoming(m.mig.clone());
     let m = m.clone();
     std::thread::Builder::new()
         .name("incoming".into())

@@ -46,6 +46,9 @@ fn status_of(s: Status) -> MigrationStatus {
         Status::Cancelled => MigrationStatus::Cancelled,
         Status::Completed => MigrationStatus::Completed,
         Status::Failed => MigrationStatus::Failed,
+        Status::PostcopyActive => MigrationStatus::PostcopyActive,
+        Status::PostcopyPaused => MigrationStatus::PostcopyPaused,
+        Status::PostcopyRecover => MigrationStatus::PostcopyRecover,
     }
 }
 
@@ -54,7 +57,7 @@ pub fn migration_info(st: &Stats) -> MigrationInfo {
     if st.status == Status::None {
         return MigrationInfo::default();
     }
-    let done = st.status == Status::Completed;
+    let done = st.status == Status::Completed || st.status == Status::PostcopyActive;
     MigrationInfo {
         status: Some(status_of(st.status)),
         total_time: Some(st.live_total_ms()),
@@ -75,7 +78,9 @@ pub fn migration_info(st: &Stats) -> MigrationInfo {
             dirty_sync_count: st.dirty_sync_count,
             page_size: 4096,
             pages_per_second: st.pages_per_second,
-            precopy_bytes: st.transferred,
+            precopy_bytes: st.transferred.saturating_sub(st.postcopy_bytes),
+            postcopy_requests: st.postcopy_requests,
+            postcopy_bytes: st.postcopy_bytes,
             ..Default::default()
         }),
         ..Default::default()
@@ -123,10 +128,17 @@ impl Machine {
         let was_paused = self.state.get() == RunState::Paused;
         if self.mig.params().strategy_auto && !was_paused {
             // Forecast first; plain pre-copy when it converges, auto-converge when only that does.
-            let (_, auto) = crate::forecast::forecast(self).map_err(CommandError::generic)?;
-            self.mig.params.lock().unwrap_or_else(|p| p.into_inner()).auto_converge = auto;
-            tracing::info!("strategy auto: {}", if auto { "auto-converge" } else { "precopy" });
+            // Post-copy instead when pre-copy cannot converge and this host can serve it.
+            let (_, choice) = crate::forecast::forecast(self).map_err(CommandError::generic)?;
+            let mut p = self.mig.params.lock().unwrap_or_else(|p| p.into_inner());
+            p.auto_converge = choice == crate::forecast::Choice::AutoConverge;
+            p.postcopy_auto_start = choice == crate::forecast::Choice::Postcopy;
+            if p.postcopy_auto_start {
+                p.postcopy = true;
+            }
+            tracing::info!("strategy auto: {choice:?}");
         }
+        self.mig.postcopy_start.store(false, std::sync::atomic::Ordering::SeqCst);
         // Mark the start before the thread runs so a query right after `migrate` sees it.
         self.mig.stats.lock().unwrap_or_else(|p| p.into_inner()).status = Status::Setup;
         let me = self.clone();
@@ -298,7 +310,7 @@ impl Backend for MachineBackend {
 
     fn migrate(&self, args: &MigrateArgs) -> CmdResult {
         if args.resume {
-            return Err(CommandError::unsupported("migrate -r (post-copy recovery)"));
+            return self.0.mig.recover(&args.uri).map_err(CommandError::generic);
         }
         self.0.start_migration(&args.uri, args.report_file.clone())
     }
@@ -362,17 +374,30 @@ impl Backend for MachineBackend {
             Some(MigrationStrategy::Precopy) => {
                 params.strategy_auto = false;
                 params.auto_converge = false;
+                params.postcopy_auto_start = false;
             }
             Some(MigrationStrategy::AutoConverge) => {
                 params.strategy_auto = false;
                 params.auto_converge = true;
+                params.postcopy_auto_start = false;
             }
             Some(MigrationStrategy::Postcopy) => {
-                return Err(CommandError::generic("post-copy is not supported by Godwit yet"))
+                params.strategy_auto = false;
+                params.auto_converge = false;
+                params.postcopy = true;
+                params.postcopy_auto_start = true;
             }
             None => {}
         }
         Ok(())
+    }
+
+    fn migrate_start_postcopy(&self) -> CmdResult {
+        self.0.mig.start_postcopy().map_err(CommandError::generic)
+    }
+
+    fn migrate_recover(&self, uri: &str) -> CmdResult {
+        self.0.mig.recover(uri).map_err(CommandError::generic)
     }
 
     fn query_migrate_forecast(&self) -> Result<MigrationForecast, CommandError> {
@@ -391,7 +416,7 @@ impl Backend for MachineBackend {
         }
         // Check everything first: an unsupported capability changes nothing.
         for c in caps {
-            if c.state && c.capability != MigrationCapability::AutoConverge {
+            if c.state && c.capability != MigrationCapability::AutoConverge && c.capability != MigrationCapability::PostcopyRam {
                 return Err(CommandError::generic(format!(
                     "Migration capability '{}' is not supported by Godwit yet",
                     c.capability.as_str()
@@ -403,13 +428,19 @@ impl Backend for MachineBackend {
             if c.capability == MigrationCapability::AutoConverge {
                 params.auto_converge = c.state;
             }
+            if c.capability == MigrationCapability::PostcopyRam {
+                params.postcopy = c.state;
+            }
         }
         Ok(())
     }
 
     fn query_migrate_capabilities(&self) -> Result<Vec<CapabilityStatus>, CommandError> {
         let p = self.0.mig.params();
-        Ok(vec![CapabilityStatus { capability: MigrationCapability::AutoConverge, state: p.auto_converge }])
+        Ok(vec![
+            CapabilityStatus { capability: MigrationCapability::AutoConverge, state: p.auto_converge },
+            CapabilityStatus { capability: MigrationCapability::PostcopyRam, state: p.postcopy },
+        ])
     }
 
     fn query_migrate_parameters(&self) -> Result<MigrationParameters, CommandError> {
@@ -427,6 +458,8 @@ impl Backend for MachineBackend {
             max_cpu_throttle: Some(p.throttle_max as u64),
             strategy: Some(if p.strategy_auto {
                 MigrationStrategy::Auto
+            } else if p.postcopy_auto_start {
+                MigrationStrategy::Postcopy
             } else if p.auto_converge {
                 MigrationStrategy::AutoConverge
             } else {

@@ -6,6 +6,8 @@
 //! The engine knows the VM only through the narrow [`MigratableVm`] trait.
 
 pub mod protocol;
+pub mod postcopy;
+pub mod postcopy_dest;
 pub mod forecast;
 pub mod ram;
 pub mod receiver;

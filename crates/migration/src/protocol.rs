@@ -22,6 +22,32 @@
 //! having run the guest), `3 RUNNING` (postcard [`Running`]: the guest runs on the destination;
 //! only now is the migration complete and may the source stop caring about its copy).
 //!
+//! **Post-copy extension** (same protocol version; a source only sends these records after the
+//! operator asked for post-copy, and a destination without post-copy refuses them as unknown
+//! control records before the guest runs anywhere but on the source):
+//!
+//! | tag  | record            | body                                             |
+//! |------|-------------------|--------------------------------------------------|
+//! | 0x43 | POSTCOPY_DISCARD  | [`Runs`]: pages the destination must drop and fetch (dirtied since sent) |
+//! | 0x44 | POSTCOPY_RUN      | empty: the machine state is complete, run the guest now |
+//! | 0x45 | POSTCOPY_RESUME   | empty: first record of a recovery stream          |
+//!
+//! Switching to post-copy: after any pre-copy round the source pauses the guest, sends one or
+//! more `POSTCOPY_DISCARD` (instead of `SWITCHOVER`), every state `SECTION`, `POSTCOPY_RUN`, and
+//! then streams every discarded page (`RAM_DATA`, in address order, requested pages first)
+//! and `END`. The destination drops the discarded pages, registers guest RAM with
+//! userfaultfd, restores the state, resumes the guest and replies `RUNNING`; a guest access to
+//! a page still missing makes it reply `4 REQUEST` (postcard [`Request`]) and the source sends
+//! that page next. Pages neither discarded nor received read as zero. When the destination has
+//! every page it replies `5 COMPLETE`; only then may the source drop its copy.
+//!
+//! Recovery: if the link fails after `RUNNING`, both sides wait in `postcopy-paused` (the
+//! guest keeps running on the destination; accesses to missing pages wait). The destination
+//! listens again (`migrate_recover URI`), the source connects (`migrate -r URI`) and opens a
+//! new stream with `POSTCOPY_RESUME`; the destination answers with `6 MISSING` frames
+//! (postcard [`Missing`]: runs of pages it still lacks, the last frame flagged) and repeats
+//! its outstanding requests, and the source streams exactly those pages, then `END`.
+//!
 //! **What each side checks.** The destination refuses a HELLO with another protocol version,
 //! config summary (RAM size, vCPU count, device set) or RAM layout; it bounds-checks every RAM
 //! record against its RAM, bounds every length before allocating (see `vmstate::stream`),
@@ -38,6 +64,33 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const TAG_HELLO: u8 = 0x40;
 pub const TAG_ROUND_END: u8 = 0x41;
 pub const TAG_SWITCHOVER: u8 = 0x42;
+pub const TAG_POSTCOPY_DISCARD: u8 = 0x43;
+pub const TAG_POSTCOPY_RUN: u8 = 0x44;
+pub const TAG_POSTCOPY_RESUME: u8 = 0x45;
+
+/// Runs of guest pages: (guest-physical address, page count).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Runs {
+    pub runs: Vec<(u64, u32)>,
+}
+
+/// Destination → source: send these pages next (a guest access waits for them).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub gpa: u64,
+    pub npages: u32,
+}
+
+/// Destination → source after `POSTCOPY_RESUME`: pages still missing.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Missing {
+    pub runs: Vec<(u64, u32)>,
+    /// The last `MISSING` frame of this answer.
+    pub last: bool,
+}
+
+/// Most runs one `MISSING` frame or `POSTCOPY_DISCARD` record carries.
+pub const MAX_RUNS_PER_FRAME: usize = 4096;
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -67,6 +120,12 @@ pub enum Reply {
     Ready,
     Error(String),
     Running(Running),
+    /// Post-copy: a page the guest waits for.
+    Request(Request),
+    /// Post-copy: the destination has every page.
+    Complete,
+    /// Post-copy recovery: pages the destination still lacks.
+    Missing(Missing),
 }
 
 const MAX_REPLY: u32 = 64 * 1024;
@@ -76,6 +135,9 @@ pub fn write_reply<W: Write + ?Sized>(w: &mut W, r: &Reply) -> Result<()> {
         Reply::Ready => (1, Vec::new()),
         Reply::Error(s) => (2, s.as_bytes().iter().take(MAX_REPLY as usize).copied().collect()),
         Reply::Running(x) => (3, encode(x)?),
+        Reply::Request(x) => (4, encode(x)?),
+        Reply::Complete => (5, Vec::new()),
+        Reply::Missing(x) => (6, encode(x)?),
     };
     let mut frame = Vec::with_capacity(5 + body.len());
     frame.push(kind);
@@ -102,6 +164,9 @@ pub fn read_reply<R: Read + ?Sized>(r: &mut R) -> Result<Reply> {
         1 if len == 0 => Ok(Reply::Ready),
         2 => Ok(Reply::Error(String::from_utf8_lossy(&body).into_owned())),
         3 => Ok(Reply::Running(decode(&body)?)),
+        4 => Ok(Reply::Request(decode(&body)?)),
+        5 if len == 0 => Ok(Reply::Complete),
+        6 => Ok(Reply::Missing(decode(&body)?)),
         k => Err(MigrationError::Protocol(format!("unknown reply kind {k}"))),
     }
 }
@@ -120,7 +185,14 @@ mod tests {
 
     #[test]
     fn replies_roundtrip_and_reject_garbage() {
-        for r in [Reply::Ready, Reply::Error("no".into()), Reply::Running(Running { switchover_us: 5, restore_us: 3 })] {
+        for r in [
+            Reply::Ready,
+            Reply::Error("no".into()),
+            Reply::Running(Running { switchover_us: 5, restore_us: 3 }),
+            Reply::Request(Request { gpa: 0x1000, npages: 1 }),
+            Reply::Complete,
+            Reply::Missing(Missing { runs: vec![(0, 3), (0x10000, 1)], last: true }),
+        ] {
             let mut buf = Vec::new();
             write_reply(&mut buf, &r).unwrap();
             assert_eq!(read_reply(&mut &buf[..]).unwrap(), r);

@@ -118,6 +118,9 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
                 vm.prepare_resume();
                 tracing::debug!("SWITCHOVER received {:.3} ms after the last round ended", last_round_end.elapsed().as_secs_f64() * 1e3);
             }
+            Item::Control { tag: crate::protocol::TAG_POSTCOPY_DISCARD, body } => {
+                return crate::postcopy_dest::destination(vm, r, back, body, st, t0);
+            }
             Item::Control { tag, .. } => {
                 return Err(MigrationError::Protocol(format!("unexpected control record {tag:#x}")))
             }

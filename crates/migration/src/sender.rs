@@ -20,6 +20,11 @@ pub struct Shared {
     pub stats: Mutex<Stats>,
     pub params: Mutex<Params>,
     pub cancel: AtomicBool,
+    /// `migrate_start_postcopy` was issued (see `crate::postcopy`).
+    pub postcopy_start: AtomicBool,
+    /// Post-copy recovery: the URI `migrate -r` / `migrate_recover` gave, for the waiting side.
+    pub recover: Mutex<Option<String>>,
+    pub recover_cv: std::sync::Condvar,
 }
 
 impl Shared {
@@ -29,7 +34,7 @@ impl Shared {
     pub fn stats(&self) -> Stats {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
-    fn update(&self, f: impl FnOnce(&mut Stats)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Stats)) {
         f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()))
     }
     pub fn params(&self) -> Params {
@@ -48,7 +53,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bandwidth assumed before any round moved enough data to measure it.
 const DEFAULT_BANDWIDTH: f64 = 100e6;
 
-type Writer = StreamWriter<BufWriter<Limited<Box<dyn Channel>>>>;
+pub(crate) type Writer = StreamWriter<BufWriter<Limited<Box<dyn Channel>>>>;
 
 /// Runs a migration to `uri`. Returns when it completed (guest running on the destination,
 /// source paused) or failed (source running again).
@@ -171,6 +176,10 @@ impl Run<'_> {
                 break dirty;
             }
             prev_dirty = Some(n);
+            if crate::postcopy::should_start(self.shared, &self.params, round) {
+                let run = crate::postcopy::SourceRun { vm: self.vm, shared: self.shared, events: self.events, params: &self.params, t0: self.t0 };
+                return run.go(&mut self.paused, &mut self.logging, w, replies, dirty);
+            }
             // Auto-converge: when the guest dirties more than half of what the link carried in
             // the same time, twice in a row, hold its vCPUs back a step more.
             if self.params.auto_converge {

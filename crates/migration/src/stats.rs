@@ -16,6 +16,12 @@ pub enum Status {
     Cancelled,
     Completed,
     Failed,
+    /// Post-copy: the guest runs on the destination, pages still move.
+    PostcopyActive,
+    /// Post-copy: the link failed; waiting for `migrate_recover` / `migrate -r`.
+    PostcopyPaused,
+    /// Post-copy: reconnecting.
+    PostcopyRecover,
 }
 
 impl Status {
@@ -29,10 +35,22 @@ impl Status {
             Status::Cancelled => "cancelled",
             Status::Completed => "completed",
             Status::Failed => "failed",
+            Status::PostcopyActive => "postcopy-active",
+            Status::PostcopyPaused => "postcopy-paused",
+            Status::PostcopyRecover => "postcopy-recover",
         }
     }
     pub fn is_running(&self) -> bool {
-        matches!(self, Status::Setup | Status::Active | Status::Device | Status::Cancelling)
+        matches!(
+            self,
+            Status::Setup
+                | Status::Active
+                | Status::Device
+                | Status::Cancelling
+                | Status::PostcopyActive
+                | Status::PostcopyPaused
+                | Status::PostcopyRecover
+        )
     }
 }
 
@@ -54,6 +72,10 @@ pub struct Params {
     /// `strategy auto`: forecast before migrating and turn auto-converge on when plain
     /// pre-copy would not converge.
     pub strategy_auto: bool,
+    /// The `postcopy-ram` capability: `migrate_start_postcopy` may switch to post-copy.
+    pub postcopy: bool,
+    /// Switch to post-copy by itself after the first full pass (`strategy auto` chose it).
+    pub postcopy_auto_start: bool,
 }
 
 impl Default for Params {
@@ -66,6 +88,8 @@ impl Default for Params {
             throttle_increment: 10,
             throttle_max: 99,
             strategy_auto: false,
+            postcopy: false,
+            postcopy_auto_start: false,
         }
     }
 }
@@ -115,6 +139,18 @@ pub struct Stats {
     /// When the migration started (to report a live total time between rounds).
     #[serde(skip)]
     pub started: Option<std::time::Instant>,
+    /// Post-copy: pages the destination asked for (a guest access waited).
+    #[serde(default)]
+    pub postcopy_requests: u64,
+    /// Post-copy: bytes sent after the guest started on the destination.
+    #[serde(default)]
+    pub postcopy_bytes: u64,
+    /// Post-copy: pages the destination lacked when the guest started there.
+    #[serde(default)]
+    pub postcopy_pages: u64,
+    /// Post-copy: times the link failed and was recovered.
+    #[serde(default)]
+    pub postcopy_recoveries: u64,
 }
 
 impl Stats {
@@ -135,7 +171,7 @@ impl Stats {
         let m = v.as_object_mut().expect("object");
         m.insert("total-time".into(), self.live_total_ms().into());
         m.insert("setup-time".into(), self.setup_time_ms.into());
-        if self.status == Status::Completed {
+        if self.status == Status::Completed || self.status == Status::PostcopyActive {
             m.insert("downtime".into(), (self.downtime_ms.round() as u64).into());
             m.insert("x-godwit-downtime-exact-ms".into(), self.downtime_ms.into());
             m.insert("x-godwit-destination-switchover-ms".into(), self.dest_switchover_ms.into());
@@ -156,6 +192,8 @@ impl Stats {
                 "mbps": self.mbps,
                 "pages-per-second": self.pages_per_second,
                 "page-size": 4096,
+                "postcopy-requests": self.postcopy_requests,
+                "postcopy-bytes": self.postcopy_bytes,
             }),
         );
         if let Some(e) = &self.error {
@@ -174,7 +212,7 @@ impl Stats {
             s += &format!("Error: {e}\n");
         }
         s += &format!("total time: {} ms\n", self.live_total_ms());
-        if self.status == Status::Completed {
+        if self.status == Status::Completed || self.status == Status::PostcopyActive {
             s += &format!("downtime: {:.2} ms (source paused -> guest running on destination)\n", self.downtime_ms);
             s += &format!("destination switchover: {:.2} ms\n", self.dest_switchover_ms);
         } else {
@@ -191,6 +229,10 @@ impl Stats {
         s += &format!("dirty sync count: {}\n", self.dirty_sync_count);
         s += &format!("dirty pages rate: {} pages\n", self.dirty_pages_rate);
         s += &format!("pages-per-second: {}\n", self.pages_per_second);
+        if self.postcopy_pages > 0 {
+            s += &format!("postcopy request count: {}\n", self.postcopy_requests);
+            s += &format!("postcopy ram: {} kbytes\n", self.postcopy_bytes / 1024);
+        }
         s
     }
 }

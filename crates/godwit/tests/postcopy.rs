@@ -1,0 +1,208 @@
+//! Post-copy end to end: two godwit processes, a guest dirtying memory faster than the capped
+//! link (plain pre-copy never converges), `postcopy-ram` + `migrate_start_postcopy`: the guest
+//! runs on the destination after a short pause and its memory ledger checks out once every
+//! page arrived. With the link cut half-way through the post-copy phase both sides wait in
+//! `postcopy-paused`, `migrate_recover` + `migrate -r` continue over a new connection, and the
+//! ledger still checks out.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(90);
+const GUEST: &str = "mode=dirty mib=64 rate=0 hb_ms=100 cpus=2";
+
+struct Pair {
+    src: Vm,
+    dst: Vm,
+    hmp: Hmp,
+    dhmp: Hmp,
+    port: u16,
+    _dir: std::path::PathBuf,
+}
+
+fn pair(name: &str) -> Pair {
+    let dir = tmpdir(name);
+    let (sock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let port = free_port();
+    let incoming = format!("tcp:127.0.0.1:{port}");
+    let dmon = format!("unix:{},server,nowait", dsock.display());
+    let dst = Vm::guest(&["-m", "256", "-smp", "2", "-incoming", &incoming, "-monitor", &dmon], GUEST);
+    dst.wait_stderr("waiting for an incoming migration", T);
+    let dhmp = Hmp::connect(&dsock);
+    let mon = format!("unix:{},server,nowait", sock.display());
+    let mut src = Vm::guest(&["-m", "256", "-smp", "2", "-monitor", &mon], GUEST);
+    src.wait_for("GUEST READY", T);
+    src.wait_for("HEARTBEAT", T);
+    let hmp = Hmp::connect(&sock);
+    Pair { src, dst, hmp, dhmp, port, _dir: dir }
+}
+
+fn value(info: &str, key: &str) -> Option<u64> {
+    info.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn status(h: &mut Hmp) -> String {
+    let info = h.cmd("info migrate");
+    info.lines()
+        .find_map(|l| l.strip_prefix("Migration status: "))
+        .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+fn wait_status(h: &mut Hmp, want: &str, timeout: Duration) -> String {
+    let end = Instant::now() + timeout;
+    loop {
+        let info = h.cmd("info migrate");
+        if info.contains(&format!("Migration status: {want}")) {
+            return info;
+        }
+        assert!(Instant::now() < end, "never reached {want}: {info}");
+        assert!(!info.contains("Migration status: failed"), "{info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts a post-copy migration to `port` on a guest pre-copy cannot move over 16 MB/s.
+fn start(p: &mut Pair, port: u16) {
+    p.hmp.cmd("migrate_set_parameter max-bandwidth 16M");
+    p.hmp.cmd("migrate_set_parameter downtime-limit 30");
+    assert_eq!(p.hmp.cmd("migrate_set_capability postcopy-ram on").trim(), "");
+    assert!(p.hmp.cmd("info migrate_capabilities").contains("postcopy-ram: on"));
+    // Before a migration runs, post-copy cannot start.
+    assert!(!p.hmp.cmd("migrate_start_postcopy").trim().is_empty());
+    p.hmp.cmd(&format!("migrate -d tcp:127.0.0.1:{port}"));
+    // Let the first full pass and a dirty round go by: pre-copy is not converging.
+    let end = Instant::now() + T;
+    loop {
+        let info = p.hmp.cmd("info migrate");
+        if value(&info, "dirty sync count: ").unwrap_or(0) >= 2 {
+            assert!(info.contains("Migration status: active"), "{info}");
+            break;
+        }
+        assert!(Instant::now() < end, "{info}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(p.hmp.cmd("migrate_start_postcopy").trim(), "");
+}
+
+/// The destination's guest continues the source's heartbeat sequence and its ledger holds.
+fn check_destination(p: &mut Pair) {
+    p.src.collect_for(Duration::from_millis(200));
+    let last_src = seqs(&p.src.seen).into_iter().max().unwrap();
+    let first = p.dst.wait_for("HEARTBEAT", T);
+    assert_eq!(field(&first, "seq"), Some(last_src + 1), "gap or repeat: src last {last_src}, dst {first}");
+    p.dst.send(b"v");
+    p.dst.wait_for("LEDGER OK", T);
+    let a = p.dst.wait_for("HEARTBEAT", T);
+    let b = p.dst.wait_for("HEARTBEAT", T);
+    assert!(field(&b, "dirtied") > field(&a, "dirtied"), "the guest stopped writing: {a} / {b}");
+    assert!(p.hmp.cmd("info status").contains("postmigrate"));
+    p.dst.send(b"q");
+    assert_eq!(p.dst.wait_exit(T), Some(0));
+}
+
+fn report(info: &str, what: &str) {
+    eprintln!(
+        "{what}: downtime {:?} ms, total {:?} ms, postcopy requests {:?}, postcopy ram {:?} KiB",
+        value(info, "downtime: "),
+        value(info, "total time: "),
+        value(info, "postcopy request count: "),
+        value(info, "postcopy ram: ")
+    );
+}
+
+#[test]
+fn postcopy_finishes_a_non_converging_guest() {
+    let mut p = pair("postcopy");
+    let port = p.port;
+    start(&mut p, port);
+    let info = wait_status(&mut p.hmp, "completed", T);
+    report(&info, "post-copy");
+    let downtime = value(&info, "downtime: ").expect("downtime reported");
+    assert!(downtime <= 30, "downtime {downtime} ms over the 30 ms limit: {info}");
+    assert!(value(&info, "postcopy ram: ").unwrap_or(0) > 0, "nothing moved after the switch: {info}");
+    assert!(value(&info, "postcopy request count: ").unwrap_or(0) > 0, "the guest never waited for a page: {info}");
+    check_destination(&mut p);
+}
+
+/// A TCP proxy that forwards one connection both ways until `cut` is set, then closes both.
+fn cutting_proxy(to: u16, cut: Arc<AtomicBool>) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (a, _) = l.accept().unwrap();
+        let b = TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let pump = |mut from: TcpStream, mut to: TcpStream, cut: Arc<AtomicBool>| {
+            std::thread::spawn(move || {
+                from.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    if cut.load(Ordering::SeqCst) {
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = to.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    match from.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            if to.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => return,
+                    }
+                }
+            })
+        };
+        let h1 = pump(a.try_clone().unwrap(), b.try_clone().unwrap(), cut.clone());
+        let h2 = pump(b, a, cut);
+        let _ = h1.join();
+        let _ = h2.join();
+    });
+    port
+}
+
+#[test]
+fn postcopy_recovers_from_a_cut_link() {
+    let mut p = pair("postcopy-cut");
+    let cut = Arc::new(AtomicBool::new(false));
+    let proxied = cutting_proxy(p.port, cut.clone());
+    start(&mut p, proxied);
+    let info = wait_status(&mut p.hmp, "postcopy-active", T);
+    // Half-way through the post-copy phase.
+    let total = value(&info, "remaining ram: ").unwrap_or(0);
+    let end = Instant::now() + T;
+    loop {
+        let info = p.hmp.cmd("info migrate");
+        let left = value(&info, "remaining ram: ").unwrap_or(0);
+        if left <= total / 2 {
+            assert!(info.contains("Migration status: postcopy-active"), "finished before the cut: {info}");
+            break;
+        }
+        assert!(Instant::now() < end, "{info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cut.store(true, Ordering::SeqCst);
+    wait_status(&mut p.hmp, "postcopy-paused", T);
+    wait_status(&mut p.dhmp, "postcopy-paused", T);
+    // The guest keeps running on the destination meanwhile (what it needs from the source waits).
+    assert_eq!(status(&mut p.hmp), "postcopy-paused");
+    // Recovery: the destination listens again, the source reconnects.
+    let port2 = free_port();
+    assert_eq!(p.dhmp.cmd(&format!("migrate_recover tcp:127.0.0.1:{port2}")).trim(), "");
+    p.dst.wait_stderr("waiting for the source to resume post-copy", T);
+    let out = p.hmp.cmd(&format!("migrate -d -r tcp:127.0.0.1:{port2}"));
+    assert!(!out.contains("rror"), "{out}");
+    let info = wait_status(&mut p.hmp, "completed", T);
+    report(&info, "post-copy with a cut link");
+    let downtime = value(&info, "downtime: ").expect("downtime reported");
+    assert!(downtime <= 30, "downtime {downtime} ms over the 30 ms limit: {info}");
+    wait_status(&mut p.dhmp, "completed", T);
+    check_destination(&mut p);
+}
