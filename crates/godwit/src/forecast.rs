@@ -1,7 +1,8 @@
 //! `info migrate_forecast` / `query-migrate-forecast`: sample the running guest's dirty rate,
 //! take the bandwidth (`max-bandwidth` when set, else what the last migration measured, else
-//! an assumed 1 GB/s) and predict plain pre-copy, auto-converge and post-copy (available when
-//! this host has userfaultfd).
+//! an assumed 1 GB/s) and predict plain pre-copy, auto-converge and post-copy (possible when
+//! this host has userfaultfd; recommended when pre-copy cannot converge and the `postcopy-ram`
+//! capability is on).
 
 use crate::machine::Machine;
 use migration::forecast::{predict, sample};
@@ -20,7 +21,8 @@ pub enum Choice {
 }
 
 /// Returns the forecast and what `strategy auto` should pick: plain pre-copy when it
-/// converges, else post-copy when this host can serve it, else auto-converge.
+/// converges, else post-copy when the `postcopy-ram` capability is on and this host can serve
+/// it (userfaultfd), else auto-converge.
 pub fn forecast(m: &Machine) -> Result<(MigrationForecast, Choice), String> {
     let params = m.mig.params();
     let last = m.mig.stats();
@@ -56,7 +58,7 @@ pub fn forecast(m: &Machine) -> Result<(MigrationForecast, Choice), String> {
     });
     let choice = if ok.first() == Some(&MigrationStrategy::Precopy) {
         Choice::Precopy
-    } else if postcopy {
+    } else if postcopy && params.postcopy {
         Choice::Postcopy
     } else if ok.first() == Some(&MigrationStrategy::AutoConverge) {
         Choice::AutoConverge

@@ -206,3 +206,22 @@ fn postcopy_recovers_from_a_cut_link() {
     wait_status(&mut p.dhmp, "completed", T);
     check_destination(&mut p);
 }
+
+/// `strategy auto` with `postcopy-ram` on: the forecast says pre-copy cannot converge, so the
+/// migration switches to post-copy by itself after the first full pass.
+#[test]
+fn strategy_auto_picks_postcopy_when_precopy_cannot_converge() {
+    let mut p = pair("postcopy-auto");
+    p.hmp.cmd("migrate_set_parameter max-bandwidth 16M");
+    assert_eq!(p.hmp.cmd("migrate_set_capability postcopy-ram on").trim(), "");
+    let f = p.hmp.cmd("info migrate_forecast");
+    assert!(f.contains("precopy: does not converge"), "{f}");
+    assert!(f.contains("postcopy: converges") && f.contains("recommended: postcopy"), "{f}");
+    p.hmp.cmd("migrate_set_parameter strategy auto");
+    p.hmp.cmd(&format!("migrate -d tcp:127.0.0.1:{}", p.port));
+    let info = wait_status(&mut p.hmp, "completed", T);
+    report(&info, "strategy auto (post-copy)");
+    assert!(value(&info, "postcopy ram: ").unwrap_or(0) > 0, "post-copy was not used: {info}");
+    assert!(value(&info, "downtime: ").expect("downtime") <= 30, "{info}");
+    check_destination(&mut p);
+}

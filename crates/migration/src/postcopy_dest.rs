@@ -330,6 +330,7 @@ fn run_guest_and_fill(
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!("post-copy stream failed ({e}); paused until migrate_recover URI");
+                st.bytes += r.bytes_read();
                 *r = recover(pages, back)?;
                 continue;
             }
@@ -340,6 +341,7 @@ fn run_guest_and_fill(
                 buf.resize(npages as usize * PAGE as usize, 0);
                 if let Err(e) = r.read_pages_into(&mut buf) {
                     tracing::warn!("post-copy stream failed ({e}); paused until migrate_recover URI");
+                    st.bytes += r.bytes_read();
                     *r = recover(pages, back)?;
                     continue;
                 }
