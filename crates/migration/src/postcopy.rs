@@ -522,3 +522,44 @@ pub fn predict(s: &crate::forecast::Sample, bandwidth: f64) -> crate::forecast::
 pub fn available() -> bool {
     crate::uffd::Uffd::new().is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regions() -> Vec<RamRegion> {
+        vec![RamRegion { gpa: 0, size: 200 * 4096, host: 0 }, RamRegion { gpa: 1 << 32, size: 70 * 4096, host: 0 }]
+    }
+
+    #[test]
+    fn runs_marks_and_cursor_agree() {
+        let rs = regions();
+        let mut bits: Vec<Vec<u64>> = rs.iter().map(|r| vec![0u64; ((r.size / 4096) as usize).div_ceil(64)]).collect();
+        assert_eq!(mark(&rs, &mut bits, 3 * 4096, 2).unwrap(), 2);
+        assert_eq!(mark(&rs, &mut bits, 130 * 4096, 1).unwrap(), 1);
+        assert_eq!(mark(&rs, &mut bits, (1 << 32) + 69 * 4096, 1).unwrap(), 1);
+        // Outside RAM, straddling a region's end, unaligned, overflowing: refused.
+        assert!(mark(&rs, &mut bits, 199 * 4096, 2).is_err());
+        assert!(mark(&rs, &mut bits, 300 * 4096, 1).is_err());
+        assert!(mark(&rs, &mut bits, 5, 1).is_err());
+        assert!(mark(&rs, &mut bits, u64::MAX - 4095, 2).is_err());
+        assert_eq!(to_runs(&rs, &bits), vec![(3 * 4096, 2), (130 * 4096, 1), ((1 << 32) + 69 * 4096, 1)]);
+        let mut cur = (0, 0);
+        assert_eq!(next_unsent(&rs, &bits, &mut cur), Some((0, 3)));
+        cur.1 = 5;
+        assert_eq!(next_unsent(&rs, &bits, &mut cur), Some((0, 130)));
+        cur.1 = 131;
+        assert_eq!(next_unsent(&rs, &bits, &mut cur), Some((1, 69)));
+        cur.1 = 70;
+        assert_eq!(next_unsent(&rs, &bits, &mut cur), None);
+    }
+
+    #[test]
+    fn postcopy_forecast_is_one_pass_plus_the_rest() {
+        let s = crate::forecast::Sample { window_s: 1.0, dirty_pages: 25_600, populated_pages: 25_600, total_pages: 65_536 };
+        let p = predict(&s, 100e6);
+        assert!(p.converges && p.downtime_ms < 10.0);
+        // One pass of 100 MiB at 100 MB/s, then at most the populated pages again.
+        assert!(p.total_ms > 1000.0 && p.total_ms < 2200.0, "{p:?}");
+    }
+}

@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 use vmstate::stream::{Item, StreamReader};
 use vmstate::Section;
 
+/// Pages read from the stream at a time.
+const CHUNK_PAGES: usize = 256;
 /// Pages asked for per fault: the faulting page's aligned block (guests touch neighbours).
 const REQUEST_BLOCK: u64 = 16;
 
@@ -338,15 +340,26 @@ fn run_guest_and_fill(
         match item {
             Item::RamData { gpa, npages } => {
                 let i = pages.index_gpa(gpa, npages as u64).ok_or_else(|| MigrationError::Protocol(format!("RAM record {gpa:#x}+{npages} is outside guest RAM")))?;
-                buf.resize(npages as usize * PAGE as usize, 0);
-                if let Err(e) = r.read_pages_into(&mut buf) {
+                // Piecewise, so a large record never needs a large buffer.
+                let mut done = 0usize;
+                let mut failed = None;
+                while done < npages as usize {
+                    let n = (npages as usize - done).min(CHUNK_PAGES);
+                    buf.resize(n * PAGE as usize, 0);
+                    if let Err(e) = r.read_some_pages_into(&mut buf) {
+                        failed = Some(e);
+                        break;
+                    }
+                    for k in 0..n {
+                        install(pages, uffd, i + done + k, Some(&buf[k * PAGE as usize..(k + 1) * PAGE as usize]))?;
+                    }
+                    done += n;
+                }
+                if let Some(e) = failed {
                     tracing::warn!("post-copy stream failed ({e}); paused until migrate_recover URI");
                     st.bytes += r.bytes_read();
                     *r = recover(pages, back)?;
                     continue;
-                }
-                for k in 0..npages as usize {
-                    install(pages, uffd, i + k, Some(&buf[k * PAGE as usize..(k + 1) * PAGE as usize]))?;
                 }
                 st.pages += npages as u64;
             }
@@ -446,4 +459,31 @@ fn accept_resume(uri: &str, pages: &Pages) -> Result<(Stream, Box<dyn Channel>)>
         protocol::write_reply(&mut back, &Reply::Missing(Missing { runs: c.to_vec(), last }))?;
     }
     Ok((r, back))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_index_space_spans_regions() {
+        let p = Pages::new(vec![
+            RamRegion { gpa: 0, size: 100 * PAGE, host: 0x10_0000_0000 },
+            RamRegion { gpa: 1 << 32, size: 10 * PAGE, host: 0x20_0000_0000 },
+        ]);
+        assert_eq!(p.count(), 110);
+        assert_eq!(p.index_gpa(1 << 32, 2), Some(100));
+        assert_eq!(p.index_gpa(99 * PAGE, 2), None, "straddles a region end");
+        assert_eq!(p.index_gpa(7, 1), None);
+        assert_eq!(p.index_gpa(u64::MAX - PAGE + 1, 2), None);
+        assert_eq!(p.index_host(0x20_0000_0000 + 3 * PAGE + 5).map(|(i, g, _)| (i, g)), Some((103, (1 << 32) + 3 * PAGE)));
+        assert_eq!(p.host_of(103), 0x20_0000_0000 + 3 * PAGE);
+        for i in [4, 5, 6, 99, 100, 109] {
+            set(&p.needed, i);
+        }
+        set(&p.received, 5);
+        assert_eq!(p.outstanding(), 5);
+        assert_eq!(p.missing(), vec![(4 * PAGE, 1), (6 * PAGE, 1), (99 * PAGE, 1), (1 << 32, 1), ((1 << 32) + 9 * PAGE, 1)]);
+        assert!(set(&p.received, 5), "second set reports the bit was there");
+    }
 }
