@@ -23,6 +23,7 @@ const SCENARIOS: &[&str] = &[
     "mig-dirty",
     "mig-4g",
     "mig-noconv",
+    "mig-postcopy",
     "snapshot",
 ];
 
@@ -35,7 +36,8 @@ struct Args {
     /// Runs per VMM and scenario (alternating Godwit and QEMU).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// Only these scenarios (comma-separated): boot, mig-idle, mig-dirty, mig-4g, mig-noconv, snapshot.
+    /// Only these scenarios (comma-separated): boot, mig-idle, mig-dirty, mig-4g, mig-noconv,
+    /// mig-postcopy, snapshot.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run only one side: godwit or qemu (for trying things out; the table needs both).
@@ -206,6 +208,7 @@ fn mig_cases(a: &Args) -> Vec<(migrate::Case, &'static str)> {
         downtime_limit_ms: a.downtime_limit,
         max_bandwidth_mib: 0,
         budget: Duration::from_secs(120),
+        postcopy: false,
     };
     vec![
         (base("mig-idle", 1024, "mode=idle", 0), "idle 1 GiB guest"),
@@ -224,6 +227,14 @@ fn mig_cases(a: &Args) -> Vec<(migrate::Case, &'static str)> {
                 ..base("mig-noconv", 1024, "mode=dirty mib=24 rate=64", 24)
             },
             "1 GiB guest rewriting 24 MiB at 64 MiB/s, max-bandwidth 16 MiB/s",
+        ),
+        (
+            migrate::Case {
+                max_bandwidth_mib: 16,
+                postcopy: true,
+                ..base("mig-postcopy", 1024, "mode=dirty mib=24 rate=64", 24)
+            },
+            "the same non-converging guest with post-copy (postcopy-ram, migrate_start_postcopy after the second dirty sync)",
         ),
     ]
 }
@@ -272,6 +283,9 @@ fn run_migrations(
                             c.add(&format!("{k}/mib"), vmm, r.transferred_mib);
                             c.add(&format!("{k}/syncs"), vmm, r.dirty_syncs);
                             c.add(&format!("{k}/tput"), vmm, r.throughput_mibs);
+                            if case.postcopy {
+                                c.add(&format!("{k}/requests"), vmm, r.postcopy_requests);
+                            }
                             c.flag(&format!("{k}/seq"), vmm, r.seq_ok);
                             if !r.seq_ok {
                                 eprintln!("    heartbeat sequence broken: {}", r.seq_detail);
@@ -340,6 +354,9 @@ fn run_migrations(
                 m("seq", "heartbeat seq continues on destination", "runs").fraction(),
                 m("ledger", "destination LEDGER OK", "runs").fraction(),
             ];
+            if case.postcopy {
+                v.push(m("requests", "pages requested by the destination (postcopy request count)", "count"));
+            }
             if k == "mig-dirty" {
                 v.push(m(
                     "tput",

@@ -28,6 +28,9 @@ pub struct Case {
     pub max_bandwidth_mib: u64,
     /// Give up (and `migrate_cancel`) after this long.
     pub budget: Duration,
+    /// Post-copy: `postcopy-ram` on (both sides, as QEMU needs), `migrate_start_postcopy`
+    /// once the first full pass and a dirty round are done.
+    pub postcopy: bool,
 }
 
 /// What one migration gave.
@@ -48,6 +51,8 @@ pub struct Run {
     pub throughput_mibs: f64,
     /// `LEDGER OK` on the destination (or, after a cancel, on the source).
     pub ledger_ok: bool,
+    /// Post-copy: pages the destination asked for (`postcopy request count`).
+    pub postcopy_requests: f64,
     /// After a cancel: `migrate_cancel` → status `cancelled` as polled, and the source running.
     pub cancel_ms: f64,
     pub source_running_after_cancel: bool,
@@ -81,6 +86,12 @@ fn destination(bins: &Bins, vmm: Vmm, case: &Case, dir: &Path, port: u16) -> Res
                 return Err(BenchError::Failed(format!(
                     "qemu destination not waiting: {st}"
                 )));
+            }
+            if case.postcopy {
+                let a = h.cmd("migrate_set_capability postcopy-ram on")?;
+                if !a.trim().is_empty() {
+                    return Err(BenchError::Failed(format!("qemu destination postcopy-ram: {a}")));
+                }
             }
         }
     }
@@ -127,7 +138,7 @@ pub fn run(bins: &Bins, vmm: Vmm, case: &Case, dir: &Path, idx: usize) -> Res<Ru
     }
     // A steady state: a few hundred heartbeats before the migration starts.
     std::thread::sleep(Duration::from_millis(500));
-    for c in [
+    let mut setup = vec![
         format!(
             "migrate_set_parameter downtime-limit {}",
             case.downtime_limit_ms
@@ -136,7 +147,11 @@ pub fn run(bins: &Bins, vmm: Vmm, case: &Case, dir: &Path, idx: usize) -> Res<Ru
             "migrate_set_parameter max-bandwidth {}M",
             case.max_bandwidth_mib
         ),
-    ] {
+    ];
+    if case.postcopy {
+        setup.push("migrate_set_capability postcopy-ram on".into());
+    }
+    for c in setup {
         let a = hmp.cmd(&c)?;
         if a.to_ascii_lowercase().contains("error") || crate::vm::unsupported(&a) {
             return Err(BenchError::Failed(format!("{c}: {a}")));
@@ -158,9 +173,17 @@ pub fn run(bins: &Bins, vmm: Vmm, case: &Case, dir: &Path, idx: usize) -> Res<Ru
         ..Default::default()
     };
     let mut info;
+    let mut postcopy_started = false;
     loop {
         std::thread::sleep(Duration::from_millis(25));
         info = hmp.cmd("info migrate")?;
+        if case.postcopy && !postcopy_started && number(&info, "dirty sync count").unwrap_or(0.0) >= 2.0 {
+            let a = hmp.cmd("migrate_start_postcopy")?;
+            if !a.trim().is_empty() {
+                return Err(BenchError::Failed(format!("migrate_start_postcopy: {a}")));
+            }
+            postcopy_started = true;
+        }
         match status(&info).as_str() {
             "completed" => break,
             "failed" | "cancelled" => {
@@ -182,6 +205,7 @@ pub fn run(bins: &Bins, vmm: Vmm, case: &Case, dir: &Path, idx: usize) -> Res<Ru
     out.transferred_mib = number(&info, "transferred ram").unwrap_or(f64::NAN) / 1024.0;
     out.dirty_syncs = number(&info, "dirty sync count").unwrap_or(f64::NAN);
     out.throughput_mibs = out.transferred_mib / (out.total_ms / 1000.0);
+    out.postcopy_requests = number(&info, "postcopy request count").unwrap_or(0.0);
 
     // The destination prints nothing before the guest runs there: its first output ends the
     // pause. The source is stopped so that a heartbeat line the switchover cut in two (its

@@ -360,6 +360,9 @@ impl Backend for MachineBackend {
         if let Some(b) = p.max_bandwidth {
             params.max_bandwidth = b;
         }
+        if let Some(b) = p.max_postcopy_bandwidth {
+            params.max_postcopy_bandwidth = b;
+        }
         if let Some(v) = p.cpu_throttle_initial {
             params.throttle_initial = v as u8;
         }
@@ -453,6 +456,7 @@ impl Backend for MachineBackend {
             announce_step: Some(a.step_ms),
             downtime_limit: Some(p.downtime_limit_ms),
             max_bandwidth: Some(p.max_bandwidth),
+            max_postcopy_bandwidth: Some(p.max_postcopy_bandwidth),
             cpu_throttle_initial: Some(p.throttle_initial as u64),
             cpu_throttle_increment: Some(p.throttle_increment as u64),
             max_cpu_throttle: Some(p.throttle_max as u64),

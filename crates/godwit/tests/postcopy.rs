@@ -71,6 +71,9 @@ fn wait_status(h: &mut Hmp, want: &str, timeout: Duration) -> String {
 fn start(p: &mut Pair, port: u16) {
     p.hmp.cmd("migrate_set_parameter max-bandwidth 16M");
     p.hmp.cmd("migrate_set_parameter downtime-limit 30");
+    // Post-copy is not capped by max-bandwidth (as in QEMU); cap it too so the guest on the
+    // destination really waits for pages (and a cut can land half-way).
+    p.hmp.cmd("migrate_set_parameter max-postcopy-bandwidth 16M");
     assert_eq!(p.hmp.cmd("migrate_set_capability postcopy-ram on").trim(), "");
     assert!(p.hmp.cmd("info migrate_capabilities").contains("postcopy-ram: on"));
     // Before a migration runs, post-copy cannot start.

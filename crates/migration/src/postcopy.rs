@@ -229,6 +229,8 @@ impl SourceRun<'_> {
         }
         w.control(TAG_POSTCOPY_RUN, &[])?;
         w.flush()?;
+        // From now on the guest waits on the link: `max-postcopy-bandwidth`, not `max-bandwidth`.
+        w.get_mut().get_mut().limit = self.params.max_postcopy_bandwidth;
         let npages: u64 = unsent.iter().map(|b| count(b)).sum();
         let sent_before = w.bytes_written();
         self.shared.update(|s| {
@@ -397,7 +399,7 @@ impl SourceRun<'_> {
         };
         let ctl = chan.try_clone_box()?;
         let mut hs = SpinReader::new(chan.try_clone_box()?, Some(HANDSHAKE_TIMEOUT))?;
-        let mut w: Writer = StreamWriter::new(BufWriter::with_capacity(1 << 20, Limited::new(chan, self.params.max_bandwidth)))?;
+        let mut w: Writer = StreamWriter::new(BufWriter::with_capacity(1 << 20, Limited::new(chan, self.params.max_postcopy_bandwidth)))?;
         w.control(TAG_POSTCOPY_RESUME, &[])?;
         w.flush()?;
         let mut missing: Vec<Vec<u64>> = regions.iter().map(|r| vec![0u64; ((r.size / PAGE_SIZE as u64) as usize).div_ceil(64)]).collect();

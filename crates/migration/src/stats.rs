@@ -76,6 +76,10 @@ pub struct Params {
     pub postcopy: bool,
     /// Switch to post-copy by itself after the first full pass (`strategy auto` chose it).
     pub postcopy_auto_start: bool,
+    /// Bytes per second once post-copy runs, 0 = unlimited (QEMU's `max-postcopy-bandwidth`:
+    /// the guest waits on the link from then on, so by default it is not capped).
+    #[serde(default)]
+    pub max_postcopy_bandwidth: u64,
 }
 
 impl Default for Params {
@@ -90,6 +94,7 @@ impl Default for Params {
             strategy_auto: false,
             postcopy: false,
             postcopy_auto_start: false,
+            max_postcopy_bandwidth: 0,
         }
     }
 }
