@@ -228,3 +228,50 @@ fn strategy_auto_picks_postcopy_when_precopy_cannot_converge() {
     assert!(value(&info, "downtime: ").expect("downtime") <= 30, "{info}");
     check_destination(&mut p);
 }
+
+/// The QMP side: QEMU's command and capability names, and the refusals QEMU gives when
+/// post-copy is not in a state for them.
+#[test]
+fn qmp_postcopy_commands() {
+    use std::io::BufRead;
+    let dir = tmpdir("postcopy-qmp");
+    let sock = dir.join("qmp.sock");
+    let spec = format!("unix:{},server,nowait", sock.display());
+    let mut vm = Vm::guest(&["-m", "64", "-qmp", &spec], "mode=idle hb_ms=100");
+    vm.wait_for("GUEST READY", T);
+    let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let mut ask = |cmd: &str| -> serde_json::Value {
+        w.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+        loop {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    };
+    assert!(ask(r#"{"execute":"qmp_capabilities"}"#).get("return").is_some());
+    let e = ask(r#"{"execute":"migrate-start-postcopy"}"#);
+    assert!(e["error"]["desc"].as_str().unwrap_or("").contains("postcopy"), "{e}");
+    let c = ask(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"postcopy-ram","state":true}]}}"#);
+    assert!(c.get("return").is_some(), "{c}");
+    let q = ask(r#"{"execute":"query-migrate-capabilities"}"#);
+    let on = q["return"].as_array().unwrap().iter().any(|c| c["capability"] == "postcopy-ram" && c["state"] == true);
+    assert!(on, "{q}");
+    let e = ask(r#"{"execute":"migrate-start-postcopy"}"#);
+    assert!(e["error"]["desc"].as_str().unwrap_or("").contains("No migration"), "{e}");
+    let e = ask(r#"{"execute":"migrate-recover","arguments":{"uri":"tcp:127.0.0.1:1"}}"#);
+    assert!(e["error"]["desc"].as_str().unwrap_or("").contains("postcopy is paused"), "{e}");
+    let e = ask(r#"{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:1","resume":true}}"#);
+    assert!(e["error"]["desc"].as_str().unwrap_or("").contains("postcopy is paused"), "{e}");
+    let p = ask(r#"{"execute":"migrate-set-parameters","arguments":{"max-postcopy-bandwidth":1000000}}"#);
+    assert!(p.get("return").is_some(), "{p}");
+    let q = ask(r#"{"execute":"query-migrate-parameters"}"#);
+    assert_eq!(q["return"]["max-postcopy-bandwidth"], 1000000, "{q}");
+}
