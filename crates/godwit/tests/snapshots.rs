@@ -32,7 +32,7 @@ fn start(img: &Path, sock: &Path, smp: &str, extra: &[&str]) -> (Vm, Hmp) {
     (vm, hmp)
 }
 
-fn savevm_loadvm(smp: &str, check_disk: bool) {
+fn savevm_loadvm(smp: &str) {
     let dir = tmpdir(&format!("snap{smp}"));
     let img = dir.join("vm.qcow2");
     create_image(&img, "qcow2", "64M");
@@ -58,9 +58,7 @@ fn savevm_loadvm(smp: &str, check_disk: bool) {
     assert!(field(&next, "ticks") > field(&first, "ticks"), "timer ticks advance after loadvm");
     vm.send(b"v");
     vm.wait_for("LEDGER OK", T);
-    if check_disk {
-        vm.wait_for("DISK OK", T);
-    }
+    vm.wait_for("DISK OK", T);
     // QEMU's tools agree.
     let ql = snapshot_list(&img);
     assert!(ql.contains("snap1") && ql.contains("MiB"), "{ql}");
@@ -71,23 +69,15 @@ fn savevm_loadvm(smp: &str, check_disk: bool) {
 
 #[test]
 fn savevm_loadvm_one_vcpu() {
-    savevm_loadvm("1", false);
+    savevm_loadvm("1");
 }
 
 #[test]
 fn savevm_loadvm_four_vcpus() {
-    savevm_loadvm("4", false);
+    savevm_loadvm("4");
 }
 
-/// Known bug (open, see the issue notes): after a loadvm the guest's disk requests sometimes
-/// stop being served while the rest of the guest runs on, so the disk ledger check hangs.
-#[test]
-#[ignore = "known bug: disk I/O can stall after loadvm; see the issue notes"]
-fn savevm_loadvm_keeps_disk_io_going() {
-    savevm_loadvm("4", true);
-}
-
-fn cold_migration(check_disk: bool) {
+fn cold_migration() {
     let a = tmpdir("cold-a");
     let b = tmpdir("cold-b");
     let img = a.join("vm.qcow2");
@@ -112,9 +102,7 @@ fn cold_migration(check_disk: bool) {
     assert!(!vm2.seen.iter().any(|l| l.contains("GUEST READY")), "the guest must not boot again");
     vm2.send(b"v");
     vm2.wait_for("LEDGER OK", T);
-    if check_disk {
-        vm2.wait_for("DISK OK", T);
-    }
+    vm2.wait_for("DISK OK", T);
     vm2.send(b"q");
     assert_eq!(vm2.wait_exit(T), Some(0));
     assert_clean(&img2);
@@ -127,14 +115,7 @@ fn cold_migration(check_disk: bool) {
 
 #[test]
 fn cold_migration_to_another_host_directory() {
-    cold_migration(false);
-}
-
-/// Known bug (open): the same disk stall after `-loadvm` at start-up.
-#[test]
-#[ignore = "known bug: disk I/O can stall after -loadvm at start-up; see the issue notes"]
-fn cold_migration_keeps_disk_io_going() {
-    cold_migration(true);
+    cold_migration();
 }
 
 #[test]

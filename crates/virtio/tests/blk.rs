@@ -317,3 +317,38 @@ fn queue_setup_rules() {
     d.w32(reg::QUEUE_DESC_LOW, 0x8000);
     assert_eq!(d.write(0, vec![3; 512]), S_OK);
 }
+
+/// A driver that keeps several requests in flight and queues the next one the moment a
+/// completion appears hits the window where the worker has found the ring empty and is
+/// re-enabling notifications while a new request arrives. The worker must pick that request
+/// up (an earlier version deadlocked on its own queue lock there and the disk stopped).
+#[test]
+fn requests_queued_while_notifications_are_reenabled_are_served() {
+    let disk = MemDisk::new(MIB);
+    let mut d = Driver::start(disk.clone(), cfg(), !F_EVENT_IDX);
+    const TOTAL: u32 = 20_000;
+    const IN_FLIGHT: u16 = 4;
+    let (mut queued, mut done) = (0u32, 0u32);
+    let mut last_progress = std::time::Instant::now();
+    while done < TOTAL {
+        while queued < TOTAL && d.avail_idx.wrapping_sub(d.used_seen) < IN_FLIGHT {
+            d.queue_request(T_FLUSH, 0, &Data::None);
+            d.notify();
+            queued += 1;
+        }
+        let used = d.used_idx();
+        if used != d.used_seen {
+            done += u32::from(used.wrapping_sub(d.used_seen));
+            d.used_seen = used;
+            last_progress = std::time::Instant::now();
+        } else {
+            if last_progress.elapsed() >= PATIENCE {
+                // Do not join a stuck worker when the driver is dropped.
+                std::mem::forget(d);
+                panic!("the device stopped serving requests after {done} of {TOTAL}");
+            }
+            std::hint::spin_loop();
+        }
+    }
+    assert_eq!(disk.stats().flushes, u64::from(TOTAL));
+}

@@ -198,7 +198,10 @@ impl Worker {
                 Ok(None) => {
                     // Re-enable notifications, then look again: the driver may have added a
                     // request between our last look and the re-enable.
-                    match lock(&queue).enable_notification(mem) {
+                    // Bind the result first: a guard in the `match` scrutinee would live
+                    // through the arms, and the `Ok(true)` arm locks the queue again.
+                    let more = lock(&queue).enable_notification(mem);
+                    match more {
                         Ok(true) => {
                             rechecked = true;
                             let _ = lock(&queue).disable_notification(mem);

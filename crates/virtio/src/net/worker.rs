@@ -281,7 +281,8 @@ impl Worker {
                     a.broken[TX] = true;
                     break;
                 }
-                Ok(None) => match lock(&queue).enable_notification(&mem) {
+                // The guard must not live through the arms (`Ok(true)` locks again).
+                Ok(None) => match { let more = lock(&queue).enable_notification(&mem); more } {
                     Ok(true) => {
                         rechecked = true;
                         let _ = lock(&queue).disable_notification(&mem);
