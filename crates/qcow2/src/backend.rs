@@ -115,12 +115,12 @@ pub struct RawImage {
 impl RawImage {
     /// Open a raw image.
     pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<RawImage> {
-        let f = FsOpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path.as_ref())
-            .ctx("opening the image file")?;
-        Self::on(Box::new(FileStorage::new(f)), read_only)
+        Self::open_with(path, &OpenOptions { read_only, ..Default::default() })
+    }
+    /// Open a raw image with the host-file options of `opts` (read-only, cache mode).
+    pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<RawImage> {
+        let file = crate::hostfile::open_file(path.as_ref(), opts.read_only, opts.cache)?;
+        Self::on(file, opts.read_only)
     }
     /// Use any storage as a raw disk.
     pub fn on(file: Box<dyn Storage>, read_only: bool) -> Result<RawImage> {
@@ -228,7 +228,7 @@ pub fn open(
         None => probe(path.as_ref())?,
     };
     Ok(match fmt {
-        ImageFormat::Raw => Box::new(RawImage::open(path, opts.read_only)?),
+        ImageFormat::Raw => Box::new(RawImage::open_with(path, opts)?),
         ImageFormat::Qcow2 => Box::new(Qcow2::open(path, opts)?),
     })
 }

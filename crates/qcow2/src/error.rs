@@ -35,6 +35,9 @@ pub enum Error {
     /// No snapshot with that id or name.
     #[error("snapshot '{0}' not found")]
     SnapshotNotFound(String),
+    /// `cache=none`/`directsync` on a file system that refuses `O_DIRECT`.
+    #[error("Could not open with O_DIRECT (cache=none/directsync): {0}; the file system does not support direct I/O, use cache=writeback or cache=writethrough")]
+    NoDirectIo(String),
     /// A refcount would exceed the maximum for the image's refcount width.
     #[error("refcount overflow (refcount width {0} bits is too small)")]
     RefcountOverflow(u32),

@@ -37,6 +37,8 @@ pub struct OpenOptions {
     /// ordering guarantee also holds across a host power loss, not only a process kill.
     /// Snapshot operations and table relocations always flush.
     pub strict_barriers: bool,
+    /// How the host file is opened (QEMU's `cache=`; see [`crate::hostfile`]).
+    pub cache: crate::CacheMode,
 }
 
 /// Parameters for creating an image.
@@ -127,12 +129,8 @@ pub(crate) fn bytes_to_entries(b: &[u8]) -> Vec<u64> {
 impl Qcow2 {
     /// Open the qcow2 image at `path`.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Qcow2> {
-        let f = FsOpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(path.as_ref())
-            .ctx("opening the image file")?;
-        Self::open_storage(Box::new(FileStorage::new(f)), opts)
+        let file = crate::hostfile::open_file(path.as_ref(), opts.read_only, opts.cache)?;
+        Self::open_storage(file, opts)
     }
 
     /// Open an image on any [`Storage`].

@@ -50,6 +50,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod header;
+pub mod hostfile;
 mod image;
 mod map;
 mod refcount;
@@ -60,6 +61,7 @@ mod vmstate;
 pub use backend::{open, probe, probe_storage, BlockBackend, ImageFormat, RawImage};
 pub use check::{CheckReport, RepairMode};
 pub use error::{Error, Result};
+pub use hostfile::CacheMode;
 pub use image::{CreateOptions, OpenOptions, Qcow2};
 pub use map::{MapEntry, MapKind};
 pub use snapshot::{NewSnapshot, SnapshotInfo};

@@ -46,6 +46,10 @@ impl FileStorage {
     pub fn new(file: File) -> Self {
         FileStorage { file }
     }
+    /// The file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
 }
 
 impl Storage for FileStorage {
