@@ -88,6 +88,20 @@ pub(crate) fn should_start(shared: &Shared, params: &Params, round: u32) -> bool
     params.postcopy && (shared.postcopy_start.load(Ordering::SeqCst) || (params.postcopy_auto_start && round >= 1))
 }
 
+/// Whether the operator asked for post-copy (a pre-copy round in progress stops early).
+pub(crate) fn requested(shared: &Shared, params: &Params) -> bool {
+    params.postcopy && shared.postcopy_start.load(Ordering::SeqCst)
+}
+
+/// ORs the pages of a round cut short into the next harvest.
+pub(crate) fn merge(dirty: &mut [Vec<u64>], carry: Option<Vec<Vec<u64>>>) {
+    for (d, c) in dirty.iter_mut().zip(carry.iter().flatten()) {
+        for (a, b) in d.iter_mut().zip(c) {
+            *a |= *b;
+        }
+    }
+}
+
 /// What the return path (destination → source) reported.
 #[derive(Default)]
 struct BackState {

@@ -141,7 +141,8 @@ impl Run<'_> {
         let marks: Vec<Vec<u64>> = regions.iter().map(populated_pages).collect();
         let mut bandwidth = DEFAULT_BANDWIDTH;
         let mut last_harvest = Instant::now();
-        self.round(&mut w, 0, &marks, false, &mut bandwidth)?;
+        // A round cut short by `migrate_start_postcopy` leaves its pages to the next harvest.
+        let mut carry = (!self.round(&mut w, 0, &marks, false, &mut bandwidth)?).then(|| marks.clone());
         // Pages never touched are zero pages too (QEMU's "duplicate"); they were not even read.
         let untouched: u64 = regions.iter().zip(&marks).map(|(r, m)| r.size / PAGE_SIZE as u64 - count(m)).sum();
         self.shared.update(|s| s.duplicate += untouched);
@@ -154,7 +155,8 @@ impl Run<'_> {
             if self.cancelled() {
                 return Err(MigrationError::Cancelled);
             }
-            let dirty = self.vm.take_dirty().map_err(MigrationError::Vm)?;
+            let mut dirty = self.vm.take_dirty().map_err(MigrationError::Vm)?;
+            crate::postcopy::merge(&mut dirty, carry.take());
             let n: u64 = dirty.iter().map(|b| count(b)).sum();
             let since = last_harvest.elapsed().as_secs_f64().max(1e-6);
             last_harvest = Instant::now();
@@ -198,24 +200,30 @@ impl Run<'_> {
                     tracing::info!("auto-converge: vCPUs throttled to {throttle}%");
                 }
             }
-            self.round(&mut w, round, &dirty, true, &mut bandwidth)?;
+            if !self.round(&mut w, round, &dirty, true, &mut bandwidth)? {
+                carry = Some(dirty);
+            }
             round += 1;
         };
         self.switchover(&mut w, &mut replies, pending)
     }
 
     /// Sends one round of marked pages and closes it with ROUND_END.
-    fn round(&self, w: &mut Writer, round: u32, marks: &[Vec<u64>], record_zero: bool, bw: &mut f64) -> Result<()> {
+    /// Returns false when `migrate_start_postcopy` cut it short.
+    fn round(&self, w: &mut Writer, round: u32, marks: &[Vec<u64>], record_zero: bool, bw: &mut f64) -> Result<bool> {
         let start = Instant::now();
         let before = w.bytes_written();
         let regions = self.vm.ram_regions();
         let mut st = vmstate::ram::RamStats::default();
-        let stop = || self.cancelled();
+        let stop = || self.cancelled() || crate::postcopy::requested(self.shared, &self.params);
         for (r, bits) in regions.iter().zip(marks) {
             let (s, complete) = send_marked(w, r, bits, record_zero, &stop)?;
             st.add(s);
             if !complete {
-                return Err(MigrationError::Cancelled);
+                if self.cancelled() {
+                    return Err(MigrationError::Cancelled);
+                }
+                return Ok(false);
             }
         }
         let pages = st.data_pages + st.zero_pages;
@@ -250,7 +258,7 @@ impl Run<'_> {
             s.total_time_ms = (t * 1000.0) as u64;
             s.rounds.push(rec);
         });
-        Ok(())
+        Ok(true)
     }
 
     fn switchover(&mut self, w: &mut Writer, replies: &mut SpinReader, mut pending: Vec<Vec<u64>>) -> Result<()> {
@@ -279,7 +287,7 @@ impl Run<'_> {
         for s in self.vm.save_state().map_err(MigrationError::Vm)? {
             w.section(&s)?;
         }
-        replies.set_spin(Duration::from_millis(50));
+        replies.set_spin(if std::env::var_os("GW_NOSPIN").is_some() { Duration::ZERO } else { Duration::from_millis(50) });
         w.end()?;
         let t_sent = t_pause.elapsed();
         let running = match protocol::read_reply(replies)? {

@@ -68,8 +68,12 @@ impl FakeVm {
                     continue;
                 }
                 let p = (i as usize * 7919) % PAGES;
+                // Under the lock pause() takes, so a pause never splits a step.
+                let mut d = vm.dirty.lock().unwrap();
+                if !vm.running.load(Ordering::SeqCst) {
+                    continue;
+                }
                 if p % 5 != 0 {
-                    let mut d = vm.dirty.lock().unwrap();
                     // SAFETY: page p is inside the mapping.
                     unsafe {
                         std::ptr::write_volatile(vm.mem.add(p * PAGE) as *mut u64, i);
@@ -79,6 +83,7 @@ impl FakeVm {
                 }
                 i += 1;
                 vm.counter.store(i, Ordering::SeqCst);
+                drop(d);
             }
         })
     }
@@ -128,11 +133,26 @@ impl MigratableVm for FakeVm {
 
 #[test]
 fn postcopy_moves_a_non_converging_guest_exactly() {
+    run(false);
+}
+
+/// `migrate_start_postcopy` in the middle of the first full pass: the pages that pass had not
+/// reached yet must still arrive (they are listed with the dirty ones).
+#[test]
+fn postcopy_started_mid_first_pass_loses_nothing() {
+    run(true);
+}
+
+fn run(mid_first_pass: bool) {
     if let Err(e) = migration::uffd::Uffd::new() {
         panic!("post-copy needs userfaultfd (run as root or with access to /dev/userfaultfd): {e}");
     }
     let src = FakeVm::new();
     let guest = src.start_guest();
+    // Every page the guest writes is populated before the migration starts.
+    while src.counter.load(Ordering::SeqCst) < 4 * PAGES as u64 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let dst = FakeVm::new();
     let l = Listener::bind(&Uri::Tcp { host: "127.0.0.1".into(), port: 0 }).unwrap();
     let uri = Uri::Tcp { host: "127.0.0.1".into(), port: l.local_port().unwrap() };
@@ -160,7 +180,28 @@ fn postcopy_moves_a_non_converging_guest_exactly() {
         })
     };
     let shared = Shared::new();
-    *shared.params.lock().unwrap() = Params { max_bandwidth: 8 << 20, postcopy: true, postcopy_auto_start: true, ..Default::default() };
+    *shared.params.lock().unwrap() =
+        Params {
+        max_bandwidth: 8 << 20,
+        downtime_limit_ms: 1,
+        // Capped, so the reader on the destination runs ahead of the background stream.
+        max_postcopy_bandwidth: 4 << 20,
+        postcopy: true,
+        postcopy_auto_start: !mid_first_pass,
+        ..Default::default()
+    };
+    let starter = mid_first_pass.then(|| {
+        let sh = shared.clone();
+        std::thread::spawn(move || {
+            let end = std::time::Instant::now() + Duration::from_secs(30);
+            // Round 0 sends ~6.4 MiB at 8 MiB/s; start once it is under way.
+            while sh.stats().status != Status::Active && std::time::Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            sh.start_postcopy().unwrap();
+        })
+    });
     let seen = Mutex::new(Vec::new());
     migrate(&*src, &uri, &shared, &|e| {
         if let migration::sender::Event::Status(s) = e {
@@ -168,6 +209,11 @@ fn postcopy_moves_a_non_converging_guest_exactly() {
         }
     })
     .unwrap();
+    if let Some(t) = starter {
+        t.join().unwrap();
+        let st = shared.stats();
+        assert!(st.rounds.is_empty(), "the first pass should have been cut short: {:?}", st.rounds);
+    }
     let ds = d.join().unwrap().unwrap();
     dst.stop.store(true, Ordering::SeqCst);
     reader.join().unwrap();
