@@ -1,8 +1,13 @@
 //! `-drive` and `-device virtio-blk-device,drive=ID`: parsing QEMU's syntax, opening raw and
 //! qcow2 images, QEMU-compatible image locking, `snapshot=on` overlays, and the shared handle
 //! through which savevm reaches the qcow2 image and live migration hands the image over.
+//!
+//! `cache=` follows QEMU (see `qcow2::hostfile`): `none`/`directsync` open the image with
+//! `O_DIRECT`, `directsync`/`writethrough` with `O_DSYNC`, and `unsafe` drops the guest's
+//! flush requests here, in the device's handle — the VMM's own flushes (savevm, the migration
+//! handover, exit) still reach the file.
 
-use qcow2::{BlockBackend, ImageFormat, OpenOptions, Qcow2};
+use qcow2::{BlockBackend, CacheMode, ImageFormat, OpenOptions, Qcow2};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -21,6 +26,8 @@ pub struct DriveSpec {
     pub serial: Option<String>,
     /// The format was not given (QEMU warns when it then probes raw).
     pub probed: bool,
+    /// `cache=` (default writeback, as in QEMU).
+    pub cache: CacheMode,
 }
 
 fn split(s: &str) -> Vec<String> {
@@ -76,10 +83,11 @@ pub fn parse_drive(spec: &str) -> Result<DriveSpec, String> {
             "readonly" => d.read_only = on_off("readonly", &v)?,
             "snapshot" => d.snapshot = on_off("snapshot", &v)?,
             "serial" => d.serial = Some(v),
-            "cache" => match v.as_str() {
-                "writeback" | "none" | "directsync" | "writethrough" | "unsafe" => {}
-                other => return Err(format!("invalid cache mode '{other}'")),
-            },
+            "cache" => {
+                d.cache = v.parse().map_err(|_| {
+                    format!("invalid cache mode '{v}' (writeback, none, directsync, writethrough or unsafe)")
+                })?
+            }
             "media" | "aio" | "discard" | "detect-zeroes" | "index" => {}
             other => return Err(format!("unknown drive parameter '{other}'")),
         }
@@ -203,7 +211,7 @@ pub struct SharedDisk {
 }
 
 fn open_backend(spec: &DriveSpec, read_only: bool) -> Result<Box<dyn BlockBackend>, String> {
-    let opts = OpenOptions { read_only, ..Default::default() };
+    let opts = OpenOptions { read_only, cache: spec.cache, ..Default::default() };
     let b = qcow2::open(&spec.file, spec.format, &opts).map_err(|e| format!("'{}': {e}", spec.file.display()))?;
     if spec.snapshot {
         return Ok(Box::new(Overlay::new(b)));
@@ -338,6 +346,9 @@ impl BlockBackend for DiskHandle {
         self.0.backend().as_mut().ok_or_else(gone)?.write_at(off, buf)
     }
     fn flush(&mut self) -> qcow2::Result<()> {
+        if self.0.spec.cache.ignores_flush() {
+            return Ok(());
+        }
         match self.0.backend().as_mut() {
             Some(b) => b.flush(),
             None => Ok(()),
@@ -460,6 +471,78 @@ mod tests {
         assert_eq!(v[1].file, PathBuf::from("b.qcow2"));
         assert!(resolve(&[], &["virtio-blk-device,drive=nope".into()]).is_err());
         assert!(resolve(&[], &["e1000".into()]).is_err());
+    }
+
+    #[test]
+    fn cache_modes_parse() {
+        assert_eq!(parse_drive("file=x").unwrap().cache, CacheMode::Writeback);
+        for (v, m) in [
+            ("writeback", CacheMode::Writeback),
+            ("none", CacheMode::None),
+            ("directsync", CacheMode::DirectSync),
+            ("writethrough", CacheMode::WriteThrough),
+            ("unsafe", CacheMode::Unsafe),
+        ] {
+            assert_eq!(parse_drive(&format!("file=x,cache={v}")).unwrap().cache, m);
+        }
+        let e = parse_drive("file=x,cache=fast").unwrap_err();
+        assert!(e.starts_with("invalid cache mode 'fast'") && !e.contains('\n'), "{e}");
+    }
+
+    /// A backend that counts the flushes reaching it.
+    struct Counting(Arc<std::sync::atomic::AtomicU64>);
+
+    impl BlockBackend for Counting {
+        fn format(&self) -> ImageFormat {
+            ImageFormat::Raw
+        }
+        fn size(&self) -> u64 {
+            4096
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&mut self, _off: u64, buf: &mut [u8]) -> qcow2::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&mut self, _off: u64, _buf: &[u8]) -> qcow2::Result<()> {
+            Ok(())
+        }
+        fn flush(&mut self) -> qcow2::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        fn discard(&mut self, _off: u64, _len: u64) -> qcow2::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&mut self, _off: u64, _len: u64) -> qcow2::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// cache=unsafe: the guest's flushes (through the device handle) never reach the image;
+    /// the VMM's own (the migration handover) still do. Other modes pass every flush.
+    #[test]
+    fn unsafe_ignores_guest_flushes() {
+        for (mode, guest_flushes) in [(CacheMode::Unsafe, 0), (CacheMode::Writeback, 5), (CacheMode::None, 5)] {
+            let n = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let disk = SharedDisk {
+                spec: DriveSpec { file: "counting".into(), cache: mode, ..Default::default() },
+                inner: Arc::new(Mutex::new(Some(Box::new(Counting(n.clone()))))),
+                lock: Arc::new(Mutex::new(None)),
+                size: 4096,
+                format: ImageFormat::Raw,
+            };
+            let mut dev = disk.device_backend();
+            for _ in 0..5 {
+                dev.write_at(0, &[1u8; 512]).unwrap();
+                dev.flush().unwrap();
+            }
+            assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), guest_flushes, "{mode}");
+            disk.release().unwrap();
+            assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), guest_flushes + 1, "{mode}: handover flush");
+        }
     }
 
     #[test]

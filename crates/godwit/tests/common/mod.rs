@@ -306,3 +306,35 @@ pub fn create_image(path: &std::path::Path, fmt: &str, size: &str) {
     let _ = std::fs::remove_file(path);
     sh("qemu-img", &["create", "-q", "-f", fmt, path.to_str().unwrap(), size]);
 }
+
+/// The guest's disk-ledger sector contents (docs/guest.md, `disk=on`).
+pub fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Checks every written sector of the guest's disk region in a raw dump: each one must be a
+/// whole, valid sector for its own number (no torn, misplaced or garbage sectors). Returns
+/// (written sectors, highest generation).
+pub fn check_dump(raw: &[u8], sectors: usize) -> (usize, u64) {
+    const K1: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut written = 0;
+    let mut gmax = 0;
+    for s in 0..sectors {
+        let w: Vec<u64> = raw[s * 512..(s + 1) * 512].chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        if w.iter().all(|&x| x == 0) {
+            continue;
+        }
+        let (g, nonce) = (w[1], w[3]);
+        let seed = mix((s as u64) ^ g.rotate_left(32) ^ nonce ^ 0x3c6e_f372_fe94_f82b);
+        assert_eq!(w[0], s as u64, "sector {s} holds sector {}", w[0]);
+        assert_eq!(w[2], mix(seed ^ s as u64 ^ g ^ 0xa54f_f53a_5f1d_36f1), "sector {s}: bad checksum");
+        for (j, &x) in w.iter().enumerate().skip(4) {
+            assert_eq!(x, seed.wrapping_add((j as u64).wrapping_mul(K1)), "sector {s} word {j} torn");
+        }
+        written += 1;
+        gmax = gmax.max(g);
+    }
+    (written, gmax)
+}

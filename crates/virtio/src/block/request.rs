@@ -349,10 +349,14 @@ impl Executor {
     }
 }
 
-/// The first `n` bytes of the bounce buffer, grown on first need (never past [`BOUNCE_MAX`]).
+/// The first `n` bytes of the bounce buffer, page-aligned, grown on first need (never past
+/// [`BOUNCE_MAX`] plus a page of alignment slack).
 fn bounce_buf(b: &mut Vec<u8>, n: usize) -> &mut [u8] {
-    if b.len() < n {
-        b.resize(n, 0);
+    // Page-aligned, so an O_DIRECT backend (cache=none) reads and writes it without a copy.
+    const ALIGN: usize = 4096;
+    if b.len() < n + ALIGN {
+        b.resize(n + ALIGN, 0);
     }
-    &mut b[..n]
+    let skip = b.as_ptr().align_offset(ALIGN);
+    &mut b[skip..skip + n]
 }
