@@ -59,6 +59,10 @@ pub struct Report {
     pub rounds: Vec<Round>,
     pub downtime_limit_ms: u64,
     pub max_bandwidth: u64,
+    /// Post-copy: pages still on the source when the guest started on the destination, and
+    /// how many times the destination asked for pages (0 for a pre-copy migration).
+    pub postcopy_pages: u64,
+    pub postcopy_requests: u64,
 }
 
 impl Report {
@@ -128,7 +132,19 @@ pub fn chart_data(r: &Report) -> Result<ChartData, ChartError> {
     let completed = r.status == "completed";
     let bw = last_bandwidth(r);
     let threshold_mib = bw * r.downtime_limit_ms as f64 / 1000.0 / MIB;
-    let verdict = if completed {
+    let verdict = if completed && r.postcopy_pages > 0 {
+        bars.push(Bar { label: "stop".into(), mib: 0.0, bandwidth_mibs: None, stop_and_copy: true });
+        format!(
+            "post-copy after {} round(s): downtime {:.2} ms (limit {} ms), then {:.1} MiB pulled by the destination ({} requests), total {:.0} ms, {:.1} MiB sent",
+            r.rounds.len(),
+            r.downtime_ms,
+            r.downtime_limit_ms,
+            r.postcopy_pages as f64 * PAGE / MIB,
+            r.postcopy_requests,
+            r.total_time_ms,
+            r.transferred as f64 / MIB
+        )
+    } else if completed {
         // Data pages sent in the pause = all data pages minus those of the rounds.
         let in_rounds: u64 = r.rounds.iter().map(|x| x.data_pages).sum();
         let final_pages = r.normal.saturating_sub(in_rounds);

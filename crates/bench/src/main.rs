@@ -234,7 +234,7 @@ fn mig_cases(a: &Args) -> Vec<(migrate::Case, &'static str)> {
                 postcopy: true,
                 ..base("mig-postcopy", 1024, "mode=dirty mib=24 rate=64", 24)
             },
-            "the same non-converging guest with post-copy (postcopy-ram, migrate_start_postcopy after the second dirty sync)",
+            "the same non-converging guest with post-copy (postcopy-ram, migrate_start_postcopy after the first full pass)",
         ),
     ]
 }
