@@ -72,6 +72,9 @@ pub struct Vm {
     msr_list: Vec<u32>,
     boot: BootEntry,
     boot_state: Vec<Section>,
+    /// Set by the first resume: until then the machine is in its boot state, which is what a
+    /// failed restore puts back (no need to save it again on the switchover's critical path).
+    ran: std::sync::atomic::AtomicBool,
     _kvm: Kvm,
 }
 
@@ -173,6 +176,7 @@ impl Vm {
             msr_list,
             boot,
             boot_state: Vec::new(),
+            ran: std::sync::atomic::AtomicBool::new(false),
             _kvm: kvm_sys,
         };
         vm.boot_state = vm.save_state()?;
@@ -240,6 +244,7 @@ impl Vm {
 
     /// Resumes the disks (if quiesced) and the vCPUs.
     pub fn resume(&self) {
+        self.ran.store(true, std::sync::atomic::Ordering::SeqCst);
         for d in &self.disks {
             lock(d).resume();
         }
@@ -381,7 +386,11 @@ impl Vm {
     /// first; if applying then fails, the state from before the call is put back.
     pub fn restore_state(&self, sections: &[Section]) -> Result<()> {
         let (kvm_state, vcpu_states) = self.decode_state(sections)?;
-        let before = self.save_state()?;
+        let before = if self.ran.load(std::sync::atomic::Ordering::SeqCst) {
+            self.save_state()?
+        } else {
+            self.boot_state.clone()
+        };
         let apply = |kvm_state: &KvmVmState, vcpu_states: &[VcpuState], sections: &[Section]| -> Result<()> {
             vmstate_kvm::restore(&self.fd, kvm_state)?;
             for (v, st) in self.vcpus.vcpus.iter().zip(vcpu_states) {
