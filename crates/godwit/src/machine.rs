@@ -329,6 +329,10 @@ impl Backend for MachineBackend {
     }
 
     fn migrate_cancel(&self) -> CmdResult {
+        use migration::stats::Status as S;
+        if matches!(self.0.mig.stats().status, S::PostcopyActive | S::PostcopyPaused | S::PostcopyRecover) {
+            return Err(CommandError::generic("post-copy cannot be cancelled: the guest runs on the destination"));
+        }
         self.0.mig.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }

@@ -194,7 +194,9 @@ fn postcopy_recovers_from_a_cut_link() {
     cut.store(true, Ordering::SeqCst);
     wait_status(&mut p.hmp, "postcopy-paused", T);
     wait_status(&mut p.dhmp, "postcopy-paused", T);
-    // The guest keeps running on the destination meanwhile (what it needs from the source waits).
+    // The guest keeps running on the destination meanwhile (what it needs from the source
+    // waits); the source cannot give it up.
+    assert!(p.hmp.cmd("migrate_cancel").contains("cannot be cancelled"));
     assert_eq!(status(&mut p.hmp), "postcopy-paused");
     // Recovery: the destination listens again, the source reconnects.
     let port2 = free_port();

@@ -33,6 +33,8 @@ use vmstate::stream::{StreamWriter, PAGE_SIZE};
 const BACKGROUND_PAGES: usize = 16;
 /// How long the source waits for the destination's answers while (re)connecting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the source waits for the destination to report the guest running.
+const RUNNING_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `migrate -r` keeps trying to reach a destination that is not listening yet.
 const RECONNECT_FOR: Duration = Duration::from_secs(10);
 
@@ -335,6 +337,9 @@ impl SourceRun<'_> {
                 }
                 if b.broken {
                     return Ok(Served::Broken("the destination closed the connection".into()));
+                }
+                if !*ran && t_pause.elapsed() > RUNNING_TIMEOUT {
+                    return Err(MigrationError::Protocol(format!("the destination did not run the guest within {RUNNING_TIMEOUT:?}")));
                 }
                 if end_sent {
                     let _ = l.back.cv.wait_timeout(b, Duration::from_millis(100));
