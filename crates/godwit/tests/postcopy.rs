@@ -26,16 +26,35 @@ struct Pair {
 }
 
 fn pair(name: &str) -> Pair {
+    pair_with(name, false)
+}
+
+/// With `disk`: a qcow2 image both processes open (shared storage) and the guest's disk ledger.
+fn pair_with(name: &str, disk: bool) -> Pair {
     let dir = tmpdir(name);
     let (sock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
     let port = free_port();
     let incoming = format!("tcp:127.0.0.1:{port}");
     let dmon = format!("unix:{},server,nowait", dsock.display());
-    let dst = Vm::guest(&["-m", "256", "-smp", "2", "-incoming", &incoming, "-monitor", &dmon], GUEST);
+    let img = dir.join("shared.qcow2");
+    let drive = format!("file={}", img.display());
+    let mut extra: Vec<&str> = Vec::new();
+    let append = if disk {
+        create_image(&img, "qcow2", "32M");
+        extra.extend_from_slice(&["-drive", &drive]);
+        format!("{GUEST} disk=on disk_mib=4")
+    } else {
+        GUEST.to_string()
+    };
+    let mut dargs = vec!["-m", "256", "-smp", "2", "-incoming", &incoming, "-monitor", &dmon];
+    dargs.extend_from_slice(&extra);
+    let dst = Vm::guest(&dargs, &append);
     dst.wait_stderr("waiting for an incoming migration", T);
     let dhmp = Hmp::connect(&dsock);
     let mon = format!("unix:{},server,nowait", sock.display());
-    let mut src = Vm::guest(&["-m", "256", "-smp", "2", "-monitor", &mon], GUEST);
+    let mut sargs = vec!["-m", "256", "-smp", "2", "-monitor", &mon];
+    sargs.extend_from_slice(&extra);
+    let mut src = Vm::guest(&sargs, &append);
     src.wait_for("GUEST READY", T);
     src.wait_for("HEARTBEAT", T);
     let hmp = Hmp::connect(&sock);
@@ -276,4 +295,22 @@ fn qmp_postcopy_commands() {
     assert!(p.get("return").is_some(), "{p}");
     let q = ask(r#"{"execute":"query-migrate-parameters"}"#);
     assert_eq!(q["return"]["max-postcopy-bandwidth"], 1000000, "{q}");
+}
+
+/// With a virtio-blk disk on shared storage doing I/O all along: the disk is handed over at
+/// the switch, the device's DMA into guest pages still on the source goes through the same
+/// on-demand path, and both ledgers check out.
+#[test]
+fn postcopy_with_a_busy_shared_disk() {
+    let mut p = pair_with("postcopy-disk", true);
+    let port = p.port;
+    start(&mut p, port);
+    let info = wait_status(&mut p.hmp, "completed", T);
+    report(&info, "post-copy with a disk");
+    assert!(value(&info, "downtime: ").expect("downtime") <= 30, "{info}");
+    p.dst.wait_for("HEARTBEAT", T);
+    p.dst.send(b"v");
+    p.dst.wait_for("LEDGER OK", T);
+    let d = p.dst.wait_for("DISK", T);
+    assert!(d.contains("DISK OK"), "{d}");
 }
