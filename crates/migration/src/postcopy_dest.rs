@@ -213,7 +213,11 @@ fn handler(uffd: Arc<Uffd>, pages: Arc<Pages>, back: BackChan, stop: Arc<AtomicB
         let block = gpa & !(REQUEST_BLOCK * PAGE - 1);
         let first = block.max(r.gpa);
         let n = ((first + REQUEST_BLOCK * PAGE).min(r.gpa + r.size) - first) / PAGE;
-        // Ask for the block; the faulting page's own bit is what we track for re-requests.
+        // The whole block is on its way: its other pages need no request of their own.
+        let i0 = i - ((gpa - first) / PAGE) as usize;
+        for k in i0..i0 + n as usize {
+            set(&pages.requested, k);
+        }
         if send(&back, &Reply::Request(Request { gpa: first, npages: n as u32 })) {
             c.requests.fetch_add(1, Ordering::Relaxed);
         }
