@@ -269,6 +269,9 @@ impl Run<'_> {
         self.vm.pause();
         self.paused = true;
         let t_paused = t_pause.elapsed();
+        // The guest is paused: `max-bandwidth` paced the live phase, the rest goes out at link
+        // speed (the downtime only gets shorter than the one predicted at the capped rate).
+        w.get_mut().get_mut().limit = 0;
         self.vm.before_switchover().map_err(MigrationError::Vm)?;
         let t_handover = t_pause.elapsed();
         let last = self.vm.take_dirty().map_err(MigrationError::Vm)?;
