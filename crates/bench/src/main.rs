@@ -6,6 +6,7 @@
 
 mod boot;
 mod ceiling;
+mod forecast;
 mod migrate;
 mod snapshot;
 mod vm;
@@ -24,6 +25,8 @@ const SCENARIOS: &[&str] = &[
     "mig-4g",
     "mig-noconv",
     "mig-postcopy",
+    "mig-autoconv",
+    "forecast",
     "snapshot",
 ];
 
@@ -37,7 +40,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Only these scenarios (comma-separated): boot, mig-idle, mig-dirty, mig-4g, mig-noconv,
-    /// mig-postcopy, snapshot.
+    /// mig-postcopy, mig-autoconv, forecast, snapshot.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run only one side: godwit or qemu (for trying things out; the table needs both).
@@ -209,6 +212,8 @@ fn mig_cases(a: &Args) -> Vec<(migrate::Case, &'static str)> {
         max_bandwidth_mib: 0,
         budget: Duration::from_secs(120),
         postcopy: false,
+        setup: Vec::new(),
+        forecast: false,
     };
     vec![
         (base("mig-idle", 1024, "mode=idle", 0), "idle 1 GiB guest"),
@@ -236,6 +241,24 @@ fn mig_cases(a: &Args) -> Vec<(migrate::Case, &'static str)> {
             },
             "the same non-converging guest with post-copy (postcopy-ram, migrate_start_postcopy after the first full pass)",
         ),
+        (
+            migrate::Case {
+                max_bandwidth_mib: 16,
+                setup: autoconv_setup(),
+                budget: Duration::from_secs(90),
+                ..base("mig-autoconv", 1024, "mode=dirty mib=24 rate=64", 24)
+            },
+            "the same non-converging guest with auto-converge (cpu-throttle-initial 50, increment 20)",
+        ),
+    ]
+}
+
+/// Auto-converge as both VMMs take it: the capability and QEMU's throttle parameters.
+pub fn autoconv_setup() -> Vec<String> {
+    vec![
+        "migrate_set_capability auto-converge on".into(),
+        "migrate_set_parameter cpu-throttle-initial 50".into(),
+        "migrate_set_parameter cpu-throttle-increment 20".into(),
     ]
 }
 
@@ -354,6 +377,9 @@ fn run_migrations(
                 m("seq", "heartbeat seq continues on destination", "runs").fraction(),
                 m("ledger", "destination LEDGER OK", "runs").fraction(),
             ];
+            if k == "mig-autoconv" {
+                v.insert(0, m("converged", "converged (within 90 s)", "runs").fraction());
+            }
             if case.postcopy {
                 v.push(m("requests", "pages requested by the destination (postcopy request count)", "count"));
             }
@@ -481,6 +507,10 @@ fn main() {
     }
 
     run_migrations(&a, &b, &sides, &dir, &only, &mut c, &mut metrics);
+    if only("forecast") && sides.contains(&Vmm::Godwit) {
+        let budget = Duration::from_secs(a.noconv_budget);
+        metrics.extend(forecast::run(&b, &dir, a.runs, a.downtime_limit, budget, &mut c.notes));
+    }
 
     if only("snapshot") {
         for touch in [16u64, 512] {

@@ -31,6 +31,11 @@ pub struct Case {
     /// Post-copy: `postcopy-ram` on (both sides, as QEMU needs), `migrate_start_postcopy`
     /// once the first full pass is done.
     pub postcopy: bool,
+    /// More monitor commands before `migrate` (capabilities, throttle parameters), the same
+    /// for both VMMs.
+    pub setup: Vec<String>,
+    /// Godwit only: ask `info migrate_forecast` right before migrating (kept in [`Run`]).
+    pub forecast: bool,
 }
 
 /// What one migration gave.
@@ -57,6 +62,8 @@ pub struct Run {
     pub cancel_ms: f64,
     pub source_running_after_cancel: bool,
     pub report: Option<PathBuf>,
+    /// The forecast asked right before `migrate` (see [`Case::forecast`]).
+    pub forecast: Option<String>,
 }
 
 fn append(case: &Case) -> String {
@@ -151,12 +158,17 @@ pub fn run(bins: &Bins, vmm: Vmm, case: &Case, dir: &Path, idx: usize) -> Res<Ru
     if case.postcopy {
         setup.push("migrate_set_capability postcopy-ram on".into());
     }
+    setup.extend(case.setup.iter().cloned());
     for c in setup {
         let a = hmp.cmd(&c)?;
         if a.to_ascii_lowercase().contains("error") || crate::vm::unsupported(&a) {
             return Err(BenchError::Failed(format!("{c}: {a}")));
         }
     }
+    let forecast = match case.forecast && vmm == Vmm::Godwit {
+        true => Some(hmp.cmd("info migrate_forecast")?),
+        false => None,
+    };
     let report = (vmm == Vmm::Godwit).then(|| dir.join(format!("report-{}-{idx}.json", case.key)));
     let uri = format!("tcp:127.0.0.1:{port}");
     let cmd = match &report {
@@ -172,6 +184,7 @@ pub fn run(bins: &Bins, vmm: Vmm, case: &Case, dir: &Path, idx: usize) -> Res<Ru
         report: report.clone(),
         ..Default::default()
     };
+    out.forecast = forecast;
     let mut info;
     let mut postcopy_started = false;
     // Post-copy starts once the first full pass is done: QEMU counts a dirty sync at setup and

@@ -14,35 +14,119 @@ use vmstate::stream::PAGE_SIZE;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
     pub window_s: f64,
-    /// Distinct pages dirtied in the window.
+    /// Distinct pages dirtied in the whole window.
     pub dirty_pages: u64,
-    /// Pages that hold anything (what round 0 sends at most).
+    /// Pages dirtied per second, from the window's first part (before a small working set
+    /// saturates and hides the rate).
+    pub rate_pages_s: f64,
+    /// The guest's working set when the window showed it saturating (distinct pages grew
+    /// much slower than the rate), else unknown.
+    pub working_set: Option<u64>,
+    /// Pages that hold anything (what round 0 looks at).
     pub populated_pages: u64,
+    /// Of those, the ones estimated to hold non-zero data (what round 0 sends).
+    pub data_pages: u64,
     pub total_pages: u64,
+    /// What the migration's setup costs besides the link: reading which pages are populated.
+    pub setup_s: f64,
 }
 
 impl Sample {
+    /// A sample with one rate over the whole window and every populated page holding data
+    /// (for models and tests).
+    pub fn simple(window_s: f64, dirty_pages: u64, populated_pages: u64, total_pages: u64) -> Sample {
+        Sample {
+            window_s,
+            dirty_pages,
+            rate_pages_s: dirty_pages as f64 / window_s.max(1e-6),
+            working_set: None,
+            populated_pages,
+            data_pages: populated_pages,
+            total_pages,
+            setup_s: 0.0,
+        }
+    }
+
     /// Bytes dirtied per second.
     pub fn dirty_rate(&self) -> f64 {
-        self.dirty_pages as f64 * PAGE_SIZE as f64 / self.window_s.max(1e-6)
+        self.rate_pages_s * PAGE_SIZE as f64
+    }
+
+    /// The most distinct pages one round can find dirty.
+    fn cap(&self) -> f64 {
+        self.working_set.unwrap_or(self.populated_pages.max(self.dirty_pages)) as f64
     }
 }
 
+/// Share of the window used to measure the rate.
+const RATE_SHARE: f64 = 0.4;
+/// Populated pages looked at to estimate how many hold data.
+const ZERO_PROBES: u64 = 16384;
+
 /// Samples the dirty rate over `window` with the VM running (dirty logging on just for that).
 pub fn sample(vm: &dyn MigratableVm, window: Duration) -> Result<Sample> {
-    let populated: u64 = vm.ram_regions().iter().map(|r| count(&populated_pages(r))).sum();
-    let total: u64 = vm.ram_regions().iter().map(|r| r.size / PAGE_SIZE as u64).sum();
+    let t_scan = Instant::now();
+    let regions = vm.ram_regions();
+    let pop: Vec<Vec<u64>> = regions.iter().map(populated_pages).collect();
+    let setup_s = t_scan.elapsed().as_secs_f64();
+    let populated: u64 = pop.iter().map(|b| count(b)).sum();
+    let data_pages = estimate_data_pages(&regions, &pop, populated);
+    let total: u64 = regions.iter().map(|r| r.size / PAGE_SIZE as u64).sum();
     vm.set_dirty_logging(true).map_err(MigrationError::Vm)?;
-    let res = (|| -> Result<(f64, u64)> {
+    let res = (|| -> Result<(f64, f64, u64, f64)> {
         vm.take_dirty().map_err(MigrationError::Vm)?;
         let t0 = Instant::now();
-        std::thread::sleep(window);
-        let d = vm.take_dirty().map_err(MigrationError::Vm)?;
-        Ok((t0.elapsed().as_secs_f64(), d.iter().map(|b| count(b)).sum::<u64>()))
+        std::thread::sleep(window.mul_f64(RATE_SHARE));
+        let mut first = vm.take_dirty().map_err(MigrationError::Vm)?;
+        let t_first = t0.elapsed().as_secs_f64();
+        let n_first = first.iter().map(|b| count(b)).sum::<u64>();
+        std::thread::sleep(window.mul_f64(1.0 - RATE_SHARE));
+        let rest = vm.take_dirty().map_err(MigrationError::Vm)?;
+        for (a, b) in first.iter_mut().zip(&rest) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x |= *y;
+            }
+        }
+        let union = first.iter().map(|b| count(b)).sum::<u64>();
+        Ok((t0.elapsed().as_secs_f64(), n_first as f64 / t_first.max(1e-6), union, t_first))
     })();
     let _ = vm.set_dirty_logging(false);
-    let (window_s, dirty_pages) = res?;
-    Ok(Sample { window_s, dirty_pages, populated_pages: populated, total_pages: total })
+    let (window_s, rate_pages_s, dirty_pages, _) = res?;
+    // At the first part's rate the whole window would have found this many distinct pages;
+    // far fewer means the guest keeps rewriting a set that small.
+    let working_set = (rate_pages_s * window_s > 1.25 * dirty_pages as f64 && dirty_pages > 0).then_some(dirty_pages);
+    Ok(Sample { window_s, dirty_pages, rate_pages_s, working_set, populated_pages: populated, data_pages, total_pages: total, setup_s })
+}
+
+/// Looks at up to [`ZERO_PROBES`] populated pages, evenly spread, and scales the share that
+/// holds data (zero pages are not sent).
+fn estimate_data_pages(regions: &[crate::RamRegion], pop: &[Vec<u64>], populated: u64) -> u64 {
+    if populated == 0 {
+        return 0;
+    }
+    let step = populated.div_ceil(ZERO_PROBES).max(1);
+    let (mut seen, mut probed, mut data) = (0u64, 0u64, 0u64);
+    for (r, bits) in regions.iter().zip(pop) {
+        for (w, &word) in bits.iter().enumerate() {
+            let mut m = word;
+            while m != 0 {
+                let b = m.trailing_zeros() as u64;
+                m &= m - 1;
+                if seen % step == 0 {
+                    let host = r.host + (w as u64 * 64 + b) * PAGE_SIZE as u64;
+                    // SAFETY: a populated page inside a live RAM region; read-only, racy with
+                    // the running guest, which only makes this an estimate.
+                    let page = unsafe { std::slice::from_raw_parts(host as *const u8, PAGE_SIZE) };
+                    probed += 1;
+                    if !vmstate::ram::is_zero_page(page) {
+                        data += 1;
+                    }
+                }
+                seen += 1;
+            }
+        }
+    }
+    (populated as f64 * data as f64 / probed.max(1) as f64).round() as u64
 }
 
 /// The forecast for one strategy.
@@ -61,26 +145,30 @@ const MAX_ROUNDS: u32 = 200;
 const ROUND_OVERHEAD_S: f64 = 0.002;
 const SWITCHOVER_S: f64 = 0.003;
 
-/// Simulates the sender's rounds. `auto` applies auto-converge's throttle rule.
+/// Simulates the sender's rounds with the sender's own rules (see `sender.rs`): stop once the
+/// rest fits the limit and either fits a quarter of it or stopped shrinking by a quarter;
+/// auto-converge (`auto`) steps the throttle when the distinct dirty bytes per round-time
+/// exceed half the bandwidth twice in a row, and a throttle of p % leaves the guest
+/// (100 - p) % of its rate.
 pub fn predict(s: &Sample, bandwidth: f64, p: &Params, auto: bool) -> Prediction {
     let page = PAGE_SIZE as f64;
     let limit_s = p.downtime_limit_ms as f64 / 1000.0;
-    let rate_pages = s.dirty_pages as f64 / s.window_s.max(1e-6);
-    // A guest cannot have more distinct dirty pages than it has populated pages.
-    let cap = s.populated_pages.max(s.dirty_pages) as f64;
-    let mut t = s.populated_pages as f64 * page / bandwidth + ROUND_OVERHEAD_S;
-    let mut total = t;
-    let (mut throttle, mut outrun) = (0u8, 0u32);
+    let cap = s.cap();
+    let mut t = s.data_pages as f64 * page / bandwidth + ROUND_OVERHEAD_S;
+    let mut total = s.setup_s + t;
+    let (mut throttle, mut outrun, mut prev) = (0u8, 0u32, None::<f64>);
     for round in 1..=MAX_ROUNDS {
-        let r = rate_pages * (1.0 - throttle as f64 / 100.0);
+        let r = s.rate_pages_s * (1.0 - throttle as f64 / 100.0);
         let dirty = (r * t).min(cap);
         let send_s = dirty * page / bandwidth;
-        if send_s <= limit_s {
+        let shrinking = prev.is_some_and(|p| dirty < 0.75 * p);
+        if send_s <= limit_s && (send_s <= limit_s / 4.0 || !shrinking || round > 30) {
             let down = send_s + SWITCHOVER_S;
             return Prediction { converges: true, rounds: round, total_ms: (total + down) * 1e3, downtime_ms: down * 1e3, throttle };
         }
+        prev = Some(dirty);
         if auto {
-            outrun = if r * page > 0.5 * bandwidth { outrun + 1 } else { 0 };
+            outrun = if dirty * page / t > 0.5 * bandwidth { outrun + 1 } else { 0 };
             if outrun >= 2 {
                 outrun = 0;
                 throttle = if throttle == 0 { p.throttle_initial } else { throttle.saturating_add(p.throttle_increment) }
@@ -98,12 +186,7 @@ mod tests {
     use super::*;
 
     fn s(dirty_mib_s: f64, populated_mib: u64) -> Sample {
-        Sample {
-            window_s: 1.0,
-            dirty_pages: (dirty_mib_s * 256.0) as u64,
-            populated_pages: populated_mib * 256,
-            total_pages: 1 << 18,
-        }
+        Sample::simple(1.0, (dirty_mib_s * 256.0) as u64, populated_mib * 256, 1 << 18)
     }
 
     #[test]

@@ -530,9 +530,9 @@ fn send_range(w: &mut Writer, regions: &[RamRegion], unsent: &mut [Vec<u64>], gp
 /// populated pages) follows at link speed while it runs on the destination.
 pub fn predict(s: &crate::forecast::Sample, bandwidth: f64) -> crate::forecast::Prediction {
     let page = PAGE_SIZE as f64;
-    let pass_s = s.populated_pages as f64 * page / bandwidth.max(1.0);
-    let rate = s.dirty_pages as f64 / s.window_s.max(1e-6);
-    let after = (rate * pass_s).min(s.populated_pages.max(s.dirty_pages) as f64);
+    let pass_s = s.data_pages as f64 * page / bandwidth.max(1.0);
+    let rate = s.rate_pages_s;
+    let after = (rate * pass_s).min(s.working_set.unwrap_or(s.populated_pages.max(s.dirty_pages)) as f64);
     let down_s = 0.005;
     let total_s = pass_s + down_s + after * page / bandwidth.max(1.0);
     crate::forecast::Prediction { converges: true, rounds: 1, total_ms: total_s * 1e3, downtime_ms: down_s * 1e3, throttle: 0 }
@@ -577,7 +577,7 @@ mod tests {
 
     #[test]
     fn postcopy_forecast_is_one_pass_plus_the_rest() {
-        let s = crate::forecast::Sample { window_s: 1.0, dirty_pages: 25_600, populated_pages: 25_600, total_pages: 65_536 };
+        let s = crate::forecast::Sample::simple(1.0, 25_600, 25_600, 65_536);
         let p = predict(&s, 100e6);
         assert!(p.converges && p.downtime_ms < 10.0);
         // One pass of 100 MiB at 100 MB/s, then at most the populated pages again.

@@ -188,7 +188,11 @@ impl VcpuSet {
             let (me, stop2) = (Arc::downgrade(self), stop.clone());
             if let Ok(h) = std::thread::Builder::new().name("throttle".into()).spawn(move || {
                 while !stop2.load(Ordering::SeqCst) {
-                    std::thread::sleep(THROTTLE_PERIOD);
+                    // As QEMU's throttle: each period is one timeslice of running plus the
+                    // vCPU's nap (`throttle_sleep`), so the guest runs (100 - pct) % of the
+                    // time. A fixed period would cut into the running part too.
+                    let pct = me.upgrade().map_or(0, |set| set.ctl.throttle.load(Ordering::SeqCst) as u32).min(99);
+                    std::thread::sleep(THROTTLE_PERIOD * 100 / (100 - pct));
                     let Some(set) = me.upgrade() else { return };
                     let s = set.lock();
                     set.kick_all(&s);
