@@ -20,6 +20,11 @@ pub struct Config {
     pub net: bool,
     pub ip: [u8; 4],
     pub mac: Option<[u8; 6]>,
+    /// `diskbench=`: the throughput workload (see `diskbench`), `secs=` its length, `qd=` the
+    /// requests kept in flight.
+    pub diskbench: crate::diskbench::Op,
+    pub secs: u64,
+    pub qd: u64,
 }
 
 impl Config {
@@ -38,6 +43,9 @@ impl Config {
         net: false,
         ip: [10, 0, 2, 15],
         mac: None,
+        diskbench: crate::diskbench::Op::None,
+        secs: 5,
+        qd: 1,
     };
 }
 
@@ -112,6 +120,7 @@ pub fn parse(line: &[u8]) -> Config {
                     c.mac = Some(m);
                 }
             }
+            b"diskbench" => c.diskbench = crate::diskbench::Op::parse(v),
             b"disk" => match v {
                 b"on" => c.disk = true,
                 b"off" => c.disk = false,
@@ -128,6 +137,8 @@ pub fn parse(line: &[u8]) -> Config {
                     b"cpus" => c.cpus = n,
                     b"smp_wait_ms" => c.smp_wait_ms = n.min(10_000),
                     b"disk_mib" => c.disk_mib = n.min(1 << 20),
+                    b"secs" if n > 0 => c.secs = n.min(3600),
+                    b"qd" if n > 0 => c.qd = n.min(crate::virtio::SLOTS as u64),
                     _ => {}
                 }
             }

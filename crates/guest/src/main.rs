@@ -9,6 +9,7 @@
 mod boot;
 mod config;
 mod disk;
+mod diskbench;
 mod fmt;
 mod kernel;
 mod mem;

@@ -232,6 +232,9 @@ pub extern "C" fn bsp_user(_: u64) -> ! {
         .s(" boot_ms=").u((rdtsc() - unsafe { crate::boot::boot_tsc }) / ms)
         .send();
     Line::new().s("GUEST READY cpus=").u(up).s(" mem=").u(U.mem_mib.load(Relaxed)).send();
+    if c.diskbench != crate::diskbench::Op::None {
+        crate::diskbench::run(&c, lay.region, lay.pages * PAGE);
+    }
 
     let hb_period = c.hb_ms * ms;
     let hb = Heartbeat { compact: c.compact, disk: c.disk, period: hb_period, next: rdtsc() + hb_period };

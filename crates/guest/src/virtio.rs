@@ -1,5 +1,7 @@
 //! A polled virtio-blk driver over virtio-mmio (virtio 1.x, register layout version 2), run at
-//! CPL3: one virtqueue, one request in flight, no interrupts (VIRTQ_AVAIL_F_NO_INTERRUPT).
+//! CPL3: one virtqueue, no interrupts (VIRTQ_AVAIL_F_NO_INTERRUPT). The disk ledger keeps one
+//! request in flight (`submit`/`poll`, slot 0); the throughput benchmark up to [`SLOTS`]
+//! (`push`/`kick`/`reap`): slot k owns descriptors 3k..3k+2 and its own header and status byte.
 //! Transports are looked for at QEMU microvm's addresses, `0xfeb00000 + i * 0x200`, i < 24.
 
 use core::ptr::{read_volatile, write_volatile};
@@ -42,7 +44,9 @@ pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
 pub const T_FLUSH: u32 = 4;
 
-const QSIZE: u16 = 16;
+const QSIZE: u16 = 64;
+/// Requests that can be in flight at once (three descriptors each).
+pub const SLOTS: usize = 16;
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 
@@ -51,11 +55,11 @@ const DESC_F_WRITE: u16 = 2;
 struct QueueMem {
     desc: [[u64; 2]; QSIZE as usize], // addr, (len u32 | flags u16 | next u16)
     avail: [u16; 3 + QSIZE as usize],
-    _pad0: [u8; 512 - 2 * (3 + QSIZE as usize)],
+    _pad0: [u8; 256 - 2 * (3 + QSIZE as usize)],
     used: [u32; 1 + 2 * QSIZE as usize + 1],
-    _pad1: [u8; 256],
-    hdr: [u64; 2],
-    status: [u8; 16],
+    _pad1: [u8; 248],
+    hdr: [[u64; 2]; SLOTS],
+    status: [[u8; 16]; SLOTS],
 }
 static QMEM: crate::kernel::Racy<QueueMem> = crate::kernel::Racy::new(unsafe { core::mem::zeroed() });
 
@@ -68,6 +72,8 @@ pub struct Blk {
     /// Capacity in 512-byte sectors.
     pub capacity: u64,
     pub busy: bool,
+    /// Requests that fit in flight at once with this queue size (at most [`SLOTS`]).
+    pub slots: usize,
 }
 
 #[inline(always)]
@@ -143,40 +149,69 @@ impl Blk {
                 break c;
             }
         };
-        Ok(Blk { base, qn: n as u16, avail_idx: 0, used_seen: 0, flush: want & F_BLK_FLUSH != 0, capacity, busy: false })
+        let slots = (n as usize / 3).min(SLOTS);
+        Ok(Blk { base, qn: n as u16, avail_idx: 0, used_seen: 0, flush: want & F_BLK_FLUSH != 0, capacity, busy: false, slots })
     }
 
     /// Queue one request (header, optional data buffer, status) and notify the device.
     pub fn submit(&mut self, kind: u32, sector: u64, buf: u64, len: u32) {
+        self.push(0, kind, sector, buf, len);
+        self.kick();
+        self.busy = true;
+    }
+
+    /// Make request `slot` (< `slots`, not in flight) available to the device, without
+    /// notifying it yet.
+    pub fn push(&mut self, slot: usize, kind: u32, sector: u64, buf: u64, len: u32) {
         let q = QMEM.get();
+        let d0 = (3 * slot) as u16;
         unsafe {
-            write_volatile(&raw mut (*q).hdr[0], kind as u64);
-            write_volatile(&raw mut (*q).hdr[1], sector);
-            write_volatile(&raw mut (*q).status[0], 0xff);
-            let hdr = &raw const (*q).hdr as u64;
-            let st = &raw const (*q).status as u64;
+            write_volatile(&raw mut (*q).hdr[slot][0], kind as u64);
+            write_volatile(&raw mut (*q).hdr[slot][1], sector);
+            write_volatile(&raw mut (*q).status[slot][0], 0xff);
+            let hdr = &raw const (*q).hdr[slot] as u64;
+            let st = &raw const (*q).status[slot] as u64;
             let d = &raw mut (*q).desc;
             let pack = |len: u32, flags: u16, next: u16| len as u64 | (flags as u64) << 32 | (next as u64) << 48;
-            write_volatile(&raw mut (*d)[0][0], hdr);
+            let (i0, i1, i2) = (d0 as usize, d0 as usize + 1, d0 as usize + 2);
+            write_volatile(&raw mut (*d)[i0][0], hdr);
             if len > 0 {
-                write_volatile(&raw mut (*d)[0][1], pack(16, DESC_F_NEXT, 1));
+                write_volatile(&raw mut (*d)[i0][1], pack(16, DESC_F_NEXT, d0 + 1));
                 let f = if kind == T_IN { DESC_F_WRITE | DESC_F_NEXT } else { DESC_F_NEXT };
-                write_volatile(&raw mut (*d)[1][0], buf);
-                write_volatile(&raw mut (*d)[1][1], pack(len, f, 2));
+                write_volatile(&raw mut (*d)[i1][0], buf);
+                write_volatile(&raw mut (*d)[i1][1], pack(len, f, d0 + 2));
             } else {
-                write_volatile(&raw mut (*d)[0][1], pack(16, DESC_F_NEXT, 2));
+                write_volatile(&raw mut (*d)[i0][1], pack(16, DESC_F_NEXT, d0 + 2));
             }
-            write_volatile(&raw mut (*d)[2][0], st);
-            write_volatile(&raw mut (*d)[2][1], pack(1, DESC_F_WRITE, 0));
+            write_volatile(&raw mut (*d)[i2][0], st);
+            write_volatile(&raw mut (*d)[i2][1], pack(1, DESC_F_WRITE, 0));
             let a = &raw mut (*q).avail;
-            write_volatile(&raw mut (*a)[2 + (self.avail_idx % self.qn) as usize], 0);
+            write_volatile(&raw mut (*a)[2 + (self.avail_idx % self.qn) as usize], d0);
             compiler_fence(SeqCst);
             self.avail_idx = self.avail_idx.wrapping_add(1);
             write_volatile(&raw mut (*a)[1], self.avail_idx);
         }
+    }
+
+    /// Notify the device of what `push` made available.
+    pub fn kick(&mut self) {
         compiler_fence(SeqCst);
         wr(self.base, R_QUEUE_NOTIFY, 0);
-        self.busy = true;
+    }
+
+    /// The next completed request, if any: (slot, status byte).
+    pub fn reap(&mut self) -> Option<(usize, u8)> {
+        let q = QMEM.get();
+        let used_idx = unsafe { read_volatile(&raw const (*q).used[0]) >> 16 } as u16;
+        if used_idx == self.used_seen {
+            return None;
+        }
+        compiler_fence(SeqCst);
+        let e = (self.used_seen % self.qn) as usize;
+        let id = unsafe { read_volatile(&raw const (*q).used[1 + 2 * e]) } as usize;
+        self.used_seen = self.used_seen.wrapping_add(1);
+        let slot = (id / 3).min(SLOTS - 1);
+        Some((slot, unsafe { read_volatile(&raw const (*q).status[slot][0]) }))
     }
 
     /// The status byte of the request in flight once the device has completed it.
@@ -184,14 +219,8 @@ impl Blk {
         if !self.busy {
             return None;
         }
-        let q = QMEM.get();
-        let used_idx = unsafe { read_volatile(&raw const (*q).used[0]) >> 16 } as u16;
-        if used_idx == self.used_seen {
-            return None;
-        }
-        compiler_fence(SeqCst);
-        self.used_seen = used_idx;
+        let (_, st) = self.reap()?;
         self.busy = false;
-        Some(unsafe { read_volatile(&raw const (*q).status[0]) })
+        Some(st)
     }
 }
