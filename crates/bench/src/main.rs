@@ -6,6 +6,7 @@
 
 mod boot;
 mod ceiling;
+mod disk;
 mod forecast;
 mod migrate;
 mod snapshot;
@@ -28,6 +29,7 @@ const SCENARIOS: &[&str] = &[
     "mig-autoconv",
     "forecast",
     "snapshot",
+    "disk",
 ];
 
 #[derive(Parser, Debug)]
@@ -40,7 +42,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Only these scenarios (comma-separated): boot, mig-idle, mig-dirty, mig-4g, mig-noconv,
-    /// mig-postcopy, mig-autoconv, forecast, snapshot.
+    /// mig-postcopy, mig-autoconv, forecast, snapshot, disk.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run only one side: godwit or qemu (for trying things out; the table needs both).
@@ -572,6 +574,10 @@ fn main() {
                 metrics.push(r);
             }
         }
+    }
+
+    if only("disk") {
+        disk::run_all(a.runs, &b, &sides, &dir, &mut c, &mut metrics);
     }
 
     for ((scen, vmm), (n, first)) in &c.failures {

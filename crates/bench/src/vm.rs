@@ -73,8 +73,12 @@ pub struct Spec {
     pub monitor: Option<PathBuf>,
     /// `tcp:127.0.0.1:PORT`.
     pub incoming: Option<String>,
-    /// A qcow2 image attached as a virtio-blk device.
+    /// An image attached as a virtio-blk device (qcow2 unless `disk_format` says otherwise).
     pub disk: Option<PathBuf>,
+    /// `format=` of the disk (default qcow2).
+    pub disk_format: Option<String>,
+    /// `cache=` of the disk (default: the VMM's, writeback for both).
+    pub disk_cache: Option<String>,
     pub loadvm: Option<String>,
 }
 
@@ -122,10 +126,15 @@ pub fn command(bins: &Bins, vmm: Vmm, spec: &Spec) -> Command {
         if vmm == Vmm::Qemu {
             c.args(["-global", "virtio-mmio.force-legacy=false"]);
         }
-        c.arg("-drive").arg(format!(
-            "if=none,id=d0,format=qcow2,file={}",
+        let mut drive = format!(
+            "if=none,id=d0,format={},file={}",
+            spec.disk_format.as_deref().unwrap_or("qcow2"),
             disk.display()
-        ));
+        );
+        if let Some(cache) = &spec.disk_cache {
+            drive += &format!(",cache={cache}");
+        }
+        c.arg("-drive").arg(drive);
         c.args(["-device", "virtio-blk-device,drive=d0"]);
     }
     if let Some(i) = &spec.incoming {
