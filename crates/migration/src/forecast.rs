@@ -16,8 +16,9 @@ pub struct Sample {
     pub window_s: f64,
     /// Distinct pages dirtied in the whole window.
     pub dirty_pages: u64,
-    /// Pages dirtied per second, from the window's first part (before a small working set
-    /// saturates and hides the rate).
+    /// Pages dirtied per second, from the window's last part: once dirty logging is on and
+    /// the log was harvested once, as during a migration's rounds (turning logging on stalls
+    /// the guest for a moment here).
     pub rate_pages_s: f64,
     /// The guest's working set when the window showed it saturating (distinct pages grew
     /// much slower than the rate), else unknown.
@@ -58,7 +59,7 @@ impl Sample {
     }
 }
 
-/// Share of the window used to measure the rate.
+/// Share of the window (its end) used to measure the rate.
 const RATE_SHARE: f64 = 0.4;
 /// Populated pages looked at to estimate how many hold data.
 const ZERO_PROBES: u64 = 16384;
@@ -73,26 +74,27 @@ pub fn sample(vm: &dyn MigratableVm, window: Duration) -> Result<Sample> {
     let data_pages = estimate_data_pages(&regions, &pop, populated);
     let total: u64 = regions.iter().map(|r| r.size / PAGE_SIZE as u64).sum();
     vm.set_dirty_logging(true).map_err(MigrationError::Vm)?;
-    let res = (|| -> Result<(f64, f64, u64, f64)> {
+    let res = (|| -> Result<(f64, f64, u64)> {
         vm.take_dirty().map_err(MigrationError::Vm)?;
         let t0 = Instant::now();
-        std::thread::sleep(window.mul_f64(RATE_SHARE));
-        let mut first = vm.take_dirty().map_err(MigrationError::Vm)?;
-        let t_first = t0.elapsed().as_secs_f64();
-        let n_first = first.iter().map(|b| count(b)).sum::<u64>();
         std::thread::sleep(window.mul_f64(1.0 - RATE_SHARE));
-        let rest = vm.take_dirty().map_err(MigrationError::Vm)?;
-        for (a, b) in first.iter_mut().zip(&rest) {
+        let mut seen = vm.take_dirty().map_err(MigrationError::Vm)?;
+        let t1 = Instant::now();
+        std::thread::sleep(window.mul_f64(RATE_SHARE));
+        let last = vm.take_dirty().map_err(MigrationError::Vm)?;
+        let n_last = last.iter().map(|b| count(b)).sum::<u64>();
+        let rate = n_last as f64 / t1.elapsed().as_secs_f64().max(1e-6);
+        for (a, b) in seen.iter_mut().zip(&last) {
             for (x, y) in a.iter_mut().zip(b) {
                 *x |= *y;
             }
         }
-        let union = first.iter().map(|b| count(b)).sum::<u64>();
-        Ok((t0.elapsed().as_secs_f64(), n_first as f64 / t_first.max(1e-6), union, t_first))
+        let union = seen.iter().map(|b| count(b)).sum::<u64>();
+        Ok((t0.elapsed().as_secs_f64(), rate, union))
     })();
     let _ = vm.set_dirty_logging(false);
-    let (window_s, rate_pages_s, dirty_pages, _) = res?;
-    // At the first part's rate the whole window would have found this many distinct pages;
+    let (window_s, rate_pages_s, dirty_pages) = res?;
+    // At the measured rate the whole window would have found this many distinct pages;
     // far fewer means the guest keeps rewriting a set that small.
     let working_set = (rate_pages_s * window_s > 1.25 * dirty_pages as f64 && dirty_pages > 0).then_some(dirty_pages);
     Ok(Sample { window_s, dirty_pages, rate_pages_s, working_set, populated_pages: populated, data_pages, total_pages: total, setup_s })

@@ -338,3 +338,21 @@ pub fn check_dump(raw: &[u8], sectors: usize) -> (usize, u64) {
     }
     (written, gmax)
 }
+
+/// The destination's first heartbeat (`first`, the last line in `dst_seen`) continues the
+/// source's sequence: no gap, no repeat. The switchover can cut a heartbeat line in two (its
+/// start printed by the source, its end by the destination); that heartbeat counts as the
+/// source's last, and the destination then shows the rest of it before its first full line.
+#[allow(dead_code)]
+pub fn assert_seq_continues(src_seen: &[String], dst_seen: &[String], first: &str) {
+    let last_src = seqs(src_seen).into_iter().max().expect("no heartbeat from the source");
+    let before_first = dst_seen.iter().take_while(|l| !l.starts_with("HEARTBEAT")).count();
+    let cut = before_first > 0;
+    let expected = last_src + if cut { 2 } else { 1 };
+    assert_eq!(
+        field(first, "seq"),
+        Some(expected),
+        "gap or repeat: source's last full heartbeat {last_src}, destination's first {first:?} (after {:?})",
+        &dst_seen[..before_first]
+    );
+}
