@@ -103,6 +103,9 @@ Godwit, a KVM virtual machine monitor for moving running VMs (QEMU-compatible op
   -qmp SPEC            QMP server, same syntax
   -loadvm TAG          start from the internal snapshot TAG of the disk image
   -drive file=PATH[,format=raw|qcow2][,if=virtio|none][,id=ID][,readonly=on][,snapshot=on]
+         [,cache=writeback|none|directsync|writethrough|unsafe]
+                       cache as in QEMU: none/directsync = O_DIRECT, directsync/writethrough
+                       = O_DSYNC, unsafe = the guest's flushes are ignored
   -device virtio-blk-device,drive=ID
   -netdev tap,id=ID,ifname=NAME[,script=no|PATH][,downscript=no|PATH]
                        a tap backend (opened with a vnet header; no script by default)
