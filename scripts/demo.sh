@@ -37,10 +37,10 @@ hmp() { # run HMP commands over the TCP monitor, print the answers
   exec 4<>"/dev/tcp/127.0.0.1/$MON"
   for c in "$@"; do printf '%s\n' "$c" >&4; done
   sleep "${HMP_WAIT:-0.3}"; printf 'quit_monitor_session\n' >/dev/null
-  timeout 1 cat <&4 | tr -d '\r' | grep -v '^(godwit) $' || true
+  timeout 1 cat <&4 | tr -d '\r' | grep -v '^(qemu) $' || true
   exec 4>&-
 }
-echo "== (godwit) migrate tcp:127.0.0.1:$PORT"
+echo "== (qemu) migrate tcp:127.0.0.1:$PORT"
 HMP_WAIT=5 hmp "migrate_set_parameter downtime-limit 30" "migrate tcp:127.0.0.1:$PORT" "info migrate" "info status" \
   | grep -vE "^Godwit .* monitor|^\(godwit\) (migrate_set|info)" 
 echo "== destination"

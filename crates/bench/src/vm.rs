@@ -46,11 +46,9 @@ impl Vmm {
             Vmm::Qemu => "qemu",
         }
     }
+    /// The HMP prompt (Godwit uses QEMU's).
     pub fn prompt(self) -> &'static str {
-        match self {
-            Vmm::Godwit => "(godwit) ",
-            Vmm::Qemu => "(qemu) ",
-        }
+        "(qemu) "
     }
 }
 

@@ -148,7 +148,7 @@ fn binary_garbage_on_both_protocols() {
         });
         let mut seen = String::new();
         let mut buf = [0u8; 65536];
-        while !seen.contains("VM status: running\r\n(godwit) ") {
+        while !seen.contains("VM status: running\r\n(qemu) ") {
             let n = h.r.read(&mut buf).unwrap();
             assert!(n > 0);
             seen.push_str(&String::from_utf8_lossy(&buf[..n]));
@@ -190,7 +190,7 @@ fn half_closed_and_vanishing_clients() {
     h.w.shutdown_write();
     let mut rest = String::new();
     h.r.read_to_string(&mut rest).unwrap();
-    assert_eq!(rest, "(godwit) VM status: running\r\n(godwit) ");
+    assert_eq!(rest, "(qemu) VM status: running\r\n(qemu) ");
     assert_eq!(survivor.event()["event"], "RESUME");
 
     // A client that disappears in the middle of a long command: the command completes,

@@ -82,11 +82,11 @@ fn nographic_console_switches_between_guest_and_monitor() {
     stdin.write_all(b"hello\r").unwrap();
     out.expect("guest: hello\r\n");
     stdin.write_all(b"\x01c").unwrap();
-    out.expect("type 'help' for more information\r\n(godwit) ");
+    out.expect("type 'help' for more information\r\n(qemu) ");
     stdin.write_all(b"info status\r").unwrap();
-    assert_eq!(out.expect("(godwit) "), "VM status: running\r\n(godwit) ");
+    assert_eq!(out.expect("(qemu) "), "VM status: running\r\n(qemu) ");
     stdin.write_all(b"stop\rinfo status\r").unwrap();
-    out.expect("VM status: paused\r\n(godwit) ");
+    out.expect("VM status: paused\r\n(qemu) ");
     stdin.write_all(b"\x01c").unwrap();
     stdin.write_all(b"back in the guest\n").unwrap();
     out.expect("guest: back in the guest\r\n");

@@ -105,9 +105,9 @@ fn input_routing_and_escapes() {
     // To the monitor: banner and prompt, then commands run there, not in the guest.
     mux.feed(b"\x01c");
     assert_eq!(mux.focus(), Focus::Monitor);
-    out.wait_for("(godwit) ");
+    out.wait_for("(qemu) ");
     mux.feed(b"stop\rinfo status\r");
-    out.wait_for("VM status: paused\r\n(godwit) ");
+    out.wait_for("VM status: paused\r\n(qemu) ");
     assert_eq!(monitor::Backend::run_state(&*vm.vm), RunState::Paused);
     assert_eq!(
         &*got.lock().unwrap(),
@@ -138,13 +138,13 @@ fn echo_mode_edits_lines_like_a_terminal() {
         ..Default::default()
     });
     assert_eq!(mux.focus(), Focus::Monitor);
-    out.wait_for("(godwit) ");
+    out.wait_for("(qemu) ");
     let mut input: &[u8] = b"info statux\x7fs\r";
     let exit = mux.run(&mut input).unwrap(); // EOF after the line: waits for the monitor thread
     assert_eq!(exit, MuxExit::Eof);
     let t = out.text();
     assert!(
-        t.contains("info statux\x08 \x08s\r\nVM status: running\r\n(godwit) "),
+        t.contains("info statux\x08 \x08s\r\nVM status: running\r\n(qemu) "),
         "{t:?}"
     );
 }

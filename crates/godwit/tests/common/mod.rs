@@ -220,7 +220,7 @@ impl Hmp {
         use std::io::Read;
         let mut out = Vec::new();
         let mut b = [0u8; 4096];
-        while !out.ends_with(b"(godwit) ") {
+        while !out.ends_with(b"(qemu) ") {
             let n = self.s.read(&mut b).ok()?;
             if n == 0 {
                 return None;
@@ -234,13 +234,13 @@ impl Hmp {
         use std::io::Read;
         let mut out = Vec::new();
         let mut b = [0u8; 4096];
-        while !out.ends_with(b"(godwit) ") {
+        while !out.ends_with(b"(qemu) ") {
             let n = self.s.read(&mut b).expect("monitor read");
             assert!(n > 0, "monitor closed; got {:?}", String::from_utf8_lossy(&out));
             out.extend_from_slice(&b[..n]);
         }
         let s = String::from_utf8_lossy(&out).into_owned();
-        s.trim_end_matches("(godwit) ").replace('\r', "").to_string()
+        s.trim_end_matches("(qemu) ").replace('\r', "").to_string()
     }
 
     /// Runs one command and returns its output (without the prompt).

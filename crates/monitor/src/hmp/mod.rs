@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The prompt, as QEMU's `(qemu) `.
-pub const PROMPT: &str = "(godwit) ";
+pub const PROMPT: &str = "(qemu) ";
 
 /// How often a foreground `migrate` polls `query-migrate`, and how often it prints progress.
 const MIGRATE_POLL: Duration = Duration::from_millis(50);

@@ -222,7 +222,7 @@ pub struct Hmp {
     pub banner: String,
 }
 
-pub const PROMPT: &str = "(godwit) ";
+pub const PROMPT: &str = "(qemu) ";
 
 impl Hmp {
     pub fn connect(addr: &ListenAddr) -> Hmp {
