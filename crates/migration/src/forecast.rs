@@ -163,7 +163,7 @@ pub fn predict(s: &Sample, bandwidth: f64, p: &Params, auto: bool) -> Prediction
         let r = s.rate_pages_s * (1.0 - throttle as f64 / 100.0);
         let dirty = (r * t).min(cap);
         let send_s = dirty * page / bandwidth;
-        let shrinking = prev.is_some_and(|p| dirty < 0.75 * p);
+        let shrinking = prev.is_none_or(|p| dirty < 0.75 * p);
         if send_s <= limit_s && (send_s <= limit_s / 4.0 || !shrinking || round > 30) {
             let down = send_s + SWITCHOVER_S;
             return Prediction { converges: true, rounds: round, total_ms: (total + down) * 1e3, downtime_ms: down * 1e3, throttle };

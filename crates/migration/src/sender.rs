@@ -173,7 +173,8 @@ impl Run<'_> {
             // round still shrinks the dirty set by a quarter, down to a quarter of the limit:
             // a few more short rounds for a much shorter pause.
             let limit = self.params.downtime_limit_ms as f64;
-            let shrinking = prev_dirty.is_some_and(|p| (n as f64) < 0.75 * p as f64);
+            // After the first pass nothing says yet whether rounds shrink: assume they do.
+            let shrinking = prev_dirty.is_none_or(|p| (n as f64) < 0.75 * p as f64);
             if expected_ms <= limit && (expected_ms <= limit / 4.0 || !shrinking || round > 30) {
                 break dirty;
             }
