@@ -20,7 +20,11 @@
 //! **Destination → source**: small frames `u8 kind | u32 len | body`:
 //! `1 READY` (HELLO accepted), `2 ERROR` (UTF-8 reason; the destination then exits without
 //! having run the guest), `3 RUNNING` (postcard [`Running`]: the guest runs on the destination;
-//! only now is the migration complete and may the source stop caring about its copy).
+//! only now is the migration complete and may the source stop caring about its copy),
+//! `7 ROUND_ACK` (postcard `u32`: the round number of a `ROUND_END` the destination has taken
+//! in). The source waits for each `ROUND_ACK` before its next decision, so a round (and the
+//! bandwidth measured over it) ends when its data has arrived, not when it left the source's
+//! buffers, and the pause never starts with data still queued on the way.
 //!
 //! **Post-copy extension** (same protocol version; a source only sends these records after the
 //! operator asked for post-copy, and a destination without post-copy refuses them as unknown
@@ -126,6 +130,8 @@ pub enum Reply {
     Complete,
     /// Post-copy recovery: pages the destination still lacks.
     Missing(Missing),
+    /// The destination has taken in the round with this number (its `ROUND_END`).
+    RoundAck(u32),
 }
 
 const MAX_REPLY: u32 = 64 * 1024;
@@ -138,6 +144,7 @@ pub fn write_reply<W: Write + ?Sized>(w: &mut W, r: &Reply) -> Result<()> {
         Reply::Request(x) => (4, encode(x)?),
         Reply::Complete => (5, Vec::new()),
         Reply::Missing(x) => (6, encode(x)?),
+        Reply::RoundAck(n) => (7, encode(n)?),
     };
     let mut frame = Vec::with_capacity(5 + body.len());
     frame.push(kind);
@@ -167,6 +174,7 @@ pub fn read_reply<R: Read + ?Sized>(r: &mut R) -> Result<Reply> {
         4 => Ok(Reply::Request(decode(&body)?)),
         5 if len == 0 => Ok(Reply::Complete),
         6 => Ok(Reply::Missing(decode(&body)?)),
+        7 => Ok(Reply::RoundAck(decode(&body)?)),
         k => Err(MigrationError::Protocol(format!("unknown reply kind {k}"))),
     }
 }

@@ -110,6 +110,7 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
                 let re: RoundEnd = protocol::decode(&body)?;
                 st.rounds = re.round + 1;
                 last_round_end = Instant::now();
+                protocol::write_reply(back, &Reply::RoundAck(re.round))?;
                 // The switchover may come next: wait for it awake.
                 r.get_mut().get_mut().set_spin(SPIN_AFTER_ROUND);
             }

@@ -142,7 +142,7 @@ impl Run<'_> {
         let mut bandwidth = DEFAULT_BANDWIDTH;
         let mut last_harvest = Instant::now();
         // A round cut short by `migrate_start_postcopy` leaves its pages to the next harvest.
-        let mut carry = (!self.round(&mut w, 0, &marks, false, &mut bandwidth)?).then(|| marks.clone());
+        let mut carry = (!self.round(&mut w, &mut replies, 0, &marks, false, &mut bandwidth)?).then(|| marks.clone());
         // Pages never touched are zero pages too (QEMU's "duplicate"); they were not even read.
         let untouched: u64 = regions.iter().zip(&marks).map(|(r, m)| r.size / PAGE_SIZE as u64 - count(m)).sum();
         self.shared.update(|s| s.duplicate += untouched);
@@ -201,7 +201,7 @@ impl Run<'_> {
                     tracing::info!("auto-converge: vCPUs throttled to {throttle}%");
                 }
             }
-            if !self.round(&mut w, round, &dirty, true, &mut bandwidth)? {
+            if !self.round(&mut w, &mut replies, round, &dirty, true, &mut bandwidth)? {
                 carry = Some(dirty);
             }
             round += 1;
@@ -211,7 +211,7 @@ impl Run<'_> {
 
     /// Sends one round of marked pages and closes it with ROUND_END.
     /// Returns false when `migrate_start_postcopy` cut it short.
-    fn round(&self, w: &mut Writer, round: u32, marks: &[Vec<u64>], record_zero: bool, bw: &mut f64) -> Result<bool> {
+    fn round(&self, w: &mut Writer, replies: &mut SpinReader, round: u32, marks: &[Vec<u64>], record_zero: bool, bw: &mut f64) -> Result<bool> {
         let start = Instant::now();
         let before = w.bytes_written();
         let regions = self.vm.ram_regions();
@@ -230,6 +230,12 @@ impl Run<'_> {
         let pages = st.data_pages + st.zero_pages;
         w.control(TAG_ROUND_END, &protocol::encode(&RoundEnd { round, pages })?)?;
         w.flush()?;
+        // The round ends when the destination has it (see ROUND_ACK in protocol.rs).
+        match protocol::read_reply(replies)? {
+            Reply::RoundAck(n) if n == round => {}
+            Reply::Error(e) => return Err(MigrationError::Refused(e)),
+            other => return Err(MigrationError::Protocol(format!("expected ROUND_ACK {round}, got {other:?}"))),
+        }
         let bytes = w.bytes_written() - before;
         let elapsed = start.elapsed().as_secs_f64().max(1e-6);
         if bytes >= 2 << 20 {

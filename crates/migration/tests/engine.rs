@@ -272,6 +272,8 @@ fn truncated_and_corrupted_streams_never_resume_the_destination() {
             if !acked && all.len() >= 17 {
                 acked = true;
                 migration::protocol::write_reply(&mut c, &migration::protocol::Reply::Ready).unwrap();
+                // The guest is static: one round, whose end the source waits to see acknowledged.
+                migration::protocol::write_reply(&mut c, &migration::protocol::Reply::RoundAck(0)).unwrap();
             }
             if all.ends_with(&[]) && all.len() > 1000 && all[all.len() - 13] == 0x0F {
                 migration::protocol::write_reply(
