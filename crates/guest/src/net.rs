@@ -16,37 +16,15 @@
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{compiler_fence, AtomicU64, Ordering::*};
 
-const MMIO_BASE: u64 = 0xfeb0_0000;
-const MMIO_STRIDE: u64 = 0x200;
-const MMIO_SLOTS: u64 = 24;
-const MAGIC: u32 = 0x7472_6976;
-
-const R_MAGIC: u64 = 0x000;
-const R_VERSION: u64 = 0x004;
-const R_DEVICE_ID: u64 = 0x008;
-const R_DEV_FEATURES: u64 = 0x010;
-const R_DEV_FEATURES_SEL: u64 = 0x014;
-const R_DRV_FEATURES: u64 = 0x020;
-const R_DRV_FEATURES_SEL: u64 = 0x024;
-const R_QUEUE_SEL: u64 = 0x030;
-const R_QUEUE_NUM_MAX: u64 = 0x034;
-const R_QUEUE_NUM: u64 = 0x038;
-const R_QUEUE_READY: u64 = 0x044;
-const R_QUEUE_NOTIFY: u64 = 0x050;
-const R_STATUS: u64 = 0x070;
-const R_QUEUE_DESC: u64 = 0x080;
-const R_QUEUE_DRIVER: u64 = 0x090;
-const R_QUEUE_DEVICE: u64 = 0x0a0;
-const R_CONFIG: u64 = 0x100;
-
-const S_ACK: u32 = 1;
-const S_DRIVER: u32 = 2;
-const S_DRIVER_OK: u32 = 4;
-const S_FEATURES_OK: u32 = 8;
+use crate::virtio::{
+    rd, wr, F_VERSION_1, MAGIC, MMIO_BASE, MMIO_SLOTS, MMIO_STRIDE, R_CONFIG, R_DEVICE_ID, R_DEV_FEATURES,
+    R_DEV_FEATURES_SEL, R_DRV_FEATURES, R_DRV_FEATURES_SEL, R_MAGIC, R_QUEUE_DESC, R_QUEUE_DEVICE, R_QUEUE_DRIVER,
+    R_QUEUE_NOTIFY, R_QUEUE_NUM, R_QUEUE_NUM_MAX, R_QUEUE_READY, R_QUEUE_SEL, R_STATUS, R_VERSION,
+    S_ACKNOWLEDGE as S_ACK, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK,
+};
 
 const F_MAC: u64 = 1 << 5;
 const F_MRG_RXBUF: u64 = 1 << 15;
-const F_VERSION_1: u64 = 1 << 32;
 
 const QN: usize = 16;
 const BUF: usize = 2048;
@@ -83,14 +61,6 @@ struct NetMem {
 }
 static MEM: crate::kernel::Racy<NetMem> = crate::kernel::Racy::new(unsafe { core::mem::zeroed() });
 
-#[inline(always)]
-fn rd(base: u64, off: u64) -> u32 {
-    unsafe { read_volatile((base + off) as *const u32) }
-}
-#[inline(always)]
-fn wr(base: u64, off: u64, v: u32) {
-    unsafe { write_volatile((base + off) as *mut u32, v) }
-}
 
 pub enum ProbeError {
     NoDevice,

@@ -7,38 +7,38 @@
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{compiler_fence, Ordering::SeqCst};
 
-const MMIO_BASE: u64 = 0xfeb0_0000;
-const MMIO_STRIDE: u64 = 0x200;
-const MMIO_SLOTS: u64 = 24;
-const MAGIC: u32 = 0x7472_6976;
+pub(crate) const MMIO_BASE: u64 = 0xfeb0_0000;
+pub(crate) const MMIO_STRIDE: u64 = 0x200;
+pub(crate) const MMIO_SLOTS: u64 = 24;
+pub(crate) const MAGIC: u32 = 0x7472_6976;
 
-const R_MAGIC: u64 = 0x000;
-const R_VERSION: u64 = 0x004;
-const R_DEVICE_ID: u64 = 0x008;
-const R_DEV_FEATURES: u64 = 0x010;
-const R_DEV_FEATURES_SEL: u64 = 0x014;
-const R_DRV_FEATURES: u64 = 0x020;
-const R_DRV_FEATURES_SEL: u64 = 0x024;
-const R_QUEUE_SEL: u64 = 0x030;
-const R_QUEUE_NUM_MAX: u64 = 0x034;
-const R_QUEUE_NUM: u64 = 0x038;
-const R_QUEUE_READY: u64 = 0x044;
-const R_QUEUE_NOTIFY: u64 = 0x050;
-const R_STATUS: u64 = 0x070;
-const R_QUEUE_DESC: u64 = 0x080;
-const R_QUEUE_DRIVER: u64 = 0x090;
-const R_QUEUE_DEVICE: u64 = 0x0a0;
-const R_CONFIG_GEN: u64 = 0x0fc;
-const R_CONFIG: u64 = 0x100;
+pub(crate) const R_MAGIC: u64 = 0x000;
+pub(crate) const R_VERSION: u64 = 0x004;
+pub(crate) const R_DEVICE_ID: u64 = 0x008;
+pub(crate) const R_DEV_FEATURES: u64 = 0x010;
+pub(crate) const R_DEV_FEATURES_SEL: u64 = 0x014;
+pub(crate) const R_DRV_FEATURES: u64 = 0x020;
+pub(crate) const R_DRV_FEATURES_SEL: u64 = 0x024;
+pub(crate) const R_QUEUE_SEL: u64 = 0x030;
+pub(crate) const R_QUEUE_NUM_MAX: u64 = 0x034;
+pub(crate) const R_QUEUE_NUM: u64 = 0x038;
+pub(crate) const R_QUEUE_READY: u64 = 0x044;
+pub(crate) const R_QUEUE_NOTIFY: u64 = 0x050;
+pub(crate) const R_STATUS: u64 = 0x070;
+pub(crate) const R_QUEUE_DESC: u64 = 0x080;
+pub(crate) const R_QUEUE_DRIVER: u64 = 0x090;
+pub(crate) const R_QUEUE_DEVICE: u64 = 0x0a0;
+pub(crate) const R_CONFIG_GEN: u64 = 0x0fc;
+pub(crate) const R_CONFIG: u64 = 0x100;
 
-const S_ACKNOWLEDGE: u32 = 1;
-const S_DRIVER: u32 = 2;
-const S_DRIVER_OK: u32 = 4;
-const S_FEATURES_OK: u32 = 8;
+pub(crate) const S_ACKNOWLEDGE: u32 = 1;
+pub(crate) const S_DRIVER: u32 = 2;
+pub(crate) const S_DRIVER_OK: u32 = 4;
+pub(crate) const S_FEATURES_OK: u32 = 8;
 
 const F_BLK_RO: u64 = 1 << 5;
 const F_BLK_FLUSH: u64 = 1 << 9;
-const F_VERSION_1: u64 = 1 << 32;
+pub(crate) const F_VERSION_1: u64 = 1 << 32;
 
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
@@ -77,11 +77,11 @@ pub struct Blk {
 }
 
 #[inline(always)]
-fn rd(base: u64, off: u64) -> u32 {
+pub(crate) fn rd(base: u64, off: u64) -> u32 {
     unsafe { read_volatile((base + off) as *const u32) }
 }
 #[inline(always)]
-fn wr(base: u64, off: u64, v: u32) {
+pub(crate) fn wr(base: u64, off: u64, v: u32) {
     unsafe { write_volatile((base + off) as *mut u32, v) }
 }
 

@@ -475,19 +475,9 @@ pub(crate) fn mark(regions: &[RamRegion], bits: &mut [Vec<u64>], gpa: u64, npage
 fn next_unsent(regions: &[RamRegion], unsent: &[Vec<u64>], cursor: &mut (usize, usize)) -> Option<(usize, usize)> {
     while cursor.0 < regions.len() {
         let npages = (regions[cursor.0].size / PAGE_SIZE as u64) as usize;
-        let bits = &unsent[cursor.0];
-        let mut p = cursor.1;
-        while p < npages {
-            let w = bits[p / 64] >> (p % 64);
-            if w == 0 {
-                p = (p / 64 + 1) * 64;
-                continue;
-            }
-            p += w.trailing_zeros() as usize;
-            if p < npages {
-                cursor.1 = p;
-                return Some((cursor.0, p));
-            }
+        if let Some(p) = crate::ram::next_set(&unsent[cursor.0], cursor.1, npages) {
+            cursor.1 = p;
+            return Some((cursor.0, p));
         }
         *cursor = (cursor.0 + 1, 0);
     }

@@ -55,23 +55,27 @@ pub fn count(bits: &[u64]) -> u64 {
     bits.iter().map(|w| w.count_ones() as u64).sum()
 }
 
+/// The first set bit at or after `from`, below `npages`.
+pub fn next_set(bits: &[u64], from: usize, npages: usize) -> Option<usize> {
+    let mut p = from;
+    while p < npages {
+        let w = bits[p / 64] >> (p % 64);
+        if w == 0 {
+            p = (p / 64 + 1) * 64;
+            continue;
+        }
+        p += w.trailing_zeros() as usize;
+        return (p < npages).then_some(p);
+    }
+    None
+}
+
 /// Runs of consecutive set bits as (first page, page count), capped at `max_run` pages.
 pub fn runs(bits: &[u64], npages: usize, max_run: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
     let mut p = 0usize;
     std::iter::from_fn(move || {
         let is = |i: usize| bits[i / 64] >> (i % 64) & 1 == 1;
-        while p < npages {
-            let w = bits[p / 64] >> (p % 64);
-            if w == 0 {
-                p = (p / 64 + 1) * 64;
-                continue;
-            }
-            p += w.trailing_zeros() as usize;
-            break;
-        }
-        if p >= npages {
-            return None;
-        }
+        p = next_set(bits, p, npages)?;
         let start = p;
         while p < npages && p - start < max_run && is(p) {
             p += 1;
