@@ -21,7 +21,7 @@ impl Qcow2 {
             let e = l1.get(l1_idx as usize).copied().unwrap_or(0);
             let l2 = e & OFFSET_MASK;
             if l2 == 0 {
-                piece.fill(0);
+                self.read_backing(off, piece)?;
             } else {
                 self.read_in_l2(l2, off, piece)?;
             }
@@ -58,6 +58,10 @@ impl Qcow2 {
                     self.flush_pending(buf, pend.take())?;
                     let data = self.decompress(e, h, l)?;
                     buf[pos..pos + n].copy_from_slice(&data[in_off as usize..in_off as usize + n]);
+                }
+                Kind::Unalloc => {
+                    self.flush_pending(buf, pend.take())?;
+                    self.read_backing(g, &mut buf[pos..pos + n])?;
                 }
                 _ => {
                     self.flush_pending(buf, pend.take())?;
@@ -102,9 +106,11 @@ impl Qcow2 {
         Ok(out)
     }
 
-    /// Full guest contents of the cluster described by L2 entry `e`.
-    fn cluster_contents(&mut self, e: u64, out: &mut [u8]) -> Result<()> {
+    /// Full guest contents of the cluster at guest offset `g` described by L2 entry `e`
+    /// (an unallocated cluster reads from the backing chain: copy-on-write of partial writes).
+    fn cluster_contents(&mut self, g: u64, e: u64, out: &mut [u8]) -> Result<()> {
         match self.classify(e) {
+            Kind::Unalloc => self.read_backing(g, out),
             Kind::Normal(h) => self.file.read_at(out, h).ctx("reading guest data"),
             Kind::Compressed(h, l) => {
                 let d = self.decompress(e, h, l)?;
@@ -239,7 +245,8 @@ impl Qcow2 {
                     m = q + 1;
                 } else {
                     let mut buf = vec![0u8; cs as usize];
-                    self.cluster_contents(ents[m as usize], &mut buf)?;
+                    let g = (off / cs + m) * cs;
+                    self.cluster_contents(g, ents[m as usize], &mut buf)?;
                     buf[cin as usize..cin as usize + (z - s)].copy_from_slice(&data[s..z]);
                     self.file.write_at(&buf, host).ctx("writing guest data")?;
                     m += 1;
@@ -285,6 +292,17 @@ impl Qcow2 {
         if zero_partial && b < end {
             self.write_active(b, &vec![0u8; (end - b) as usize])?;
         }
+        if self.h.version < 3 && self.backing.is_some() {
+            // v2 has no zero flag, and unallocated would expose the backing file: write zeros.
+            let chunk = vec![0u8; (cs * 16).min(b - a) as usize];
+            let mut g = a;
+            while g < b {
+                let n = (chunk.len() as u64).min(b - g);
+                self.write_active(g, &chunk[..n as usize])?;
+                g += n;
+            }
+            return Ok(());
+        }
         let newval = if self.h.version >= 3 { ZERO } else { 0 };
         let mut g = a;
         while g < b {
@@ -292,7 +310,8 @@ impl Qcow2 {
             let l1_idx = g / span;
             let n = (span - g % span).min(b - g);
             let e = self.l1.get(l1_idx as usize).copied().unwrap_or(0);
-            if e & OFFSET_MASK != 0 {
+            // Without an L2 table the range reads as zeros, unless a backing file shows through.
+            if e & OFFSET_MASK != 0 || self.backing.is_some() {
                 let l2 = self.writable_l2(l1_idx)?;
                 let first = (g / cs) % self.l2e;
                 let cnt = n / cs;

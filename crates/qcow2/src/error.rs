@@ -38,6 +38,26 @@ pub enum Error {
     /// `cache=none`/`directsync` on a file system that refuses `O_DIRECT`.
     #[error("Could not open with O_DIRECT (cache=none/directsync): {0}; the file system does not support direct I/O, use cache=writeback or cache=writethrough")]
     NoDirectIo(String),
+    /// A backing file could not be opened.
+    #[error("Could not open backing file '{name}' ({path}): {source}")]
+    BackingOpen {
+        /// The name stored in the overlay.
+        name: String,
+        /// The name resolved against the overlay's directory.
+        path: String,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
+    /// An image appears twice in its own backing chain.
+    #[error("backing chain loop: '{0}' is already part of this chain")]
+    BackingLoop(String),
+    /// The backing chain is deeper than the supported maximum.
+    #[error("backing chain too deep (more than {0} images)")]
+    BackingTooDeep(usize),
+    /// The image is locked by another user.
+    #[error("'{0}': {1}")]
+    Locked(String, String),
     /// A refcount would exceed the maximum for the image's refcount width.
     #[error("refcount overflow (refcount width {0} bits is too small)")]
     RefcountOverflow(u32),

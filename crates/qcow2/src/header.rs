@@ -16,6 +16,12 @@ pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 /// Extended L2 entries.
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
+/// Compression type byte: zlib (deflate).
+pub const COMPRESSION_ZLIB: u8 = 0;
+/// Compression type byte: zstd.
+pub const COMPRESSION_ZSTD: u8 = 1;
+/// Longest backing file name QEMU accepts.
+pub const MAX_BACKING_NAME: u64 = 1023;
 /// Compatible feature: lazy refcounts.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
@@ -90,6 +96,10 @@ pub struct Header {
     pub header_length: u32,
     /// Extensions in file order, unknown ones included.
     pub extensions: Vec<Extension>,
+    /// Backing file name as stored (relative names are relative to the image's directory).
+    pub backing_file: Option<String>,
+    /// Compression type (v3 header byte 104): 0 zlib, 1 zstd.
+    pub compression_type: u8,
 }
 
 fn be32(b: &[u8], o: usize) -> u32 {
@@ -144,10 +154,11 @@ impl Header {
             refcount_order: 4,
             header_length: 72,
             extensions: Vec::new(),
+            backing_file: None,
+            compression_type: 0,
         };
-        if be64(&b, 8) != 0 || be32(&b, 16) != 0 {
-            return Err(Error::Unsupported("backing files".into()));
-        }
+        let backing_off = be64(&b, 8);
+        let backing_len = be32(&b, 16) as u64;
         match be32(&b, 32) {
             0 => {}
             1 => return Err(Error::Unsupported("AES encryption".into())),
@@ -169,12 +180,13 @@ impl Header {
             if h.header_length > 104 && b[..].len() >= 105 {
                 let mut ct = [0u8; 1];
                 file.read_at(&mut ct, 104).ctx("reading the header")?;
-                if ct[0] != 0 {
+                if ct[0] > COMPRESSION_ZSTD {
                     return Err(Error::Unsupported(format!(
-                        "compression type {} (only zlib is supported)",
+                        "compression type {} (zlib and zstd are supported)",
                         ct[0]
                     )));
                 }
+                h.compression_type = ct[0];
             }
         }
         let known = INCOMPAT_DIRTY
@@ -191,9 +203,10 @@ impl Header {
         if h.incompatible & INCOMPAT_DATA_FILE != 0 {
             return Err(Error::Unsupported("external data file".into()));
         }
-        if h.incompatible & INCOMPAT_COMPRESSION != 0 {
-            return Err(Error::Unsupported(
-                "non-zlib compression type (zstd)".into(),
+        if (h.incompatible & INCOMPAT_COMPRESSION != 0) != (h.compression_type != 0) {
+            return corrupt(format!(
+                "compression type {} does not match the compression type (zstd) feature bit",
+                h.compression_type
             ));
         }
         if h.incompatible & INCOMPAT_EXTL2 != 0 {
@@ -258,7 +271,33 @@ impl Header {
             });
             p = (data_end + 7) & !7;
         }
+        if backing_off != 0 || backing_len != 0 {
+            if backing_len == 0 || backing_len > MAX_BACKING_NAME {
+                return corrupt(format!("backing file name length {backing_len} invalid"));
+            }
+            match backing_off.checked_add(backing_len) {
+                Some(end) if backing_off >= 72 && end <= cs => {}
+                _ => return corrupt("backing file name does not lie in the first cluster"),
+            }
+            let mut name = vec![0u8; backing_len as usize];
+            file.read_at(&mut name, backing_off)
+                .ctx("reading the backing file name")?;
+            let name = String::from_utf8(name)
+                .map_err(|_| Error::Unsupported("backing file name is not UTF-8".into()))?;
+            if name.contains('\0') {
+                return corrupt("backing file name contains a NUL byte");
+            }
+            h.backing_file = Some(name);
+        }
         Ok(h)
+    }
+
+    /// The backing format named by the backing-format header extension, if any.
+    pub fn backing_format(&self) -> Option<String> {
+        self.extensions
+            .iter()
+            .find(|e| e.kind == EXT_BACKING_FORMAT)
+            .map(|e| String::from_utf8_lossy(&e.data).into_owned())
     }
 
     /// Serialise the whole header (with extensions and end marker) for a new image.
@@ -266,6 +305,7 @@ impl Header {
         let mut v = Vec::with_capacity(512);
         v.extend_from_slice(&MAGIC.to_be_bytes());
         v.extend_from_slice(&self.version.to_be_bytes());
+        // Backing name offset and length: patched below once the extensions are laid out.
         v.extend_from_slice(&0u64.to_be_bytes());
         v.extend_from_slice(&0u32.to_be_bytes());
         v.extend_from_slice(&self.cluster_bits.to_be_bytes());
@@ -283,6 +323,9 @@ impl Header {
             v.extend_from_slice(&self.autoclear.to_be_bytes());
             v.extend_from_slice(&self.refcount_order.to_be_bytes());
             v.extend_from_slice(&self.header_length.to_be_bytes());
+            if self.header_length > 104 {
+                v.push(self.compression_type);
+            }
             v.resize(self.header_length as usize, 0);
         }
         for e in &self.extensions {
@@ -294,6 +337,12 @@ impl Header {
             }
         }
         v.extend_from_slice(&[0u8; 8]);
+        if let Some(name) = &self.backing_file {
+            let off = v.len() as u64;
+            v[8..16].copy_from_slice(&off.to_be_bytes());
+            v[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            v.extend_from_slice(name.as_bytes());
+        }
         v
     }
 }

@@ -7,6 +7,7 @@
 //! L2 entry, the L2 table before the L1 entry, and refcounts are dropped last. A writer killed at
 //! any point therefore leaves at most leaked clusters.
 
+use crate::backend::ImageFormat;
 use crate::cache::Lru;
 use crate::error::{corrupt, Error, IoCtx, Result};
 use crate::header::{self, Header};
@@ -39,6 +40,13 @@ pub struct OpenOptions {
     pub strict_barriers: bool,
     /// How the host file is opened (QEMU's `cache=`; see [`crate::hostfile`]).
     pub cache: crate::CacheMode,
+    /// Do not open the backing chain (reads of unallocated clusters then return zeros; used by
+    /// `rebase -u`, `info` without the chain, and tools that only touch the top layer).
+    pub no_backing: bool,
+    /// Do not take the shared locks on backing files (QEMU's `force-share`).
+    pub no_backing_locks: bool,
+    /// How backing files are opened (default: host files, see [`crate::backing::FileOpener`]).
+    pub backing_opener: Option<std::sync::Arc<dyn crate::backing::Opener>>,
 }
 
 /// Parameters for creating an image.
@@ -52,6 +60,10 @@ pub struct CreateOptions {
     pub version: u32,
     /// Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64 (v2 requires 16).
     pub refcount_bits: u32,
+    /// Backing file name to store (relative names are relative to the new image's directory).
+    pub backing_file: Option<String>,
+    /// Backing format to store in the `backing_fmt` header extension.
+    pub backing_format: Option<ImageFormat>,
 }
 
 impl Default for CreateOptions {
@@ -61,6 +73,8 @@ impl Default for CreateOptions {
             cluster_size: 65536,
             version: 3,
             refcount_bits: 16,
+            backing_file: None,
+            backing_format: None,
         }
     }
 }
@@ -95,6 +109,12 @@ pub struct Qcow2 {
     pub(crate) free_hint: u64,
     pub(crate) dirty_marked: bool,
     pub(crate) closed: bool,
+    /// The next layer of the backing chain, when open.
+    pub(crate) backing: Option<crate::backing::Backing>,
+    /// Where this image sits in its chain (path for relative backing names).
+    pub(crate) chain: crate::backing::ChainCtx,
+    /// The options it was opened with (to reopen the chain on refresh).
+    pub(crate) opts: OpenOptions,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -129,12 +149,40 @@ pub(crate) fn bytes_to_entries(b: &[u8]) -> Vec<u64> {
 impl Qcow2 {
     /// Open the qcow2 image at `path`.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Qcow2> {
-        let file = crate::hostfile::open_file(path.as_ref(), opts.read_only, opts.cache)?;
-        Self::open_storage(file, opts)
+        let path = path.as_ref();
+        let file = crate::hostfile::open_file(path, opts.read_only, opts.cache)?;
+        let id = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let ctx = crate::backing::ChainCtx {
+            path: Some(path.to_path_buf()),
+            seen: vec![id],
+        };
+        Self::open_chain(file, opts, ctx)
     }
 
-    /// Open an image on any [`Storage`].
+    /// Open an image on any [`Storage`] (a relative backing name is then relative to the
+    /// current directory, or handled by `opts.backing_opener`).
     pub fn open_storage(file: Box<dyn Storage>, opts: &OpenOptions) -> Result<Qcow2> {
+        Self::open_chain(file, opts, crate::backing::ChainCtx::default())
+    }
+
+    /// Open an image on `file` whose host path (for relative backing names) is `path`.
+    pub fn open_storage_at(
+        file: Box<dyn Storage>,
+        path: &Path,
+        opts: &OpenOptions,
+    ) -> Result<Qcow2> {
+        let ctx = crate::backing::ChainCtx {
+            path: Some(path.to_path_buf()),
+            seen: vec![path.to_path_buf()],
+        };
+        Self::open_chain(file, opts, ctx)
+    }
+
+    pub(crate) fn open_chain(
+        file: Box<dyn Storage>,
+        opts: &OpenOptions,
+        chain: crate::backing::ChainCtx,
+    ) -> Result<Qcow2> {
         let h = Header::read(file.as_ref())?;
         if h.incompatible & header::INCOMPAT_CORRUPT != 0 && !opts.read_only {
             return Err(Error::Corrupt(
@@ -161,8 +209,12 @@ impl Qcow2 {
             free_hint: 1,
             dirty_marked: false,
             closed: false,
+            backing: None,
+            chain,
+            opts: opts.clone(),
             h,
         };
+        img.open_backing_chain()?;
         img.load_tables()?;
         if !img.read_only {
             let was_dirty = img.h.incompatible & header::INCOMPAT_DIRTY != 0;
@@ -186,8 +238,30 @@ impl Qcow2 {
         if h.cluster_bits != self.cbits || h.refcount_order != self.h.refcount_order {
             return corrupt("cluster size or refcount width changed under us");
         }
+        let reopen = h.backing_file != self.h.backing_file || h.backing_format() != self.h.backing_format();
         self.h = h;
+        if reopen {
+            self.open_backing_chain()?;
+        }
         self.load_tables()
+    }
+
+    /// (Re)open the backing chain named by the header (nothing with `no_backing`).
+    pub(crate) fn open_backing_chain(&mut self) -> Result<()> {
+        self.backing = None;
+        if self.opts.no_backing {
+            return Ok(());
+        }
+        if let Some(name) = self.h.backing_file.clone() {
+            let fmt = self.h.backing_format();
+            self.backing = Some(crate::backing::open_backing(
+                &name,
+                fmt.as_deref(),
+                &self.opts,
+                &self.chain,
+            )?);
+        }
+        Ok(())
     }
 
     fn load_tables(&mut self) -> Result<()> {
@@ -224,14 +298,35 @@ impl Qcow2 {
 
     /// Create a new qcow2 image file at `path` (truncating an existing one) and open it.
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Qcow2> {
+        Self::create_with(path, opts, &OpenOptions::default())
+    }
+
+    /// Create like [`Qcow2::create`] and open the result with `open` (e.g. `no_backing` to
+    /// create over a backing file that is not there, as `qemu-img create -u`).
+    pub fn create_with(
+        path: impl AsRef<Path>,
+        opts: &CreateOptions,
+        open: &OpenOptions,
+    ) -> Result<Qcow2> {
+        let path = path.as_ref();
         let f = FsOpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(path.as_ref())
+            .open(path)
             .ctx("creating the image file")?;
-        Self::create_on(Box::new(FileStorage::new(f)), opts)
+        let mut img = Self::create_on(Box::new(FileStorage::new(f)), opts)?;
+        img.chain = crate::backing::ChainCtx {
+            path: Some(path.to_path_buf()),
+            seen: vec![std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())],
+        };
+        img.opts = OpenOptions {
+            read_only: false,
+            ..open.clone()
+        };
+        img.open_backing_chain()?;
+        Ok(img)
     }
 
     /// Format an empty [`Storage`] as qcow2 and open it read-write.
@@ -267,6 +362,17 @@ impl Qcow2 {
             )));
         }
         let mut extensions = Vec::new();
+        if let Some(f) = opts.backing_format {
+            extensions.push(header::Extension {
+                kind: header::EXT_BACKING_FORMAT,
+                data: f.to_string().into_bytes(),
+            });
+        }
+        if let Some(b) = &opts.backing_file {
+            if b.is_empty() || b.len() as u64 > header::MAX_BACKING_NAME || b.contains('\0') {
+                return Err(Error::InvalidArgument(format!("backing file name '{b}'")));
+            }
+        }
         // QEMU writes the feature-name table only when clusters are at least 8 KiB.
         if opts.version == 3 && cs >= 8192 {
             extensions.push(header::feature_table());
@@ -287,6 +393,8 @@ impl Qcow2 {
             refcount_order: rb.trailing_zeros(),
             header_length: if opts.version == 3 { 112 } else { 72 },
             extensions,
+            backing_file: opts.backing_file.clone(),
+            compression_type: 0,
         };
         let hb = h.to_bytes();
         if hb.len() as u64 > cs {
@@ -305,7 +413,11 @@ impl Qcow2 {
         }
         file.write_at(&c0, 0).ctx("writing the new image")?;
         file.sync().ctx("flushing the new image")?;
-        let mut img = Self::open_storage(file, &OpenOptions::default())?;
+        let no_chain = OpenOptions {
+            no_backing: true,
+            ..Default::default()
+        };
+        let mut img = Self::open_storage(file, &no_chain)?;
         img.grow_l1(l1_need, true)?;
         img.write_header_u64(header::OFF_SIZE, opts.size)?;
         img.sync()?;

@@ -42,6 +42,7 @@
 //! clusters last, so a crash leaves at most leaked clusters.
 
 mod backend;
+pub mod backing;
 mod cache;
 mod check;
 mod cluster;

@@ -21,6 +21,7 @@ fn base_image(cs: u64, version: u32) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
             cluster_size: cs,
             version,
             refcount_bits: 16,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -19,6 +19,7 @@ fn seed(version: u32, cs: u64, rb: u32) -> Vec<u8> {
             cluster_size: cs,
             version,
             refcount_bits: rb,
+            ..Default::default()
         },
     )
     .unwrap();

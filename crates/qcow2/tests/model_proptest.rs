@@ -106,6 +106,7 @@ fn run_case(
             cluster_size: cs,
             version,
             refcount_bits: rb,
+            ..Default::default()
         },
     )
     .unwrap();

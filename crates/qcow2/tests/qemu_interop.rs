@@ -251,6 +251,7 @@ fn our_images_pass_qemu_img() {
                 cluster_size: cs,
                 version,
                 refcount_bits: rb,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -530,6 +531,7 @@ fn one_bit_refcounts_refuse_snapshots() {
             cluster_size: 4096,
             version: 3,
             refcount_bits: 1,
+            ..Default::default()
         },
     )
     .unwrap();
