@@ -6,7 +6,17 @@ use crate::machine::Machine;
 use devices::VmRequest;
 use migration::receiver;
 use migration::transport::{Listener, Uri};
+use monitor::events::Event;
+use monitor::types::MigrationStatus;
 use std::sync::Arc;
+
+/// The destination's MIGRATION events (with the `events` capability, as QEMU): `active` while
+/// the stream is awaited and received, then `completed` or `failed`.
+fn emit(m: &Machine, status: MigrationStatus) {
+    if m.caps.events() {
+        m.events.emit(Event::Migration { status });
+    }
+}
 
 pub fn start(m: &Arc<Machine>, uri: &str) -> Result<(), String> {
     let parsed = Uri::parse(uri).map_err(|e| e.to_string())?;
@@ -23,7 +33,10 @@ pub fn start(m: &Arc<Machine>, uri: &str) -> Result<(), String> {
         .name("incoming".into())
         .spawn(move || {
             let h = m.handle();
-            match receiver::incoming(&h, &listener) {
+            emit(&m, MigrationStatus::Active);
+            let res = receiver::incoming(&h, &listener);
+            emit(&m, if res.is_ok() { MigrationStatus::Completed } else { MigrationStatus::Failed });
+            match res {
                 Ok(st) => eprintln!(
                     "godwit: incoming migration completed: {} rounds, {} MiB received in {:.1} ms, \
                      switchover {:.2} ms (state restore {:.2} ms)",

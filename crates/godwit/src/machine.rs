@@ -34,6 +34,8 @@ pub struct Machine {
     pub incoming_started: std::sync::atomic::AtomicBool,
     /// How NICs are announced after a migration or `loadvm` (`announce-*` parameters).
     pub announce: Arc<Mutex<net::AnnounceParams>>,
+    /// Migration capabilities the engine's parameters do not keep (`events`, inherent ones).
+    pub caps: crate::capabilities::Caps,
 }
 
 fn status_of(s: Status) -> MigrationStatus {
@@ -49,6 +51,7 @@ fn status_of(s: Status) -> MigrationStatus {
         Status::PostcopyActive => MigrationStatus::PostcopyActive,
         Status::PostcopyPaused => MigrationStatus::PostcopyPaused,
         Status::PostcopyRecover => MigrationStatus::PostcopyRecover,
+        Status::PreSwitchover => MigrationStatus::PreSwitchover,
     }
 }
 
@@ -100,6 +103,7 @@ impl Machine {
             disks,
             incoming_started: std::sync::atomic::AtomicBool::new(false),
             announce: Arc::new(Mutex::new(net::AnnounceParams::default())),
+            caps: Default::default(),
         })
     }
 
@@ -147,7 +151,9 @@ impl Machine {
             .spawn(move || {
                 let h = me.handle();
                 let ev = me.events.clone();
+                // MIGRATION / MIGRATION_PASS only with the `events` capability, as QEMU.
                 let res = sender::migrate(&h, &uri, &me.mig, &|e| match e {
+                    _ if !me.caps.events() => {}
                     sender::Event::Status(s) => ev.emit(Event::Migration { status: status_of(s) }),
                     sender::Event::Pass(p) => ev.emit(Event::MigrationPass { pass: p }),
                 });
@@ -421,33 +427,48 @@ impl Backend for MachineBackend {
         if self.0.migration_running() {
             return Err(CommandError::generic("There's a migration process in progress"));
         }
-        // Check everything first: an unsupported capability changes nothing.
-        for c in caps {
-            if c.state && c.capability != MigrationCapability::AutoConverge && c.capability != MigrationCapability::PostcopyRam {
-                return Err(CommandError::generic(format!(
-                    "Migration capability '{}' is not supported by Godwit yet",
-                    c.capability.as_str()
-                )));
-            }
-        }
+        // Check everything first: a refused capability changes nothing.
+        crate::capabilities::Caps::check(caps)?;
         let mut params = self.0.mig.params.lock().unwrap_or_else(|e| e.into_inner());
         for c in caps {
-            if c.capability == MigrationCapability::AutoConverge {
-                params.auto_converge = c.state;
-            }
-            if c.capability == MigrationCapability::PostcopyRam {
-                params.postcopy = c.state;
+            match c.capability {
+                MigrationCapability::AutoConverge => params.auto_converge = c.state,
+                MigrationCapability::PostcopyRam => params.postcopy = c.state,
+                MigrationCapability::PauseBeforeSwitchover => params.pause_before_switchover = c.state,
+                _ => {}
             }
         }
+        self.0.caps.apply(caps);
         Ok(())
     }
 
     fn query_migrate_capabilities(&self) -> Result<Vec<CapabilityStatus>, CommandError> {
         let p = self.0.mig.params();
-        Ok(vec![
-            CapabilityStatus { capability: MigrationCapability::AutoConverge, state: p.auto_converge },
-            CapabilityStatus { capability: MigrationCapability::PostcopyRam, state: p.postcopy },
-        ])
+        Ok(MigrationCapability::ALL
+            .iter()
+            .map(|&capability| CapabilityStatus {
+                capability,
+                state: match capability {
+                    MigrationCapability::AutoConverge => p.auto_converge,
+                    MigrationCapability::PostcopyRam => p.postcopy,
+                    MigrationCapability::PauseBeforeSwitchover => p.pause_before_switchover,
+                    other => self.0.caps.state(other),
+                },
+            })
+            .collect())
+    }
+
+    fn migrate_continue(&self, state: &str) -> CmdResult {
+        let now = self.0.mig.stats().status;
+        if now != migration::stats::Status::PreSwitchover || state != "pre-switchover" {
+            return Err(CommandError::generic(format!(
+                "Migration not in expected state: {} (it is {})",
+                state,
+                now.as_str()
+            )));
+        }
+        self.0.mig.switchover_continue.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     fn query_migrate_parameters(&self) -> Result<MigrationParameters, CommandError> {

@@ -2,6 +2,7 @@
 //! incoming migration if asked, and run until the guest or the user ends it. All logic lives
 //! in the library crates; this file wires them together.
 
+mod capabilities;
 mod cli;
 mod console;
 mod drives;

@@ -25,6 +25,8 @@ pub struct Shared {
     /// Post-copy recovery: the URI `migrate -r` / `migrate_recover` gave, for the waiting side.
     pub recover: Mutex<Option<String>>,
     pub recover_cv: std::sync::Condvar,
+    /// `migrate-continue` was issued while the migration waits in `pre-switchover`.
+    pub switchover_continue: AtomicBool,
 }
 
 impl Shared {
@@ -61,6 +63,7 @@ pub fn migrate(vm: &dyn MigratableVm, uri: &Uri, shared: &Shared, events: &dyn F
     let params = shared.params();
     let total: u64 = vm.ram_regions().iter().map(|r| r.size).sum();
     shared.cancel.store(false, Ordering::SeqCst);
+    shared.switchover_continue.store(false, Ordering::SeqCst);
     shared.update(|s| {
         *s = Stats {
             status: Status::Setup,
@@ -268,13 +271,41 @@ impl Run<'_> {
         Ok(true)
     }
 
+    /// `pause-before-switchover`: with the guest paused, report `pre-switchover` and wait for
+    /// `migrate-continue` (or a cancel, which rolls back and resumes the source).
+    fn wait_for_continue(&self) -> Result<()> {
+        self.shared.update(|s| s.status = Status::PreSwitchover);
+        (self.events)(Event::Status(Status::PreSwitchover));
+        loop {
+            if self.shared.switchover_continue.swap(false, Ordering::SeqCst) {
+                return Ok(());
+            }
+            if self.cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     fn switchover(&mut self, w: &mut Writer, replies: &mut SpinReader, mut pending: Vec<Vec<u64>>) -> Result<()> {
-        self.shared.update(|s| s.status = Status::Device);
-        (self.events)(Event::Status(Status::Device));
-        self.vm.set_throttle(0);
-        let t_pause = Instant::now();
-        self.vm.pause();
-        self.paused = true;
+        let t_pause;
+        if self.params.pause_before_switchover {
+            // QEMU's order: the guest stops (STOP event), then `pre-switchover`, then `device`.
+            self.vm.set_throttle(0);
+            t_pause = Instant::now();
+            self.vm.pause();
+            self.paused = true;
+            self.wait_for_continue()?;
+            self.shared.update(|s| s.status = Status::Device);
+            (self.events)(Event::Status(Status::Device));
+        } else {
+            self.shared.update(|s| s.status = Status::Device);
+            (self.events)(Event::Status(Status::Device));
+            self.vm.set_throttle(0);
+            t_pause = Instant::now();
+            self.vm.pause();
+            self.paused = true;
+        }
         let t_paused = t_pause.elapsed();
         // The guest is paused: `max-bandwidth` paced the live phase, the rest goes out at link
         // speed (the downtime only gets shorter than the one predicted at the capped rate).

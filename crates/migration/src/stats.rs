@@ -22,6 +22,9 @@ pub enum Status {
     PostcopyPaused,
     /// Post-copy: reconnecting.
     PostcopyRecover,
+    /// `pause-before-switchover`: the source is paused before the final state goes out and
+    /// waits for `migrate-continue`.
+    PreSwitchover,
 }
 
 impl Status {
@@ -38,6 +41,7 @@ impl Status {
             Status::PostcopyActive => "postcopy-active",
             Status::PostcopyPaused => "postcopy-paused",
             Status::PostcopyRecover => "postcopy-recover",
+            Status::PreSwitchover => "pre-switchover",
         }
     }
     pub fn is_running(&self) -> bool {
@@ -50,6 +54,7 @@ impl Status {
                 | Status::PostcopyActive
                 | Status::PostcopyPaused
                 | Status::PostcopyRecover
+                | Status::PreSwitchover
         )
     }
 }
@@ -80,6 +85,10 @@ pub struct Params {
     /// the guest waits on the link from then on, so by default it is not capped).
     #[serde(default)]
     pub max_postcopy_bandwidth: u64,
+    /// The `pause-before-switchover` capability: at switchover the source pauses, reports
+    /// `pre-switchover` and waits for `migrate-continue` before sending the final state.
+    #[serde(default)]
+    pub pause_before_switchover: bool,
 }
 
 impl Default for Params {
@@ -95,6 +104,7 @@ impl Default for Params {
             postcopy: false,
             postcopy_auto_start: false,
             max_postcopy_bandwidth: 0,
+            pause_before_switchover: false,
         }
     }
 }

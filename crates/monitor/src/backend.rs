@@ -151,6 +151,13 @@ pub trait Backend: Send + Sync + 'static {
         Err(CommandError::unsupported("query-migrate-capabilities"))
     }
 
+    /// `migrate-continue` / `migrate_continue STATE`: a migration waiting in `pre-switchover`
+    /// (capability `pause-before-switchover`) goes on to the switchover.
+    fn migrate_continue(&self, state: &str) -> CmdResult {
+        let _ = state;
+        Err(CommandError::unsupported("migrate-continue"))
+    }
+
     /// `migrate-start-postcopy`.
     fn migrate_start_postcopy(&self) -> CmdResult {
         Err(CommandError::unsupported("migrate-start-postcopy"))

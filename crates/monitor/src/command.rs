@@ -99,6 +99,9 @@ pub enum Command {
     MigrateSetCapabilities(Vec<CapabilityStatus>),
     QueryMigrateCapabilities,
     MigrateStartPostcopy,
+    /// `migrate-continue` / `migrate_continue`: leave `pre-switchover` (`state` names the
+    /// status the caller expects the migration to be in).
+    MigrateContinue { state: String },
     MigrateRecover {
         uri: String,
     },
@@ -153,6 +156,7 @@ impl Command {
             Command::MigrateSetCapabilities(_) => "migrate-set-capabilities",
             Command::QueryMigrateCapabilities => "query-migrate-capabilities",
             Command::MigrateStartPostcopy => "migrate-start-postcopy",
+            Command::MigrateContinue { .. } => "migrate-continue",
             Command::MigrateRecover { .. } => "migrate-recover",
             Command::QueryMigrateForecast => "query-migrate-forecast",
             Command::AnnounceSelf(_) => "announce-self",

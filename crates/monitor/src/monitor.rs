@@ -109,6 +109,7 @@ impl Monitor {
                 .query_migrate_capabilities()
                 .map(Reply::MigrationCapabilities),
             Command::MigrateStartPostcopy => empty(b.migrate_start_postcopy()),
+            Command::MigrateContinue { state } => empty(b.migrate_continue(&state)),
             Command::MigrateRecover { uri } => empty(b.migrate_recover(&uri)),
             Command::QueryMigrateForecast => b.query_migrate_forecast().map(Reply::Forecast),
             Command::AnnounceSelf(a) => empty(b.announce_self(&a)),

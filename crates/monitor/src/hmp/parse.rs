@@ -85,6 +85,11 @@ pub const COMMANDS: &[HmpEntry] = &[
         help: "set the parameter for migration",
     },
     HmpEntry {
+        names: "migrate_continue",
+        params: "state",
+        help: "continue migration from the given paused state",
+    },
+    HmpEntry {
         names: "migrate_start_postcopy",
         params: "",
         help: "followup to a migration command to switch the migration to postcopy mode",
@@ -343,6 +348,10 @@ pub fn parse_line(line: &str, defaults: &mut DumpDefaults) -> Result<HmpCommand,
         "migrate" => parse_migrate(&args),
         "migrate_cancel" => arity(0, 0).and_then(|()| vm(Command::MigrateCancel)),
         "migrate_start_postcopy" => arity(0, 0).and_then(|()| vm(Command::MigrateStartPostcopy)),
+        "migrate_continue" => {
+            arity(1, 1)?;
+            vm(Command::MigrateContinue { state: args[0].clone() })
+        }
         "migrate_incoming" | "migrate_recover" => {
             arity(1, 1)?;
             let uri = args[0].clone();

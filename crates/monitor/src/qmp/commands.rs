@@ -34,6 +34,7 @@ pub const QMP_COMMANDS: &[&str] = &[
     "migrate-set-capabilities",
     "query-migrate-capabilities",
     "migrate-start-postcopy",
+    "migrate-continue",
     "migrate-recover",
     "query-migrate-forecast",
     "announce-self",
@@ -236,6 +237,7 @@ pub fn parse_vm_command(
         }
         "query-migrate-capabilities" => Command::QueryMigrateCapabilities,
         "migrate-start-postcopy" => Command::MigrateStartPostcopy,
+        "migrate-continue" => Command::MigrateContinue { state: a.str("state")? },
         "migrate-recover" => Command::MigrateRecover { uri: a.str("uri")? },
         "query-migrate-forecast" => Command::QueryMigrateForecast,
         "announce-self" => {
