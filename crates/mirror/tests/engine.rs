@@ -1,0 +1,233 @@
+//! The mirror engine against local images and our NBD server: a guest-like writer keeps
+//! writing while the copy runs, through ready (write-through) to cancel; the target must equal
+//! the source. A target that fails ends the job with an error and leaves the source alone.
+
+use mirror::{BackendTarget, JobEnd, Mirror, MirrorTarget, NbdTarget, SourceDisk, WriteKind};
+use qcow2::{BlockBackend, CreateOptions, Qcow2, RawImage};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+const MIB: u64 = 1 << 20;
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("mirror-engine-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+/// A drive: the backend and the mirror hook under one lock, as godwit's drives keep them.
+struct Drive {
+    io: Mutex<(Box<dyn BlockBackend>, Option<Mirror>)>,
+}
+
+impl Drive {
+    fn write(&self, off: u64, data: &[u8]) {
+        let mut g = self.io.lock().unwrap();
+        let (b, m) = &mut *g;
+        b.write_at(off, data).unwrap();
+        if let Some(m) = m.clone() {
+            m.on_write(&mut **b, off, WriteKind::Data(data));
+        }
+    }
+    fn zero(&self, off: u64, len: u64) {
+        let mut g = self.io.lock().unwrap();
+        let (b, m) = &mut *g;
+        b.write_zeroes(off, len).unwrap();
+        if let Some(m) = m.clone() {
+            m.on_write(&mut **b, off, WriteKind::Zeroes(len));
+        }
+    }
+    fn read_all(&self) -> Vec<u8> {
+        let mut g = self.io.lock().unwrap();
+        let mut v = vec![0u8; g.0.size() as usize];
+        g.0.read_at(0, &mut v).unwrap();
+        v
+    }
+}
+
+impl SourceDisk for Drive {
+    fn locked(&self, f: &mut dyn FnMut(&mut dyn BlockBackend) -> qcow2::Result<()>) -> qcow2::Result<()> {
+        let mut g = self.io.lock().unwrap();
+        f(&mut *g.0)
+    }
+    fn detach(&self) {
+        self.io.lock().unwrap().1 = None;
+    }
+    fn pivot(&self, new: Box<dyn BlockBackend>) -> Result<(), String> {
+        let mut g = self.io.lock().unwrap();
+        g.0 = new;
+        g.1 = None;
+        Ok(())
+    }
+}
+
+fn fill(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) as u8
+        })
+        .collect()
+}
+
+/// Runs a mirror of `drive` into `target` with a writer thread busy throughout; cancels once
+/// ready and some write-through writes happened. Returns how it ended.
+fn mirror_under_writes(drive: Arc<Drive>, target: Box<dyn MirrorTarget>) -> JobEnd {
+    let size = drive.io.lock().unwrap().0.size();
+    let m = Mirror::new(size, target).unwrap();
+    drive.io.lock().unwrap().1 = Some(m.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (d2, s2) = (drive.clone(), stop.clone());
+    let writer = std::thread::spawn(move || {
+        let mut i = 0u64;
+        while !s2.load(Ordering::SeqCst) {
+            let off = (i * 7919 * 4096) % (size - 70_000);
+            if i % 5 == 4 {
+                d2.zero(off, 8192);
+            } else {
+                d2.write(off + (i % 3), &fill(i, 3000 + (i as usize % 60_000)));
+            }
+            i += 1;
+            if i % 64 == 0 {
+                std::thread::yield_now();
+            }
+        }
+        i
+    });
+    let m2 = m.clone();
+    let job = std::thread::spawn(move || {
+        let src: &dyn SourceDisk = &*drive;
+        m2.run(src, &mut || {})
+    });
+    // Wait for ready, let some write-through happen, then cancel (QEMU: done, consistent).
+    while !m.progress().ready {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        if job.is_finished() {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    stop.store(true, Ordering::SeqCst);
+    let writes = writer.join().unwrap();
+    assert!(writes > 0);
+    m.cancel(false);
+    job.join().unwrap()
+}
+
+#[test]
+fn qcow2_source_to_local_target_stays_identical_under_writes() {
+    let mut q = Qcow2::create(tmp("src.qcow2"), &CreateOptions { size: 32 * MIB, ..Default::default() }).unwrap();
+    q.write_at(3 * MIB, &fill(1, 5 * MIB as usize)).unwrap();
+    q.write_at(20 * MIB, &fill(2, 100_000)).unwrap();
+    q.write_zeroes(4 * MIB, MIB).unwrap();
+    let drive = Arc::new(Drive { io: Mutex::new((Box::new(q), None)) });
+    // The target starts full of junk: the mirror must overwrite everything (sync full).
+    let mut t = RawImage::create(tmp("dst.raw"), 32 * MIB).unwrap();
+    t.write_at(0, &vec![0xee; 32 * MIB as usize]).unwrap();
+    let end = mirror_under_writes(drive.clone(), Box::new(BackendTarget(Box::new(t))));
+    assert_eq!(end, JobEnd::Completed);
+    let src = drive.read_all();
+    let dst = std::fs::read(tmp("dst.raw")).unwrap();
+    assert!(src == dst, "target differs from source");
+    // Detached: later writes do not reach the target.
+    drive.write(0, &[9u8; 10]);
+    assert_eq!(std::fs::read(tmp("dst.raw")).unwrap()[0], src[0]);
+}
+
+#[test]
+fn raw_source_into_our_nbd_server() {
+    let mut s = RawImage::create(tmp("nsrc.raw"), 16 * MIB).unwrap();
+    s.write_at(MIB, &fill(5, 3 * MIB as usize)).unwrap();
+    let drive = Arc::new(Drive { io: Mutex::new((Box::new(s), None)) });
+    let dst = RawImage::create(tmp("ndst.raw"), 16 * MIB).unwrap();
+    let srv = nbd::NbdServer::bind("127.0.0.1:0").unwrap();
+    srv.add_export(nbd::Export {
+        name: "d".into(),
+        description: String::new(),
+        backend: Arc::new(Mutex::new(Box::new(dst) as Box<dyn BlockBackend>)),
+        writable: true,
+    })
+    .unwrap();
+    let c = nbd::NbdClient::connect(&nbd::NbdTarget { host: "127.0.0.1".into(), port: srv.local_addr().port(), export: "d".into() }).unwrap();
+    let end = mirror_under_writes(drive.clone(), Box::new(NbdTarget(c)));
+    assert_eq!(end, JobEnd::Completed);
+    srv.stop();
+    assert!(drive.read_all() == std::fs::read(tmp("ndst.raw")).unwrap(), "NBD target differs");
+}
+
+/// A target that dies after some writes (the destination killed).
+struct Dying(Box<dyn MirrorTarget>, Arc<std::sync::atomic::AtomicU64>);
+
+impl MirrorTarget for Dying {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), String> {
+        if self.1.fetch_sub(1, Ordering::SeqCst) == 0 {
+            return Err("connection reset by peer".into());
+        }
+        self.0.write(off, data)
+    }
+    fn zero(&mut self, off: u64, len: u64) -> Result<(), String> {
+        self.0.zero(off, len)
+    }
+    fn drain(&mut self) -> Result<(), String> {
+        self.0.drain()
+    }
+    fn flush(&mut self) -> Result<(), String> {
+        self.0.flush()
+    }
+    fn into_backend(self: Box<Self>) -> Option<Box<dyn BlockBackend>> {
+        None
+    }
+}
+
+#[test]
+fn dying_target_fails_the_job_and_spares_the_source() {
+    let mut s = RawImage::create(tmp("fsrc.raw"), 8 * MIB).unwrap();
+    let data = fill(7, 8 * MIB as usize);
+    s.write_at(0, &data).unwrap();
+    let drive = Arc::new(Drive { io: Mutex::new((Box::new(s), None)) });
+    let t = BackendTarget(Box::new(RawImage::create(tmp("fdst.raw"), 8 * MIB).unwrap()));
+    let m = Mirror::new(8 * MIB, Box::new(Dying(Box::new(t), Arc::new(3.into())))).unwrap();
+    drive.io.lock().unwrap().1 = Some(m.clone());
+    let end = m.run(&*drive, &mut || panic!("must not become ready"));
+    match end {
+        JobEnd::Failed(e) => assert!(e.contains("connection reset"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(drive.io.lock().unwrap().1.is_none(), "hook removed");
+    drive.write(100, &[1, 2, 3]);
+    let mut want = data;
+    want[100..103].copy_from_slice(&[1, 2, 3]);
+    assert!(drive.read_all() == want);
+}
+
+#[test]
+fn complete_pivots_and_size_mismatch_is_refused() {
+    let s = RawImage::create(tmp("psrc.raw"), 4 * MIB).unwrap();
+    assert!(Mirror::new(4 * MIB + 512, Box::new(BackendTarget(Box::new(RawImage::create(tmp("x.raw"), 4 * MIB).unwrap())))).is_err());
+    let drive = Arc::new(Drive { io: Mutex::new((Box::new(s), None)) });
+    drive.write(4096, b"hello");
+    let t = BackendTarget(Box::new(RawImage::create(tmp("pdst.raw"), 4 * MIB).unwrap()));
+    let m = Mirror::new(4 * MIB, Box::new(t)).unwrap();
+    assert!(m.complete().is_err(), "not ready yet");
+    drive.io.lock().unwrap().1 = Some(m.clone());
+    let m2 = m.clone();
+    let mut readied = false;
+    let d2 = drive.clone();
+    let h = std::thread::spawn(move || m2.run(&*d2, &mut || {}));
+    while !m.progress().ready {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    readied |= m.progress().ready;
+    m.complete().unwrap();
+    assert_eq!(h.join().unwrap(), JobEnd::Completed);
+    assert!(readied);
+    // The drive now writes into the former target.
+    drive.write(0, b"after");
+    let f = std::fs::read(tmp("pdst.raw")).unwrap();
+    assert_eq!(&f[0..5], b"after");
+    assert_eq!(&f[4096..4101], b"hello");
+}
