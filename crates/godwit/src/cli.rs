@@ -53,6 +53,8 @@ pub struct Options {
     pub netdevs: Vec<String>,
     /// Legacy `-net SPEC` (nic, tap, none).
     pub nets: Vec<String>,
+    /// `-object SPEC` (TLS credentials for migration).
+    pub objects: Vec<String>,
 }
 
 impl Default for Options {
@@ -78,6 +80,7 @@ impl Default for Options {
             devices: Vec::new(),
             netdevs: Vec::new(),
             nets: Vec::new(),
+            objects: Vec::new(),
         }
     }
 }
@@ -113,6 +116,9 @@ Godwit, a KVM virtual machine monitor for moving running VMs (QEMU-compatible op
                        a virtio-net card on that backend (default MAC 52:54:00:12:34:56+N)
   -net nic[,macaddr=MAC] -net tap[,ifname=NAME][,script=..]
                        legacy form: the i-th nic is connected to the i-th tap
+  -object tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]
+  -object tls-creds-psk,id=ID,dir=DIR,endpoint=server|client[,username=NAME]
+                       TLS credentials for migration (migrate_set_parameter tls-creds ID)
   IMAGE                a bare image path is the first disk (format probed)
   -enable-kvm, -accel kvm, -machine/-M TYPE, -cpu host, -nodefaults, -no-user-config
                        accepted for QEMU compatibility (KVM is the only accelerator)
@@ -225,6 +231,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, CliErro
             "-device" => o.devices.push(arg("-device")?),
             "-netdev" => o.netdevs.push(arg("-netdev")?),
             "-net" => o.nets.push(arg("-net")?),
+            "-object" => o.objects.push(arg("-object")?),
             s if !s.starts_with('-') => o.drives.push(format!("file={s}")),
             s if IGNORED_FLAGS.contains(&s) => {}
             s if IGNORED_WITH_ARG.contains(&s) => {

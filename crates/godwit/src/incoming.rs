@@ -34,7 +34,7 @@ pub fn start(m: &Arc<Machine>, uri: &str) -> Result<(), String> {
         .spawn(move || {
             let h = m.handle();
             emit(&m, MigrationStatus::Active);
-            let res = receiver::incoming(&h, &listener);
+            let res = receiver::incoming_with(&h, &listener, &m.mig);
             emit(&m, if res.is_ok() { MigrationStatus::Completed } else { MigrationStatus::Failed });
             match res {
                 Ok(st) => eprintln!(

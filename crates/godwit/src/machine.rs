@@ -373,6 +373,7 @@ impl Backend for MachineBackend {
         if let Some(b) = p.max_postcopy_bandwidth {
             params.max_postcopy_bandwidth = b;
         }
+        crate::transport_params::set(&mut params, p);
         if let Some(v) = p.cpu_throttle_initial {
             params.throttle_initial = v as u8;
         }
@@ -482,6 +483,13 @@ impl Backend for MachineBackend {
             downtime_limit: Some(p.downtime_limit_ms),
             max_bandwidth: Some(p.max_bandwidth),
             max_postcopy_bandwidth: Some(p.max_postcopy_bandwidth),
+            multifd_channels: Some(u64::from(p.multifd_channels)),
+            multifd_compression: Some(crate::transport_params::compression_out(p.multifd_compression)),
+            multifd_zlib_level: Some(u64::from(p.multifd_zlib_level)),
+            multifd_zstd_level: Some(u64::from(p.multifd_zstd_level)),
+            tls_creds: Some(p.tls_creds.clone()),
+            tls_hostname: Some(p.tls_hostname.clone()),
+            tls_authz: Some(p.tls_authz.clone()),
             cpu_throttle_initial: Some(p.throttle_initial as u64),
             cpu_throttle_increment: Some(p.throttle_increment as u64),
             max_cpu_throttle: Some(p.throttle_max as u64),

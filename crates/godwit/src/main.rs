@@ -13,6 +13,7 @@ mod monitors;
 mod nics;
 mod report;
 mod snapshots;
+mod transport_params;
 mod vmglue;
 
 use devices::VmRequest;
@@ -52,6 +53,17 @@ fn main() -> ExitCode {
     if let Some(p) = &opts.pidfile {
         if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
             return fail(format!("cannot write pid file '{}': {e}", p.display()));
+        }
+    }
+    for spec in &opts.objects {
+        match migration::tls::TlsCreds::from_object(spec) {
+            Ok(Some(c)) => {
+                if let Err(e) = migration::tls::register(c) {
+                    return fail(format!("-object {spec}: {e}"));
+                }
+            }
+            Ok(None) => return fail(format!("-object {spec}: only tls-creds-x509 and tls-creds-psk objects are supported")),
+            Err(e) => return fail(format!("-object {spec}: {e}")),
         }
     }
     let console_out = match console::ConsoleOut::open(&opts.serial) {

@@ -14,6 +14,7 @@ pub mod receiver;
 pub mod sender;
 pub mod snapshot;
 pub mod stats;
+pub mod tls;
 pub mod transport;
 pub mod uffd;
 
@@ -36,6 +37,8 @@ pub enum MigrationError {
     Cancelled,
     #[error("VM: {0}")]
     Vm(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("invalid migration URI '{0}': expected tcp:HOST:PORT or unix:PATH")]
     Uri(String),
 }

@@ -19,7 +19,7 @@ use crate::protocol::{self, Missing, Reply, Request, Runs, MAX_RUNS_PER_FRAME, T
 use crate::ram::{count, runs};
 use crate::sender::{Event, Shared, Writer};
 use crate::stats::{Params, Status};
-use crate::transport::{connect, Channel, Limited, SpinReader, Uri};
+use crate::transport::{connect_secure, Channel, Limited, SpinReader, Uri};
 use crate::{MigratableVm, MigrationError, RamRegion, Result};
 use std::collections::VecDeque;
 use std::io::BufWriter;
@@ -204,6 +204,8 @@ pub(crate) struct SourceRun<'a> {
     pub events: &'a dyn Fn(Event),
     pub params: &'a Params,
     pub t0: Instant,
+    /// Recovery connections are secured as the first one was.
+    pub tls: Option<&'a crate::tls::TlsSetup>,
 }
 
 impl SourceRun<'_> {
@@ -407,7 +409,7 @@ impl SourceRun<'_> {
         let parsed = Uri::parse(uri)?;
         let start = Instant::now();
         let chan = loop {
-            match connect(&parsed) {
+            match connect_secure(&parsed, self.tls) {
                 Ok(c) => break c,
                 Err(e) if start.elapsed() < RECONNECT_FOR => {
                     tracing::debug!("post-copy reconnect: {e}; retrying");

@@ -445,7 +445,11 @@ fn recover(pages: &Pages, back: &BackChan) -> Result<Stream> {
 fn accept_resume(uri: &str, pages: &Pages) -> Result<(Stream, Box<dyn Channel>)> {
     let listener = Listener::bind(&Uri::parse(uri)?)?;
     eprintln!("godwit: waiting for the source to resume post-copy on {uri}");
-    let chan = listener.accept()?;
+    // The recovery connection is secured as the first one was (same parameters).
+    let chan = listener.accept_until_secure(
+        &|| incoming_shared().map_or(Ok(None), |s| crate::tls::destination_setup(&s.params())),
+        &|_| {},
+    )?;
     let mut back = chan.try_clone_box()?;
     let spin = SpinReader::new(chan, None)?;
     let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, spin))?;

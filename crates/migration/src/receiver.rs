@@ -29,9 +29,19 @@ pub struct IncomingStats {
     pub total_ms: f64,
 }
 
-/// Waits for one source on `listener` and completes the migration into `vm`.
+/// Waits for one source on `listener` and completes the migration into `vm` (plain).
 pub fn incoming(vm: &dyn MigratableVm, listener: &Listener) -> Result<IncomingStats> {
     let chan = listener.accept()?;
+    receive(vm, chan)
+}
+
+/// Waits for one source on `listener` and completes the migration into `vm`, with the TLS
+/// and other parameters of `shared` as they are when the source connects. A peer refused by
+/// TLS is reported (stderr, `info migrate`'s error) and the wait goes on.
+pub fn incoming_with(vm: &dyn MigratableVm, listener: &Listener, shared: &crate::sender::Shared) -> Result<IncomingStats> {
+    let tls = || crate::tls::destination_setup(&shared.params());
+    let chan = listener.accept_until_secure(&tls, &|m| shared.update(|s| s.error = Some(format!("TLS: {m}"))))?;
+    shared.update(|s| s.error = None);
     receive(vm, chan)
 }
 

@@ -6,7 +6,7 @@
 use crate::protocol::{self, Hello, Reply, RoundEnd, PROTOCOL_VERSION, TAG_HELLO, TAG_ROUND_END, TAG_SWITCHOVER};
 use crate::ram::{count, populated_pages, send_marked};
 use crate::stats::{Params, Round, Stats, Status};
-use crate::transport::{connect, Channel, Limited, SpinReader, Uri};
+use crate::transport::{connect_secure, Channel, Limited, SpinReader, Uri};
 use crate::{MigratableVm, MigrationError, Result};
 use std::io::BufWriter;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,7 +77,19 @@ pub fn migrate(vm: &dyn MigratableVm, uri: &Uri, shared: &Shared, events: &dyn F
     });
     events(Event::Status(Status::Setup));
     let t0 = Instant::now();
-    let mut run = Run { vm, shared, events, params, t0, paused: false, logging: false };
+    let tls = match crate::tls::source_setup(&params) {
+        Ok(t) => t,
+        Err(e) => {
+            let msg = e.to_string();
+            shared.update(|s| {
+                s.status = Status::Failed;
+                s.error = Some(msg);
+            });
+            events(Event::Status(Status::Failed));
+            return Err(e);
+        }
+    };
+    let mut run = Run { vm, shared, events, params, t0, paused: false, logging: false, tls };
     match run.go(uri) {
         Ok(()) => Ok(()),
         Err(e) => {
@@ -103,6 +115,7 @@ struct Run<'a> {
     t0: Instant,
     paused: bool,
     logging: bool,
+    tls: Option<crate::tls::TlsSetup>,
 }
 
 impl Run<'_> {
@@ -111,7 +124,7 @@ impl Run<'_> {
     }
 
     fn go(&mut self, uri: &Uri) -> Result<()> {
-        let chan = connect(uri)?;
+        let chan = connect_secure(uri, self.tls.as_ref())?;
         let mut replies = SpinReader::new(chan.try_clone_box()?, Some(REPLY_TIMEOUT))?;
         let out = BufWriter::with_capacity(1 << 20, Limited::new(chan, self.params.max_bandwidth));
         let mut w: Writer = StreamWriter::new(out)?;
@@ -183,7 +196,7 @@ impl Run<'_> {
             }
             prev_dirty = Some(n);
             if crate::postcopy::should_start(self.shared, &self.params, round) {
-                let run = crate::postcopy::SourceRun { vm: self.vm, shared: self.shared, events: self.events, params: &self.params, t0: self.t0 };
+                let run = crate::postcopy::SourceRun { vm: self.vm, shared: self.shared, events: self.events, params: &self.params, t0: self.t0, tls: self.tls.as_ref() };
                 return run.go(&mut self.paused, &mut self.logging, w, replies, dirty);
             }
             // Auto-converge: when the guest dirties more than half of what the link carried in

@@ -85,10 +85,64 @@ pub struct Params {
     /// the guest waits on the link from then on, so by default it is not capped).
     #[serde(default)]
     pub max_postcopy_bandwidth: u64,
+    /// `tls-creds`: id of a `tls-creds-x509`/`tls-creds-psk` object; empty = plain.
+    #[serde(default)]
+    pub tls_creds: String,
+    /// `tls-hostname`: the name the destination's certificate must carry (default: URI host).
+    #[serde(default)]
+    pub tls_hostname: String,
+    /// `tls-authz`: id of an `authz-simple` object the client's certificate must match.
+    #[serde(default)]
+    pub tls_authz: String,
+    /// The `multifd` capability: RAM pages over `multifd_channels` extra connections.
+    #[serde(default)]
+    pub multifd: bool,
+    /// `multifd-channels` (QEMU's default: 2).
+    #[serde(default = "default_channels")]
+    pub multifd_channels: u8,
+    /// `multifd-compression`.
+    #[serde(default)]
+    pub multifd_compression: Compression,
+    /// `multifd-zlib-level` (0-9, QEMU's default 1).
+    #[serde(default = "default_zlib")]
+    pub multifd_zlib_level: u8,
+    /// `multifd-zstd-level` (0-20, QEMU's default 1).
+    #[serde(default = "default_zstd")]
+    pub multifd_zstd_level: u8,
     /// The `pause-before-switchover` capability: at switchover the source pauses, reports
     /// `pre-switchover` and waits for `migrate-continue` before sending the final state.
     #[serde(default)]
     pub pause_before_switchover: bool,
+}
+
+fn default_channels() -> u8 {
+    2
+}
+fn default_zlib() -> u8 {
+    1
+}
+fn default_zstd() -> u8 {
+    1
+}
+
+/// How multifd packets are compressed (QEMU's `MultiFDCompression`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    #[default]
+    None,
+    Zlib,
+    Zstd,
+}
+
+impl Compression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zlib => "zlib",
+            Compression::Zstd => "zstd",
+        }
+    }
 }
 
 impl Default for Params {
@@ -104,6 +158,14 @@ impl Default for Params {
             postcopy: false,
             postcopy_auto_start: false,
             max_postcopy_bandwidth: 0,
+            tls_creds: String::new(),
+            tls_hostname: String::new(),
+            tls_authz: String::new(),
+            multifd: false,
+            multifd_channels: default_channels(),
+            multifd_compression: Compression::None,
+            multifd_zlib_level: default_zlib(),
+            multifd_zstd_level: default_zstd(),
             pause_before_switchover: false,
         }
     }

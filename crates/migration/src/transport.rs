@@ -1,6 +1,8 @@
 //! Migration URIs (`tcp:HOST:PORT`, `tcp:0:PORT` = all addresses, `unix:PATH`), connecting,
-//! listening, and a bandwidth limiter for `max-bandwidth`.
+//! listening (plain or TLS-secured, see [`crate::tls`]), and a bandwidth limiter for
+//! `max-bandwidth`.
 
+use crate::tls::TlsSetup;
 use crate::{MigrationError, Result};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -38,6 +40,15 @@ pub trait Channel: Read + Write + Send + AsRawFd {
     fn try_clone_box(&self) -> std::io::Result<Box<dyn Channel>>;
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
     fn shutdown(&self);
+    /// Ends reads only (a blocked reader sees end of stream); writes still go out.
+    fn shutdown_read(&self) {
+        self.shutdown()
+    }
+    /// Why the link under this channel failed, when it is more than a closed socket (a TLS
+    /// error): reported instead of a bare end of stream.
+    fn link_error(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A reader that, when told to, busy-polls a quiet socket for a while before sleeping in the
@@ -95,6 +106,12 @@ impl Read for SpinReader {
                     unsafe { libc::poll(&mut p, 1, left) };
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Ok(0) if !buf.is_empty() => {
+                    return match self.inner.link_error() {
+                        Some(m) => Err(std::io::Error::other(m)),
+                        None => Ok(0),
+                    }
+                }
                 r => return r,
             }
         }
@@ -111,6 +128,9 @@ impl Channel for TcpStream {
     fn shutdown(&self) {
         let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
     }
+    fn shutdown_read(&self) {
+        let _ = TcpStream::shutdown(self, std::net::Shutdown::Read);
+    }
 }
 
 impl Channel for UnixStream {
@@ -123,10 +143,22 @@ impl Channel for UnixStream {
     fn shutdown(&self) {
         let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
     }
+    fn shutdown_read(&self) {
+        let _ = UnixStream::shutdown(self, std::net::Shutdown::Read);
+    }
 }
 
 /// Connects to a destination.
 pub fn connect(uri: &Uri) -> Result<Box<dyn Channel>> {
+    connect_secure(uri, None)
+}
+
+fn no_unix_tls() -> MigrationError {
+    MigrationError::Tls("TLS migration needs a tcp: URI (not unix:)".into())
+}
+
+/// Connects to a destination, securing the connection with TLS when `tls` is given.
+pub fn connect_secure(uri: &Uri, tls: Option<&TlsSetup>) -> Result<Box<dyn Channel>> {
     match uri {
         Uri::Tcp { host, port } => {
             let addrs: Vec<_> = (host.as_str(), *port).to_socket_addrs()?.collect();
@@ -135,13 +167,18 @@ pub fn connect(uri: &Uri) -> Result<Box<dyn Channel>> {
                 match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
                     Ok(s) => {
                         s.set_nodelay(true)?;
-                        return Ok(Box::new(s));
+                        return match tls {
+                            Some(t) => crate::tls::client(t, s, host)
+                                .map_err(|e| MigrationError::Tls(format!("securing the connection to {host}:{port}: {e}"))),
+                            None => Ok(Box::new(s)),
+                        };
                     }
                     Err(e) => last = Some(e),
                 }
             }
             Err(MigrationError::Io(last.unwrap_or_else(|| std::io::Error::other("no address"))))
         }
+        Uri::Unix(_) if tls.is_some() => Err(no_unix_tls()),
         Uri::Unix(p) => Ok(Box::new(UnixStream::connect(p)?)),
     }
 }
@@ -179,6 +216,44 @@ impl Listener {
                 Ok(Box::new(s))
             }
             Listener::Unix(l, _) => Ok(Box::new(l.accept()?.0)),
+        }
+    }
+
+    /// Accepts one peer and, when `tls` (asked once the peer is there: parameters may change
+    /// while we wait) gives credentials, runs the TLS server handshake. A peer that fails the
+    /// handshake gives [`MigrationError::Tls`] (the caller may keep listening).
+    pub fn accept_secure(&self, tls: &dyn Fn() -> Result<Option<TlsSetup>>) -> Result<Box<dyn Channel>> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                s.set_nodelay(true)?;
+                match tls()? {
+                    Some(t) => crate::tls::server(&t, s).map_err(|e| MigrationError::Tls(format!("refused a connection from {peer}: {e}"))),
+                    None => Ok(Box::new(s)),
+                }
+            }
+            Listener::Unix(l, _) => {
+                let s = l.accept()?.0;
+                match tls()? {
+                    Some(_) => Err(no_unix_tls()),
+                    None => Ok(Box::new(s)),
+                }
+            }
+        }
+    }
+
+    /// Accepts until a peer passes the TLS handshake (plain: the first peer), reporting each
+    /// refused one on stderr and through `refused`.
+    pub fn accept_until_secure(&self, tls: &dyn Fn() -> Result<Option<TlsSetup>>, refused: &dyn Fn(&str)) -> Result<Box<dyn Channel>> {
+        loop {
+            match self.accept_secure(tls) {
+                Err(MigrationError::Tls(m)) if matches!(self, Listener::Tcp(_)) => {
+                    eprintln!("godwit: incoming migration: TLS: {m}; still waiting");
+                    tracing::warn!("incoming migration: {m}");
+                    refused(&m);
+                }
+                r => return r,
+            }
         }
     }
 }

@@ -111,7 +111,7 @@ enum Unit {
 }
 
 /// A value type a parameter can have.
-trait ParamValue: Sized + Copy {
+trait ParamValue: Sized + Clone {
     fn parse_hmp(name: &str, unit: Unit, s: &str) -> Result<Self, String>;
     fn from_json(name: &str, v: &Value) -> Result<Self, String>;
     fn show(&self, unit: Unit) -> String;
@@ -168,6 +168,57 @@ impl ParamValue for MigrationStrategy {
         v.as_str()
             .ok_or_else(|| format!("Invalid parameter type for '{name}', expected: string"))?
             .parse()
+    }
+    fn show(&self, _unit: Unit) -> String {
+        self.as_str().to_string()
+    }
+}
+
+impl ParamValue for String {
+    fn parse_hmp(_name: &str, _unit: Unit, s: &str) -> Result<Self, String> {
+        Ok(s.to_string())
+    }
+    fn from_json(name: &str, v: &Value) -> Result<Self, String> {
+        v.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("Invalid parameter type for '{name}', expected: string"))
+    }
+    fn show(&self, _unit: Unit) -> String {
+        format!("'{self}'")
+    }
+}
+
+/// How multifd compresses pages (QEMU's `MultiFDCompression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MultifdCompression {
+    None,
+    Zlib,
+    Zstd,
+}
+
+impl MultifdCompression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Zlib => "zlib",
+            Self::Zstd => "zstd",
+        }
+    }
+}
+
+impl ParamValue for MultifdCompression {
+    fn parse_hmp(name: &str, _unit: Unit, s: &str) -> Result<Self, String> {
+        [Self::None, Self::Zlib, Self::Zstd]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| format!("Parameter '{name}' does not accept value '{s}'"))
+    }
+    fn from_json(name: &str, v: &Value) -> Result<Self, String> {
+        let s = v
+            .as_str()
+            .ok_or_else(|| format!("Invalid parameter type for '{name}', expected: string"))?;
+        Self::parse_hmp(name, Unit::Plain, s)
     }
     fn show(&self, _unit: Unit) -> String {
         self.as_str().to_string()
@@ -271,7 +322,7 @@ macro_rules! migration_parameters {
 
             /// Copies every parameter set in `other` into `self`.
             pub fn merge(&mut self, other: &MigrationParameters) {
-                $( if other.$field.is_some() { self.$field = other.$field; } )*
+                $( if other.$field.is_some() { self.$field = other.$field.clone(); } )*
             }
 
             /// True when no parameter is set.
@@ -308,6 +359,12 @@ migration_parameters! {
     downtime_limit: u64 = "downtime-limit", Ms, 0, 2_000_000;
     max_postcopy_bandwidth: u64 = "max-postcopy-bandwidth", Bandwidth, 0, ANY;
     multifd_channels: u64 = "multifd-channels", Plain, 1, 255;
+    multifd_compression: MultifdCompression = "multifd-compression", Plain, 0, ANY;
+    multifd_zlib_level: u64 = "multifd-zlib-level", Plain, 0, 9;
+    multifd_zstd_level: u64 = "multifd-zstd-level", Plain, 0, 20;
+    tls_creds: String = "tls-creds", Plain, 0, ANY;
+    tls_hostname: String = "tls-hostname", Plain, 0, ANY;
+    tls_authz: String = "tls-authz", Plain, 0, ANY;
     xbzrle_cache_size: u64 = "xbzrle-cache-size", Bytes, 0, ANY;
     strategy: MigrationStrategy = "strategy", Plain, 0, ANY;
 }
