@@ -163,6 +163,14 @@ fn ofd(file: &File, cmd: libc::c_int, kind: libc::c_short, byte: u64) -> std::io
 }
 
 impl ImageLock {
+    /// The locks for a drive: none for an image on NFS (its storage holds an NFSv4 lock).
+    pub fn acquire_for(spec: &DriveSpec, write: bool) -> Result<Option<ImageLock>, String> {
+        if nfs_url(spec)?.is_some() {
+            return Ok(None);
+        }
+        ImageLock::acquire(&spec.file, write).map(Some)
+    }
+
     /// Takes the locks for a writer (or, with `write == false`, a consistent reader).
     pub fn acquire(path: &Path, write: bool) -> Result<ImageLock, String> {
         let file = File::open(path).map_err(|e| format!("'{}': {e}", path.display()))?;
@@ -210,9 +218,21 @@ pub struct SharedDisk {
     format: ImageFormat,
 }
 
+/// The drive's `nfs://` URL, when its image is on an NFS server (crate `nfs`).
+fn nfs_url(spec: &DriveSpec) -> Result<Option<nfs::NfsUrl>, String> {
+    match spec.file.to_str() {
+        Some(s) if nfs::is_nfs_url(s) => nfs::NfsUrl::parse(s).map(Some).map_err(|e| e.to_string()),
+        _ => Ok(None),
+    }
+}
+
 fn open_backend(spec: &DriveSpec, read_only: bool) -> Result<Box<dyn BlockBackend>, String> {
     let opts = OpenOptions { read_only, cache: spec.cache, ..Default::default() };
-    let b = qcow2::open(&spec.file, spec.format, &opts).map_err(|e| format!("'{}': {e}", spec.file.display()))?;
+    let b = match nfs_url(spec)? {
+        // A writer on NFS holds the NFSv4 single-writer lock inside its storage.
+        Some(url) => nfs::open_image(&url, spec.format, &opts, !read_only).map_err(|e| e.to_string())?,
+        None => qcow2::open(&spec.file, spec.format, &opts).map_err(|e| format!("'{}': {e}", spec.file.display()))?,
+    };
     if spec.snapshot {
         return Ok(Box::new(Overlay::new(b)));
     }
@@ -226,7 +246,10 @@ impl SharedDisk {
         let format = match spec.format {
             Some(f) => f,
             None => {
-                let f = qcow2::probe(&spec.file).map_err(|e| format!("'{}': {e}", spec.file.display()))?;
+                let f = match nfs_url(spec)? {
+                    Some(url) => nfs::probe(&url).map_err(|e| e.to_string())?,
+                    None => qcow2::probe(&spec.file).map_err(|e| format!("'{}': {e}", spec.file.display()))?,
+                };
                 if f == ImageFormat::Raw {
                     eprintln!(
                         "godwit: warning: image format was not specified for '{}' and probing guessed raw; \
@@ -246,8 +269,8 @@ impl SharedDisk {
         let (inner, lock) = if deferred {
             (None, None)
         } else {
-            let lock = ImageLock::acquire(&spec.file, writes)?;
-            (Some(open_backend(&spec, !writes)?), Some(lock))
+            let lock = ImageLock::acquire_for(&spec, writes)?;
+            (Some(open_backend(&spec, !writes)?), lock)
         };
         Ok(SharedDisk {
             spec,
@@ -303,13 +326,13 @@ impl SharedDisk {
         if self.backend().is_some() {
             return Ok(());
         }
-        let lock = ImageLock::acquire(&self.spec.file, self.writes())?;
+        let lock = ImageLock::acquire_for(&self.spec, self.writes())?;
         let b = open_backend(&self.spec, !self.writes())?;
         if b.size() != self.size {
             return Err(format!("'{}' changed size", self.spec.file.display()));
         }
         *self.backend() = Some(b);
-        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
+        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = lock;
         Ok(())
     }
 

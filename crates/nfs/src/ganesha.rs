@@ -115,7 +115,7 @@ impl Ganesha {
              \x20 Enable_NLM = false; Mount_Path_Pseudo = true; }}\n\
              NFSV4 {{ Graceless = true; Lease_Lifetime = 15; RecoveryBackend = fs; RecoveryRoot = {d}/rec; }}\n\
              EXPORT {{ Export_Id = 1; Path = {d}/export; Pseudo = /export; Access_Type = RW;\n\
-             \x20 Squash = No_Root_Squash; SecType = sys; Protocols = 3, 4; Transports = TCP;\n\
+             \x20 Squash = No_Root_Squash; SecType = sys; Protocols = 3, 4; Transports = TCP; Attr_Expiration_Time = 0;\n\
              \x20 FSAL {{ Name = VFS; }} }}\n\
              LOG {{ Default_Log_Level = WARN; }}\n"
         )
