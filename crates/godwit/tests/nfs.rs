@@ -135,3 +135,54 @@ fn nfs_disk_ledger_savevm_and_loadvm_on_another_host() {
     let (okc, check) = qemu_img(&["check", "--output=json", &url]);
     assert!(okc, "qemu-img check after the second host: {check}");
 }
+
+/// Live migration between two hosts with the disk on the NFS server (a third host): the guest
+/// dirties memory and writes its disk while it moves; the destination verifies both ledgers,
+/// holds the writer lock afterwards (the source let go of it), and the image checks clean.
+#[test]
+fn nfs_live_migration_between_two_hosts() {
+    require_kvm();
+    let mut g = server("live");
+    create_image(&g.export().join("vm.qcow2"), "qcow2", "64M");
+    let url = g.url("vm.qcow2", "");
+    let a = g.add_host("a").unwrap();
+    let b = g.add_host("b").unwrap();
+    let (ans, bns) = (a.ns.clone().unwrap(), b.ns.clone().unwrap());
+    let drive = format!("file={url},format=qcow2");
+    let append = "mode=dirty mib=128 rate=40 disk=on disk_mib=8 hb_ms=100 cpus=2";
+    let incoming = format!("tcp:{}:6666", b.addr);
+    let dst = in_ns(&bns, &["-m", "512", "-smp", "2", "-drive", &drive, "-incoming", &incoming], append);
+    dst.wait_stderr("waiting for an incoming migration", T);
+    let dir = tmpdir("nfs-live");
+    let sock = dir.join("src.sock");
+    let mon = format!("unix:{},server,nowait", sock.display());
+    let mut src = in_ns(&ans, &["-m", "512", "-smp", "2", "-drive", &drive, "-monitor", &mon], append);
+    src.wait_for("GUEST READY", T);
+    let mut hmp = Hmp::connect(&sock);
+    for _ in 0..8 {
+        src.wait_for("HEARTBEAT", T);
+    }
+    let out = hmp.cmd(&format!("migrate {incoming}"));
+    assert!(out.contains("completed"), "{out}");
+    assert!(hmp.cmd("info status").contains("postmigrate"));
+    let mut dst = dst;
+    src.collect_for(Duration::from_millis(300));
+    let first = dst.wait_for("HEARTBEAT", T);
+    assert_seq_continues(&src.seen, &dst.seen, &first);
+    dst.send(b"v");
+    dst.wait_for("LEDGER OK", T);
+    let ok = dst.wait_for("DISK OK", T);
+    assert!(field(&ok, "gen").unwrap_or(0) >= 1, "{ok}");
+    // The destination holds the writer lock now: a writer on the source's host is refused.
+    let img = godwit_img();
+    let (okw, out) = tool(std::path::Path::new("ip"), &["netns", "exec", &ans, img.to_str().unwrap(), "snapshot", "-c", "x", &url]);
+    assert!(!okw && out.contains("lock"), "the destination must hold the lock: {out}");
+    dst.send(b"q");
+    assert_eq!(dst.wait_exit(T), Some(0));
+    hmp.quit();
+    src.wait_exit(T);
+    let (okc, check) = qemu_img(&["check", "--output=json", &url]);
+    assert!(okc, "qemu-img check: {check}");
+    let c = json(&check);
+    assert!(c.get("corruptions").is_none() && c.get("leaks").is_none(), "{check}");
+}
