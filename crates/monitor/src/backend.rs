@@ -169,6 +169,22 @@ pub trait Backend: Send + Sync + 'static {
         Err(CommandError::unsupported("migrate-recover"))
     }
 
+    /// Block nodes and the NBD server (every [`crate::block::BlockCommand`] but the mirror and
+    /// the job verbs, which [`start_mirror`](Self::start_mirror) and the job registry serve).
+    fn block(&self, cmd: &crate::block::BlockCommand) -> Result<serde_json::Value, CommandError> {
+        Err(CommandError::unsupported(cmd.qmp_name()))
+    }
+
+    /// `drive-mirror` / `blockdev-mirror`: check the arguments, connect the target and return
+    /// the job's engine; the monitor's job registry runs it.
+    fn start_mirror(
+        &self,
+        args: &crate::block::MirrorArgs,
+    ) -> Result<std::sync::Arc<dyn crate::jobs::BlockJobDriver>, CommandError> {
+        let _ = args;
+        Err(CommandError::unsupported("blockdev-mirror"))
+    }
+
     /// `query-migrate-forecast`, `info migrate_forecast` (Godwit's own).
     fn query_migrate_forecast(&self) -> Result<MigrationForecast, CommandError> {
         Err(CommandError::unsupported("query-migrate-forecast"))

@@ -110,6 +110,8 @@ pub enum Command {
     AnnounceSelf(AnnounceArgs),
     /// `info network`.
     QueryNetwork,
+    /// Block nodes, the NBD server, mirror jobs (`crate::block`).
+    Block(crate::block::BlockCommand),
 }
 
 impl Command {
@@ -161,6 +163,7 @@ impl Command {
             Command::QueryMigrateForecast => "query-migrate-forecast",
             Command::AnnounceSelf(_) => "announce-self",
             Command::QueryNetwork => "info network",
+            Command::Block(b) => b.qmp_name(),
         }
     }
 }
@@ -181,6 +184,8 @@ pub enum Reply {
     MigrationCapabilities(Vec<CapabilityStatus>),
     Forecast(MigrationForecast),
     Network(Vec<NicInfo>),
+    /// A block command's answer: the QMP value and its HMP text.
+    Block { json: Value, text: String },
 }
 
 impl Reply {
@@ -202,6 +207,7 @@ impl Reply {
             Reply::MigrationCapabilities(c) => ser(c),
             Reply::Forecast(f) => ser(f),
             Reply::Network(n) => ser(n),
+            Reply::Block { json, .. } => json.clone(),
         }
     }
 }

@@ -2,6 +2,12 @@
 //! their progress is visible through `query-jobs` and `JOB_STATUS_CHANGE` events, and a
 //! concluded job stays listed until `job-dismiss` (QEMU's manual-dismiss jobs). The VMM only
 //! implements the synchronous operation; this registry does the job bookkeeping.
+//!
+//! Block jobs (the mirror) use the same registry through [`JobRegistry::start_block`]: the
+//! VMM supplies a [`BlockJobDriver`], and the registry walks QEMU's statuses (`created →
+//! running → ready → waiting → pending → concluded → null`), emits `JOB_STATUS_CHANGE` and the
+//! `BLOCK_JOB_READY`/`_COMPLETED`/`_CANCELLED`/`_ERROR` events, and serves the verbs
+//! (`block-job-cancel`, `-complete`, `-set-speed`, `query-block-jobs`).
 
 use crate::error::CommandError;
 use crate::events::{Event, EventBus};
@@ -15,6 +21,47 @@ pub const MAX_JOBS: usize = 64;
 pub struct JobRegistry {
     jobs: Arc<Mutex<Vec<JobInfo>>>,
     events: EventBus,
+    block: Arc<Mutex<Vec<BlockEntry>>>,
+}
+
+/// The engine of a block job (the VMM's mirror).
+pub trait BlockJobDriver: Send + Sync {
+    /// Runs the job to its end on the calling thread; calls `on_ready` once, when ready.
+    fn run(&self, on_ready: &mut dyn FnMut()) -> BlockJobEnd;
+    /// `block-job-cancel` (`force`: abandon a ready job instead of completing it).
+    fn cancel(&self, force: bool);
+    /// `block-job-complete` (only called on a ready job).
+    fn complete(&self) -> Result<(), CommandError>;
+    /// `block-job-set-speed`, bytes per second (0 = unlimited).
+    fn set_speed(&self, bps: u64);
+    fn progress(&self) -> BlockJobProgress;
+}
+
+/// How a block job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockJobEnd {
+    /// Done (a ready mirror cancelled: target consistent; or completed).
+    Completed,
+    /// Cancelled before it was ready, or force-cancelled.
+    Cancelled,
+    Failed(String),
+}
+
+/// `query-block-jobs` progress of a block job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockJobProgress {
+    pub offset: u64,
+    pub len: u64,
+    pub speed: u64,
+    pub ready: bool,
+    pub busy: bool,
+}
+
+struct BlockEntry {
+    id: String,
+    driver: Arc<dyn BlockJobDriver>,
+    auto_finalize: bool,
+    auto_dismiss: bool,
 }
 
 /// QEMU's rule for IDs: a letter, then letters, digits, `-`, `.`, `_`.
@@ -30,6 +77,7 @@ impl JobRegistry {
         JobRegistry {
             jobs: Arc::new(Mutex::new(Vec::new())),
             events,
+            block: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -67,13 +115,11 @@ impl JobRegistry {
             });
         }
         self.set_status(id, JobStatus::Created, None);
-        let jobs = self.jobs.clone();
-        let events = self.events.clone();
+        let reg = self.clone_handle();
         let id_owned = id.to_string();
         let spawned = std::thread::Builder::new()
             .name(format!("job-{id}"))
             .spawn(move || {
-                let reg = JobRegistry { jobs, events };
                 reg.set_status(&id_owned, JobStatus::Running, None);
                 match work() {
                     Ok(()) => {
@@ -91,6 +137,139 @@ impl JobRegistry {
             self.finish(id, Some(format!("cannot start job thread: {e}")));
         }
         Ok(())
+    }
+
+    fn clone_handle(&self) -> JobRegistry {
+        JobRegistry { jobs: self.jobs.clone(), events: self.events.clone(), block: self.block.clone() }
+    }
+
+    /// Registers block job `id` and runs `driver` on a new thread (see the module doc).
+    pub fn start_block(
+        &self,
+        id: &str,
+        job_type: JobType,
+        driver: Arc<dyn BlockJobDriver>,
+        auto_finalize: bool,
+        auto_dismiss: bool,
+    ) -> Result<(), CommandError> {
+        if !id_wellformed(id) {
+            return Err(CommandError::generic(format!("Invalid job ID '{id}'")));
+        }
+        {
+            let mut jobs = lock(&self.jobs);
+            if jobs.iter().any(|j| j.id == id) {
+                return Err(CommandError::generic(format!("Job ID '{id}' already in use")));
+            }
+            if jobs.len() >= MAX_JOBS {
+                return Err(CommandError::generic("Too many jobs; dismiss concluded ones with job-dismiss"));
+            }
+            jobs.push(JobInfo {
+                id: id.to_string(),
+                job_type,
+                status: JobStatus::Created,
+                current_progress: 0,
+                total_progress: 0,
+                error: None,
+            });
+            lock(&self.block).push(BlockEntry { id: id.to_string(), driver: driver.clone(), auto_finalize, auto_dismiss });
+        }
+        self.set_status(id, JobStatus::Created, None);
+        let reg = self.clone_handle();
+        let id_owned = id.to_string();
+        let spawned = std::thread::Builder::new().name(format!("job-{id}")).spawn(move || {
+            let id = id_owned.as_str();
+            reg.set_status(id, JobStatus::Running, None);
+            let end = driver.run(&mut || {
+                reg.set_status(id, JobStatus::Ready, None);
+                reg.block_event("BLOCK_JOB_READY", id, &driver.progress(), None);
+            });
+            let p = driver.progress();
+            match end {
+                BlockJobEnd::Completed => {
+                    reg.set_status(id, JobStatus::Waiting, None);
+                    reg.set_status(id, JobStatus::Pending, None);
+                    reg.block_event("BLOCK_JOB_COMPLETED", id, &p, None);
+                    reg.finish(id, None);
+                }
+                BlockJobEnd::Cancelled => {
+                    reg.set_status(id, JobStatus::Aborting, None);
+                    reg.block_event("BLOCK_JOB_CANCELLED", id, &p, None);
+                    reg.finish(id, None);
+                }
+                BlockJobEnd::Failed(e) => {
+                    reg.events.emit(Event::Other {
+                        name: "BLOCK_JOB_ERROR".into(),
+                        data: Some(serde_json::json!({"device": id, "operation": "write", "action": "report"})),
+                    });
+                    reg.set_status(id, JobStatus::Aborting, None);
+                    reg.block_event("BLOCK_JOB_COMPLETED", id, &p, Some(&e));
+                    reg.finish(id, Some(e));
+                }
+            }
+            if auto_dismiss {
+                let _ = reg.dismiss(id);
+            }
+        });
+        if let Err(e) = spawned {
+            self.finish(id, Some(format!("cannot start job thread: {e}")));
+        }
+        Ok(())
+    }
+
+    fn block_event(&self, name: &str, id: &str, p: &BlockJobProgress, error: Option<&str>) {
+        let mut data = serde_json::json!({"type": "mirror", "device": id, "len": p.len, "offset": p.offset, "speed": p.speed});
+        if let Some(e) = error {
+            data["error"] = serde_json::json!(e);
+        }
+        self.events.emit(Event::Other { name: name.into(), data: Some(data) });
+    }
+
+    fn block_job(&self, id: &str, verb: &str, allowed: &[JobStatus]) -> Result<Arc<dyn BlockJobDriver>, CommandError> {
+        let driver = lock(&self.block).iter().find(|b| b.id == id).map(|b| b.driver.clone());
+        let status = lock(&self.jobs).iter().find(|j| j.id == id).map(|j| j.status);
+        match (driver, status) {
+            (Some(d), Some(s)) if allowed.contains(&s) => Ok(d),
+            (Some(_), Some(s)) => Err(CommandError::generic(format!(
+                "Job '{id}' in state '{}' cannot accept command verb '{verb}'",
+                s.as_str()
+            ))),
+            _ => Err(CommandError::new(
+                crate::error::ErrorClass::DeviceNotActive,
+                format!("Block job '{id}' not found"),
+            )),
+        }
+    }
+
+    /// `block-job-cancel`.
+    pub fn block_cancel(&self, id: &str, force: bool) -> Result<(), CommandError> {
+        use JobStatus::*;
+        self.block_job(id, "cancel", &[Created, Running, Ready, Paused, Standby])?.cancel(force);
+        Ok(())
+    }
+
+    /// `block-job-complete`.
+    pub fn block_complete(&self, id: &str) -> Result<(), CommandError> {
+        self.block_job(id, "complete", &[JobStatus::Ready])?.complete()
+    }
+
+    /// `block-job-set-speed`.
+    pub fn block_set_speed(&self, id: &str, speed: u64) -> Result<(), CommandError> {
+        use JobStatus::*;
+        self.block_job(id, "set-speed", &[Created, Running, Ready, Paused, Standby])?.set_speed(speed);
+        Ok(())
+    }
+
+    /// `query-block-jobs`: the block jobs not dismissed yet.
+    pub fn block_jobs(&self) -> Vec<serde_json::Value> {
+        let jobs = lock(&self.jobs).clone();
+        lock(&self.block)
+            .iter()
+            .filter_map(|b| {
+                let j = jobs.iter().find(|j| j.id == b.id)?;
+                let p = b.driver.progress();
+                Some(crate::block::block_job_info(&b.id, j.status.as_str(), &p, b.auto_finalize, b.auto_dismiss, j.error.as_deref()))
+            })
+            .collect()
     }
 
     fn set_status(&self, id: &str, status: JobStatus, error: Option<String>) {
@@ -118,7 +297,15 @@ impl JobRegistry {
 
     /// `query-jobs`.
     pub fn list(&self) -> Vec<JobInfo> {
-        lock(&self.jobs).clone()
+        let mut jobs = lock(&self.jobs).clone();
+        for b in lock(&self.block).iter() {
+            if let Some(j) = jobs.iter_mut().find(|j| j.id == b.id) {
+                let p = b.driver.progress();
+                j.current_progress = p.offset;
+                j.total_progress = p.len;
+            }
+        }
+        jobs
     }
 
     /// `job-dismiss`: forget a concluded job (emits its `null` status).
@@ -135,6 +322,7 @@ impl JobRegistry {
                 )));
             }
             jobs.remove(pos);
+            lock(&self.block).retain(|b| b.id != id);
         }
         self.events.emit(Event::JobStatusChange {
             id: id.to_string(),
@@ -210,5 +398,77 @@ mod tests {
         assert_eq!(statuses(&rx, 4), [Created, Running, Aborting, Concluded]);
         assert_eq!(reg.list()[0].error.as_deref(), Some("no such snapshot"));
         assert!(reg.start("0bad", JobType::SnapshotLoad, || Ok(())).is_err());
+    }
+
+    /// A fake mirror: ready at once, then waits for cancel/complete; or fails.
+    struct Fake {
+        fail: bool,
+        stop: Mutex<Option<bool>>,
+        cv: std::sync::Condvar,
+    }
+
+    impl BlockJobDriver for Fake {
+        fn run(&self, on_ready: &mut dyn FnMut()) -> BlockJobEnd {
+            if self.fail {
+                return BlockJobEnd::Failed("target went away".into());
+            }
+            on_ready();
+            let mut g = self.stop.lock().unwrap();
+            while g.is_none() {
+                g = self.cv.wait(g).unwrap();
+            }
+            if g.unwrap() { BlockJobEnd::Cancelled } else { BlockJobEnd::Completed }
+        }
+        fn cancel(&self, force: bool) {
+            *self.stop.lock().unwrap() = Some(force);
+            self.cv.notify_all();
+        }
+        fn complete(&self) -> Result<(), CommandError> {
+            self.cancel(false);
+            Ok(())
+        }
+        fn set_speed(&self, _bps: u64) {}
+        fn progress(&self) -> BlockJobProgress {
+            BlockJobProgress { offset: 10, len: 10, speed: 0, ready: true, busy: false }
+        }
+    }
+
+    fn names(rx: &std::sync::mpsc::Receiver<Arc<crate::events::EventRecord>>, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                let r = rx.recv_timeout(Duration::from_secs(10)).expect("event");
+                match &r.event {
+                    Event::JobStatusChange { status, .. } => status.as_str().to_string(),
+                    other => other.name().to_string(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn block_job_ready_cancel_is_completed_and_failure_reported() {
+        let bus = EventBus::new();
+        let rx = bus.subscribe(64);
+        let reg = JobRegistry::new(bus);
+        let fake = Arc::new(Fake { fail: false, stop: Mutex::new(None), cv: Default::default() });
+        reg.start_block("m0", JobType::Mirror, fake, true, false).unwrap();
+        assert_eq!(names(&rx, 4), ["created", "running", "ready", "BLOCK_JOB_READY"]);
+        assert!(reg.block_cancel("nope", false).is_err());
+        assert_eq!(reg.block_jobs()[0]["ready"], true);
+        reg.block_cancel("m0", false).unwrap();
+        assert_eq!(names(&rx, 4), ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded"]);
+        assert!(reg.block_complete("m0").unwrap_err().desc.contains("'concluded' cannot accept command verb 'complete'"));
+        assert_eq!(reg.list()[0].error, None);
+        reg.dismiss("m0").unwrap();
+        assert_eq!(names(&rx, 1), ["null"]);
+        assert!(reg.block_jobs().is_empty());
+
+        let bad = Arc::new(Fake { fail: true, stop: Mutex::new(None), cv: Default::default() });
+        reg.start_block("m1", JobType::Mirror, bad, true, true).unwrap();
+        assert_eq!(
+            names(&rx, 7),
+            ["created", "running", "BLOCK_JOB_ERROR", "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        );
+        assert!(reg.list().is_empty(), "auto-dismissed");
     }
 }

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod backend;
+pub mod block;
 pub mod chardev;
 pub mod command;
 pub mod error;

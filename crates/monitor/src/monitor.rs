@@ -114,7 +114,31 @@ impl Monitor {
             Command::QueryMigrateForecast => b.query_migrate_forecast().map(Reply::Forecast),
             Command::AnnounceSelf(a) => empty(b.announce_self(&a)),
             Command::QueryNetwork => b.query_network().map(Reply::Network),
+            Command::Block(c) => self.block(c),
         }
+    }
+}
+
+impl Monitor {
+    /// A block command: mirror jobs and their verbs through the job registry, the rest to the
+    /// backend; HMP text rendered from the QMP answer.
+    fn block(&self, c: crate::block::BlockCommand) -> Result<Reply, CommandError> {
+        use crate::block::BlockCommand as B;
+        let json = match &c {
+            B::Mirror(args) => {
+                let id = args.id();
+                let driver = self.backend.start_mirror(args)?;
+                self.jobs.start_block(&id, JobType::Mirror, driver, args.auto_finalize, args.auto_dismiss)?;
+                serde_json::json!({})
+            }
+            B::QueryBlockJobs => serde_json::Value::Array(self.jobs.block_jobs()),
+            B::BlockJobCancel { device, force } => self.jobs.block_cancel(device, *force).map(|()| serde_json::json!({}))?,
+            B::BlockJobComplete { device } => self.jobs.block_complete(device).map(|()| serde_json::json!({}))?,
+            B::BlockJobSetSpeed { device, speed } => self.jobs.block_set_speed(device, *speed).map(|()| serde_json::json!({}))?,
+            other => self.backend.block(other)?,
+        };
+        let text = crate::block::render_hmp(&c, &json);
+        Ok(Reply::Block { json, text })
     }
 }
 

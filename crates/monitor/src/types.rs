@@ -127,6 +127,8 @@ pub enum JobType {
     SnapshotSave,
     SnapshotLoad,
     SnapshotDelete,
+    /// `drive-mirror` / `blockdev-mirror`.
+    Mirror,
 }
 
 /// `query-jobs` element (QEMU's `JobInfo`).

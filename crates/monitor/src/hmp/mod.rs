@@ -292,6 +292,7 @@ pub fn render_reply(r: &Reply) -> String {
         Reply::MigrationCapabilities(c) => render::migrate_capabilities(c),
         Reply::Forecast(f) => render::forecast(f),
         Reply::Network(n) => render::network(n),
+        Reply::Block { text, .. } => text.clone(),
     }
 }
 

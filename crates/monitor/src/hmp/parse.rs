@@ -381,7 +381,10 @@ pub fn parse_line(line: &str, defaults: &mut DumpDefaults) -> Result<HmpCommand,
                 state,
             }]))
         }
-        _ => Err(format!("unknown command: '{name}'")),
+        _ => match crate::block::parse_hmp(name, &args) {
+            Some(r) => r.map(|c| HmpCommand::Vm(Command::Block(c))),
+            None => Err(format!("unknown command: '{name}'")),
+        },
     }
 }
 
@@ -406,7 +409,10 @@ fn parse_info(rest: &str) -> Result<HmpCommand, String> {
         "migrate_capabilities" => vm(Command::QueryMigrateCapabilities),
         "migrate_forecast" => vm(Command::QueryMigrateForecast),
         "network" => vm(Command::QueryNetwork),
-        _ => Err(format!("unknown command: 'info {sub}'")),
+        _ => match crate::block::parse_hmp_info(sub) {
+            Some(c) => vm(Command::Block(c)),
+            None => Err(format!("unknown command: 'info {sub}'")),
+        },
     }
 }
 

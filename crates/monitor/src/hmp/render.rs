@@ -226,13 +226,14 @@ fn entry_line(prefix: &str, e: &HmpEntry) -> String {
 pub fn help(topic: Option<&str>) -> Result<String, String> {
     let matches = |e: &HmpEntry, name: &str| e.names.split('|').any(|n| n == name);
     match topic {
-        None => Ok(COMMANDS.iter().map(|e| entry_line("", e)).collect()),
+        None => Ok(COMMANDS.iter().chain(crate::block::HMP_COMMANDS).map(|e| entry_line("", e)).collect()),
         Some("info") => Ok(INFO_COMMANDS
             .iter()
             .map(|e| entry_line("info ", e))
             .collect()),
         Some(t) => COMMANDS
             .iter()
+            .chain(crate::block::HMP_COMMANDS)
             .find(|e| matches(e, t))
             .map(|e| entry_line("", e))
             .ok_or_else(|| format!("unknown command: '{t}'")),

@@ -251,7 +251,7 @@ pub fn parse_vm_command(
             let _ = a.opt_str("id")?;
             Command::AnnounceSelf(args)
         }
-        _ => return Ok(None),
+        _ => return crate::block::parse_qmp(name, args).map(|c| c.map(Command::Block)),
     };
     a.finish()?;
     Ok(Some(cmd))

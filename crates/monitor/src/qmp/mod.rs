@@ -144,6 +144,7 @@ impl QmpSession {
                 Ok(Value::Array(
                     commands::QMP_COMMANDS
                         .iter()
+                        .chain(crate::block::QMP_COMMANDS)
                         .map(|c| json!({ "name": c }))
                         .collect(),
                 ))
