@@ -3,19 +3,18 @@
 use crate::out::{self, Json};
 use crate::{parse, parse_size, CliError};
 use qcow2::{
-    BlockBackend, CreateOptions, ImageFormat, MapKind, NewSnapshot, OpenOptions, Qcow2, RawImage,
+    BlockBackend, CreateOptions, ImageFormat, NewSnapshot, OpenOptions, Qcow2, RawImage,
     RepairMode,
 };
-use std::os::unix::fs::MetadataExt;
 use std::time::SystemTime;
 
-type R = Result<u8, CliError>;
+pub(crate) type R = Result<u8, CliError>;
 
-fn img_err(what: String) -> impl FnOnce(qcow2::Error) -> CliError {
+pub(crate) fn img_err(what: String) -> impl FnOnce(qcow2::Error) -> CliError {
     move |e| CliError::Img(what, e)
 }
 
-fn fmt_arg(s: Option<&str>) -> Result<Option<ImageFormat>, CliError> {
+pub(crate) fn fmt_arg(s: Option<&str>) -> Result<Option<ImageFormat>, CliError> {
     match s {
         None => Ok(None),
         Some(f) => f
@@ -25,7 +24,7 @@ fn fmt_arg(s: Option<&str>) -> Result<Option<ImageFormat>, CliError> {
     }
 }
 
-fn one_file(pos: &[String]) -> Result<&str, CliError> {
+pub(crate) fn one_file(pos: &[String]) -> Result<&str, CliError> {
     match pos {
         [f] => Ok(f),
         [] => Err(CliError::Usage("Expecting one image file name".into())),
@@ -33,32 +32,11 @@ fn one_file(pos: &[String]) -> Result<&str, CliError> {
     }
 }
 
-/// The image's `nfs://` URL, when it is on an NFS server (crate `nfs`, through libnfs).
-fn nfs_url(file: &str) -> Result<Option<nfs::NfsUrl>, CliError> {
-    if !nfs::is_nfs_url(file) {
-        return Ok(None);
-    }
-    nfs::NfsUrl::parse(file)
-        .map(Some)
-        .map_err(|e| CliError::Nfs(format!("Could not open '{file}': {e}")))
-}
-
-fn nfs_err(file: &str) -> impl FnOnce(nfs::OpenError) -> CliError + '_ {
-    move |e| CliError::Nfs(format!("Could not open '{file}': {e}"))
-}
-
-fn open_any(
+pub(crate) fn open_any(
     file: &str,
     fmt: Option<ImageFormat>,
     read_only: bool,
 ) -> Result<Box<dyn BlockBackend>, CliError> {
-    let opts = OpenOptions {
-        read_only,
-        ..Default::default()
-    };
-    if let Some(url) = nfs_url(file)? {
-        return nfs::open_image(&url, fmt, &opts, !read_only).map_err(nfs_err(file));
-    }
     qcow2::open(
         file,
         fmt,
@@ -70,17 +48,7 @@ fn open_any(
     .map_err(img_err(format!("Could not open '{file}'")))
 }
 
-fn open_qcow2(file: &str, read_only: bool) -> Result<Qcow2, CliError> {
-    if let Some(url) = nfs_url(file)? {
-        let opts = OpenOptions {
-            read_only,
-            ..Default::default()
-        };
-        let s = nfs::NfsStorage::open(&url, nfs::nfs_options(&opts, !read_only))
-            .map_err(|e| nfs_err(file)(e.into()))?;
-        return Qcow2::open_storage(Box::new(s), &opts)
-            .map_err(img_err(format!("Could not open '{file}'")));
-    }
+pub(crate) fn open_qcow2(file: &str, read_only: bool) -> Result<Qcow2, CliError> {
     Qcow2::open(
         file,
         &OpenOptions {
@@ -91,7 +59,7 @@ fn open_qcow2(file: &str, read_only: bool) -> Result<Qcow2, CliError> {
     .map_err(img_err(format!("Could not open '{file}'")))
 }
 
-fn output_json(a: &crate::Args) -> Result<bool, CliError> {
+pub(crate) fn output_json(a: &crate::Args) -> Result<bool, CliError> {
     match a.opt("--output") {
         None | Some("human") => Ok(false),
         Some("json") => Ok(true),
@@ -102,7 +70,7 @@ fn output_json(a: &crate::Args) -> Result<bool, CliError> {
 }
 
 /// Create options from `-o a=b,c=d`.
-fn create_opts(o: Option<&str>, size: u64) -> Result<CreateOptions, CliError> {
+pub(crate) fn create_opts(o: Option<&str>, size: u64) -> Result<CreateOptions, CliError> {
     let mut c = CreateOptions {
         size,
         ..Default::default()
@@ -147,9 +115,6 @@ fn create_opts(o: Option<&str>, size: u64) -> Result<CreateOptions, CliError> {
 
 pub fn create(argv: &[String]) -> R {
     let a = parse(argv, &["-f", "-o", "-F", "-b"], &["-q", "-u"])?;
-    if a.opt("-b").is_some() {
-        return Err(CliError::Usage("backing files are not supported".into()));
-    }
     let fmt = fmt_arg(a.opt("-f"))?.unwrap_or(ImageFormat::Raw);
     let (file, size) = match a.pos.as_slice() {
         [f, s] => (f.as_str(), parse_size(s)?),
@@ -159,6 +124,7 @@ pub fn create(argv: &[String]) -> R {
     let quiet = a.flag("-q");
     // qemu-img rounds the size up to whole 512-byte sectors (after printing it).
     let mut o = create_opts(a.opt("-o"), size)?;
+    let backing = crate::chain::create_backing(&a, file, fmt, &mut o)?;
     let shown = o.size;
     match fmt {
         ImageFormat::Raw => {
@@ -171,131 +137,23 @@ pub fn create(argv: &[String]) -> R {
         ImageFormat::Qcow2 => {
             if !quiet {
                 let compat = if o.version == 2 { " compat=0.10" } else { "" };
+                let b = match (&o.backing_file, o.backing_format) {
+                    (Some(n), Some(f)) => format!(" backing_file={n} backing_fmt={f}"),
+                    (Some(n), None) => format!(" backing_file={n}"),
+                    _ => String::new(),
+                };
                 println!(
-                    "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2=off compression_type=zlib size={}{compat} lazy_refcounts=off refcount_bits={}",
+                    "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2=off compression_type=zlib size={}{b}{compat} lazy_refcounts=off refcount_bits={}",
                     o.cluster_size, shown, o.refcount_bits
                 );
             }
             o.size = o.size.div_ceil(512) * 512;
-            let mut img = Qcow2::create(file, &o).map_err(img_err(file.to_string()))?;
+            let open = OpenOptions {
+                no_backing: !backing,
+                ..Default::default()
+            };
+            let mut img = Qcow2::create_with(file, &o, &open).map_err(img_err(file.to_string()))?;
             img.close().map_err(img_err(file.to_string()))?;
-        }
-    }
-    Ok(0)
-}
-
-fn actual_size(file: &str) -> u64 {
-    std::fs::metadata(file)
-        .map(|m| m.blocks() * 512)
-        .unwrap_or(0)
-}
-
-fn snapshot_json(s: &qcow2::SnapshotInfo) -> Json {
-    let mut v = Vec::new();
-    if let Some(i) = s.icount {
-        v.push(("icount", Json::Int(i as i128)));
-    }
-    v.extend([
-        (
-            "vm-clock-nsec",
-            Json::Int((s.vm_clock_ns % 1_000_000_000) as i128),
-        ),
-        ("name", Json::Str(s.name.clone())),
-        ("date-sec", Json::Int(s.date_sec as i128)),
-        ("date-nsec", Json::Int(s.date_nsec as i128)),
-        (
-            "vm-clock-sec",
-            Json::Int((s.vm_clock_ns / 1_000_000_000) as i128),
-        ),
-        ("id", Json::Str(s.id.clone())),
-        ("vm-state-size", Json::Int(s.vm_state_size as i128)),
-    ]);
-    Json::Obj(v)
-}
-
-pub fn info(argv: &[String]) -> R {
-    let a = parse(
-        argv,
-        &["-f", "--output"],
-        &["-U", "--force-share", "--backing-chain"],
-    )?;
-    let json = output_json(&a)?;
-    let file = one_file(&a.pos)?;
-    let mut dev = open_any(file, fmt_arg(a.opt("-f"))?, true)?;
-    let size = dev.size();
-    let actual = actual_size(file);
-    let fmt = dev.format();
-    let q = dev.as_qcow2();
-    if json {
-        let mut v = Vec::new();
-        if let Some(q) = &q {
-            let snaps = q.snapshots();
-            if !snaps.is_empty() {
-                v.push((
-                    "snapshots",
-                    Json::Arr(snaps.iter().map(snapshot_json).collect()),
-                ));
-            }
-        }
-        v.push(("virtual-size", Json::Int(size as i128)));
-        v.push(("filename", Json::Str(file.into())));
-        if let Some(q) = &q {
-            v.push(("cluster-size", Json::Int(q.cluster_size() as i128)));
-        }
-        v.push(("format", Json::Str(fmt.to_string())));
-        v.push(("actual-size", Json::Int(actual as i128)));
-        if let Some(q) = &q {
-            let mut d = Vec::new();
-            if q.version() >= 3 {
-                d.push(("compat", Json::Str("1.1".into())));
-                d.push(("compression-type", Json::Str("zlib".into())));
-                d.push(("lazy-refcounts", Json::Bool(q.header().compatible & 1 != 0)));
-                d.push(("refcount-bits", Json::Int(q.refcount_bits() as i128)));
-                d.push(("corrupt", Json::Bool(q.header().incompatible & 2 != 0)));
-                d.push(("extended-l2", Json::Bool(false)));
-            } else {
-                d.push(("compat", Json::Str("0.10".into())));
-                d.push(("compression-type", Json::Str("zlib".into())));
-                d.push(("refcount-bits", Json::Int(q.refcount_bits() as i128)));
-            }
-            v.push((
-                "format-specific",
-                Json::Obj(vec![
-                    ("type", Json::Str("qcow2".into())),
-                    ("data", Json::Obj(d)),
-                ]),
-            ));
-        }
-        v.push(("dirty-flag", Json::Bool(false)));
-        println!("{}", Json::Obj(v).pretty());
-        return Ok(0);
-    }
-    println!("image: {file}");
-    println!("file format: {fmt}");
-    println!("virtual size: {} ({size} bytes)", out::size_to_str(size));
-    println!("disk size: {}", out::size_to_str(actual));
-    if let Some(q) = q {
-        println!("cluster_size: {}", q.cluster_size());
-        let snaps = q.snapshots();
-        if !snaps.is_empty() {
-            println!("Snapshot list:");
-            println!("{}", out::snapshot_header());
-            for s in &snaps {
-                println!("{}", out::snapshot_row(s));
-            }
-        }
-        println!("Format specific information:");
-        if q.version() >= 3 {
-            println!("    compat: 1.1");
-            println!("    compression type: zlib");
-            println!("    lazy refcounts: {}", q.header().compatible & 1 != 0);
-            println!("    refcount bits: {}", q.refcount_bits());
-            println!("    corrupt: {}", q.header().incompatible & 2 != 0);
-            println!("    extended l2: false");
-        } else {
-            println!("    compat: 0.10");
-            println!("    compression type: zlib");
-            println!("    refcount bits: {}", q.refcount_bits());
         }
     }
     Ok(0)
@@ -389,10 +247,7 @@ pub fn check(argv: &[String]) -> R {
     let fmt = fmt_arg(a.opt("-f"))?;
     let fmt = match fmt {
         Some(f) => f,
-        None => match nfs_url(file)? {
-            Some(url) => nfs::probe(&url).map_err(nfs_err(file))?,
-            None => qcow2::probe(file).map_err(img_err(format!("Could not open '{file}'")))?,
-        },
+        None => qcow2::probe(file).map_err(img_err(format!("Could not open '{file}'")))?,
     };
     if fmt == ImageFormat::Raw {
         eprintln!("godwit-img: This image format does not support checks");
@@ -490,7 +345,7 @@ pub fn snapshot(argv: &[String]) -> R {
 pub fn convert(argv: &[String]) -> R {
     let a = parse(
         argv,
-        &["-f", "-O", "-o", "-l", "-s", "-t", "-T"],
+        &["-f", "-O", "-o", "-l", "-s", "-t", "-T", "-B", "-F"],
         &["-p", "-q", "-n", "-U", "-c"],
     )?;
     if a.flag("-c") {
@@ -546,10 +401,31 @@ pub fn convert(argv: &[String]) -> R {
             Box::new(RawImage::create(dst, size).map_err(img_err(dst.to_string()))?)
         }
         ImageFormat::Qcow2 => {
-            let o = create_opts(a.opt("-o"), size)?;
+            let mut o = create_opts(a.opt("-o"), size)?;
+            if let Some(b) = a.opt("-B") {
+                o.backing_file = Some(b.to_string());
+                o.backing_format = match fmt_arg(a.opt("-F"))? {
+                    Some(f) => Some(f),
+                    None => {
+                        let p = qcow2::backing::resolve_backing_name(b, Some(std::path::Path::new(dst)));
+                        Some(qcow2::probe(&p).map_err(img_err(format!("Could not open backing file '{b}'")))?)
+                    }
+                };
+            }
             Box::new(Qcow2::create(dst, &o).map_err(img_err(dst.to_string()))?)
         }
     };
+    if a.opt("-B").is_some() {
+        if out_fmt != ImageFormat::Qcow2 || snap.is_some() {
+            return Err(CliError::Usage("-B needs a qcow2 output and no snapshot".into()));
+        }
+        crate::chain::convert_top_only(inp.as_mut(), outp.as_mut())?;
+        outp.flush().map_err(img_err(dst.to_string()))?;
+        if let Some(q) = outp.as_qcow2() {
+            q.close().map_err(img_err(dst.to_string()))?;
+        }
+        return Ok(0);
+    }
     let chunk = 2usize << 20;
     let mut buf = vec![0u8; chunk];
     let mut off = 0u64;
@@ -572,72 +448,6 @@ pub fn convert(argv: &[String]) -> R {
     outp.flush().map_err(img_err(dst.to_string()))?;
     if let Some(q) = outp.as_qcow2() {
         q.close().map_err(img_err(dst.to_string()))?;
-    }
-    Ok(0)
-}
-
-pub fn map(argv: &[String]) -> R {
-    let a = parse(
-        argv,
-        &["-f", "--output", "--start-offset", "--max-length"],
-        &["-U", "--force-share"],
-    )?;
-    let json = output_json(&a)?;
-    let file = one_file(&a.pos)?;
-    let mut dev = open_any(file, fmt_arg(a.opt("-f"))?, true)?;
-    let size = dev.size();
-    let entries: Vec<qcow2::MapEntry> = match dev.as_qcow2() {
-        Some(q) => q
-            .map()
-            .map_err(img_err(format!("Could not map '{file}'")))?,
-        None => vec![qcow2::MapEntry {
-            start: 0,
-            length: size,
-            kind: MapKind::Data(0),
-        }],
-    };
-    if json {
-        let lines: Vec<String> = entries
-            .iter()
-            .map(|e| {
-                let (present, zero, data, off) = match e.kind {
-                    MapKind::Unallocated => (false, true, false, None),
-                    MapKind::Zero(o) => (true, true, false, o),
-                    MapKind::Data(o) => (true, false, true, Some(o)),
-                    MapKind::DataHole(o) => (true, true, true, Some(o)),
-                    MapKind::Compressed => (true, false, true, None),
-                };
-                let mut s = format!(
-                    "{{ \"start\": {}, \"length\": {}, \"depth\": 0, \"present\": {present}, \"zero\": {zero}, \"data\": {data}",
-                    e.start, e.length
-                );
-                if let Some(o) = off {
-                    s.push_str(&format!(", \"offset\": {o}"));
-                }
-                s.push('}');
-                s
-            })
-            .collect();
-        println!("[{}]", lines.join(",\n"));
-    } else {
-        if entries.iter().any(|e| e.kind == MapKind::Compressed) {
-            return Err(CliError::Usage(
-                "File contains external, encrypted or compressed clusters.".into(),
-            ));
-        }
-        println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
-        let hx = |v: u64| {
-            if v == 0 {
-                "0".to_string()
-            } else {
-                format!("{v:#x}")
-            }
-        };
-        for e in &entries {
-            if let MapKind::Data(o) = e.kind {
-                println!("{:<16}{:<16}{:<16}{file}", hx(e.start), hx(e.length), hx(o));
-            }
-        }
     }
     Ok(0)
 }

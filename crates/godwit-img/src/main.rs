@@ -1,7 +1,9 @@
 //! `godwit-img`: Godwit's qemu-img. Same command-line syntax and (close to byte-identical)
 //! output for create, info, check, snapshot, convert, map and resize on qcow2 and raw images.
 
+mod chain;
 mod cmds;
+mod info;
 mod out;
 
 use std::process::ExitCode;
@@ -18,9 +20,6 @@ pub enum CliError {
     /// Other I/O.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
-    /// An image on NFS that could not be reached or opened.
-    #[error("{0}")]
-    Nfs(String),
 }
 
 /// Parsed arguments: options with values, flags, positionals.
@@ -144,12 +143,14 @@ pub fn parse_size(s: &str) -> Result<u64, CliError> {
 fn usage() -> &'static str {
     "usage: godwit-img COMMAND [OPTIONS]\n\
      commands:\n\
-     \x20 create -f qcow2|raw [-o cluster_size=N,compat=0.10|1.1,refcount_bits=N] FILE SIZE\n\
-     \x20 info [-f FMT] [--output=human|json] FILE\n\
+     \x20 create -f qcow2|raw [-b BACKING -F FMT [-u]] [-o cluster_size=N,compat=0.10|1.1,refcount_bits=N] FILE SIZE\n\
+     \x20 info [-f FMT] [--output=human|json] [--backing-chain] FILE\n\
      \x20 check [-f FMT] [-r leaks|all] [--output=human|json] FILE\n\
      \x20 snapshot [-l | -c NAME | -a NAME | -d NAME] FILE\n\
-     \x20 convert [-f FMT] [-O FMT] [-o OPTS] [-l snapshot.name=NAME|snapshot.id=ID] IN OUT\n\
+     \x20 convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-l snapshot.name=NAME|snapshot.id=ID] IN OUT\n\
      \x20 map [-f FMT] [--output=human|json] FILE\n\
+     \x20 commit [-d] FILE\n\
+     \x20 rebase [-u] -b BACKING [-F FMT] FILE\n\
      \x20 resize [-f FMT] FILE [+]SIZE"
 }
 
@@ -162,11 +163,13 @@ fn main() -> ExitCode {
     let rest = &argv[1..];
     let r = match cmd.as_str() {
         "create" => cmds::create(rest),
-        "info" => cmds::info(rest),
+        "info" => info::info(rest),
+        "commit" => chain::commit(rest),
+        "rebase" => chain::rebase(rest),
         "check" => cmds::check(rest),
         "snapshot" => cmds::snapshot(rest),
         "convert" => cmds::convert(rest),
-        "map" => cmds::map(rest),
+        "map" => info::map(rest),
         "resize" => cmds::resize(rest),
         "-h" | "--help" | "help" => {
             println!("{}", usage());

@@ -4,6 +4,7 @@
 use crate::error::{Error, IoCtx, Result};
 use crate::header::MAGIC;
 use crate::image::{OpenOptions, Qcow2};
+use crate::map::{MapEntry, MapKind};
 use crate::storage::{FileStorage, Storage};
 use std::fmt;
 use std::fs::OpenOptions as FsOpenOptions;
@@ -56,6 +57,16 @@ pub trait BlockBackend: Send {
     fn discard(&mut self, off: u64, len: u64) -> Result<()>;
     /// Make a range read as zeros.
     fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()>;
+    /// This layer's own allocation map (backing files not included). The default, for
+    /// formats without allocation metadata, is data everywhere at the guest offset.
+    fn layer_map(&mut self) -> Result<Vec<MapEntry>> {
+        let size = self.size();
+        Ok(if size == 0 {
+            Vec::new()
+        } else {
+            vec![MapEntry { start: 0, length: size, kind: MapKind::Data(0) }]
+        })
+    }
     /// The qcow2 image, for snapshot and VM-state operations (None for raw).
     fn as_qcow2(&mut self) -> Option<&mut Qcow2> {
         None
@@ -155,6 +166,21 @@ impl RawImage {
 }
 
 impl BlockBackend for RawImage {
+    fn layer_map(&mut self) -> Result<Vec<MapEntry>> {
+        let regions = self
+            .file
+            .data_regions(0, self.size)
+            .ctx("mapping the raw image")?;
+        Ok(regions
+            .into_iter()
+            .filter(|r| r.1 > 0)
+            .map(|(o, l, data)| MapEntry {
+                start: o,
+                length: l,
+                kind: if data { MapKind::Data(o) } else { MapKind::Zero(Some(o)) },
+            })
+            .collect())
+    }
     fn format(&self) -> ImageFormat {
         ImageFormat::Raw
     }

@@ -653,6 +653,10 @@ impl Qcow2 {
     pub fn refcount_bits(&self) -> u32 {
         1 << self.h.refcount_order
     }
+    /// True when the image uses extended L2 entries (subclusters).
+    pub fn extended_l2(&self) -> bool {
+        self.h.incompatible & header::INCOMPAT_EXTL2 != 0
+    }
     /// The parsed header.
     pub fn header(&self) -> &Header {
         &self.h

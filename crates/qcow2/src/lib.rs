@@ -44,6 +44,7 @@
 mod backend;
 pub mod backing;
 mod cache;
+mod chain;
 mod check;
 mod cluster;
 mod commit;
@@ -60,6 +61,7 @@ pub mod storage;
 mod vmstate;
 
 pub use backend::{open, probe, probe_storage, BlockBackend, ImageFormat, RawImage};
+pub use chain::ChainExtent;
 pub use check::{CheckReport, RepairMode};
 pub use error::{Error, Result};
 pub use hostfile::CacheMode;

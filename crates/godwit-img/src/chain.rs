@@ -1,0 +1,146 @@
+//! Backing-chain commands and options: `create -b/-F/-u`, `commit`, `rebase` (safe and `-u`)
+//! and `convert -B`, with qemu-img's messages.
+
+use crate::cmds::{fmt_arg, img_err, one_file, R};
+use crate::{parse, Args, CliError};
+use qcow2::{BlockBackend, CreateOptions, ImageFormat, OpenOptions, Qcow2};
+
+/// `create -b BACKING -F FMT [-u]`: fill the backing fields of `o` (and the size from the
+/// backing image when none was given). Returns whether the backing file is to be opened.
+pub fn create_backing(
+    a: &Args,
+    file: &str,
+    fmt: ImageFormat,
+    o: &mut CreateOptions,
+) -> Result<bool, CliError> {
+    let Some(b) = a.opt("-b") else {
+        if a.opt("-F").is_some() {
+            return Err(CliError::Usage("Option -F requires -b".into()));
+        }
+        return Ok(false);
+    };
+    if fmt != ImageFormat::Qcow2 {
+        return Err(CliError::Usage(format!(
+            "{file}: Backing file not supported for file format '{fmt}'"
+        )));
+    }
+    let Some(bf) = fmt_arg(a.opt("-F"))? else {
+        return Err(CliError::Usage(format!(
+            "{file}: Backing file specified without backing format"
+        )));
+    };
+    o.backing_file = Some(b.to_string());
+    o.backing_format = Some(bf);
+    let unsafe_ = a.flag("-u");
+    if !unsafe_ || o.size == 0 {
+        let path = qcow2::backing::resolve_backing_name(b, Some(std::path::Path::new(file)));
+        let opts = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        let dev = qcow2::open(&path, Some(bf), &opts).map_err(|e| {
+            CliError::Usage(format!(
+                "{file}: Could not open '{}': {e}\nCould not open backing image.",
+                path.display()
+            ))
+        })?;
+        if o.size == 0 {
+            o.size = dev.size();
+        }
+    }
+    Ok(!unsafe_)
+}
+
+pub fn commit(argv: &[String]) -> R {
+    let a = parse(argv, &["-f", "-t", "-b", "-r"], &["-q", "-d", "-p"])?;
+    let file = one_file(&a.pos)?;
+    if let Some(f) = fmt_arg(a.opt("-f"))? {
+        if f != ImageFormat::Qcow2 {
+            return Err(CliError::Usage(format!(
+                "Image '{file}' does not have a backing file"
+            )));
+        }
+    }
+    let mut img = Qcow2::open(file, &OpenOptions::default())
+        .map_err(img_err(format!("Could not open '{file}'")))?;
+    if img.backing_file().is_none() {
+        return Err(CliError::Usage(format!(
+            "Image '{file}' does not have a backing file"
+        )));
+    }
+    if let Some(base) = a.opt("-b") {
+        let ok = img
+            .backing_path()
+            .is_some_and(|p| p == std::path::Path::new(base) || img.backing_file() == Some(base));
+        if !ok {
+            return Err(CliError::Usage(format!(
+                "'{base}' is not the backing file of '{file}' (only committing into the immediate backing file is supported)"
+            )));
+        }
+    }
+    img.commit_to_backing(a.flag("-d"))
+        .map_err(img_err("Block job failed".into()))?;
+    img.close().map_err(img_err(file.to_string()))?;
+    if !a.flag("-q") {
+        println!("Image committed.");
+    }
+    Ok(0)
+}
+
+pub fn rebase(argv: &[String]) -> R {
+    let a = parse(argv, &["-f", "-F", "-b", "-t", "-T", "-o"], &["-q", "-u", "-p", "-U", "-c"])?;
+    let file = one_file(&a.pos)?;
+    let Some(b) = a.opt("-b") else {
+        return Err(CliError::Usage("Must specify backing file (-b)".into()));
+    };
+    let unsafe_ = a.flag("-u");
+    let name = (!b.is_empty()).then_some(b);
+    let bf = fmt_arg(a.opt("-F"))?;
+    if name.is_some() && bf.is_none() {
+        return Err(CliError::Usage(format!(
+            "Could not change the backing file to '{b}': backing format must be specified"
+        )));
+    }
+    let opts = OpenOptions {
+        no_backing: unsafe_,
+        ..Default::default()
+    };
+    let mut img = Qcow2::open(file, &opts).map_err(img_err(format!("Could not open '{file}'")))?;
+    img.rebase(name, bf, unsafe_)
+        .map_err(img_err(format!("Could not change the backing file to '{b}'")))?;
+    img.close().map_err(img_err(file.to_string()))?;
+    Ok(0)
+}
+
+/// `convert -B BACKING`: copy only what the source's top layer holds into `out`, whose backing
+/// file is expected to hold the rest (qemu-img's semantics).
+pub fn convert_top_only(inp: &mut dyn BlockBackend, out: &mut dyn BlockBackend) -> Result<(), CliError> {
+    let size = inp.size().min(out.size());
+    let runs = match inp.as_qcow2() {
+        Some(q) => q
+            .top_allocation(0, size)
+            .map_err(img_err("error while reading the allocation map".into()))?,
+        None => vec![(0, size, true)],
+    };
+    let chunk = 2usize << 20;
+    let mut buf = vec![0u8; chunk];
+    for (s, l, allocated) in runs {
+        if !allocated {
+            continue;
+        }
+        let mut g = s;
+        while g < s + l {
+            let n = ((s + l - g) as usize).min(chunk);
+            inp.read_at(g, &mut buf[..n])
+                .map_err(img_err(format!("error while reading at byte {g}")))?;
+            let r = if buf[..n].iter().all(|&x| x == 0) {
+                out.write_zeroes(g, n as u64)
+            } else {
+                out.write_at(g, &buf[..n])
+            };
+            r.map_err(img_err(format!("error while writing at byte {g}")))?;
+            g += n as u64;
+        }
+    }
+    Ok(())
+}
