@@ -3,7 +3,7 @@
 //! one back, true or false, in one call, and aborts when one it needs is missing), and each is
 //! one of three kinds:
 //! - implemented: it changes what Godwit does (`events`, `auto-converge`, `postcopy-ram`,
-//!   `pause-before-switchover`, and `multifd` once the transport has it);
+//!   `pause-before-switchover`, `multifd`);
 //! - inherent: what the capability asks for is what Godwit always does, so turning it on
 //!   changes nothing and is accepted (`return-path`, `late-block-activate`, `zero-blocks`,
 //!   `dirty-bitmaps`);
@@ -32,14 +32,13 @@ pub enum Support {
 pub fn support(c: MigrationCapability) -> Support {
     use MigrationCapability as C;
     match c {
-        C::Events | C::AutoConverge | C::PostcopyRam | C::PauseBeforeSwitchover => Support::Implemented,
+        C::Events | C::AutoConverge | C::PostcopyRam | C::PauseBeforeSwitchover | C::Multifd => Support::Implemented,
         C::ReturnPath => Support::Inherent("the stream always has a reply channel from the destination"),
         C::LateBlockActivate => {
             Support::Inherent("the destination opens and locks its disks only at switchover, right before the guest runs")
         }
         C::ZeroBlocks => Support::Inherent("disk blocks never travel in the migration stream (shared storage or NBD mirror)"),
         C::DirtyBitmaps => Support::Inherent("drives carry no persistent dirty bitmaps to migrate"),
-        C::Multifd => Support::Refused("multifd (several streams) is not supported by Godwit yet"),
         C::Xbzrle => Support::Refused("xbzrle is not supported by Godwit"),
         C::RdmaPinAll => Support::Refused("RDMA migration is not supported by Godwit"),
         C::Compress => {

@@ -84,6 +84,7 @@ pub fn migration_info(st: &Stats) -> MigrationInfo {
             precopy_bytes: st.transferred.saturating_sub(st.postcopy_bytes),
             postcopy_requests: st.postcopy_requests,
             postcopy_bytes: st.postcopy_bytes,
+            multifd_bytes: st.multifd_bytes,
             ..Default::default()
         }),
         ..Default::default()
@@ -431,11 +432,13 @@ impl Backend for MachineBackend {
         // Check everything first: a refused capability changes nothing.
         crate::capabilities::Caps::check(caps)?;
         let mut params = self.0.mig.params.lock().unwrap_or_else(|e| e.into_inner());
+        crate::transport_params::check_caps(&params, caps)?;
         for c in caps {
             match c.capability {
                 MigrationCapability::AutoConverge => params.auto_converge = c.state,
                 MigrationCapability::PostcopyRam => params.postcopy = c.state,
                 MigrationCapability::PauseBeforeSwitchover => params.pause_before_switchover = c.state,
+                MigrationCapability::Multifd => params.multifd = c.state,
                 _ => {}
             }
         }
@@ -453,6 +456,7 @@ impl Backend for MachineBackend {
                     MigrationCapability::AutoConverge => p.auto_converge,
                     MigrationCapability::PostcopyRam => p.postcopy,
                     MigrationCapability::PauseBeforeSwitchover => p.pause_before_switchover,
+                    MigrationCapability::Multifd => p.multifd,
                     other => self.0.caps.state(other),
                 },
             })

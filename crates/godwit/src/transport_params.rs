@@ -2,7 +2,18 @@
 //! `MigrationParameters` and the engine's `Params`.
 
 use migration::stats::{Compression, Params};
-use monitor::migration::{MigrationParameters, MultifdCompression};
+use monitor::error::CommandError;
+use monitor::migration::{CapabilityStatus, MigrationCapability, MigrationParameters, MultifdCompression};
+
+/// Refuses a capability set that would turn on both `multifd` and `postcopy-ram` (QEMU 7.2
+/// refuses it with this message).
+pub fn check_caps(now: &Params, caps: &[CapabilityStatus]) -> Result<(), CommandError> {
+    let after = |c: MigrationCapability, cur: bool| caps.iter().rev().find(|s| s.capability == c).map_or(cur, |s| s.state);
+    if after(MigrationCapability::Multifd, now.multifd) && after(MigrationCapability::PostcopyRam, now.postcopy) {
+        return Err(CommandError::generic("Postcopy is not yet compatible with multifd"));
+    }
+    Ok(())
+}
 
 /// Copies the transport parameters present in a set request.
 pub fn set(params: &mut Params, p: &MigrationParameters) {

@@ -9,6 +9,7 @@ pub mod protocol;
 pub mod postcopy;
 pub mod postcopy_dest;
 pub mod forecast;
+pub mod multifd;
 pub mod ram;
 pub mod receiver;
 pub mod sender;

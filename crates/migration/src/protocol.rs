@@ -22,7 +22,7 @@
 //! having run the guest), `3 RUNNING` (postcard [`Running`]: the guest runs on the destination;
 //! only now is the migration complete and may the source stop caring about its copy),
 //! `7 ROUND_ACK` (postcard `u32`: the round number of a `ROUND_END` the destination has taken
-//! in). The source waits for each `ROUND_ACK` before its next decision, so a round (and the
+//! in), `8 MULTIFD_READY` (see below). The source waits for each `ROUND_ACK` before its next decision, so a round (and the
 //! bandwidth measured over it) ends when its data has arrived, not when it left the source's
 //! buffers, and the pause never starts with data still queued on the way.
 //!
@@ -52,6 +52,39 @@
 //! (postcard [`Missing`]: runs of pages it still lacks, the last frame flagged) and repeats
 //! its outstanding requests, and the source streams exactly those pages, then `END`.
 //!
+//! **multifd extension** (capability `multifd`; a destination that does not know these
+//! records refuses them as unknown before the guest runs anywhere but on the source):
+//!
+//! | tag  | record        | body |
+//! |------|---------------|------|
+//! | 0x46 | MULTIFD_SETUP | [`crate::multifd::Setup`]: channel count N, compression (0 none, 1 zlib, 2 zstd), random session id |
+//! | 0x47 | MULTIFD_SYNC  | postcard `u32`: the switchover's round; every channel's share of it was sent |
+//!
+//! After `READY` the source sends `MULTIFD_SETUP` and opens N more connections to the same
+//! address (each secured with TLS when `tls-creds` is set); each starts with
+//! `"GODWITMF" | u32 version 1 | u64 session | u8 channel index`. The destination accepts
+//! exactly N such connections (others are dropped), answers `8 MULTIFD_READY`, and from then
+//! on every guest page travels on the channels, never on the main connection. A channel is a
+//! sequence of packets:
+//! `1 PAGES: u32 header length | header (postcard [`crate::multifd::Packet`]: round, the
+//! data pages' addresses, the addresses of pages now zero, payload length) | payload (the data
+//! pages, compressed as a whole when compression is on) | u32 CRC-32 of header and payload`,
+//! `2 SYNC: u32 round` (this channel sent all its pages of that round), `3 FIN` (clean end).
+//! A packet holds at most 128 pages; the destination checks the checksum, the decompressed
+//! size and every address before it writes a page. Each pre-copy round ends with `SYNC(round)`
+//! on every channel and then `ROUND_END` on the main connection; the destination answers
+//! `ROUND_ACK` only when every channel has synced the round, so a round is complete only when
+//! every channel's share of it arrived, and the next round (which may send the same page
+//! again) cannot overtake it. At the switchover the last dirty pages go on the channels as
+//! one more round, the main connection sends `MULTIFD_SYNC(round)` after `SWITCHOVER`, and the
+//! destination restores the state only once every channel synced that round. Post-copy is
+//! refused with multifd (as QEMU 7.2 does). A failed channel fails the whole migration on both
+//! sides (the source resumes).
+//!
+//! **TLS** (`tls-creds`): every connection — the main one, each multifd channel, a post-copy
+//! recovery — is a TLS session (see [`crate::tls`]); the records above travel inside it
+//! unchanged.
+//!
 //! **What each side checks.** The destination refuses a HELLO with another protocol version,
 //! config summary (RAM size, vCPU count, device set) or RAM layout; it bounds-checks every RAM
 //! record against its RAM, bounds every length before allocating (see `vmstate::stream`),
@@ -71,6 +104,10 @@ pub const TAG_SWITCHOVER: u8 = 0x42;
 pub const TAG_POSTCOPY_DISCARD: u8 = 0x43;
 pub const TAG_POSTCOPY_RUN: u8 = 0x44;
 pub const TAG_POSTCOPY_RESUME: u8 = 0x45;
+pub const TAG_MULTIFD_SETUP: u8 = 0x46;
+pub const TAG_MULTIFD_SYNC: u8 = 0x47;
+/// Largest multifd packet header accepted.
+pub const MAX_PACKET_HDR: usize = 16 * 1024;
 
 /// Runs of guest pages: (guest-physical address, page count).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
@@ -132,6 +169,8 @@ pub enum Reply {
     Missing(Missing),
     /// The destination has taken in the round with this number (its `ROUND_END`).
     RoundAck(u32),
+    /// multifd: every channel is connected and checked.
+    MultifdReady,
 }
 
 const MAX_REPLY: u32 = 64 * 1024;
@@ -145,6 +184,7 @@ pub fn write_reply<W: Write + ?Sized>(w: &mut W, r: &Reply) -> Result<()> {
         Reply::Complete => (5, Vec::new()),
         Reply::Missing(x) => (6, encode(x)?),
         Reply::RoundAck(n) => (7, encode(n)?),
+        Reply::MultifdReady => (8, Vec::new()),
     };
     let mut frame = Vec::with_capacity(5 + body.len());
     frame.push(kind);
@@ -175,6 +215,7 @@ pub fn read_reply<R: Read + ?Sized>(r: &mut R) -> Result<Reply> {
         5 if len == 0 => Ok(Reply::Complete),
         6 => Ok(Reply::Missing(decode(&body)?)),
         7 => Ok(Reply::RoundAck(decode(&body)?)),
+        8 if len == 0 => Ok(Reply::MultifdReady),
         k => Err(MigrationError::Protocol(format!("unknown reply kind {k}"))),
     }
 }

@@ -3,7 +3,7 @@
 //! guest. The guest never runs before the whole state arrived and was checked; any error is
 //! reported back to the source and returned (the caller exits non-zero).
 
-use crate::protocol::{self, Hello, Reply, RoundEnd, Running, PROTOCOL_VERSION, TAG_HELLO, TAG_ROUND_END, TAG_SWITCHOVER};
+use crate::protocol::{self, Hello, Reply, RoundEnd, Running, PROTOCOL_VERSION, TAG_HELLO, TAG_MULTIFD_SETUP, TAG_MULTIFD_SYNC, TAG_ROUND_END, TAG_SWITCHOVER};
 use crate::transport::{Channel, Listener, SpinReader};
 
 /// How long the destination busy-waits for the next record after a round ended.
@@ -42,13 +42,63 @@ pub fn incoming_with(vm: &dyn MigratableVm, listener: &Listener, shared: &crate:
     let tls = || crate::tls::destination_setup(&shared.params());
     let chan = listener.accept_until_secure(&tls, &|m| shared.update(|s| s.error = Some(format!("TLS: {m}"))))?;
     shared.update(|s| s.error = None);
-    receive(vm, chan)
+    receive_with(vm, chan, Some((listener, &tls)))
 }
 
-/// Runs the destination protocol over an accepted channel.
+/// Runs the destination protocol over an accepted channel (no multifd: there is no listener
+/// to take its channels from).
 pub fn receive(vm: &dyn MigratableVm, chan: Box<dyn Channel>) -> Result<IncomingStats> {
+    receive_with(vm, chan, None)
+}
+
+/// Where multifd channels come from: the listener and how to secure each connection.
+pub type AcceptCtx<'a> = (&'a Listener, &'a dyn Fn() -> Result<Option<crate::tls::TlsSetup>>);
+
+/// How long the destination waits for all multifd channels to connect.
+const CHANNELS_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Accepts the N channels announced by `MULTIFD_SETUP`, in index order.
+fn accept_channels(ctx: Option<AcceptCtx<'_>>, setup: &crate::multifd::Setup) -> Result<Vec<Box<dyn Channel>>> {
+    let Some((listener, tls)) = ctx else {
+        return Err(MigrationError::Protocol("this destination cannot take multifd channels".into()));
+    };
+    let n = setup.channels;
+    if n == 0 || n > 64 {
+        return Err(MigrationError::Protocol(format!("{n} multifd channels requested (1 to 64)")));
+    }
+    let mut got: Vec<Option<Box<dyn Channel>>> = (0..n).map(|_| None).collect();
+    let end = Instant::now() + CHANNELS_WITHIN;
+    while got.iter().any(Option::is_none) {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() || !listener.wait_readable(left) {
+            return Err(MigrationError::Protocol(format!("not all {n} multifd channels connected within {CHANNELS_WITHIN:?}")));
+        }
+        let mut c = match listener.accept_secure(tls) {
+            Ok(c) => c,
+            Err(MigrationError::Tls(m)) => {
+                eprintln!("godwit: incoming migration: TLS: {m} (multifd channel)");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        match crate::multifd::read_channel_header(&mut c, setup.session, n) {
+            Ok(i) if got[i as usize].is_none() => {
+                c.set_read_timeout(None)?;
+                got[i as usize] = Some(c);
+            }
+            Ok(i) => tracing::warn!("multifd channel {i} connected twice; dropped"),
+            Err(e) => tracing::warn!("dropped a connection that is not one of this migration's channels: {e}"),
+        }
+    }
+    Ok(got.into_iter().flatten().collect())
+}
+
+/// Runs the destination protocol over an accepted channel; multifd channels are accepted
+/// through `ctx`.
+pub fn receive_with(vm: &dyn MigratableVm, chan: Box<dyn Channel>, ctx: Option<AcceptCtx<'_>>) -> Result<IncomingStats> {
     let mut back = chan.try_clone_box()?;
-    let res = receive_inner(vm, chan, &mut *back);
+    let res = receive_inner(vm, chan, &mut *back, ctx);
     if let Err(e) = &res {
         let _ = protocol::write_reply(&mut back, &Reply::Error(e.to_string()));
     }
@@ -65,7 +115,7 @@ fn region_slice(regions: &[RamRegion], gpa: u64, npages: u32) -> Result<*mut u8>
         .ok_or_else(|| MigrationError::Protocol(format!("RAM record {gpa:#x}+{len:#x} is outside guest RAM")))
 }
 
-fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn Channel) -> Result<IncomingStats> {
+fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn Channel, ctx: Option<AcceptCtx<'_>>) -> Result<IncomingStats> {
     let t0 = Instant::now();
     let mut spin = SpinReader::new(chan, None)?;
     spin.set_spin(SPIN_IDLE);
@@ -96,8 +146,14 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
     let mut switch_at: Option<Instant> = None;
     let mut last_round_end = Instant::now();
     let mut sections: Vec<Section> = Vec::new();
+    let mut mf: Option<crate::multifd::Receivers> = None;
     loop {
-        match r.next_item()? {
+        let item = match r.next_item() {
+            Ok(i) => i,
+            // A failed channel ends the main connection's reads: report the channel's reason.
+            Err(e) => return Err(mf.as_ref().and_then(|m| m.error()).map(MigrationError::Protocol).unwrap_or(e.into())),
+        };
+        match item {
             Item::RamData { gpa, npages } => {
                 // Data is flowing again: only a short spin before sleeping in the kernel.
                 r.get_mut().get_mut().set_spin(SPIN_IDLE);
@@ -119,6 +175,9 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
             Item::Control { tag: TAG_ROUND_END, body } => {
                 let re: RoundEnd = protocol::decode(&body)?;
                 st.rounds = re.round + 1;
+                if let Some(m) = &mf {
+                    m.wait_round(re.round)?;
+                }
                 last_round_end = Instant::now();
                 protocol::write_reply(back, &Reply::RoundAck(re.round))?;
                 // The switchover may come next: wait for it awake.
@@ -128,6 +187,23 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
                 switch_at = Some(Instant::now());
                 vm.prepare_resume();
                 tracing::debug!("SWITCHOVER received {:.3} ms after the last round ended", last_round_end.elapsed().as_secs_f64() * 1e3);
+            }
+            Item::Control { tag: TAG_MULTIFD_SETUP, body } if mf.is_none() => {
+                let setup: crate::multifd::Setup = protocol::decode(&body)?;
+                let chans = accept_channels(ctx, &setup)?;
+                mf = Some(crate::multifd::Receivers::start(chans, setup.compression, regions.clone(), back.try_clone_box()?)?);
+                protocol::write_reply(back, &Reply::MultifdReady)?;
+                tracing::info!("multifd: {} channels, compression {}", setup.channels, setup.compression);
+            }
+            Item::Control { tag: TAG_MULTIFD_SYNC, body } => {
+                let round: u32 = protocol::decode(&body)?;
+                match &mf {
+                    Some(m) => m.wait_round(round)?,
+                    None => return Err(MigrationError::Protocol("MULTIFD_SYNC without multifd".into())),
+                }
+            }
+            Item::Control { tag: crate::protocol::TAG_POSTCOPY_DISCARD, .. } if mf.is_some() => {
+                return Err(MigrationError::Protocol("post-copy is not compatible with multifd".into()));
             }
             Item::Control { tag: crate::protocol::TAG_POSTCOPY_DISCARD, body } => {
                 return crate::postcopy_dest::destination(vm, r, back, body, st, t0);
@@ -156,6 +232,10 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
     vm.resume();
     st.switchover_ms = switch_at.elapsed().as_secs_f64() * 1000.0;
     st.bytes = r.bytes_read();
+    if let Some(m) = &mf {
+        st.bytes += m.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        st.pages += m.pages.load(std::sync::atomic::Ordering::Relaxed);
+    }
     st.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let running = Running {
         switchover_us: (st.switchover_ms * 1000.0) as u64,

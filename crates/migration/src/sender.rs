@@ -143,6 +143,8 @@ impl Run<'_> {
             other => return Err(MigrationError::Protocol(format!("expected READY, got {other:?}"))),
         }
 
+        let mut mf = if self.params.multifd { Some(self.open_multifd(uri, &mut w, &mut replies)?) } else { None };
+
         self.vm.set_dirty_logging(true).map_err(MigrationError::Vm)?;
         self.logging = true;
         // Anything dirtied before logging started is covered by round 0 reading it now.
@@ -158,7 +160,7 @@ impl Run<'_> {
         let mut bandwidth = DEFAULT_BANDWIDTH;
         let mut last_harvest = Instant::now();
         // A round cut short by `migrate_start_postcopy` leaves its pages to the next harvest.
-        let mut carry = (!self.round(&mut w, &mut replies, 0, &marks, false, &mut bandwidth)?).then(|| marks.clone());
+        let mut carry = (!self.round(&mut w, &mut mf, &mut replies, 0, &marks, false, &mut bandwidth)?).then(|| marks.clone());
         // Pages never touched are zero pages too (QEMU's "duplicate"); they were not even read.
         let untouched: u64 = regions.iter().zip(&marks).map(|(r, m)| r.size / PAGE_SIZE as u64 - count(m)).sum();
         self.shared.update(|s| s.duplicate += untouched);
@@ -217,31 +219,101 @@ impl Run<'_> {
                     tracing::info!("auto-converge: vCPUs throttled to {throttle}%");
                 }
             }
-            if !self.round(&mut w, &mut replies, round, &dirty, true, &mut bandwidth)? {
+            if !self.round(&mut w, &mut mf, &mut replies, round, &dirty, true, &mut bandwidth)? {
                 carry = Some(dirty);
             }
             round += 1;
         };
-        self.switchover(&mut w, &mut replies, pending)
+        self.switchover(&mut w, &mut mf, &mut replies, pending, round)?;
+        if let Some(m) = mf {
+            m.finish();
+        }
+        Ok(())
+    }
+
+    /// multifd: announces the channels, connects them (secured as the main one) and waits
+    /// until the destination has them all.
+    fn open_multifd(&self, uri: &Uri, w: &mut Writer, replies: &mut SpinReader) -> Result<crate::multifd::Sender> {
+        use crate::multifd::{channel_header, codec_id, session_id, Setup};
+        if self.params.postcopy {
+            return Err(MigrationError::Vm("Postcopy is not yet compatible with multifd".into()));
+        }
+        let n = self.params.multifd_channels.max(1);
+        let setup = Setup { channels: n, compression: codec_id(self.params.multifd_compression), session: session_id() };
+        w.control(crate::protocol::TAG_MULTIFD_SETUP, &protocol::encode(&setup)?)?;
+        w.flush()?;
+        let mut chans = Vec::new();
+        for i in 0..n {
+            let mut c = connect_secure(uri, self.tls.as_ref())?;
+            std::io::Write::write_all(&mut c, &channel_header(setup.session, i))?;
+            chans.push(c);
+        }
+        match protocol::read_reply(replies)? {
+            Reply::MultifdReady => {}
+            Reply::Error(e) => return Err(MigrationError::Refused(e)),
+            other => return Err(MigrationError::Protocol(format!("expected MULTIFD_READY, got {other:?}"))),
+        }
+        let p = &self.params;
+        tracing::info!("multifd: {n} channels, compression {}", p.multifd_compression.as_str());
+        crate::multifd::Sender::start(chans, p.multifd_compression, p.multifd_zstd_level, p.multifd_zlib_level, p.max_bandwidth / n as u64)
+    }
+
+    /// Sends the marked pages of every region: on the multifd channels (then syncs them for
+    /// `round`) or on the main stream.
+    fn send_pages(&self, w: &mut Writer, mf: &mut Option<crate::multifd::Sender>, round: u32, marks: &[Vec<u64>], record_zero: bool, stop: &dyn Fn() -> bool) -> Result<(vmstate::ram::RamStats, bool)> {
+        let regions = self.vm.ram_regions();
+        let mut st = vmstate::ram::RamStats::default();
+        match mf {
+            Some(m) => {
+                for (r, bits) in regions.iter().zip(marks) {
+                    let npages = (r.size / PAGE_SIZE as u64) as usize;
+                    for (first, n) in crate::ram::runs(bits, npages, crate::multifd::PACKET_PAGES) {
+                        if stop() {
+                            return Ok((st, false));
+                        }
+                        m.queue(r, first, n, round, record_zero)?;
+                    }
+                }
+                st = m.sync(round, record_zero)?;
+                let c = &m.counters;
+                let (b, i, o) = (c.bytes.load(Ordering::Relaxed), c.raw.load(Ordering::Relaxed), c.packed.load(Ordering::Relaxed));
+                self.shared.update(|s| {
+                    s.multifd_bytes = b;
+                    s.compress_in = i;
+                    s.compress_out = o;
+                });
+            }
+            None => {
+                for (r, bits) in regions.iter().zip(marks) {
+                    let (s, complete) = send_marked(w, r, bits, record_zero, stop)?;
+                    st.add(s);
+                    if !complete {
+                        return Ok((st, false));
+                    }
+                }
+            }
+        }
+        Ok((st, true))
+    }
+
+    /// Bytes sent so far on every connection.
+    fn sent(&self, w: &Writer, mf: &Option<crate::multifd::Sender>) -> u64 {
+        w.bytes_written() + mf.as_ref().map_or(0, |m| m.counters.bytes.load(Ordering::Relaxed))
     }
 
     /// Sends one round of marked pages and closes it with ROUND_END.
     /// Returns false when `migrate_start_postcopy` cut it short.
-    fn round(&self, w: &mut Writer, replies: &mut SpinReader, round: u32, marks: &[Vec<u64>], record_zero: bool, bw: &mut f64) -> Result<bool> {
+    #[allow(clippy::too_many_arguments)]
+    fn round(&self, w: &mut Writer, mf: &mut Option<crate::multifd::Sender>, replies: &mut SpinReader, round: u32, marks: &[Vec<u64>], record_zero: bool, bw: &mut f64) -> Result<bool> {
         let start = Instant::now();
-        let before = w.bytes_written();
-        let regions = self.vm.ram_regions();
-        let mut st = vmstate::ram::RamStats::default();
+        let before = self.sent(w, mf);
         let stop = || self.cancelled() || crate::postcopy::requested(self.shared, &self.params);
-        for (r, bits) in regions.iter().zip(marks) {
-            let (s, complete) = send_marked(w, r, bits, record_zero, &stop)?;
-            st.add(s);
-            if !complete {
-                if self.cancelled() {
-                    return Err(MigrationError::Cancelled);
-                }
-                return Ok(false);
+        let (st, complete) = self.send_pages(w, mf, round, marks, record_zero, &stop)?;
+        if !complete {
+            if self.cancelled() {
+                return Err(MigrationError::Cancelled);
             }
+            return Ok(false);
         }
         let pages = st.data_pages + st.zero_pages;
         w.control(TAG_ROUND_END, &protocol::encode(&RoundEnd { round, pages })?)?;
@@ -252,7 +324,7 @@ impl Run<'_> {
             Reply::Error(e) => return Err(MigrationError::Refused(e)),
             other => return Err(MigrationError::Protocol(format!("expected ROUND_ACK {round}, got {other:?}"))),
         }
-        let bytes = w.bytes_written() - before;
+        let bytes = self.sent(w, mf) - before;
         let elapsed = start.elapsed().as_secs_f64().max(1e-6);
         if bytes >= 2 << 20 {
             *bw = bytes as f64 / elapsed;
@@ -270,8 +342,9 @@ impl Run<'_> {
             at_ms: self.t0.elapsed().as_secs_f64() * 1000.0,
             bandwidth_bps: bytes as f64 / elapsed,
         };
+        let sent = self.sent(w, mf);
         self.shared.update(|s| {
-            s.transferred = w.bytes_written();
+            s.transferred = sent;
             s.duplicate += st.zero_pages;
             s.normal += st.data_pages;
             s.normal_bytes += st.data_pages * PAGE_SIZE as u64;
@@ -300,7 +373,7 @@ impl Run<'_> {
         }
     }
 
-    fn switchover(&mut self, w: &mut Writer, replies: &mut SpinReader, mut pending: Vec<Vec<u64>>) -> Result<()> {
+    fn switchover(&mut self, w: &mut Writer, mf: &mut Option<crate::multifd::Sender>, replies: &mut SpinReader, mut pending: Vec<Vec<u64>>, final_round: u32) -> Result<()> {
         let t_pause;
         if self.params.pause_before_switchover {
             // QEMU's order: the guest stops (STOP event), then `pre-switchover`, then `device`.
@@ -323,6 +396,9 @@ impl Run<'_> {
         // The guest is paused: `max-bandwidth` paced the live phase, the rest goes out at link
         // speed (the downtime only gets shorter than the one predicted at the capped rate).
         w.get_mut().get_mut().limit = 0;
+        if let Some(m) = mf {
+            m.limit.store(0, Ordering::Relaxed);
+        }
         self.vm.before_switchover().map_err(MigrationError::Vm)?;
         let t_handover = t_pause.elapsed();
         let last = self.vm.take_dirty().map_err(MigrationError::Vm)?;
@@ -332,10 +408,13 @@ impl Run<'_> {
             }
         }
         w.control(TAG_SWITCHOVER, &[])?;
-        let regions = self.vm.ram_regions();
-        let mut st = vmstate::ram::RamStats::default();
-        for (r, bits) in regions.iter().zip(&pending) {
-            st.add(send_marked(w, r, bits, true, &|| false)?.0);
+        if mf.is_some() {
+            // The destination gets ready while the last pages travel on the channels.
+            w.flush()?;
+        }
+        let (st, _) = self.send_pages(w, mf, final_round, &pending, true, &|| false)?;
+        if mf.is_some() {
+            w.control(crate::protocol::TAG_MULTIFD_SYNC, &protocol::encode(&final_round)?)?;
         }
         let t_ram = t_pause.elapsed();
         for s in self.vm.save_state().map_err(MigrationError::Vm)? {
@@ -352,6 +431,7 @@ impl Run<'_> {
             other => return Err(MigrationError::Protocol(format!("expected RUNNING, got {other:?}"))),
         };
         let downtime = t_pause.elapsed().as_secs_f64() * 1000.0;
+        let sent = self.sent(w, mf);
         self.shared.update(|s| s.cpu_throttle_percentage = 0);
         tracing::info!(
             "switchover: paused {:?}, disks handed over {:?}, last RAM sent {:?}, state sent {:?}, guest running {:.3} ms",
@@ -363,7 +443,7 @@ impl Run<'_> {
             s.status = Status::Completed;
             s.downtime_ms = downtime;
             s.dest_switchover_ms = running.switchover_us as f64 / 1000.0;
-            s.transferred = w.bytes_written();
+            s.transferred = sent;
             s.remaining = 0;
             s.duplicate += st.zero_pages;
             s.normal += st.data_pages;

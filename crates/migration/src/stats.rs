@@ -228,6 +228,14 @@ pub struct Stats {
     /// Post-copy: times the link failed and was recovered.
     #[serde(default)]
     pub postcopy_recoveries: u64,
+    /// multifd: bytes sent on the extra channels (included in `transferred`).
+    #[serde(default)]
+    pub multifd_bytes: u64,
+    /// multifd compression: data-page bytes before and after compression.
+    #[serde(default)]
+    pub compress_in: u64,
+    #[serde(default)]
+    pub compress_out: u64,
 }
 
 impl Stats {
@@ -271,6 +279,7 @@ impl Stats {
                 "page-size": 4096,
                 "postcopy-requests": self.postcopy_requests,
                 "postcopy-bytes": self.postcopy_bytes,
+                "multifd-bytes": self.multifd_bytes,
             }),
         );
         if let Some(e) = &self.error {

@@ -200,6 +200,17 @@ impl Listener {
         }
     }
 
+    /// Waits up to `t` for a peer to connect; false on timeout.
+    pub fn wait_readable(&self, t: Duration) -> bool {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        };
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, t.as_millis().min(i32::MAX as u128) as i32) > 0 }
+    }
+
     pub fn local_port(&self) -> Option<u16> {
         match self {
             Listener::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
