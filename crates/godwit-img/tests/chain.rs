@@ -1,0 +1,229 @@
+//! godwit-img on backing chains against the installed qemu-img: `info --backing-chain` (text and
+//! JSON), `map` with layer depths, `create -b`, `convert` (flattening and `-B`), `commit` and
+//! `rebase` (safe, `-u`, onto nothing) giving the same results as qemu-img on the same inputs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const G: &str = env!("CARGO_BIN_EXE_godwit-img");
+
+struct Scratch(PathBuf);
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("godwit-img-chain-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    fn path(&self, n: &str) -> PathBuf {
+        self.0.join(n)
+    }
+}
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn run_in(dir: &Path, tool: &str, args: &[&str]) -> Output {
+    Command::new(tool).current_dir(dir).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {tool}: {e} (qemu-img comes from Debian's qemu-utils; these tests never skip)")
+    })
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn qemu(dir: &Path, args: &[&str]) -> String {
+    ok(run_in(dir, "qemu-img", args))
+}
+fn ours(dir: &Path, args: &[&str]) -> String {
+    ok(run_in(dir, G, args))
+}
+
+/// A chain made by qemu-img/qemu-io in `dir`: base (qcow2 or raw) <- mid <- top, relative
+/// names, data at every level (partial clusters, zero clusters over data).
+fn chain(dir: &Path, raw_base: bool) {
+    let (base, bf) = if raw_base { ("base.raw", "raw") } else { ("base.qcow2", "qcow2") };
+    qemu(dir, &["create", "-q", "-f", bf, base, "6M"]);
+    ok(run_in(dir, "qemu-io", &["-f", bf, "-c", "write -P 0x11 0 2M", "-c", "write -P 0x12 4M 1000", base]));
+    qemu(dir, &["create", "-q", "-f", "qcow2", "-b", base, "-F", bf, "mid.qcow2"]);
+    ok(run_in(dir, "qemu-io", &["-f", "qcow2", "-c", "write -P 0x21 100000 5000", "-c", "write -z 1M 128K", "-c", "write -P 0x22 3M 70000", "mid.qcow2"]));
+    qemu(dir, &["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2"]);
+    ok(run_in(dir, "qemu-io", &["-f", "qcow2", "-c", "write -P 0x31 1000 100", "-c", "write -P 0x32 3100000 200000", "-c", "write -z 5M 64K", "top.qcow2"]));
+}
+
+fn raw(dir: &Path, img: &str) -> Vec<u8> {
+    let out = dir.join("flat.raw");
+    let _ = std::fs::remove_file(&out);
+    qemu(dir, &["convert", "-O", "raw", img, s(&out)]);
+    std::fs::read(&out).unwrap()
+}
+
+/// `map --output=json` as (start, length, depth, present, zero, data) runs; host offsets and
+/// the "data over a file hole" detail (ext4 writeback state) are left out, runs re-merged.
+fn map_runs(out: &str) -> Vec<(u64, u64, u64, bool, bool, bool)> {
+    let mut v: Vec<(u64, u64, u64, bool, bool, bool)> = Vec::new();
+    for line in out.lines().filter(|l| l.contains("\"start\"")) {
+        let num = |k: &str| -> u64 {
+            let i = line.find(&format!("\"{k}\": ")).unwrap() + k.len() + 4;
+            line[i..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+        };
+        let flag = |k: &str| line.contains(&format!("\"{k}\": true"));
+        let data = flag("data");
+        let e = (num("start"), num("length"), num("depth"), flag("present"), flag("zero") && !data, data);
+        match v.last_mut() {
+            Some(l) if (l.2, l.3, l.4, l.5) == (e.2, e.3, e.4, e.5) && l.0 + l.1 == e.0 => l.1 += e.1,
+            _ => v.push(e),
+        }
+    }
+    v
+}
+
+fn same_out(dir: &Path, args: &[&str]) {
+    assert_eq!(ours(dir, args), qemu(dir, args), "output of {args:?}");
+}
+
+#[test]
+fn info_and_map_of_qemu_made_chains_match_qemu_img() {
+    for raw_base in [false, true] {
+        let d = Scratch::new(if raw_base { "info-raw" } else { "info" });
+        chain(&d.0, raw_base);
+        same_out(&d.0, &["info", "--backing-chain", "top.qcow2"]);
+        same_out(&d.0, &["info", "--backing-chain", "--output=json", "top.qcow2"]);
+        same_out(&d.0, &["info", "--output=json", "mid.qcow2"]);
+        // Absolute top path: the backing paths print resolved ("actual path").
+        same_out(&d.0, &["info", s(&d.path("top.qcow2"))]);
+        for img in ["top.qcow2", "mid.qcow2"] {
+            let a = map_runs(&qemu(&d.0, &["map", "--output=json", img]));
+            let b = map_runs(&ours(&d.0, &["map", "--output=json", img]));
+            assert_eq!(b, a, "map --output=json {img}");
+            let deepest = if img == "top.qcow2" { 2 } else { 1 };
+            assert!(a.iter().any(|r| r.2 == deepest) && a.iter().any(|r| r.2 == 0), "the chain has depth");
+        }
+    }
+}
+
+#[test]
+fn create_with_backing_matches_qemu_img() {
+    let d = Scratch::new("create");
+    chain(&d.0, false);
+    for (tool, name) in [("qemu-img", "q.qcow2"), (G, "g.qcow2")] {
+        ok(run_in(&d.0, tool, &["create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", name]));
+    }
+    assert_eq!(std::fs::read(d.path("g.qcow2")).unwrap(), std::fs::read(d.path("q.qcow2")).unwrap(), "byte-identical overlay");
+    // Progress line names the backing file like qemu-img's.
+    let a = qemu(&d.0, &["create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "q2.qcow2", "8M"]);
+    let b = ours(&d.0, &["create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "g2.qcow2", "8M"]);
+    assert_eq!(b.replace("g2", "q2"), a);
+    // Missing backing file, missing -F: refused (and -u creates anyway).
+    for tool in ["qemu-img", G] {
+        assert!(!run_in(&d.0, tool, &["create", "-f", "qcow2", "-b", "nope.qcow2", "-F", "qcow2", "x.qcow2"]).status.success());
+        assert!(!run_in(&d.0, tool, &["create", "-f", "qcow2", "-b", "mid.qcow2", "y.qcow2"]).status.success());
+    }
+    ours(&d.0, &["create", "-q", "-f", "qcow2", "-u", "-b", "nope.qcow2", "-F", "qcow2", "z.qcow2", "1M"]);
+    let j = qemu(&d.0, &["info", "--output=json", "z.qcow2"]);
+    assert!(j.contains("\"backing-filename\": \"nope.qcow2\""), "{j}");
+}
+
+#[test]
+fn convert_flattens_and_keeps_a_backing_file_with_b() {
+    let d = Scratch::new("convert");
+    chain(&d.0, false);
+    let want = raw(&d.0, "top.qcow2");
+    ours(&d.0, &["convert", "-O", "qcow2", "top.qcow2", "flat.qcow2"]);
+    assert_eq!(raw(&d.0, "flat.qcow2"), want, "flattened");
+    assert!(!qemu(&d.0, &["info", "flat.qcow2"]).contains("backing file"));
+    qemu(&d.0, &["check", "flat.qcow2"]);
+    // -B: only the top layer is copied, the new image sits on mid.qcow2 like qemu-img's.
+    for (tool, out) in [("qemu-img", "qb.qcow2"), (G, "gb.qcow2")] {
+        ok(run_in(&d.0, tool, &["convert", "-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2", "top.qcow2", out]));
+        assert_eq!(raw(&d.0, out), want, "{tool} -B contents");
+        qemu(&d.0, &["check", out]);
+    }
+    let top0 = |img: &str| -> Vec<(u64, u64, u64, bool, bool, bool)> {
+        map_runs(&qemu(&d.0, &["map", "--output=json", img])).into_iter().filter(|r| r.2 == 0).collect()
+    };
+    assert_eq!(top0("gb.qcow2"), top0("qb.qcow2"), "same clusters in the new top layer");
+}
+
+/// Two copies of the same chain, one for each tool.
+fn twin(tag: &str) -> (Scratch, Scratch) {
+    let a = Scratch::new(&format!("{tag}-q"));
+    let b = Scratch::new(&format!("{tag}-g"));
+    chain(&a.0, false);
+    for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+        std::fs::copy(a.path(f), b.path(f)).unwrap();
+    }
+    (a, b)
+}
+
+fn same_state(a: &Path, b: &Path, imgs: &[&str]) {
+    for img in imgs {
+        assert_eq!(raw(b, img), raw(a, img), "contents of {img}");
+        let ma = map_runs(&qemu(a, &["map", "--output=json", img]));
+        let mb = map_runs(&qemu(b, &["map", "--output=json", img]));
+        assert_eq!(mb, ma, "allocation of {img} across the chain");
+        qemu(b, &["check", img]);
+        let ia = qemu(a, &["info", "--output=json", img]);
+        let ib = qemu(b, &["info", "--output=json", img]);
+        let backing = |s: &str| s.lines().filter(|l| l.contains("backing")).map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(backing(&ib), backing(&ia), "backing fields of {img}");
+    }
+}
+
+#[test]
+fn commit_matches_qemu_img() {
+    for keep in [false, true] {
+        let (a, b) = twin(if keep { "commit-d" } else { "commit" });
+        let before = raw(&a.0, "top.qcow2");
+        let mut args = vec!["commit", "-q"];
+        if keep {
+            args.push("-d");
+        }
+        args.push("top.qcow2");
+        qemu(&a.0, &args);
+        ours(&b.0, &args);
+        same_state(&a.0, &b.0, &["top.qcow2", "mid.qcow2", "base.qcow2"]);
+        assert_eq!(raw(&b.0, "mid.qcow2"), before, "mid now holds the committed data");
+    }
+}
+
+#[test]
+fn rebase_matches_qemu_img() {
+    // Safe rebase onto the base, skipping mid: contents kept, mid's data copied up.
+    let (a, b) = twin("rebase");
+    let before = raw(&a.0, "top.qcow2");
+    let args = ["rebase", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"];
+    qemu(&a.0, &args);
+    ours(&b.0, &args);
+    same_state(&a.0, &b.0, &["top.qcow2"]);
+    assert_eq!(raw(&b.0, "top.qcow2"), before);
+    // Onto nothing: the top becomes standalone.
+    let args = ["rebase", "-b", "", "top.qcow2"];
+    qemu(&a.0, &args);
+    ours(&b.0, &args);
+    same_state(&a.0, &b.0, &["top.qcow2"]);
+    assert_eq!(raw(&b.0, "top.qcow2"), before);
+    // Unsafe: only the header changes (contents may change, the same way in both).
+    let (a, b) = twin("rebase-u");
+    let args = ["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"];
+    qemu(&a.0, &args);
+    ours(&b.0, &args);
+    same_state(&a.0, &b.0, &["top.qcow2"]);
+    // Missing -F is refused by both.
+    for (dir, tool) in [(&a.0, "qemu-img"), (&b.0, G)] {
+        assert!(!run_in(dir, tool, &["rebase", "-b", "mid.qcow2", "top.qcow2"]).status.success());
+    }
+}
