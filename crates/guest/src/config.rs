@@ -25,6 +25,9 @@ pub struct Config {
     pub diskbench: crate::diskbench::Op,
     pub secs: u64,
     pub qd: u64,
+    /// `entropy=P`: percent of each dirty page's body that is pseudo-random (incompressible);
+    /// the rest repeats one word (compresses to almost nothing). 100 = the default pattern.
+    pub entropy: u64,
 }
 
 impl Config {
@@ -46,6 +49,7 @@ impl Config {
         diskbench: crate::diskbench::Op::None,
         secs: 5,
         qd: 1,
+        entropy: 100,
     };
 }
 
@@ -139,6 +143,7 @@ pub fn parse(line: &[u8]) -> Config {
                     b"disk_mib" => c.disk_mib = n.min(1 << 20),
                     b"secs" if n > 0 => c.secs = n.min(3600),
                     b"qd" if n > 0 => c.qd = n.min(crate::virtio::SLOTS as u64),
+                    b"entropy" => c.entropy = n.min(100),
                     _ => {}
                 }
             }

@@ -2,7 +2,10 @@
 //! the page pattern, the rate-limited writer each CPU runs, and verification.
 //!
 //! Page `i` written at generation `g` holds: word 0 = i, word 1 = g, word 2 = a checksum of
-//! (i, g), words 3..512 = `seed(i, g) + j * K`. After a page is written, `ledger[i] = g`.
+//! (i, g), words 3..3+R = `seed(i, g) + j * K` (no repeated bytes a compressor could use),
+//! words 3+R..512 = one word repeated (`filler(i, g)`), where R = 509 * `entropy` / 100
+//! (`entropy=100`, the default: every body word is the progression). After a page is written,
+//! `ledger[i] = g`.
 //! A page whose ledger entry is 0 has never been written and must be all zero.
 
 use crate::kernel::{MemEntry, K, MAX_MEMMAP, MEMMAP};
@@ -28,6 +31,16 @@ fn seed(idx: u64, gen: u64) -> u64 {
 #[inline(always)]
 fn checksum(idx: u64, gen: u64) -> u64 {
     mix(seed(idx, gen) ^ idx ^ gen ^ 0xbb67_ae85_84ca_a73b)
+}
+
+#[inline(always)]
+fn filler(idx: u64, gen: u64) -> u64 {
+    checksum(idx, gen) ^ K1
+}
+
+/// Body words (after the 3 header words) that carry the progression, for `entropy` percent.
+pub fn random_words(entropy: u64) -> u64 {
+    509 * entropy.min(100) / 100
 }
 
 /// Where the region and its ledger are: (region address, pages, ledger address).
@@ -72,15 +85,20 @@ pub fn place(want: u64, extra: u64) -> Layout {
     best
 }
 
-/// Write page `idx` of the region at generation `gen`.
+/// Write page `idx` of the region at generation `gen`, `rnd` body words pseudo-random.
 #[inline(always)]
-pub unsafe fn fill(p: *mut u64, idx: u64, gen: u64) {
+pub unsafe fn fill(p: *mut u64, idx: u64, gen: u64, rnd: u64) {
     let s = seed(idx, gen);
     p.write(idx);
     p.add(1).write(gen);
     p.add(2).write(checksum(idx, gen));
-    for j in 3..512u64 {
+    let split = 3 + rnd.min(509);
+    for j in 3..split {
         p.add(j as usize).write(s.wrapping_add(j.wrapping_mul(K1)));
+    }
+    let f = filler(idx, gen);
+    for j in split..512u64 {
+        p.add(j as usize).write(f);
     }
 }
 
@@ -95,15 +113,21 @@ pub unsafe fn check(p: *const u64, idx: u64, gen: u64) -> Option<usize> {
         return if acc == 0 { None } else { w.iter().position(|&x| x != 0) };
     }
     let s = seed(idx, gen);
+    let split = 3 + random_words(crate::user::cfg().entropy) as usize;
+    let f = filler(idx, gen);
     let expect = |j: usize| match j {
         0 => idx,
         1 => gen,
         2 => checksum(idx, gen),
-        _ => s.wrapping_add((j as u64).wrapping_mul(K1)),
+        j if j < split => s.wrapping_add((j as u64).wrapping_mul(K1)),
+        _ => f,
     };
     let mut acc = (w[0] ^ idx) | (w[1] ^ gen) | (w[2] ^ checksum(idx, gen));
-    for j in 3..512 {
+    for j in 3..split {
         acc |= w[j] ^ s.wrapping_add((j as u64).wrapping_mul(K1));
+    }
+    for &x in &w[split..] {
+        acc |= x ^ f;
     }
     if acc == 0 {
         return None;
@@ -125,6 +149,8 @@ pub struct Worker {
     cap: u64,
     region: u64,
     ledger: *mut u64,
+    /// Pseudo-random body words per page (`entropy=`).
+    rnd: u64,
 }
 
 impl Worker {
@@ -153,6 +179,7 @@ impl Worker {
             cap,
             region: U.region.load(Relaxed),
             ledger: U.ledger.load(Relaxed) as *mut u64,
+            rnd: random_words(cfg.entropy),
         }
     }
 
@@ -183,7 +210,7 @@ impl Worker {
             }
             let idx = self.cursor;
             unsafe {
-                fill((self.region + idx * PAGE) as *mut u64, idx, self.gen);
+                fill((self.region + idx * PAGE) as *mut u64, idx, self.gen, self.rnd);
                 core::sync::atomic::compiler_fence(Release);
                 core::ptr::write_volatile(self.ledger.add(idx as usize), self.gen);
             }
