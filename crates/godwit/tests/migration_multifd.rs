@@ -6,8 +6,10 @@
 //! with multifd is refused.
 
 mod common;
+mod linksim;
 mod tlsutil;
 use common::*;
+use linksim::{Link, Shape};
 use std::path::Path;
 use std::time::Duration;
 use tlsutil::*;
@@ -107,6 +109,61 @@ fn one_multifd_connection_cut_fails_cleanly() {
     let err = dst.stderr.lock().unwrap().clone();
     assert!(err.contains("incoming migration failed"), "{err}");
     assert!(!dst.seen.iter().any(|l| l.contains("HEARTBEAT")), "destination ran the guest");
+    hmp.quit();
+    src.wait_exit(T);
+}
+
+/// Spawns godwit with the test guest inside a namespace.
+fn in_ns(ns: &str, args: &[&str], append: &str) -> Vm {
+    let g = guest_bin();
+    let godwit = godwit_bin();
+    let mut full = vec!["netns", "exec", ns, godwit.to_str().unwrap(), "-kernel", g.to_str().unwrap(), "-append", append];
+    full.extend_from_slice(args);
+    Vm::spawn_cmd("ip", &full)
+}
+
+/// `NAME: N kbytes` from `info migrate`.
+fn kbytes(info: &str, name: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim_start_matches(':').split_whitespace().next()).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("no '{name}' in {info}"))
+}
+
+#[test]
+fn four_channels_with_zstd_over_a_shaped_link() {
+    // A 1 Gbit/s link (tbf) between two namespaces; the guest rewrites 128 MiB at 60 MiB/s with
+    // pages three-quarters compressible.
+    let link = Link::new("mfd", Shape { rate_bps: 1_000_000_000, ..Default::default() });
+    let dir = tmpdir("mfd-link");
+    let append = "mode=dirty mib=128 rate=60 entropy=25 hb_ms=100 cpus=1";
+    let incoming = format!("tcp:{}:6667", link.b_addr);
+    let mut dst = in_ns(&link.b, &["-m", "512", "-incoming", &incoming], append);
+    dst.wait_stderr("waiting for an incoming migration", T);
+    let (ssock, smon) = monitor_arg(&dir, "src.sock");
+    let mut src = in_ns(&link.a, &["-m", "512", "-monitor", &smon], append);
+    src.wait_for("GUEST READY", T);
+    let mut hmp = Hmp::connect(&ssock);
+    set(&mut hmp, "migrate_set_capability multifd on");
+    set(&mut hmp, "migrate_set_parameter multifd-channels 4");
+    set(&mut hmp, "migrate_set_parameter multifd-compression zstd");
+    set(&mut hmp, "migrate_set_parameter multifd-zstd-level 1");
+    for _ in 0..10 {
+        src.wait_for("HEARTBEAT", T);
+    }
+    hmp.cmd(&format!("migrate {incoming}"));
+    let info = hmp.wait_migration(T);
+    assert!(info.contains("Migration status: completed"), "{info}");
+    // Compression worked: far fewer bytes crossed the link than the pages held.
+    let (wire, pages) = (kbytes(&info, "transferred ram"), kbytes(&info, "normal bytes"));
+    assert!(wire * 2 < pages, "transferred {wire} KiB for {pages} KiB of pages: {info}");
+    assert!(kbytes(&info, "multifd bytes") * 10 > wire * 9, "RAM went over the channels: {info}");
+    src.collect_for(Duration::from_millis(200));
+    let first = dst.wait_for("HEARTBEAT", T);
+    assert_seq_continues(&src.seen, &dst.seen, &first);
+    dst.send(b"v");
+    dst.wait_for("LEDGER OK", T);
+    dst.send(b"q");
+    assert_eq!(dst.wait_exit(T), Some(0));
     hmp.quit();
     src.wait_exit(T);
 }
