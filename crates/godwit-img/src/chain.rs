@@ -144,3 +144,26 @@ pub fn convert_top_only(inp: &mut dyn BlockBackend, out: &mut dyn BlockBackend) 
     }
     Ok(())
 }
+
+/// `convert -c`: write the clusters of `buf` (guest offset `off`, cluster aligned) compressed,
+/// skipping clusters of zeros.
+pub fn write_compressed(out: &mut dyn BlockBackend, off: u64, buf: &[u8]) -> Result<(), CliError> {
+    let Some(q) = out.as_qcow2() else {
+        return Err(CliError::Usage("Compression not supported for this file format".into()));
+    };
+    if q.header().compression_type != 1 {
+        return Err(CliError::Usage(
+            "writing compressed clusters needs -o compression_type=zstd (zlib is read only)".into(),
+        ));
+    }
+    let cs = q.cluster_size() as usize;
+    for (i, c) in buf.chunks(cs).enumerate() {
+        if c.iter().all(|&x| x == 0) {
+            continue;
+        }
+        let g = off + (i * cs) as u64;
+        q.write_compressed(g, c)
+            .map_err(img_err(format!("error while compressing at byte {g}")))?;
+    }
+    Ok(())
+}

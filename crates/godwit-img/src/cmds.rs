@@ -100,7 +100,17 @@ pub(crate) fn create_opts(o: Option<&str>, size: u64) -> Result<CreateOptions, C
             "size" => c.size = parse_size(v)?,
             "lazy_refcounts" if v == "off" => {}
             "extended_l2" if v == "off" => {}
-            "compression_type" if v == "zlib" => {}
+            "compression_type" => {
+                c.compression_type = match v {
+                    "zlib" => 0,
+                    "zstd" => 1,
+                    _ => {
+                        return Err(CliError::Usage(format!(
+                            "Invalid parameter value for 'compression_type': '{v}'"
+                        )))
+                    }
+                }
+            }
             "preallocation" if v == "off" => {}
             _ => return Err(CliError::Usage(format!("Invalid parameter '{k}'"))),
         }
@@ -143,8 +153,8 @@ pub fn create(argv: &[String]) -> R {
                     _ => String::new(),
                 };
                 println!(
-                    "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2=off compression_type=zlib size={}{b}{compat} lazy_refcounts=off refcount_bits={}",
-                    o.cluster_size, shown, o.refcount_bits
+                    "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2=off compression_type={} size={}{b}{compat} lazy_refcounts=off refcount_bits={}",
+                    o.cluster_size, if o.compression_type == 1 { "zstd" } else { "zlib" }, shown, o.refcount_bits
                 );
             }
             o.size = o.size.div_ceil(512) * 512;
@@ -348,11 +358,6 @@ pub fn convert(argv: &[String]) -> R {
         &["-f", "-O", "-o", "-l", "-s", "-t", "-T", "-B", "-F"],
         &["-p", "-q", "-n", "-U", "-c"],
     )?;
-    if a.flag("-c") {
-        return Err(CliError::Usage(
-            "writing compressed clusters is not supported".into(),
-        ));
-    }
     let (src, dst) = match a.pos.as_slice() {
         [s, d] => (s.as_str(), d.as_str()),
         _ => {
@@ -439,7 +444,9 @@ pub fn convert(argv: &[String]) -> R {
                 .map_or(Ok(()), |q| q.read_snapshot(k, off, b)),
         }
         .map_err(img_err(format!("error while reading at byte {off}")))?;
-        if b.iter().any(|&x| x != 0) {
+        if a.flag("-c") {
+            crate::chain::write_compressed(outp.as_mut(), off, b)?;
+        } else if b.iter().any(|&x| x != 0) {
             outp.write_at(off, b)
                 .map_err(img_err(format!("error while writing at byte {off}")))?;
         }

@@ -83,29 +83,6 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Decompress one cluster (cached: the last one).
-    fn decompress(&mut self, e: u64, h: u64, l: u64) -> Result<Vec<u8>> {
-        if let Some((k, d)) = &self.comp_cache {
-            if *k == e {
-                return Ok(d.clone());
-            }
-        }
-        let mut src = vec![0u8; l as usize];
-        self.file
-            .read_at(&mut src, h)
-            .ctx("reading a compressed cluster")?;
-        let mut out = vec![0u8; self.cs as usize];
-        let mut d = flate2::Decompress::new(false);
-        let r = d.decompress(&src, &mut out, flate2::FlushDecompress::Finish);
-        match r {
-            Ok(_) if d.total_out() == self.cs => {}
-            Ok(_) => return corrupt(format!("compressed cluster at {h:#x} is short")),
-            Err(err) => return corrupt(format!("compressed cluster at {h:#x}: {err}")),
-        }
-        self.comp_cache = Some((e, out.clone()));
-        Ok(out)
-    }
-
     /// Full guest contents of the cluster at guest offset `g` described by L2 entry `e`
     /// (an unallocated cluster reads from the backing chain: copy-on-write of partial writes).
     fn cluster_contents(&mut self, g: u64, e: u64, out: &mut [u8]) -> Result<()> {

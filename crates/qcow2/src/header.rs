@@ -177,7 +177,7 @@ impl Header {
             if h.refcount_order > 6 {
                 return corrupt(format!("refcount_order {} > 6", h.refcount_order));
             }
-            if h.header_length > 104 && b[..].len() >= 105 {
+            if h.header_length > 104 {
                 let mut ct = [0u8; 1];
                 file.read_at(&mut ct, 104).ctx("reading the header")?;
                 if ct[0] > COMPRESSION_ZSTD {

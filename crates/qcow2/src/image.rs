@@ -64,6 +64,8 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     /// Backing format to store in the `backing_fmt` header extension.
     pub backing_format: Option<ImageFormat>,
+    /// Compression type of compressed clusters: 0 zlib, 1 zstd (v3 only).
+    pub compression_type: u8,
 }
 
 impl Default for CreateOptions {
@@ -75,6 +77,7 @@ impl Default for CreateOptions {
             refcount_bits: 16,
             backing_file: None,
             backing_format: None,
+            compression_type: 0,
         }
     }
 }
@@ -106,6 +109,8 @@ pub struct Qcow2 {
     pub(crate) l2_cache: Lru<Vec<u64>>,
     pub(crate) rb_cache: Lru<Vec<u8>>,
     pub(crate) comp_cache: Option<(u64, Vec<u8>)>,
+    /// Packing state of compressed writes: (next free byte, end of the reserved run).
+    pub(crate) comp_pack: Option<(u64, u64)>,
     pub(crate) free_hint: u64,
     pub(crate) dirty_marked: bool,
     pub(crate) closed: bool,
@@ -206,6 +211,7 @@ impl Qcow2 {
             l2_cache: Lru::new(((32u64 << 20) / cs) as usize),
             rb_cache: Lru::new(((8u64 << 20) / cs) as usize),
             comp_cache: None,
+            comp_pack: None,
             free_hint: 1,
             dirty_marked: false,
             closed: false,
@@ -268,6 +274,7 @@ impl Qcow2 {
         self.l2_cache.clear();
         self.rb_cache.clear();
         self.comp_cache = None;
+        self.comp_pack = None;
         self.free_hint = 1;
         let file_len = self.file.len().ctx("querying the file size")?;
         let n = self.h.l1_size as usize;
@@ -347,6 +354,14 @@ impl Qcow2 {
         if !rb.is_power_of_two() || rb > 64 {
             return Err(Error::InvalidArgument(format!("refcount_bits {rb}")));
         }
+        if opts.compression_type > header::COMPRESSION_ZSTD
+            || (opts.version == 2 && opts.compression_type != 0)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "compression type {} (zlib, or zstd with compat=1.1)",
+                opts.compression_type
+            )));
+        }
         if opts.version == 2 && rb != 16 {
             return Err(Error::InvalidArgument(
                 "compat=0.10 only supports refcount_bits=16".into(),
@@ -387,14 +402,18 @@ impl Qcow2 {
             refcount_table_clusters: 1,
             nb_snapshots: 0,
             snapshots_offset: 0,
-            incompatible: 0,
+            incompatible: if opts.compression_type != 0 {
+                header::INCOMPAT_COMPRESSION
+            } else {
+                0
+            },
             compatible: 0,
             autoclear: 0,
             refcount_order: rb.trailing_zeros(),
             header_length: if opts.version == 3 { 112 } else { 72 },
             extensions,
             backing_file: opts.backing_file.clone(),
-            compression_type: 0,
+            compression_type: opts.compression_type,
         };
         let hb = h.to_bytes();
         if hb.len() as u64 > cs {
@@ -469,6 +488,7 @@ impl Qcow2 {
             return Ok(());
         }
         if !self.read_only {
+            self.finish_compressed()?;
             self.sync()?;
             if self.h.version >= 3 && self.h.incompatible & header::INCOMPAT_DIRTY != 0 {
                 self.h.incompatible &= !header::INCOMPAT_DIRTY;

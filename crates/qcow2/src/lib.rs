@@ -48,6 +48,7 @@ mod chain;
 mod check;
 mod cluster;
 mod commit;
+mod compress;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;

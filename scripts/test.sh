@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need when it is missing (Debian packages
+# with apt-get, the `qemu.qmp` Python package with pip), then builds the workspace and runs
+# every test. It never downgrades, upgrades or removes a package that is already there:
+# packages are installed only when absent, with `--no-remove` (apt aborts rather than remove
+# anything) and without `--allow-downgrades`. Whatever QEMU version the machine has (7.2 or
+# newer) is used as it is.
+#
+#   scripts/test.sh                 install what is missing, build, run all tests
+#   scripts/test.sh --no-install    only check: list what is missing, then build and test
+#   scripts/test.sh -- ARGS         extra arguments for `cargo test` (e.g. -p qcow2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+install=1
+cargo_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-install) install=0 ;;
+    --) shift; cargo_args=("$@"); break ;;
+    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    *) echo "scripts/test.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+have() { command -v "$1" >/dev/null 2>&1; }
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+# Debian package -> how to tell it is there (a command, or the package itself).
+need_apt=()
+want_cmd() { have "$2" || need_apt+=("$1"); }
+want_pkg() { installed "$1" || need_apt+=("$1"); }
+want_cmd qemu-utils qemu-img            # qemu-img, qemu-io, qemu-nbd: the differential tests
+want_cmd qemu-system-x86 qemu-system-x86_64   # the same guest under QEMU (boot and bench tests)
+want_pkg qemu-block-extra               # QEMU's nfs:// driver
+want_cmd libnbd-bin nbdinfo             # nbdinfo / nbdcopy against our NBD server
+want_cmd acpica-tools iasl              # our ACPI tables disassembled by iasl
+want_cmd iproute2 ip                    # network namespaces, veth, bridges, tc
+want_cmd iputils-ping ping
+want_cmd lz4 lz4                        # the Linux initramfs
+want_cmd cpio cpio
+[ -x /bin/busybox ] || want_pkg busybox-static  # the initramfs (scripts/build-initramfs.sh checks it is static)
+ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need_apt+=(linux-image-cloud-amd64)
+want_cmd nfs-ganesha ganesha.nfsd       # the NFS server the storage tests start
+want_pkg nfs-ganesha-vfs
+want_pkg libnfs-dev                     # Godwit's nfs:// backend links libnfs
+want_cmd libnfs-utils nfs-ls
+want_cmd rpcbind rpcbind                # NFSv3 for QEMU's nfs:// driver
+want_cmd python3 python3
+want_cmd python3-pip pip3
+want_cmd pkg-config pkg-config
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ $install = 1 ]; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO=sudo
+    echo "scripts/test.sh: installing missing Debian packages: ${need_apt[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    if ! $SUDO apt-get install -y -qq --no-install-recommends --no-remove "${need_apt[@]}" >/dev/null; then
+      # One package that cannot be installed without removing something must not keep the
+      # others out: try them one by one and say which failed.
+      for p in "${need_apt[@]}"; do
+        $SUDO apt-get install -y -qq --no-install-recommends --no-remove "$p" >/dev/null 2>&1 \
+          || echo "scripts/test.sh: could not install $p without removing or downgrading something; tests needing it will fail" >&2
+      done
+    fi
+  else
+    echo "scripts/test.sh: missing Debian packages (tests that need them will fail and say so): ${need_apt[*]}" >&2
+  fi
+fi
+
+if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
+  if [ $install = 1 ]; then
+    echo "scripts/test.sh: installing the qemu.qmp Python package" >&2
+    python3 -m pip install -q qemu.qmp 2>/dev/null \
+      || python3 -m pip install -q --user --break-system-packages qemu.qmp
+  else
+    echo "scripts/test.sh: the qemu.qmp Python package is missing (pip install qemu.qmp)" >&2
+  fi
+fi
+
+have cargo || { echo "scripts/test.sh: cargo is missing: install a Rust toolchain (rustup)" >&2; exit 1; }
+[ -r /dev/kvm ] && [ -w /dev/kvm ] \
+  || echo "scripts/test.sh: /dev/kvm is missing or not read/writable: the VM tests will fail and say so" >&2
+echo "scripts/test.sh: qemu-img: $(qemu-img --version 2>/dev/null | head -1 || echo none)" >&2
+
+cargo build --release --workspace
+cargo test --release --workspace "${cargo_args[@]}"
