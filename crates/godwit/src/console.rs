@@ -96,23 +96,37 @@ pub fn feed_serial(serial: &Mutex<Serial>, bytes: &[u8]) {
     }
 }
 
-/// Runs the stdio mux (serial + optional monitor) on its own thread until stdin ends.
+/// Runs the stdio mux (serial + optional monitor) on its own thread until stdin ends. When the
+/// serial port is not on stdio (`serial_on_stdio` false), its output stays where it was opened
+/// and stdin is not fed to it.
 pub fn spawn_stdio(
     serial: Arc<Mutex<Serial>>,
     out: &ConsoleOut,
+    serial_on_stdio: bool,
     monitor: Option<Arc<monitor::Monitor>>,
     quit: Box<dyn FnMut() + Send>,
 ) -> std::io::Result<()> {
     let interactive = unsafe { libc::isatty(0) == 1 };
-    let sink = move |b: &[u8]| feed_serial(&serial, b);
+    let sink = move |b: &[u8]| {
+        if serial_on_stdio {
+            feed_serial(&serial, b)
+        }
+    };
     let mux = monitor::StdioMux::new(
         monitor,
         Box::new(sink),
         Box::new(StdoutRaw),
         quit,
-        monitor::MuxOptions { echo: interactive, ..Default::default() },
+        monitor::MuxOptions {
+            echo: interactive,
+            // The monitor has stdio to itself when the console went elsewhere.
+            initial_focus: if serial_on_stdio { monitor::mux::Focus::Serial } else { monitor::mux::Focus::Monitor },
+            ..Default::default()
+        },
     )?;
-    out.redirect(Box::new(mux.serial_output()));
+    if serial_on_stdio {
+        out.redirect(Box::new(mux.serial_output()));
+    }
     std::thread::Builder::new().name("stdio".into()).spawn(move || {
         let _ = mux.run(&mut std::io::stdin());
     })?;

@@ -37,7 +37,10 @@ pub fn start(m: &Arc<Machine>, opts: &Options, out: &ConsoleOut) -> Result<Vec<M
         let quit = Box::new(move || {
             let _ = b.quit(ShutdownCause::HostUi);
         });
-        console::spawn_stdio(m.vm.serial().clone(), out, hmp_on_stdio.then_some(mon), quit)
+        // With `-serial file:PATH` (or none) stdio carries the monitor alone: the console keeps
+        // going to its file, and stdin reaches only the monitor.
+        let serial_on_stdio = opts.serial == SerialTarget::Stdio;
+        console::spawn_stdio(m.vm.serial().clone(), out, serial_on_stdio, hmp_on_stdio.then_some(mon), quit)
             .map_err(|e| format!("stdio console: {e}"))?;
     }
     Ok(servers)
