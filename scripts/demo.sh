@@ -10,8 +10,9 @@ MEM=${1:-1024}
 SMP=${2:-2}
 GUEST=${3:-"mode=dirty mib=256 rate=100 hb_ms=250 cpus=$SMP"}
 cargo build --release --workspace -q
-G=target/release/godwit
-K=target/release/godwit-guest
+T=${CARGO_TARGET_DIR:-target}
+G=$T/release/godwit
+K=$T/release/godwit-guest
 [ -r /dev/kvm ] || { echo "demo: /dev/kvm is not accessible" >&2; exit 1; }
 DIR=$(mktemp -d)
 PORT=$((20000 + RANDOM % 20000))
@@ -33,16 +34,29 @@ until grep -q "GUEST READY" "$DIR/src.out" 2>/dev/null; do sleep 0.05; done
 sleep 1.5
 echo "== source (before migration)"; grep -E "READY|HEARTBEAT" "$DIR/src.out" | tail -3
 
-hmp() { # run HMP commands over the TCP monitor, print the answers
-  exec 4<>"/dev/tcp/127.0.0.1/$MON"
-  for c in "$@"; do printf '%s\n' "$c" >&4; done
-  sleep "${HMP_WAIT:-0.3}"; printf 'quit_monitor_session\n' >/dev/null
-  timeout 1 cat <&4 | tr -d '\r' | grep -v '^(qemu) $' || true
-  exec 4>&-
+# A small HMP client over the TCP monitor: send one command, print its answer up to the next
+# `(qemu) ` prompt (so each command shows once, with its own prompt, as a user would see it).
+exec 4<>"/dev/tcp/127.0.0.1/$MON"
+hmp_read() {
+  local buf="" c
+  while IFS= read -r -N1 -t 60 c <&4; do
+    buf+="$c"
+    [[ "$buf" == *"(qemu) " ]] && break
+  done
+  buf=${buf%"(qemu) "}
+  printf '%s' "$buf" | tr -d '\r'
 }
-echo "== (qemu) migrate tcp:127.0.0.1:$PORT"
-HMP_WAIT=5 hmp "migrate_set_parameter downtime-limit 30" "migrate tcp:127.0.0.1:$PORT" "info migrate" "info status" \
-  | grep -vE "^Godwit .* monitor|^\(godwit\) (migrate_set|info)" 
+hmp() { # the monitor may echo the command line: drop that echo, keep the answer
+  printf '%s\n' "$1" >&4; printf '(qemu) %s\n' "$1"
+  hmp_read | awk -v c="$1" 'NR == 1 && $0 == c { next } { print }'
+}
+hmp_read > /dev/null   # banner and first prompt
+echo "== source monitor"
+hmp "migrate_set_parameter downtime-limit 30"
+hmp "migrate tcp:127.0.0.1:$PORT"
+hmp "info migrate"
+hmp "info status"
+exec 4>&-
 echo "== destination"
 cat "$DIR/dst.err"
 sleep 1

@@ -255,6 +255,8 @@ fn monitor_loop(
     opts: MuxOptions,
 ) {
     let mut session = HmpSession::new(monitor.clone(), true);
+    // `echo` means stdin is a raw terminal: redraw migration progress in place there.
+    session.set_live_progress(opts.echo);
     let mut editor = LineEditor::new(opts.max_line, opts.echo);
     let mut greeted = false;
     let (mut events, mut echo) = (Vec::new(), Vec::new());

@@ -22,6 +22,8 @@ pub const PROMPT: &str = "(qemu) ";
 /// How often a foreground `migrate` polls `query-migrate`, and how often it prints progress.
 const MIGRATE_POLL: Duration = Duration::from_millis(50);
 const MIGRATE_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// On a terminal the progress line is redrawn in place this often.
+const MIGRATE_LIVE_EVERY: Duration = Duration::from_millis(100);
 
 /// The banner a new HMP connection sees before the first prompt.
 pub fn banner(monitor: &Monitor) -> String {
@@ -55,6 +57,8 @@ pub struct HmpSession {
     dump: DumpDefaults,
     cpu: u32,
     interactive: bool,
+    /// The session is a terminal: a foreground `migrate` redraws one progress line in place.
+    live: bool,
 }
 
 impl HmpSession {
@@ -66,7 +70,14 @@ impl HmpSession {
             dump: DumpDefaults::default(),
             cpu: 0,
             interactive,
+            live: false,
         }
+    }
+
+    /// Marks the session as a terminal (the stdio monitor on a tty): a foreground `migrate`
+    /// then shows a live progress line (sent, remaining, rate, round, expected downtime).
+    pub fn set_live_progress(&mut self, live: bool) {
+        self.live = live;
     }
 
     /// Selects the default CPU (QMP `human-monitor-command`'s `cpu-index`).
@@ -210,6 +221,7 @@ impl HmpSession {
             return Ok(Ok(prefix));
         }
         let mut last_progress = Instant::now();
+        let mut drawn = false;
         loop {
             let info = match self.monitor.execute(Command::QueryMigrate) {
                 Ok(Reply::Migration(info)) => info,
@@ -218,15 +230,43 @@ impl HmpSession {
             };
             let status = info.status.unwrap_or(crate::MigrationStatus::None);
             if status.is_settled() {
+                if drawn {
+                    // Leave the last progress line on screen, then the result below it.
+                    out.write_all(b"\r\n")?;
+                }
                 return Ok(Ok(migrate_result(&info)));
             }
-            if last_progress.elapsed() >= MIGRATE_PROGRESS_EVERY {
+            if self.live {
+                if !drawn || last_progress.elapsed() >= MIGRATE_LIVE_EVERY {
+                    last_progress = Instant::now();
+                    drawn = true;
+                    out.write_all(live_progress(&info).as_bytes())?;
+                    out.flush()?;
+                }
+            } else if last_progress.elapsed() >= MIGRATE_PROGRESS_EVERY {
                 last_progress = Instant::now();
                 write_crlf(out, &migrate_progress(&info))?;
                 out.flush()?;
             }
             std::thread::sleep(MIGRATE_POLL);
         }
+    }
+}
+
+/// One progress line redrawn in place (`\r`, cleared to the end of the line).
+fn live_progress(info: &crate::MigrationInfo) -> String {
+    let status = info.status.map(|s| s.as_str()).unwrap_or("none");
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    match &info.ram {
+        Some(ram) => format!(
+            "\r\x1b[Kmigrate: {status} | sent {:.1} MiB | remaining {:.1} MiB | {:.0} MB/s | round {} | expected downtime {} ms",
+            mib(ram.transferred),
+            mib(ram.remaining),
+            ram.mbps / 8.0,
+            ram.dirty_sync_count,
+            info.expected_downtime.unwrap_or(0)
+        ),
+        None => format!("\r\x1b[Kmigrate: {status}"),
     }
 }
 
@@ -305,5 +345,26 @@ mod tests {
         let mut v = Vec::new();
         write_crlf(&mut v, "a\nb\r\nc\n").unwrap();
         assert_eq!(v, b"a\r\nb\r\nc\r\n");
+    }
+
+    #[test]
+    fn live_progress_redraws_one_line_with_every_figure() {
+        let info = crate::MigrationInfo {
+            status: Some(crate::MigrationStatus::Active),
+            expected_downtime: Some(7),
+            ram: Some(crate::migration::RamStats {
+                transferred: 3 << 20,
+                remaining: 5 << 20,
+                mbps: 800.0,
+                dirty_sync_count: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let l = live_progress(&info);
+        assert!(l.starts_with("\r\x1b[K") && !l.contains('\n'), "{l:?}");
+        for part in ["active", "sent 3.0 MiB", "remaining 5.0 MiB", "100 MB/s", "round 2", "expected downtime 7 ms"] {
+            assert!(l.contains(part), "{part} missing in {l:?}");
+        }
     }
 }
