@@ -345,7 +345,13 @@ pub fn snapshot(argv: &[String]) -> R {
         img.goto_snapshot(n)
             .map_err(img_err(format!("Could not apply snapshot '{n}'")))?;
     } else if let Some(n) = a.opt("-d") {
-        img.delete_snapshot(n)
+        // qemu-img deletes by name only (an id is "not found").
+        let info = img
+            .select_snapshot(&qcow2::SnapshotSelector::Name(n))
+            .ok_or_else(|| {
+                CliError::Usage(format!("Could not delete snapshot '{n}': snapshot not found"))
+            })?;
+        img.delete_snapshot_id(&info.id)
             .map_err(img_err(format!("Could not delete snapshot '{n}'")))?;
     }
     img.close().map_err(img_err(file.to_string()))?;
@@ -368,37 +374,46 @@ pub fn convert(argv: &[String]) -> R {
     };
     let in_fmt = fmt_arg(a.opt("-f"))?;
     let out_fmt = fmt_arg(a.opt("-O"))?.unwrap_or(ImageFormat::Raw);
-    let snap: Option<String> = match (a.opt("-l"), a.opt("-s")) {
+    // As qemu-img: `snapshot.id=` matches ids only, `snapshot.name=` names only (both given:
+    // both must match), a bare `-l X` / `-s X` an id first, then a name.
+    let (mut id, mut name, mut bare) = (None, None, None);
+    match (a.opt("-l"), a.opt("-s")) {
         (Some(l), _) => {
-            let mut key = None;
             for kv in l.split(',') {
                 match kv.split_once('=') {
-                    Some(("snapshot.name", v)) | Some(("snapshot.id", v)) => {
-                        key = Some(v.to_string())
-                    }
+                    Some(("snapshot.name", v)) => name = Some(v),
+                    Some(("snapshot.id", v)) => id = Some(v),
                     Some((k, _)) => {
                         return Err(CliError::Usage(format!("Invalid option '{k}' for -l")))
                     }
-                    None => key = Some(kv.to_string()),
+                    None => bare = Some(kv),
                 }
             }
-            key
         }
-        (None, Some(s)) => Some(s.to_string()),
-        _ => None,
+        (None, Some(s)) => bare = Some(s),
+        _ => {}
+    }
+    let selector = match (id, name, bare) {
+        (Some(i), Some(n), _) => Some(qcow2::SnapshotSelector::IdAndName(i, n)),
+        (Some(i), None, _) => Some(qcow2::SnapshotSelector::Id(i)),
+        (None, Some(n), _) => Some(qcow2::SnapshotSelector::Name(n)),
+        (None, None, Some(k)) => Some(qcow2::SnapshotSelector::IdOrName(k)),
+        (None, None, None) => None,
     };
     let mut inp = open_any(src, in_fmt, true)?;
-    let size = match &snap {
+    // The chosen snapshot, by its id (ids are unique, and an id is looked up first).
+    let mut snap: Option<String> = None;
+    let size = match &selector {
         None => inp.size(),
-        Some(k) => {
+        Some(sel) => {
             let q = inp
                 .as_qcow2()
                 .ok_or_else(|| CliError::Usage("snapshots need a qcow2 input".into()))?;
-            q.find_snapshot(k)
-                .ok_or_else(|| {
-                    CliError::Usage(format!("Failed to load snapshot: snapshot '{k}' not found"))
-                })?
-                .disk_size
+            let info = q.select_snapshot(sel).ok_or_else(|| {
+                CliError::Usage("Failed to load snapshot: Can't find snapshot".into())
+            })?;
+            snap = Some(info.id.clone());
+            info.disk_size
         }
     };
     let mut outp: Box<dyn BlockBackend> = match out_fmt {

@@ -68,5 +68,5 @@ pub use error::{Error, Result};
 pub use hostfile::CacheMode;
 pub use image::{CreateOptions, OpenOptions, Qcow2};
 pub use map::{MapEntry, MapKind};
-pub use snapshot::{NewSnapshot, SnapshotInfo};
+pub use snapshot::{NewSnapshot, SnapshotInfo, SnapshotSelector};
 pub use vmstate::{VmStateReader, VmStateWriter, VMSTATE_CHUNK};

@@ -198,6 +198,17 @@ pub(crate) fn table_bytes(s: &[SnapEntry]) -> Vec<u8> {
     v
 }
 
+/// Which snapshot a command means, as qemu-img's options say it: a bare key (`-l X`,
+/// `snapshot -a X`) is an id first, then a name; `snapshot.id=` matches ids only,
+/// `snapshot.name=` names only, and both together must both match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotSelector<'a> {
+    IdOrName(&'a str),
+    Id(&'a str),
+    Name(&'a str),
+    IdAndName(&'a str, &'a str),
+}
+
 impl Qcow2 {
     /// All snapshots, in table order.
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
@@ -216,6 +227,18 @@ impl Qcow2 {
     /// Find a snapshot by id, then by name.
     pub fn find_snapshot(&self, key: &str) -> Option<SnapshotInfo> {
         self.find_id_or_name(key).map(|i| self.snapshots[i].info())
+    }
+
+    /// The snapshot a selector means (see [`SnapshotSelector`]).
+    pub fn select_snapshot(&self, sel: &SnapshotSelector) -> Option<SnapshotInfo> {
+        let pos = |f: &dyn Fn(&SnapEntry) -> bool| self.snapshots.iter().position(f);
+        let i = match sel {
+            SnapshotSelector::IdOrName(k) => self.find_id_or_name(k),
+            SnapshotSelector::Id(id) => pos(&|s| s.id == id.as_bytes()),
+            SnapshotSelector::Name(n) => pos(&|s| s.name == n.as_bytes()),
+            SnapshotSelector::IdAndName(id, n) => pos(&|s| s.id == id.as_bytes() && s.name == n.as_bytes()),
+        }?;
+        Some(self.snapshots[i].info())
     }
 
     /// Read a snapshot's L1 table (validated).
@@ -359,7 +382,6 @@ impl Qcow2 {
 
     /// Delete snapshot `key` (by name, then by id), freeing what only it referenced.
     pub fn delete_snapshot(&mut self, key: &str) -> Result<SnapshotInfo> {
-        self.check_writable()?;
         let k = key.as_bytes();
         let i = self
             .snapshots
@@ -367,6 +389,21 @@ impl Qcow2 {
             .position(|s| s.name == k)
             .or_else(|| self.snapshots.iter().position(|s| s.id == k))
             .ok_or_else(|| Error::SnapshotNotFound(key.into()))?;
+        self.delete_snapshot_at(i)
+    }
+
+    /// Delete the snapshot whose id is exactly `id`.
+    pub fn delete_snapshot_id(&mut self, id: &str) -> Result<SnapshotInfo> {
+        let i = self
+            .snapshots
+            .iter()
+            .position(|s| s.id == id.as_bytes())
+            .ok_or_else(|| Error::SnapshotNotFound(id.into()))?;
+        self.delete_snapshot_at(i)
+    }
+
+    fn delete_snapshot_at(&mut self, i: usize) -> Result<SnapshotInfo> {
+        self.check_writable()?;
         let info = self.snapshots[i].info();
         let mut snaps: Vec<(SnapEntry, Option<Vec<u64>>)> =
             self.snapshots.iter().cloned().map(|e| (e, None)).collect();
