@@ -216,3 +216,83 @@ fn corrupted_tls_record_fails_cleanly() {
     hmp.quit();
     src.wait_exit(T);
 }
+
+fn remaining_kb(info: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix("remaining ram: "))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn wait_status(h: &mut Hmp, want: &str) -> String {
+    let end = std::time::Instant::now() + T;
+    loop {
+        let info = h.cmd("info migrate");
+        if info.contains(&format!("Migration status: {want}")) {
+            return info;
+        }
+        assert!(std::time::Instant::now() < end && !info.contains("Migration status: failed"), "never reached {want}: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn postcopy_return_path_and_recovery_over_tls() {
+    let dir = tmpdir("tls-postcopy");
+    let ca = Ca::new("Godwit test CA");
+    let srv = ca.server_dir(&dir.join("server"), &["localhost", "127.0.0.1"]);
+    let cli = ca.client_dir(&dir.join("client"), &ca);
+    let port = free_port();
+    let (mut dst, mut dhmp) = destination(
+        &dir,
+        port,
+        &[format!("tls-creds-x509,id=tls0,dir={},endpoint=server", srv.display())],
+        "tls0",
+    );
+    let (mut src, mut hmp) = source(&dir, &[format!("tls-creds-x509,id=tls0,dir={},endpoint=client", cli.display())]);
+    hmp.cmd("migrate_set_parameter tls-creds tls0");
+    // A guest pre-copy cannot move over 16 MB/s; post-copy capped too, so a cut lands half-way.
+    hmp.cmd("migrate_set_parameter max-bandwidth 16M");
+    hmp.cmd("migrate_set_parameter max-postcopy-bandwidth 16M");
+    assert_eq!(hmp.cmd("migrate_set_capability postcopy-ram on").trim(), "");
+    let p = proxy(port, Fault::None);
+    hmp.cmd(&format!("migrate -d tcp:127.0.0.1:{}", p.port));
+    let end = std::time::Instant::now() + T;
+    loop {
+        let info = hmp.cmd("info migrate");
+        if info.contains("dirty sync count: 2") || info.contains("dirty sync count: 3") {
+            break;
+        }
+        assert!(std::time::Instant::now() < end && !info.contains("failed"), "{info}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(hmp.cmd("migrate_start_postcopy").trim(), "");
+    let info = wait_status(&mut hmp, "postcopy-active");
+    let total = remaining_kb(&info);
+    loop {
+        let info = hmp.cmd("info migrate");
+        if remaining_kb(&info) <= total / 2 {
+            assert!(info.contains("postcopy-active"), "finished before the cut: {info}");
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "{info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_status(&mut hmp, "postcopy-paused");
+    wait_status(&mut dhmp, "postcopy-paused");
+    // Recovery, secured like the first connection.
+    let port2 = free_port();
+    assert_eq!(dhmp.cmd(&format!("migrate_recover tcp:127.0.0.1:{port2}")).trim(), "");
+    dst.wait_stderr("waiting for the source to resume post-copy", T);
+    hmp.cmd(&format!("migrate -d -r tcp:127.0.0.1:{port2}"));
+    wait_status(&mut hmp, "completed");
+    wait_status(&mut dhmp, "completed");
+    src.collect_for(Duration::from_millis(200));
+    let first = dst.wait_for("HEARTBEAT", T);
+    assert_seq_continues(&src.seen, &dst.seen, &first);
+    dst.send(b"v");
+    dst.wait_for("LEDGER OK", T);
+    hmp.quit();
+    src.wait_exit(T);
+}

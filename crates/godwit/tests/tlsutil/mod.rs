@@ -81,6 +81,8 @@ pub struct Proxy {
     pub accepted: Arc<AtomicUsize>,
     /// Bytes forwarded from sources, all connections.
     pub forwarded: Arc<AtomicU64>,
+    /// Set to cut every connection (at the next bytes either way).
+    pub cut: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn proxy(to: u16, fault: Fault) -> Proxy {
@@ -88,18 +90,26 @@ pub fn proxy(to: u16, fault: Fault) -> Proxy {
     let port = l.local_addr().unwrap().port();
     let accepted = Arc::new(AtomicUsize::new(0));
     let forwarded = Arc::new(AtomicU64::new(0));
-    let (acc, fwd) = (accepted.clone(), forwarded.clone());
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (acc, fwd, cut2) = (accepted.clone(), forwarded.clone(), cut.clone());
     std::thread::spawn(move || {
         for (idx, a) in l.incoming().enumerate() {
             let Ok(mut a) = a else { return };
             acc.fetch_add(1, Ordering::SeqCst);
             let Ok(mut b) = TcpStream::connect(("127.0.0.1", to)) else { return };
             let (Ok(mut a2), Ok(mut b2)) = (a.try_clone(), b.try_clone()) else { return };
+            let c = cut2.clone();
             std::thread::spawn(move || {
-                let _ = std::io::copy(&mut b2, &mut a2);
-                let _ = a2.shutdown(std::net::Shutdown::Write);
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = b2.read(&mut buf) {
+                    if n == 0 || c.load(Ordering::SeqCst) || a2.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = a2.shutdown(std::net::Shutdown::Both);
+                let _ = b2.shutdown(std::net::Shutdown::Both);
             });
-            let fwd = fwd.clone();
+            let (fwd, c) = (fwd.clone(), cut2.clone());
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 64 * 1024];
                 let mut off = 0u64;
@@ -108,6 +118,11 @@ pub fn proxy(to: u16, fault: Fault) -> Proxy {
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
+                    if c.load(Ordering::SeqCst) {
+                        let _ = a.shutdown(std::net::Shutdown::Both);
+                        let _ = b.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
                     match fault {
                         Fault::FlipAt { conn, at } if conn == idx && at >= off && at < off + n as u64 => {
                             buf[(at - off) as usize] ^= 0x40
@@ -129,5 +144,5 @@ pub fn proxy(to: u16, fault: Fault) -> Proxy {
             });
         }
     });
-    Proxy { port, accepted, forwarded }
+    Proxy { port, accepted, forwarded, cut }
 }
