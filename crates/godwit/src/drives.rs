@@ -28,6 +28,8 @@ pub struct DriveSpec {
     pub probed: bool,
     /// `cache=` (default writeback, as in QEMU).
     pub cache: CacheMode,
+    /// `node-name=`: the format node's name (default `#blockN`, see `crate::storage`).
+    pub node_name: Option<String>,
 }
 
 fn split(s: &str) -> Vec<String> {
@@ -80,6 +82,7 @@ pub fn parse_drive(spec: &str) -> Result<DriveSpec, String> {
                 other => return Err(format!("interface '{other}' is not supported (virtio or none)")),
             },
             "id" => d.id = Some(v),
+            "node-name" => d.node_name = Some(v),
             "readonly" => d.read_only = on_off("readonly", &v)?,
             "snapshot" => d.snapshot = on_off("snapshot", &v)?,
             "serial" => d.serial = Some(v),
@@ -216,6 +219,8 @@ pub struct SharedDisk {
     lock: Arc<Mutex<Option<ImageLock>>>,
     size: u64,
     format: ImageFormat,
+    /// A running mirror job's write hook (taken under the backend lock, after it).
+    mirror: Arc<Mutex<Option<mirror::Mirror>>>,
 }
 
 /// The drive's `nfs://` URL, when its image is on an NFS server (crate `nfs`).
@@ -278,6 +283,7 @@ impl SharedDisk {
             lock: Arc::new(Mutex::new(lock)),
             size,
             format,
+            mirror: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -336,6 +342,47 @@ impl SharedDisk {
         Ok(())
     }
 
+    /// Guest-visible size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The current mirror hook.
+    pub fn mirror(&self) -> Option<mirror::Mirror> {
+        self.mirror.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Installs (or, with `None`, removes) a mirror's write hook, with guest I/O held off.
+    /// Installing over another mirror is refused.
+    pub fn set_mirror(&self, m: Option<mirror::Mirror>) -> Result<(), String> {
+        let _io = self.backend();
+        let mut slot = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
+        if m.is_some() && slot.is_some() {
+            return Err("the drive is already being mirrored by a block job".into());
+        }
+        *slot = m;
+        Ok(())
+    }
+
+    /// `block-job-complete`: the drive continues on `new` (the mirror target); the old image
+    /// is flushed, closed and unlocked.
+    pub fn pivot(&self, new: Box<dyn BlockBackend>) -> Result<(), String> {
+        if new.size() != self.size {
+            return Err("the new backend has another size".into());
+        }
+        let mut g = self.backend();
+        self.mirror.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut old) = g.replace(new) {
+            old.flush().map_err(|e| e.to_string())?;
+            if let Some(q) = old.as_qcow2() {
+                q.close().map_err(|e| e.to_string())?;
+            }
+        }
+        drop(g);
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Ok(())
+    }
+
     /// The block device's view of this disk.
     pub fn device_backend(&self) -> Box<dyn BlockBackend> {
         Box::new(DiskHandle(self.clone()))
@@ -366,7 +413,13 @@ impl BlockBackend for DiskHandle {
         self.0.backend().as_mut().ok_or_else(gone)?.read_at(off, buf)
     }
     fn write_at(&mut self, off: u64, buf: &[u8]) -> qcow2::Result<()> {
-        self.0.backend().as_mut().ok_or_else(gone)?.write_at(off, buf)
+        let mut g = self.0.backend();
+        let b = g.as_mut().ok_or_else(gone)?;
+        b.write_at(off, buf)?;
+        if let Some(m) = self.0.mirror() {
+            m.on_write(&mut **b, off, mirror::WriteKind::Data(buf));
+        }
+        Ok(())
     }
     fn flush(&mut self) -> qcow2::Result<()> {
         if self.0.spec.cache.ignores_flush() {
@@ -378,10 +431,22 @@ impl BlockBackend for DiskHandle {
         }
     }
     fn discard(&mut self, off: u64, len: u64) -> qcow2::Result<()> {
-        self.0.backend().as_mut().ok_or_else(gone)?.discard(off, len)
+        let mut g = self.0.backend();
+        let b = g.as_mut().ok_or_else(gone)?;
+        b.discard(off, len)?;
+        if let Some(m) = self.0.mirror() {
+            m.on_write(&mut **b, off, mirror::WriteKind::Discard(len));
+        }
+        Ok(())
     }
     fn write_zeroes(&mut self, off: u64, len: u64) -> qcow2::Result<()> {
-        self.0.backend().as_mut().ok_or_else(gone)?.write_zeroes(off, len)
+        let mut g = self.0.backend();
+        let b = g.as_mut().ok_or_else(gone)?;
+        b.write_zeroes(off, len)?;
+        if let Some(m) = self.0.mirror() {
+            m.on_write(&mut **b, off, mirror::WriteKind::Zeroes(len));
+        }
+        Ok(())
     }
 }
 
@@ -556,6 +621,7 @@ mod tests {
                 lock: Arc::new(Mutex::new(None)),
                 size: 4096,
                 format: ImageFormat::Raw,
+                mirror: Arc::new(Mutex::new(None)),
             };
             let mut dev = disk.device_backend();
             for _ in 0..5 {

@@ -322,6 +322,17 @@ impl Backend for MachineBackend {
         self.0.start_migration(&args.uri, args.report_file.clone())
     }
 
+    fn block(&self, cmd: &monitor::block::BlockCommand) -> Result<serde_json::Value, CommandError> {
+        crate::storage::block(&self.0, cmd)
+    }
+
+    fn start_mirror(
+        &self,
+        args: &monitor::block::MirrorArgs,
+    ) -> Result<Arc<dyn monitor::jobs::BlockJobDriver>, CommandError> {
+        crate::storage::start_mirror(&self.0, args)
+    }
+
     fn migrate_incoming(&self, uri: &str) -> CmdResult {
         if self.0.state.get() != RunState::Inmigrate {
             return Err(CommandError::generic("The incoming migration is only allowed with -incoming defer"));

@@ -13,6 +13,7 @@ mod monitors;
 mod nics;
 mod report;
 mod snapshots;
+mod storage;
 mod transport_params;
 mod vmglue;
 

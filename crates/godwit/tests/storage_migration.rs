@@ -1,0 +1,324 @@
+//! Storage migration without shared storage, end to end: source and destination godwit each
+//! with its own local qcow2 image (the destination's created empty, same virtual size), the
+//! test guest rewriting memory and its disk ledger throughout. The destination exports its
+//! drive over NBD, the source mirrors into it, then RAM migrates; the destination must print
+//! `LEDGER OK` and `DISK OK`, its image must pass `qemu-img check`, the source must be
+//! `postmigrate`. Both QEMU spellings are driven: `drive-mirror` (and HMP), and the sequence
+//! libvirt 9.0 issues (`blockdev-add` ×2, `blockdev-mirror`, `block-job-cancel`,
+//! `job-dismiss`, `blockdev-del`). A destination killed during the mirror leaves the source
+//! running with its ledgers intact, the job reports the error, and a second attempt succeeds.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(120);
+const GUEST: &str = "mode=dirty mib=32 rate=20 hb_ms=100 disk=on disk_mib=8";
+
+/// A QMP client that keeps the events it reads.
+struct Qmp {
+    w: std::os::unix::net::UnixStream,
+    r: BufReader<std::os::unix::net::UnixStream>,
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Qmp {
+        let end = Instant::now() + T;
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > end => panic!("QMP {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut q = Qmp { w: s.try_clone().unwrap(), r: BufReader::new(s), events: Vec::new() };
+        let greeting = q.read();
+        assert!(greeting.get("QMP").is_some(), "{greeting}");
+        let r = q.cmd("qmp_capabilities", json!({}));
+        assert!(r.get("return").is_some(), "{r}");
+        q
+    }
+
+    fn read(&mut self) -> Value {
+        let mut l = String::new();
+        let n = self.r.read_line(&mut l).expect("QMP read");
+        assert!(n > 0, "QMP connection closed");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad QMP line {l:?}: {e}"))
+    }
+
+    /// Runs a command; returns the whole reply (`return` or `error`).
+    fn cmd(&mut self, name: &str, args: Value) -> Value {
+        let msg = json!({"execute": name, "arguments": args});
+        self.w.write_all(format!("{msg}\n").as_bytes()).unwrap();
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    /// Runs a command that must succeed; returns its `return` value.
+    fn ok(&mut self, name: &str, args: Value) -> Value {
+        let r = self.cmd(name, args.clone());
+        r.get("return").cloned().unwrap_or_else(|| panic!("{name} {args} failed: {r}"))
+    }
+
+    /// Waits for an event matching `name` and `pred` (already received or coming).
+    fn wait_event(&mut self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let end = Instant::now() + T;
+        let mut seen = 0;
+        loop {
+            while seen < self.events.len() {
+                let e = &self.events[seen];
+                seen += 1;
+                if e["event"] == name && pred(&e["data"]) {
+                    return e.clone();
+                }
+            }
+            assert!(Instant::now() < end, "no {name} event; got {:?}", self.events);
+            let v = self.read();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            }
+        }
+    }
+
+    fn status(&mut self) -> String {
+        self.ok("query-status", json!({}))["status"].as_str().unwrap().to_string()
+    }
+
+    fn wait_migration(&mut self) -> Value {
+        let end = Instant::now() + T;
+        loop {
+            let m = self.ok("query-migrate", json!({}));
+            match m["status"].as_str() {
+                Some("completed") | Some("failed") | Some("cancelled") => return m,
+                _ => {}
+            }
+            assert!(Instant::now() < end, "migration did not settle: {m}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+struct Host {
+    vm: Vm,
+    qmp: Qmp,
+    image: PathBuf,
+}
+
+fn drive_args(image: &Path) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!("file={},format=qcow2,if=none,id=drive-virtio-disk0,node-name=libvirt-1-format", image.display()),
+        "-device".into(),
+        "virtio-blk-device,drive=drive-virtio-disk0".into(),
+    ]
+}
+
+fn start(dir: &Path, name: &str, image: &Path, extra: &[&str]) -> Host {
+    let qmp_path = dir.join(format!("{name}.qmp"));
+    let hmp_path = dir.join(format!("{name}.hmp"));
+    let mut args: Vec<String> = vec!["-m".into(), "256".into()];
+    args.extend(drive_args(image));
+    args.extend(["-qmp".into(), format!("unix:{},server,nowait", qmp_path.display())]);
+    args.extend(["-monitor".into(), format!("unix:{},server,nowait", hmp_path.display())]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let vm = Vm::guest(&refs, GUEST);
+    let qmp = Qmp::connect(&qmp_path);
+    Host { vm, qmp, image: image.to_path_buf() }
+}
+
+fn hmp_of(dir: &Path, name: &str) -> Hmp {
+    Hmp::connect(&dir.join(format!("{name}.hmp")))
+}
+
+/// Source with a 64 MiB qcow2 disk and an empty destination image of the same size.
+fn images(dir: &Path) -> (PathBuf, PathBuf) {
+    let (s, d) = (dir.join("src.qcow2"), dir.join("dst.qcow2"));
+    create_image(&s, "qcow2", "64M");
+    create_image(&d, "qcow2", "64M");
+    (s, d)
+}
+
+fn source(dir: &Path, image: &Path) -> Host {
+    let mut src = start(dir, "src", image, &[]);
+    src.vm.wait_for("GUEST READY", T);
+    // Let the guest write some of its disk region first.
+    let h = src.vm.wait_for("disk=", T);
+    assert!(h.contains("disk="), "{h}");
+    src
+}
+
+/// Verifies the destination: running guest, LEDGER OK + DISK OK, clean image after quit.
+fn check_destination(dst: &mut Host) {
+    dst.vm.wait_for("HEARTBEAT", T);
+    dst.vm.send(b"v");
+    dst.vm.wait_for("LEDGER OK", T);
+    let d = dst.vm.wait_for("DISK ", T);
+    assert!(d.starts_with("DISK OK"), "{d}");
+    dst.vm.send(b"q");
+    assert_eq!(dst.vm.wait_exit(T), Some(0));
+    let (code, out) = qemu_img_check(&dst.image);
+    assert_eq!(code, 0, "destination image: {out}");
+}
+
+#[test]
+fn drive_mirror_then_migrate() {
+    let dir = tmpdir("stor-drive-mirror");
+    let (si, di) = images(&dir);
+    let (nbd_port, mig_port) = (free_port(), free_port());
+    let mut dst = start(&dir, "dst", &di, &["-incoming", "defer"]);
+    // Destination over HMP, as an operator would.
+    let mut dh = hmp_of(&dir, "dst");
+    assert_eq!(dh.cmd(&format!("nbd_server_start 127.0.0.1:{nbd_port}")).trim(), "");
+    assert_eq!(dh.cmd("nbd_server_add -w drive-virtio-disk0").trim(), "");
+    assert!(dh.cmd("nbd_server_add -w drive-virtio-disk0").contains("already"), "a second export of that name is refused");
+    assert_eq!(dh.cmd(&format!("migrate_incoming tcp:127.0.0.1:{mig_port}")).trim(), "");
+
+    let mut src = source(&dir, &si);
+    let nodes = src.qmp.ok("query-named-block-nodes", json!({}));
+    assert!(nodes.as_array().unwrap().iter().any(|n| n["node-name"] == "libvirt-1-format" && n["drv"] == "qcow2"), "{nodes}");
+    let blk = src.qmp.ok("query-block", json!({}));
+    assert_eq!(blk[0]["device"], "drive-virtio-disk0");
+    assert_eq!(blk[0]["inserted"]["node-name"], "libvirt-1-format");
+    let bad = src.qmp.cmd("drive-mirror", json!({"device": "nope", "target": "nbd://127.0.0.1:1/x", "sync": "full", "mode": "existing", "format": "raw"}));
+    assert_eq!(bad["error"]["class"], "DeviceNotFound", "{bad}");
+    src.qmp.ok(
+        "drive-mirror",
+        json!({"device": "drive-virtio-disk0", "job-id": "mirror0", "sync": "full", "mode": "existing", "format": "raw",
+               "target": format!("nbd://127.0.0.1:{nbd_port}/drive-virtio-disk0")}),
+    );
+    src.qmp.wait_event("BLOCK_JOB_READY", |d| d["device"] == "mirror0");
+    let jobs = src.qmp.ok("query-block-jobs", json!({}));
+    assert_eq!(jobs[0]["ready"], true, "{jobs}");
+    assert_eq!(jobs[0]["offset"], jobs[0]["len"], "{jobs}");
+    let mut sh = hmp_of(&dir, "src");
+    assert!(sh.cmd("info block-jobs").contains("Type mirror, device mirror0"), "HMP shows the job");
+    src.qmp.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{mig_port}")}));
+    let m = src.qmp.wait_migration();
+    assert_eq!(m["status"], "completed", "{m}");
+    assert_eq!(src.qmp.status(), "postmigrate");
+    // A ready mirror cancelled = done, target consistent (QEMU semantics).
+    src.qmp.ok("block-job-cancel", json!({"device": "mirror0"}));
+    let done = src.qmp.wait_event("BLOCK_JOB_COMPLETED", |d| d["device"] == "mirror0");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(dh.cmd("nbd_server_stop").trim(), "");
+    check_destination(&mut dst);
+}
+
+#[test]
+fn libvirt_blockdev_mirror_sequence() {
+    let dir = tmpdir("stor-libvirt");
+    let (si, di) = images(&dir);
+    let (nbd_port, mig_port) = (free_port(), free_port());
+    let mut dst = start(&dir, "dst", &di, &["-S", "-incoming", "defer"]);
+    dst.qmp.ok("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": "::", "port": nbd_port.to_string()}}}));
+    dst.qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "libvirt-nbd-libvirt-1-format", "node-name": "libvirt-1-format",
+               "name": "drive-virtio-disk0", "writable": true}),
+    );
+    dst.qmp.ok("migrate-incoming", json!({"uri": format!("tcp:127.0.0.1:{mig_port}")}));
+
+    let mut src = source(&dir, &si);
+    let q = &mut src.qmp;
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "server": {"type": "inet", "host": "127.0.0.1", "port": nbd_port.to_string()},
+               "export": "drive-virtio-disk0", "node-name": "migration-vda-storage", "read-only": false, "discard": "unmap"}),
+    );
+    q.ok("blockdev-add", json!({"node-name": "migration-vda-format", "read-only": false, "driver": "raw", "file": "migration-vda-storage"}));
+    q.ok(
+        "blockdev-mirror",
+        json!({"job-id": "drive-virtio-disk0", "device": "libvirt-1-format", "target": "migration-vda-format",
+               "speed": 9223372036853727232u64, "sync": "full", "auto-finalize": true, "auto-dismiss": false}),
+    );
+    q.wait_event("JOB_STATUS_CHANGE", |d| d["id"] == "drive-virtio-disk0" && d["status"] == "ready");
+    let busy = q.cmd("blockdev-del", json!({"node-name": "migration-vda-storage"}));
+    assert!(busy.get("error").is_some(), "a node in use cannot be deleted: {busy}");
+    q.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{mig_port}")}));
+    let m = q.wait_migration();
+    assert_eq!(m["status"], "completed", "{m}");
+    q.ok("block-job-cancel", json!({"device": "drive-virtio-disk0"}));
+    q.wait_event("JOB_STATUS_CHANGE", |d| d["id"] == "drive-virtio-disk0" && d["status"] == "concluded");
+    let jobs = q.ok("query-jobs", json!({}));
+    let job = jobs.as_array().unwrap().iter().find(|j| j["id"] == "drive-virtio-disk0").cloned().unwrap();
+    assert!(job.get("error").is_none(), "{job}");
+    assert_eq!(job["type"], "mirror");
+    q.ok("job-dismiss", json!({"id": "drive-virtio-disk0"}));
+    q.wait_event("JOB_STATUS_CHANGE", |d| d["id"] == "drive-virtio-disk0" && d["status"] == "null");
+    q.ok("blockdev-del", json!({"node-name": "migration-vda-format"}));
+    q.ok("blockdev-del", json!({"node-name": "migration-vda-storage"}));
+    assert_eq!(q.status(), "postmigrate");
+    // Destination: stop the server, continue.
+    dst.vm.wait_stderr("incoming migration completed", T);
+    dst.qmp.ok("nbd-server-stop", json!({}));
+    dst.qmp.ok("cont", json!({}));
+    assert_eq!(dst.qmp.status(), "running");
+    check_destination(&mut dst);
+}
+
+#[test]
+fn destination_killed_during_mirror_then_retry() {
+    let dir = tmpdir("stor-kill");
+    let (si, di) = images(&dir);
+    let (nbd_port, mig_port) = (free_port(), free_port());
+    let dst = start(&dir, "dst", &di, &["-incoming", "defer"]);
+    let mut dq = dst.qmp;
+    let mut dvm = dst.vm;
+    dq.ok("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": nbd_port.to_string()}}}));
+    dq.ok("nbd-server-add", json!({"device": "drive-virtio-disk0", "writable": true}));
+    let mut src = source(&dir, &si);
+    // Slow enough (256 KiB/s over 64 MiB) that the destination dies mid-copy.
+    src.qmp.ok(
+        "drive-mirror",
+        json!({"device": "drive-virtio-disk0", "job-id": "m1", "sync": "full", "mode": "existing", "format": "raw",
+               "speed": 256 * 1024, "target": format!("nbd://127.0.0.1:{nbd_port}/drive-virtio-disk0")}),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let jobs = src.qmp.ok("query-block-jobs", json!({}));
+    assert_eq!(jobs[0]["ready"], false, "{jobs}");
+    dvm.child.kill().unwrap();
+    let _ = dvm.child.wait();
+    drop(dq);
+    // Faster now, so the failure is found at once.
+    src.qmp.ok("block-job-set-speed", json!({"device": "m1", "speed": 0}));
+    src.qmp.wait_event("BLOCK_JOB_ERROR", |d| d["device"] == "m1");
+    let done = src.qmp.wait_event("BLOCK_JOB_COMPLETED", |d| d["device"] == "m1");
+    assert!(done["data"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{done}");
+    assert_eq!(src.qmp.status(), "running");
+    src.vm.send(b"v");
+    src.vm.wait_for("LEDGER OK", T);
+    let d = src.vm.wait_for("DISK ", T);
+    assert!(d.starts_with("DISK OK"), "{d}");
+
+    // Second attempt, to a fresh destination on a fresh empty image.
+    create_image(&di, "qcow2", "64M");
+    let nbd2 = free_port();
+    let mut dst2 = start(&dir, "dst2", &di, &["-incoming", "defer"]);
+    dst2.qmp.ok("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": nbd2.to_string()}}}));
+    dst2.qmp.ok("nbd-server-add", json!({"device": "drive-virtio-disk0", "writable": true}));
+    dst2.qmp.ok("migrate-incoming", json!({"uri": format!("tcp:127.0.0.1:{mig_port}")}));
+    src.qmp.ok(
+        "drive-mirror",
+        json!({"device": "drive-virtio-disk0", "job-id": "m2", "sync": "full", "mode": "existing", "format": "raw",
+               "target": format!("nbd://127.0.0.1:{nbd2}/drive-virtio-disk0")}),
+    );
+    src.qmp.wait_event("BLOCK_JOB_READY", |d| d["device"] == "m2");
+    src.qmp.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{mig_port}")}));
+    assert_eq!(src.qmp.wait_migration()["status"], "completed");
+    src.qmp.ok("block-job-cancel", json!({"device": "m2"}));
+    src.qmp.wait_event("BLOCK_JOB_COMPLETED", |d| d["device"] == "m2");
+    dst2.qmp.ok("nbd-server-stop", json!({}));
+    check_destination(&mut dst2);
+}
