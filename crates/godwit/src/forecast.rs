@@ -5,7 +5,7 @@
 //! capability is on).
 
 use crate::machine::Machine;
-use migration::forecast::{predict, sample};
+use migration::forecast::{predict, sample_with};
 use monitor::migration::{MigrationForecast, MigrationStrategy, StrategyForecast};
 use std::time::Duration;
 
@@ -33,7 +33,8 @@ pub fn forecast(m: &Machine) -> Result<(MigrationForecast, Choice), String> {
     } else {
         ASSUMED_BANDWIDTH
     };
-    let s = sample(&m.handle(), WINDOW).map_err(|e| e.to_string())?;
+    // With multifd compression on, the sample also measures the ratio and speed.
+    let s = sample_with(&m.handle(), WINDOW, &params).map_err(|e| e.to_string())?;
     let mut strategies = Vec::new();
     let mut ok = Vec::new();
     for (strategy, auto) in [(MigrationStrategy::Precopy, false), (MigrationStrategy::AutoConverge, true)] {

@@ -180,6 +180,24 @@ impl Encoder {
     }
 }
 
+/// Compresses `data` (whole pages) as a channel thread would; returns (output bytes, seconds
+/// spent). For the forecast's compression ratio and per-thread speed.
+pub fn compress_probe(codec: Compression, zstd_level: u8, zlib_level: u8, data: &[u8]) -> Result<(usize, f64)> {
+    let zstd = match codec {
+        Compression::Zstd => Some(zstd::bulk::Compressor::new(zstd_level as i32).map_err(MigrationError::Io)?),
+        _ => None,
+    };
+    let mut enc = Encoder { codec, zstd, zlib_level: zlib_level as u32 };
+    let mut out = Vec::new();
+    let t = std::time::Instant::now();
+    let mut total = 0;
+    for packet in data.chunks(PACKET_PAGES * PAGE_SIZE) {
+        enc.encode(packet, &mut out).map_err(MigrationError::Protocol)?;
+        total += out.len();
+    }
+    Ok((total, t.elapsed().as_secs_f64()))
+}
+
 impl Sender {
     /// Starts one thread per connected channel (headers already written).
     pub fn start(chans: Vec<Box<dyn Channel>>, codec: Compression, zstd_level: u8, zlib_level: u8, limit: u64) -> Result<Sender> {
