@@ -28,6 +28,10 @@ pub struct DriveSpec {
     pub probed: bool,
     /// `cache=` (default writeback, as in QEMU).
     pub cache: CacheMode,
+    /// `werror=` (None: QEMU's default, `enospc`).
+    pub werror: Option<virtio::ErrorAction>,
+    /// `rerror=` (None: QEMU's default, `report`).
+    pub rerror: Option<virtio::ErrorAction>,
     /// `node-name=`: the format node's name (default `#blockN`, see `crate::storage`).
     pub node_name: Option<String>,
 }
@@ -90,6 +94,14 @@ pub fn parse_drive(spec: &str) -> Result<DriveSpec, String> {
                 d.cache = v.parse().map_err(|_| {
                     format!("invalid cache mode '{v}' (writeback, none, directsync, writethrough or unsafe)")
                 })?
+            }
+            "werror" => d.werror = Some(v.parse().map_err(|e| format!("werror: {e}"))?),
+            "rerror" => {
+                let a: virtio::ErrorAction = v.parse().map_err(|e| format!("rerror: {e}"))?;
+                if a == virtio::ErrorAction::Enospc {
+                    return Err("rerror: 'enospc' invalid error action (report, ignore or stop)".into());
+                }
+                d.rerror = Some(a);
             }
             "media" | "aio" | "discard" | "detect-zeroes" | "index" => {}
             other => return Err(format!("unknown drive parameter '{other}'")),

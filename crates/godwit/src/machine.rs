@@ -209,7 +209,9 @@ impl Backend for MachineBackend {
         let m = &self.0;
         m.state
             .update(|s| match s {
-                RunState::Paused | RunState::Prelaunch => {
+                RunState::Paused | RunState::Prelaunch | RunState::IoError => {
+                    // Stopped on a disk error: the disks retry the requests they kept.
+                    crate::ioerror::clear();
                     m.vm.resume();
                     Ok(RunState::Running)
                 }

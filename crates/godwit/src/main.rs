@@ -10,6 +10,7 @@ mod forecast;
 mod incoming;
 mod machine;
 mod monitors;
+mod ioerror;
 mod nics;
 mod report;
 mod snapshots;
@@ -101,6 +102,11 @@ fn main() -> ExitCode {
             config: virtio::BlockConfig {
                 serial: d.spec.serial.clone().unwrap_or_else(|| format!("godwit-disk{i}")),
                 read_only: d.spec.read_only,
+                policy: virtio::ErrorPolicy {
+                    werror: d.spec.werror.unwrap_or(virtio::ErrorAction::Enospc),
+                    rerror: d.spec.rerror.unwrap_or(virtio::ErrorAction::Report),
+                    hook: Some(ioerror::hook(i)),
+                },
                 ..Default::default()
             },
         })
@@ -118,6 +124,7 @@ fn main() -> ExitCode {
         RunState::Running
     };
     let machine = Machine::new(vm.clone(), initial, events, disks);
+    ioerror::serve(machine.clone());
 
     if let Some(uri) = &opts.incoming {
         if uri != "defer" {

@@ -186,3 +186,158 @@ fn nfs_live_migration_between_two_hosts() {
     let c = json(&check);
     assert!(c.get("corruptions").is_none() && c.get("leaks").is_none(), "{check}");
 }
+
+/// A QMP client that collects events.
+struct Qmp {
+    r: std::io::BufReader<std::os::unix::net::UnixStream>,
+    w: std::os::unix::net::UnixStream,
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    fn connect(path: &std::path::Path) -> Qmp {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() > end => panic!("QMP {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut q = Qmp { r: std::io::BufReader::new(s.try_clone().unwrap()), w: s, events: Vec::new() };
+        q.line(); // greeting
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#);
+        q
+    }
+    fn line(&mut self) -> Value {
+        use std::io::BufRead;
+        let mut l = String::new();
+        self.r.read_line(&mut l).expect("QMP read");
+        assert!(!l.is_empty(), "QMP closed");
+        json(&l)
+    }
+    fn cmd(&mut self, c: &str) -> Value {
+        use std::io::Write;
+        self.w.write_all(format!("{c}\n").as_bytes()).unwrap();
+        loop {
+            let v = self.line();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+    /// Waits for event `name` (or finds it among those already seen).
+    fn event(&mut self, name: &str) -> Value {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return self.events.remove(i);
+        }
+        loop {
+            let v = self.line();
+            if v["event"] == name {
+                return v;
+            }
+            self.events.push(v);
+        }
+    }
+}
+
+/// Boots the disk workload on an NFS image with `policy` (werror/rerror), HMP and QMP on
+/// sockets; returns after a few heartbeats with the disk being written.
+fn faulty(g: &Ganesha, name: &str, policy: &str) -> (Vm, Hmp, Qmp) {
+    create_image(&g.export().join("vm.qcow2"), "qcow2", "64M");
+    // A short retry window: the policy applies 3 s after the server went away.
+    let url = g.url("vm.qcow2", "hard-timeout=3");
+    let drive = format!("file={url},format=qcow2,if=none,id=disk0,{policy}");
+    let dir = tmpdir(name);
+    let (hs, qs) = (dir.join("h.sock"), dir.join("q.sock"));
+    let mon = format!("unix:{},server,nowait", hs.display());
+    let qmp = format!("unix:{},server,nowait", qs.display());
+    let mut vm = Vm::guest(
+        &["-m", "256", "-smp", "2", "-drive", &drive, "-device", "virtio-blk-device,drive=disk0", "-monitor", &mon, "-qmp", &qmp],
+        "mode=dirty mib=32 rate=10 disk=on disk_mib=4 hb_ms=100 cpus=2",
+    );
+    vm.wait_for("GUEST READY", T);
+    let hmp = Hmp::connect(&hs);
+    let q = Qmp::connect(&qs);
+    loop {
+        let hb = vm.wait_for("HEARTBEAT", T);
+        if field(&hb, "disk").unwrap_or(0) > 64 {
+            break;
+        }
+    }
+    (vm, hmp, q)
+}
+
+/// werror=stop: the server is SIGKILLed in the middle of the disk workload; after the retry
+/// window the VM stops with io-error (BLOCK_IO_ERROR, paused (io-error)); the server comes
+/// back, `cont` retries the kept request, and both ledgers verify: nothing lost or torn.
+#[test]
+fn nfs_server_crash_with_werror_stop_pauses_then_cont_finishes() {
+    require_kvm();
+    let mut g = server("stop");
+    let (mut vm, mut hmp, mut q) = faulty(&g, "nfs-stop", "werror=stop,rerror=stop");
+    g.kill();
+    let ev = q.event("BLOCK_IO_ERROR");
+    let d = &ev["data"];
+    assert_eq!(d["device"], "disk0", "{ev}");
+    assert_eq!(d["action"], "stop", "{ev}");
+    assert_eq!(d["nospace"], false, "{ev}");
+    q.event("STOP");
+    assert_eq!(hmp.cmd("info status").trim(), "VM status: paused (io-error)");
+    let st = q.cmd(r#"{"execute":"query-status"}"#);
+    assert_eq!(st["return"]["status"], "io-error", "{st}");
+    // While stopped the guest makes no progress (lines printed before the stop drained first).
+    vm.collect_for(Duration::from_millis(300));
+    let before = vm.seen.len();
+    vm.collect_for(Duration::from_millis(500));
+    assert!(!vm.seen[before..].iter().any(|l| l.starts_with("HEARTBEAT")), "the VM must be paused");
+    g.restart().unwrap();
+    assert_eq!(hmp.cmd("cont").trim(), "");
+    q.event("RESUME");
+    let mut disk0 = 0;
+    for _ in 0..10 {
+        let hb = vm.wait_for("HEARTBEAT", T);
+        disk0 = disk0.max(field(&hb, "disk").unwrap_or(0));
+    }
+    let later = loop {
+        let hb = vm.wait_for("HEARTBEAT", T);
+        let w = field(&hb, "disk").unwrap_or(0);
+        if w > disk0 {
+            break w;
+        }
+    };
+    assert!(later > disk0, "the disk workload continues after cont");
+    assert!(!vm.seen.iter().any(|l| l.contains("GUEST WARN disk")), "the guest saw an error");
+    vm.send(b"v");
+    vm.wait_for("LEDGER OK", T);
+    vm.wait_for("DISK OK", T);
+    hmp.quit();
+    assert_eq!(vm.wait_exit(T), Some(0));
+    let (okc, check) = qemu_img(&["check", "--output=json", &g.url("vm.qcow2", "")]);
+    assert!(okc, "qemu-img check: {check}");
+    let c = json(&check);
+    assert!(c.get("corruptions").is_none(), "{check}");
+}
+
+/// werror=report: the guest gets an error status for the failed request; Godwit keeps running.
+#[test]
+fn nfs_server_crash_with_werror_report_reaches_the_guest() {
+    require_kvm();
+    let mut g = server("report");
+    let (mut vm, mut hmp, mut q) = faulty(&g, "nfs-report", "werror=report,rerror=report");
+    g.kill();
+    let ev = q.event("BLOCK_IO_ERROR");
+    assert_eq!(ev["data"]["action"], "report", "{ev}");
+    assert!(ev["data"].get("nospace").is_none(), "no io-status without a stop policy: {ev}");
+    vm.wait_for("GUEST WARN disk I/O error status=1", T);
+    // Still running: heartbeats go on and the monitor says so.
+    vm.wait_for("HEARTBEAT", T);
+    vm.wait_for("HEARTBEAT", T);
+    assert_eq!(hmp.cmd("info status").trim(), "VM status: running");
+    g.restart().unwrap();
+    hmp.quit();
+    assert_eq!(vm.wait_exit(T), Some(0));
+}

@@ -33,6 +33,10 @@ impl Error {
 
 impl From<Error> for std::io::Error {
     fn from(e: Error) -> std::io::Error {
+        // Out of space keeps its errno: the block layer's `enospc` policy looks for it.
+        if matches!(e.errno(), libc::ENOSPC | libc::EDQUOT | libc::EFBIG) {
+            return std::io::Error::from_raw_os_error(e.errno());
+        }
         std::io::Error::new(std::io::Error::from_raw_os_error(e.errno()).kind(), e.to_string())
     }
 }

@@ -92,6 +92,7 @@ pub struct Lib {
     pub fcntl: unsafe extern "C" fn(*mut NfsContext, *mut NfsFh, c_int, *mut c_void) -> c_int,
     pub get_readmax: unsafe extern "C" fn(*mut NfsContext) -> u64,
     pub get_writemax: unsafe extern "C" fn(*mut NfsContext) -> u64,
+    pub get_fd: unsafe extern "C" fn(*mut NfsContext) -> c_int,
 }
 
 // SAFETY: plain function pointers into a library that stays loaded for the process lifetime.
@@ -164,5 +165,6 @@ fn load() -> Result<Lib, String> {
         fcntl: sym!("nfs_fcntl"),
         get_readmax: sym!("nfs_get_readmax"),
         get_writemax: sym!("nfs_get_writemax"),
+        get_fd: sym!("nfs_get_fd"),
     })
 }

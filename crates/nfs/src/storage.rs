@@ -96,9 +96,23 @@ impl Ctx {
 
 impl Drop for Ctx {
     fn drop(&mut self) {
+        if !self.healthy {
+            // A failed sync call can leave its RPC queued with a callback pointing into the
+            // stack frame of that call; nfs_destroy_context would run it and write into
+            // whatever lives there now (seen: a crash after the server died). So a broken
+            // context is never touched again: its socket is closed and the rest is leaked
+            // (a few KiB per failed connection attempt).
+            // SAFETY: reading the fd of a live context; closing it only affects that context.
+            let fd = unsafe { (self.lib.get_fd)(self.ctx) };
+            if fd >= 0 {
+                // SAFETY: the fd belongs to this context, which is never used again.
+                unsafe { libc::close(fd) };
+            }
+            return;
+        }
         // SAFETY: fh belongs to ctx; both are released exactly once here.
         unsafe {
-            if self.healthy && !self.fh.is_null() {
+            if !self.fh.is_null() {
                 (self.lib.close)(self.ctx, self.fh);
             }
             (self.lib.destroy_context)(self.ctx);

@@ -133,3 +133,20 @@ fn qcow2_on_nfs_agrees_with_qemu() {
     r.read_at(5 * 997 * 512, &mut buf).unwrap();
     assert!(buf.iter().all(|&x| x == 5));
 }
+
+#[test]
+fn repeated_failures_while_the_server_is_down() {
+    let mut g = server("down");
+    std::fs::write(g.export().join("d.img"), vec![0u8; 65536]).unwrap();
+    let url = NfsUrl::parse(&g.url("d.img", "hard-timeout=1")).unwrap();
+    let s = NfsStorage::open(&url, rw(true)).unwrap();
+    g.kill();
+    for i in 0..4 {
+        assert!(s.write_at(&[i as u8; 4096], 0).is_err());
+        let mut b = [0u8; 512];
+        assert!(s.read_at(&mut b, 0).is_err());
+        assert!(s.sync().is_err());
+    }
+    g.restart().unwrap();
+    s.write_at(&[9u8; 4096], 0).unwrap();
+}

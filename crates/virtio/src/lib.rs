@@ -55,6 +55,7 @@ mod state;
 
 pub use backend::{BackendError, BlockBackend, MemDisk};
 pub use qcow2;
+pub use block::policy::{ErrorAction, ErrorHook, ErrorPolicy, IoErrorReport};
 pub use block::{Block, BlockConfig};
 pub use device::{Interrupt, VirtioDevice};
 pub use error::{Error, Result};

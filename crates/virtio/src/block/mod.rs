@@ -11,6 +11,7 @@
 //! the backend can be replaced ([`Block::swap_backend`], migration handover) or used directly
 //! ([`Block::with_backend`], e.g. for qcow2 snapshots).
 
+pub mod policy;
 mod request;
 mod worker;
 
@@ -55,6 +56,8 @@ pub struct BlockConfig {
     pub discard: bool,
     /// Offer WRITE_ZEROES (when the disk is writable).
     pub write_zeroes: bool,
+    /// What a failed backend I/O does (`werror`/`rerror`; QEMU's defaults).
+    pub policy: policy::ErrorPolicy,
 }
 
 impl Default for BlockConfig {
@@ -65,6 +68,7 @@ impl Default for BlockConfig {
             read_only: false,
             discard: true,
             write_zeroes: true,
+            policy: policy::ErrorPolicy::default(),
         }
     }
 }
@@ -81,6 +85,7 @@ pub(crate) struct DiskInfo {
     pub serial: [u8; SERIAL_LEN],
     pub discard: bool,
     pub write_zeroes: bool,
+    pub policy: policy::ErrorPolicy,
 }
 
 /// Worker control shared between the device and its thread.
@@ -90,6 +95,9 @@ pub(crate) struct Ctl {
     pub busy: bool,
     pub stop: bool,
     pub dead: bool,
+    /// The worker stopped itself on a failed request (error policy `stop`); the request is
+    /// back in the available ring and is retried on resume.
+    pub io_error: bool,
 }
 
 pub(crate) struct Control {
@@ -129,6 +137,7 @@ impl Block {
             serial,
             discard: config.discard && !read_only,
             write_zeroes: config.write_zeroes && !read_only,
+            policy: config.policy,
         };
         let mut features = features::VERSION_1
             | features::RING_INDIRECT_DESC
@@ -169,6 +178,11 @@ impl Block {
     /// True if guest writes are refused.
     pub fn is_read_only(&self) -> bool {
         self.info.read_only
+    }
+
+    /// True while the device is stopped on a failed request (error policy `stop`).
+    pub fn stopped_on_error(&self) -> bool {
+        lock(&self.ctl.state).io_error
     }
 
     /// Runs `f` on the backend (waits for the request in flight, if any). Pause first for a
@@ -284,12 +298,20 @@ impl VirtioDevice for Block {
             if c.dead {
                 return Err(Error::WorkerDied("virtio-blk".into()));
             }
+            // Stopped on a failed request: a flush now would only meet the same failure.
+            if c.io_error {
+                return Ok(());
+            }
         }
         lock(&self.backend).flush().map_err(|e| Error::Flush(e.to_string()))
     }
 
     fn resume(&mut self) {
-        lock(&self.ctl.state).paused = false;
+        {
+            let mut c = lock(&self.ctl.state);
+            c.paused = false;
+            c.io_error = false;
+        }
         let _ = self.ctl.wake.write(1);
     }
 

@@ -12,6 +12,7 @@
 //! the floor; requests larger than the buffer are done in chunks, never with a bigger
 //! allocation.
 
+use super::policy::{ErrorAction, IoErrorReport};
 use super::{DiskInfo, SharedBackend, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
 use crate::mmio::lock;
 use crate::GuestMemoryMmap;
@@ -48,9 +49,10 @@ impl Status {
     }
 }
 
-/// Why a request failed (logged; the guest only sees the status).
+/// Why a request failed (logged; the guest only sees the status). `backend` is set when the
+/// backend's I/O failed (the drive's error policy applies): (a write, out of space).
 #[derive(Debug)]
-struct Failure(Status, String);
+struct Failure(Status, String, Option<(bool, bool)>);
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -59,7 +61,23 @@ impl fmt::Display for Failure {
 }
 
 fn ioerr(msg: impl Into<String>) -> Failure {
-    Failure(Status::IoErr, msg.into())
+    Failure(Status::IoErr, msg.into(), None)
+}
+
+/// A failed backend call of a read (`write` false) or a write request.
+fn backend_fail(write: bool, what: &str, e: qcow2::Error) -> Failure {
+    let nospace = e.is_no_space()
+        || matches!(&e, qcow2::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull);
+    Failure(Status::IoErr, format!("{what}: {e}"), Some((write, nospace)))
+}
+
+/// What became of one request.
+pub(crate) struct Outcome {
+    /// Bytes written into its buffers (the used-ring length); `None`: the request was not
+    /// completed (error policy `stop`) and must go back to the available ring.
+    pub used_len: Option<u32>,
+    /// The backend failure the drive's error policy acted on, if any.
+    pub error: Option<IoErrorReport>,
 }
 
 /// One descriptor's buffer. `valid` is false when it does not lie in guest RAM.
@@ -189,16 +207,26 @@ impl Executor {
         }
     }
 
-    /// Executes one chain; returns the number of bytes written into its writable buffers (the
-    /// used-ring length).
-    pub fn handle<M>(&mut self, chain: DescriptorChain<M>) -> u32
+    /// Executes one chain under the drive's error policy.
+    pub fn handle<M>(&mut self, chain: DescriptorChain<M>) -> Outcome
     where
         M: Deref<Target = GuestMemoryMmap>,
     {
         let head = chain.head_index();
         let p = parse(chain, &self.mem);
+        let mut error = None;
         let (status, written) = match self.execute(&p) {
             Ok(n) => (Status::Ok, n),
+            Err(Failure(st, msg, Some((write, nospace)))) => {
+                let action = self.info.policy.action(write, nospace);
+                tracing::warn!("virtio-blk: {} failed ({msg}); error action: {action}", if write { "write" } else { "read" });
+                error = Some(IoErrorReport { write, action, nospace, reason: msg });
+                match action {
+                    ErrorAction::Stop => return Outcome { used_len: None, error },
+                    ErrorAction::Ignore => (Status::Ok, 0),
+                    _ => (st, 0),
+                }
+            }
             Err(f) => {
                 tracing::debug!("virtio-blk: request at descriptor {head} failed: {f}");
                 (f.0, 0)
@@ -207,13 +235,13 @@ impl Executor {
         // The status byte is the last writable byte.
         let Some(status_off) = p.writable.len.checked_sub(1) else {
             tracing::debug!("virtio-blk: request at descriptor {head} has no status byte");
-            return 0;
+            return Outcome { used_len: Some(0), error };
         };
         if !p.writable.write(&self.mem, status_off, &[status.byte()]) {
             tracing::debug!("virtio-blk: status byte of request {head} is not writable");
-            return 0;
+            return Outcome { used_len: Some(0), error };
         }
-        u32::try_from(written + 1).unwrap_or(u32::MAX)
+        Outcome { used_len: Some(u32::try_from(written + 1).unwrap_or(u32::MAX)), error }
     }
 
     /// Returns the data bytes written to the guest (excluding the status byte).
@@ -249,7 +277,7 @@ impl Executor {
                 Ok(0)
             }
             vb::VIRTIO_BLK_T_FLUSH => {
-                lock(&self.backend).flush().map_err(|e| ioerr(format!("flush: {e}")))?;
+                lock(&self.backend).flush().map_err(|e| backend_fail(true, "flush", e))?;
                 Ok(0)
             }
             vb::VIRTIO_BLK_T_GET_ID => {
@@ -261,7 +289,7 @@ impl Executor {
             }
             vb::VIRTIO_BLK_T_DISCARD if self.discard => self.ranges(&p.readable, out_len, false),
             vb::VIRTIO_BLK_T_WRITE_ZEROES if self.write_zeroes => self.ranges(&p.readable, out_len, true),
-            k => Err(Failure(Status::Unsupp, format!("request type {k}"))),
+            k => Err(Failure(Status::Unsupp, format!("request type {k}"), None)),
         }
     }
 
@@ -288,7 +316,7 @@ impl Executor {
         while done < len {
             let n = (len - done).min(BOUNCE_MAX as u64) as usize;
             let buf = bounce_buf(bounce, n);
-            lock(backend).read_at(off + done, buf).map_err(|e| ioerr(format!("read: {e}")))?;
+            lock(backend).read_at(off + done, buf).map_err(|e| backend_fail(false, "read", e))?;
             if !dst.write(mem, done, buf) {
                 return Err(ioerr("data buffer not writable"));
             }
@@ -307,7 +335,7 @@ impl Executor {
             if !src.read(mem, HEADER_LEN + done, buf) {
                 return Err(ioerr("data buffer not readable"));
             }
-            lock(backend).write_at(off + done, buf).map_err(|e| ioerr(format!("write: {e}")))?;
+            lock(backend).write_at(off + done, buf).map_err(|e| backend_fail(true, "write", e))?;
             done += n as u64;
         }
         Ok(())
@@ -332,7 +360,7 @@ impl Executor {
             let flags = u32::from_le_bytes([r[12], r[13], r[14], r[15]]);
             let allowed = if zeroes { vb::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP } else { 0 };
             if flags & !allowed != 0 {
-                return Err(Failure(Status::Unsupp, format!("range flags {flags:#x}")));
+                return Err(Failure(Status::Unsupp, format!("range flags {flags:#x}"), None));
             }
             if num > MAX_DISCARD_SECTORS {
                 return Err(ioerr(format!("range of {num} sectors exceeds the advertised maximum")));
@@ -343,7 +371,7 @@ impl Executor {
         let mut b = lock(&self.backend);
         for (off, n) in ranges {
             let r = if zeroes { b.write_zeroes(off, n) } else { b.discard(off, n) };
-            r.map_err(|e| ioerr(format!("{}: {e}", if zeroes { "write-zeroes" } else { "discard" })))?;
+            r.map_err(|e| backend_fail(true, if zeroes { "write-zeroes" } else { "discard" }, e))?;
         }
         Ok(0)
     }

@@ -197,7 +197,30 @@ impl Worker {
                 Ok(Some(chain)) => {
                     rechecked = false;
                     let head = chain.head_index();
-                    let len = self.exec.handle(chain);
+                    let out = self.exec.handle(chain);
+                    let Some(len) = out.used_len else {
+                        // Error policy `stop`: the request goes back to the available ring
+                        // (it was the last one popped) and the worker takes no more until
+                        // resumed; then it runs again.
+                        {
+                            let mut q = lock(&queue);
+                            let n = q.next_avail().wrapping_sub(1);
+                            q.set_next_avail(n);
+                        }
+                        {
+                            let mut c = lock(&self.ctl.state);
+                            c.paused = true;
+                            c.io_error = true;
+                        }
+                        if let (Some(h), Some(e)) = (&self.exec.info.policy.hook, &out.error) {
+                            (h.0)(e);
+                        }
+                        complete = false;
+                        break;
+                    };
+                    if let (Some(h), Some(e)) = (&self.exec.info.policy.hook, &out.error) {
+                        (h.0)(e);
+                    }
                     match lock(&queue).add_used(mem, head, len) {
                         Ok(()) => unsignalled += 1,
                         Err(e) => tracing::warn!("virtio-blk: queue {i}: descriptor {head} not returned: {e}"),
