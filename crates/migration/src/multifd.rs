@@ -632,6 +632,87 @@ mod tests {
         }
     }
 
+    /// Page-aligned anonymous memory posing as a RAM region.
+    fn region(pages: usize, gpa: u64) -> RamRegion {
+        let len = pages * PAGE_SIZE;
+        // SAFETY: a fresh private anonymous mapping, leaked for the test's lifetime.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        RamRegion { gpa, size: len as u64, host: p as u64 }
+    }
+
+    fn pair() -> (Box<dyn Channel>, Box<dyn Channel>) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        (Box::new(a), Box::new(b))
+    }
+
+    #[test]
+    fn pages_cross_channels_compressed_and_whole() {
+        const N: usize = 600;
+        let (src, dst) = (region(N, 0x10_0000), region(N, 0x10_0000));
+        // SAFETY: the test's own mappings.
+        let s = unsafe { std::slice::from_raw_parts_mut(src.host as *mut u8, N * PAGE_SIZE) };
+        for (i, b) in s.iter_mut().enumerate() {
+            // Every third page stays zero; the rest hold a compressible pattern.
+            *b = if (i / PAGE_SIZE) % 3 == 0 { 0 } else { (i / 7 % 5 + i / PAGE_SIZE) as u8 };
+        }
+        let d = unsafe { std::slice::from_raw_parts_mut(dst.host as *mut u8, N * PAGE_SIZE) };
+        d.fill(0xAA); // stale contents the zero pages of a dirty round must clear
+        for codec in [Compression::None, Compression::Zlib, Compression::Zstd] {
+            let (mut tx, mut rx, mut mains) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..3 {
+                let (a, b) = pair();
+                tx.push(a);
+                rx.push(b);
+            }
+            let (m, keep) = pair();
+            mains.push(keep);
+            let recv = Receivers::start(rx, codec_id(codec), vec![dst], m).unwrap();
+            let mut snd = Sender::start(tx, codec, 3, 6, 0).unwrap();
+            snd.queue(&src, 0, 250, 0, true).unwrap();
+            snd.queue(&src, 250, N - 250, 0, true).unwrap();
+            let st = snd.sync(0, true).unwrap();
+            assert_eq!(st.zero_pages, N.div_ceil(3) as u64);
+            assert_eq!(st.data_pages + st.zero_pages, N as u64);
+            recv.wait_round(0).unwrap();
+            assert!(s == &d[..], "{codec:?}: destination differs");
+            if codec != Compression::None {
+                let c = &snd.counters;
+                assert!(c.packed.load(Ordering::Relaxed) * 4 < c.raw.load(Ordering::Relaxed), "{codec:?} did not compress");
+            }
+            snd.finish();
+            d.fill(0xAA);
+        }
+    }
+
+    #[test]
+    fn a_corrupted_packet_fails_its_channel_and_wakes_the_main_reader() {
+        let dst = region(4, 0);
+        let (mut a, b) = pair();
+        let (m, _main_peer) = pair();
+        let mut main_reader = m.try_clone_box().unwrap();
+        let recv = Receivers::start(vec![b], 0, vec![dst], m).unwrap();
+        let pk = Packet { round: 0, data: vec![0], zero: vec![], payload_len: PAGE_SIZE as u32 };
+        let hdr = postcard::to_stdvec(&pk).unwrap();
+        let payload = vec![7u8; PAGE_SIZE];
+        let mut h = crc32fast::Hasher::new();
+        h.update(&hdr);
+        h.update(&payload);
+        let mut f = vec![KIND_PAGES];
+        f.extend_from_slice(&(hdr.len() as u32).to_le_bytes());
+        f.extend_from_slice(&hdr);
+        f.extend_from_slice(&payload);
+        f.extend_from_slice(&(h.finalize() ^ 1).to_le_bytes());
+        a.write_all(&f).unwrap();
+        let e = recv.wait_round(0).unwrap_err().to_string();
+        assert!(e.contains("multifd channel 0") && e.contains("checksum"), "{e}");
+        // The page was not written.
+        assert_eq!(unsafe { *(dst.host as *const u8) }, 0);
+        // The main connection's reader sees its end instead of blocking on a live peer.
+        let mut buf = [0u8; 8];
+        assert_eq!(main_reader.read(&mut buf).unwrap(), 0);
+    }
+
     #[test]
     fn channel_headers_are_checked() {
         let h = channel_header(7, 1);
