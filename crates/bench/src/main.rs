@@ -8,6 +8,7 @@ mod boot;
 mod ceiling;
 mod disk;
 mod forecast;
+mod links;
 mod migrate;
 mod snapshot;
 mod vm;
@@ -30,6 +31,8 @@ const SCENARIOS: &[&str] = &[
     "forecast",
     "snapshot",
     "disk",
+    // Only when asked for by name (needs root for network namespaces; ~15 min): see links.rs.
+    "links",
 ];
 
 #[derive(Parser, Debug)]
@@ -54,6 +57,9 @@ struct Args {
     /// The downtime limit given to both VMMs, in ms.
     #[arg(long, default_value_t = 30)]
     downtime_limit: u64,
+    /// Seconds a migration across a shaped link (`--only links`) gets before `migrate_cancel`.
+    #[arg(long, default_value_t = 30)]
+    links_budget: u64,
     /// Where the results and charts go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -578,6 +584,21 @@ fn main() {
 
     if only("disk") {
         disk::run_all(a.runs, &b, &sides, &dir, &mut c, &mut metrics);
+    }
+
+    if a.only.iter().any(|o| o == "links") {
+        let budget = Duration::from_secs(a.links_budget);
+        let rows = links::run_all(a.runs, &b, &sides, &dir, budget);
+        let md = links::markdown(&rows, budget);
+        println!("{md}");
+        let json = serde_json::to_string_pretty(&rows).unwrap_or_else(|e| fail(&e.to_string()));
+        for (ext, body) in [("md", md), ("json", json)] {
+            let p = a.out.join(format!("links.{ext}"));
+            match std::fs::write(&p, body) {
+                Ok(()) => eprintln!("wrote {}", p.display()),
+                Err(e) => eprintln!("godwit-bench: cannot write {}: {e}", p.display()),
+            }
+        }
     }
 
     for ((scen, vmm), (n, first)) in &c.failures {

@@ -78,6 +78,10 @@ pub struct Spec {
     /// `cache=` of the disk (default: the VMM's, writeback for both).
     pub disk_cache: Option<String>,
     pub loadvm: Option<String>,
+    /// Run inside this network namespace (`ip netns exec NS ...`; see `links.rs`).
+    pub netns: Option<String>,
+    /// `-object` arguments (TLS credentials).
+    pub objects: Vec<String>,
 }
 
 /// The command line of `vmm` for `spec`. QEMU gets the microvm machine the guest's contract
@@ -85,9 +89,17 @@ pub struct Spec {
 /// is built in).
 pub fn command(bins: &Bins, vmm: Vmm, spec: &Spec) -> Command {
     let mut c;
+    let program = |p: &Path| match &spec.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(p);
+            c
+        }
+        None => Command::new(p),
+    };
     match vmm {
         Vmm::Qemu => {
-            c = Command::new(&bins.qemu);
+            c = program(&bins.qemu);
             c.args([
                 "-enable-kvm",
                 "-M",
@@ -104,7 +116,7 @@ pub fn command(bins: &Bins, vmm: Vmm, spec: &Spec) -> Command {
             ]);
         }
         Vmm::Godwit => {
-            c = Command::new(&bins.godwit);
+            c = program(&bins.godwit);
             c.args(["-serial", "stdio"]);
         }
     }
@@ -134,6 +146,9 @@ pub fn command(bins: &Bins, vmm: Vmm, spec: &Spec) -> Command {
         }
         c.arg("-drive").arg(drive);
         c.args(["-device", "virtio-blk-device,drive=d0"]);
+    }
+    for o in &spec.objects {
+        c.arg("-object").arg(o);
     }
     if let Some(i) = &spec.incoming {
         c.arg("-incoming").arg(i);
