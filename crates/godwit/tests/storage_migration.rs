@@ -322,3 +322,154 @@ fn destination_killed_during_mirror_then_retry() {
     dst2.qmp.ok("nbd-server-stop", json!({}));
     check_destination(&mut dst2);
 }
+
+/// A TCP relay between the source's mirror and the destination's NBD server that can cut the
+/// link or corrupt the next reply bytes (a flipped bit in the NBD reply stream).
+struct Relay {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    corrupt: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start(to: u16) -> Relay {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let corrupt = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (c2, k2) = (conns.clone(), corrupt.clone());
+        std::thread::spawn(move || {
+            for a in l.incoming() {
+                let Ok(a) = a else { return };
+                let Ok(b) = std::net::TcpStream::connect(("127.0.0.1", to)) else { continue };
+                c2.lock().unwrap().extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
+                let pump = |mut from: std::net::TcpStream, mut to: std::net::TcpStream, flip: Option<Arc<AtomicBool>>| {
+                    std::thread::spawn(move || {
+                        use std::io::Read;
+                        let mut buf = vec![0u8; 65536];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if let Some(f) = &flip {
+                                if f.swap(false, Ordering::SeqCst) {
+                                    buf[0] ^= 0x40;
+                                }
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                pump(a.try_clone().unwrap(), b.try_clone().unwrap(), None);
+                pump(b, a, Some(k2.clone()));
+            }
+        });
+        Relay { port, cut, corrupt, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().iter() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+enum Fault {
+    LinkCut,
+    CorruptReply,
+}
+
+/// Mirror (slowed) through a relay, break it, and check the source is unharmed.
+fn mirror_fault(name: &str, fault: Fault) {
+    let dir = tmpdir(name);
+    let (si, di) = images(&dir);
+    let nbd_port = free_port();
+    let mut dst = start(&dir, "dst", &di, &["-incoming", "defer"]);
+    dst.qmp.ok("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": nbd_port.to_string()}}}));
+    dst.qmp.ok("nbd-server-add", json!({"device": "drive-virtio-disk0", "writable": true}));
+    let relay = Relay::start(nbd_port);
+    let mut src = source(&dir, &si);
+    src.qmp.ok(
+        "drive-mirror",
+        json!({"device": "drive-virtio-disk0", "job-id": "mf", "sync": "full", "mode": "existing", "format": "raw",
+               "speed": 512 * 1024, "auto-dismiss": false,
+               "target": format!("nbd://127.0.0.1:{}/drive-virtio-disk0", relay.port)}),
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let t0 = Instant::now();
+    match fault {
+        Fault::LinkCut => relay.cut(),
+        Fault::CorruptReply => relay.corrupt.store(true, std::sync::atomic::Ordering::SeqCst),
+    }
+    let done = src.qmp.wait_event("BLOCK_JOB_COMPLETED", |d| d["device"] == "mf");
+    let err = done["data"]["error"].as_str().unwrap_or("").to_string();
+    assert!(!err.is_empty(), "{done}");
+    if let Fault::CorruptReply = fault {
+        assert!(err.contains("magic") || err.contains("handle"), "a corrupted reply is named: {err}");
+    }
+    src.qmp.wait_event("JOB_STATUS_CHANGE", |d| d["id"] == "mf" && d["status"] == "concluded");
+    let jobs = src.qmp.ok("query-jobs", json!({}));
+    assert_eq!(jobs[0]["status"], "concluded", "{jobs}");
+    assert!(jobs[0]["error"].as_str().is_some(), "{jobs}");
+    src.qmp.ok("job-dismiss", json!({"id": "mf"}));
+    eprintln!("fault reported after {:?}", t0.elapsed());
+    assert_eq!(src.qmp.status(), "running");
+    src.vm.send(b"v");
+    src.vm.wait_for("LEDGER OK", T);
+    let d = src.vm.wait_for("DISK ", T);
+    assert!(d.starts_with("DISK OK"), "{d}");
+    let _ = dst.vm.child.kill();
+}
+
+#[test]
+fn link_cut_during_mirror_leaves_source_running() {
+    mirror_fault("stor-cut", Fault::LinkCut);
+}
+
+#[test]
+fn corrupted_nbd_reply_fails_the_job_not_the_guest() {
+    mirror_fault("stor-corrupt", Fault::CorruptReply);
+}
+
+/// The mirror is ready (write-through) and RAM is migrating when the destination dies: the
+/// migration fails, the next guest write cannot reach the target so the job ends with an
+/// error, and the guest runs on with both ledgers intact.
+#[test]
+fn destination_killed_during_migration_phase() {
+    let dir = tmpdir("stor-kill-mig");
+    let (si, di) = images(&dir);
+    let (nbd_port, mig_port) = (free_port(), free_port());
+    let mut dst = start(&dir, "dst", &di, &["-incoming", "defer"]);
+    dst.qmp.ok("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": nbd_port.to_string()}}}));
+    dst.qmp.ok("nbd-server-add", json!({"device": "drive-virtio-disk0", "writable": true}));
+    dst.qmp.ok("migrate-incoming", json!({"uri": format!("tcp:127.0.0.1:{mig_port}")}));
+    let mut src = source(&dir, &si);
+    src.qmp.ok(
+        "drive-mirror",
+        json!({"device": "drive-virtio-disk0", "job-id": "mk", "sync": "full", "mode": "existing", "format": "raw",
+               "target": format!("nbd://127.0.0.1:{nbd_port}/drive-virtio-disk0")}),
+    );
+    src.qmp.wait_event("BLOCK_JOB_READY", |d| d["device"] == "mk");
+    src.qmp.ok("migrate-set-parameters", json!({"max-bandwidth": 8 << 20}));
+    src.qmp.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{mig_port}")}));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(src.qmp.ok("query-migrate", json!({}))["status"], "active");
+    dst.vm.child.kill().unwrap();
+    assert_eq!(src.qmp.wait_migration()["status"], "failed");
+    let done = src.qmp.wait_event("BLOCK_JOB_COMPLETED", |d| d["device"] == "mk");
+    assert!(done["data"]["error"].as_str().is_some(), "{done}");
+    assert_eq!(src.qmp.status(), "running");
+    src.vm.send(b"v");
+    src.vm.wait_for("LEDGER OK", T);
+    let d = src.vm.wait_for("DISK ", T);
+    assert!(d.starts_with("DISK OK"), "{d}");
+}

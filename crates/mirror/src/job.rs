@@ -349,7 +349,7 @@ impl Mirror {
                 self.0.first_pass_left.fetch_sub(n, Ordering::SeqCst);
                 self.0.copied.fetch_add(n, Ordering::SeqCst);
                 pos += n;
-                self.throttle(started);
+                self.throttle(started)?;
             }
         }
         lock(&self.0.target).drain()
@@ -384,23 +384,30 @@ impl Mirror {
             }
             self.0.copied.fetch_add(len, Ordering::SeqCst);
             at = first + n;
-            self.throttle(started);
+            self.throttle(started)?;
         }
         // Overlapping requests in flight have no defined order: settle this pass first.
         lock(&self.0.target).drain()
     }
 
-    /// Sleeps while the copy is ahead of `speed` bytes/s (checking for cancel).
-    fn throttle(&self, started: Instant) {
+    /// Sleeps while the copy is ahead of `speed` bytes/s (checking for cancel). Before
+    /// sleeping, the requests in flight are settled, so a failing target is noticed now rather
+    /// than when the pipeline window fills.
+    fn throttle(&self, started: Instant) -> Result<(), String> {
+        let mut drained = false;
         loop {
             let speed = self.0.speed.load(Ordering::SeqCst);
             if speed == 0 || self.stop_requested() {
-                return;
+                return Ok(());
             }
             let due = Duration::from_secs_f64(self.0.copied.load(Ordering::SeqCst) as f64 / speed as f64);
             let el = started.elapsed();
             if el >= due {
-                return;
+                return Ok(());
+            }
+            if !drained {
+                lock(&self.0.target).drain()?;
+                drained = true;
             }
             std::thread::sleep((due - el).min(Duration::from_millis(100)));
         }
