@@ -566,6 +566,26 @@ mod tests {
     }
 
     #[test]
+    fn transport_parameters_parse_in_hmp_and_qmp() {
+        let mut p = MigrationParameters::default();
+        p.set_from_hmp("tls-creds", "tls0").unwrap();
+        p.set_from_hmp("multifd-compression", "zstd").unwrap();
+        p.set_from_hmp("multifd-zstd-level", "3").unwrap();
+        assert!(p.set_from_hmp("multifd-compression", "lz4").unwrap_err().contains("does not accept value 'lz4'"));
+        assert!(p.set_from_hmp("multifd-zlib-level", "10").unwrap_err().contains("0 to 9"));
+        let lines = p.hmp_lines();
+        assert!(lines.contains(&("tls-creds", "'tls0'".to_string())));
+        assert!(lines.contains(&("multifd-compression", "zstd".to_string())));
+        let args = json!({"tls-creds": "tls1", "tls-hostname": "dst.example", "multifd-compression": "zlib", "multifd-channels": 4});
+        let q = MigrationParameters::from_qmp(args.as_object().unwrap()).unwrap();
+        assert_eq!(q.tls_creds.as_deref(), Some("tls1"));
+        assert_eq!(q.multifd_compression, Some(MultifdCompression::Zlib));
+        assert_eq!(serde_json::to_value(&q).unwrap(), args);
+        let bad = json!({"tls-creds": 5});
+        assert!(MigrationParameters::from_qmp(bad.as_object().unwrap()).unwrap_err().contains("expected: string"));
+    }
+
+    #[test]
     fn capability_names_round_trip() {
         for c in MigrationCapability::ALL {
             assert_eq!(c.as_str().parse::<MigrationCapability>(), Ok(c));
