@@ -574,6 +574,19 @@ mod tests {
     }
 
     #[test]
+    fn error_policy_and_nfs_urls_parse() {
+        let d = parse_drive("file=x,werror=stop,rerror=ignore").unwrap();
+        assert_eq!((d.werror, d.rerror), (Some(virtio::ErrorAction::Stop), Some(virtio::ErrorAction::Ignore)));
+        assert_eq!(parse_drive("file=x").unwrap().werror, None);
+        assert!(parse_drive("file=x,werror=halt").unwrap_err().contains("invalid error action"));
+        assert!(parse_drive("file=x,rerror=enospc").is_err());
+        let d = parse_drive("file=nfs://h/export/d.qcow2?version=4,format=qcow2").unwrap();
+        assert!(nfs_url(&d).unwrap().is_some());
+        assert!(nfs_url(&parse_drive("file=nfs://h/x").unwrap()).unwrap_err().contains("invalid NFS URL"));
+        assert!(nfs_url(&parse_drive("file=/a/b.qcow2").unwrap()).unwrap().is_none());
+    }
+
+    #[test]
     fn cache_modes_parse() {
         assert_eq!(parse_drive("file=x").unwrap().cache, CacheMode::Writeback);
         for (v, m) in [
