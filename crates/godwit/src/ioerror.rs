@@ -25,7 +25,6 @@ pub enum IoStatus {
     Nospace,
 }
 
-#[allow(dead_code)]
 impl IoStatus {
     /// QEMU's name.
     pub fn name(self) -> &'static str {
@@ -62,7 +61,6 @@ pub fn hook(index: usize) -> ErrorHook {
 }
 
 /// Disk `index`'s I/O status (for `query-block`).
-#[allow(dead_code)]
 pub fn status(index: usize) -> IoStatus {
     state().status.lock().unwrap_or_else(|p| p.into_inner()).get(index).copied().unwrap_or(IoStatus::Ok)
 }
@@ -79,8 +77,6 @@ fn device_name(m: &Machine, index: usize) -> String {
 
 fn act(m: &Machine, index: usize, r: &IoErrorReport) {
     let stop = r.action == ErrorAction::Stop;
-    let iostatus = m.disks.get(index).is_some_and(|d| d.spec.werror.unwrap_or(ErrorAction::Enospc).may_stop()
-        || d.spec.rerror.unwrap_or(ErrorAction::Report).may_stop());
     if stop {
         let mut st = state().status.lock().unwrap_or_else(|p| p.into_inner());
         if st.len() <= index {
@@ -88,16 +84,15 @@ fn act(m: &Machine, index: usize, r: &IoErrorReport) {
         }
         st[index] = if r.nospace { IoStatus::Nospace } else { IoStatus::Failed };
     }
-    let mut data = json!({
+    // virtio-blk always keeps an I/O status in QEMU, so `nospace` is always there.
+    let data = json!({
         "device": device_name(m, index),
-        "node-name": format!("#block{index}"),
+        "node-name": m.disks.get(index).and_then(|d| d.spec.node_name.clone()).unwrap_or_else(|| format!("#block{index}")),
         "operation": if r.write { "write" } else { "read" },
         "action": r.action.name(),
+        "nospace": r.nospace,
         "reason": r.reason,
     });
-    if iostatus {
-        data["nospace"] = json!(r.nospace);
-    }
     m.events.emit(Event::Other { name: "BLOCK_IO_ERROR".into(), data: Some(data) });
     if stop {
         let _ = m.state.update(|s| match s {

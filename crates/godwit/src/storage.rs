@@ -105,7 +105,8 @@ fn query_block(m: &Machine) -> Value {
                 let fmt = d.spec.format.map(|f| f.to_string()).unwrap_or_else(|| "raw".into());
                 json!({
                     "device": device_name(i, d), "qdev": format!("/machine/peripheral-anon/device[{i}]"),
-                    "locked": false, "removable": false, "type": "unknown", "io-status": "ok",
+                    "locked": false, "removable": false, "type": "unknown",
+                    "io-status": crate::ioerror::status(i).name(),
                     "inserted": node_json(&node_name(i, d), &fmt, &file, d.spec.read_only, image_json(d)),
                 })
             })
@@ -120,8 +121,10 @@ fn query_named_nodes(m: &Machine, st: &State) -> Value {
         let fmt = d.spec.format.map(|f| f.to_string()).unwrap_or_else(|| "raw".into());
         out.push(node_json(&node_name(i, d), &fmt, &file, d.spec.read_only, image_json(d)));
         let mut img = image_json(d);
-        img["format"] = json!("file");
-        out.push(node_json(&format!("{}-file", node_name(i, d)), "file", &file, d.spec.read_only, img));
+        // The protocol node: a host file, or QEMU's `nfs` driver for an nfs:// URL.
+        let proto = if nfs::is_nfs_url(&file) { "nfs" } else { "file" };
+        img["format"] = json!(proto);
+        out.push(node_json(&format!("{}-file", node_name(i, d)), proto, &file, d.spec.read_only, img));
     }
     for n in &st.nodes {
         match n {

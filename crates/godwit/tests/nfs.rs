@@ -289,6 +289,17 @@ fn nfs_server_crash_with_werror_stop_pauses_then_cont_finishes() {
     assert_eq!(hmp.cmd("info status").trim(), "VM status: paused (io-error)");
     let st = q.cmd(r#"{"execute":"query-status"}"#);
     assert_eq!(st["return"]["status"], "io-error", "{st}");
+    // query-block / info block show the NFS drive and its failed I/O status, as QEMU does.
+    let qb = q.cmd(r#"{"execute":"query-block"}"#);
+    let b = &qb["return"][0];
+    assert_eq!(b["device"], "disk0", "{qb}");
+    assert_eq!(b["io-status"], "failed", "{qb}");
+    assert_eq!(b["inserted"]["drv"], "qcow2", "{qb}");
+    assert!(b["inserted"]["file"].as_str().unwrap_or("").starts_with("nfs://"), "{qb}");
+    let nodes = q.cmd(r#"{"execute":"query-named-block-nodes"}"#);
+    assert!(nodes["return"].as_array().unwrap().iter().any(|n| n["drv"] == "nfs"), "{nodes}");
+    let ib = hmp.cmd("info block");
+    assert!(ib.contains("disk0") && ib.contains("nfs://") && ib.contains("I/O status:       failed"), "{ib}");
     // While stopped the guest makes no progress (lines printed before the stop drained first).
     vm.collect_for(Duration::from_millis(300));
     let before = vm.seen.len();
@@ -297,6 +308,8 @@ fn nfs_server_crash_with_werror_stop_pauses_then_cont_finishes() {
     g.restart().unwrap();
     assert_eq!(hmp.cmd("cont").trim(), "");
     q.event("RESUME");
+    let qb = q.cmd(r#"{"execute":"query-block"}"#);
+    assert_eq!(qb["return"][0]["io-status"], "ok", "cont clears the I/O status: {qb}");
     let mut disk0 = 0;
     for _ in 0..10 {
         let hb = vm.wait_for("HEARTBEAT", T);
@@ -331,7 +344,8 @@ fn nfs_server_crash_with_werror_report_reaches_the_guest() {
     g.kill();
     let ev = q.event("BLOCK_IO_ERROR");
     assert_eq!(ev["data"]["action"], "report", "{ev}");
-    assert!(ev["data"].get("nospace").is_none(), "no io-status without a stop policy: {ev}");
+    assert_eq!(ev["data"]["nospace"], false, "{ev}");
+    assert_eq!(ev["data"]["operation"], "write", "{ev}");
     vm.wait_for("GUEST WARN disk I/O error status=1", T);
     // Still running: heartbeats go on and the monitor says so.
     vm.wait_for("HEARTBEAT", T);

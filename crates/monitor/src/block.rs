@@ -470,14 +470,19 @@ pub fn render_hmp(cmd: &BlockCommand, v: &Value) -> String {
             .iter()
             .map(|d| {
                 let ins = &d["inserted"];
-                format!(
+                let mut s = format!(
                     "{} ({}): {} ({}{})\n",
                     d["device"].as_str().unwrap_or(""),
                     ins["node-name"].as_str().unwrap_or(""),
                     ins["file"].as_str().unwrap_or(""),
                     ins["drv"].as_str().unwrap_or(""),
                     if ins["ro"] == true { ", read-only" } else { "" }
-                )
+                );
+                // As QEMU: the I/O status only when a stop policy stopped the VM on an error.
+                if let Some(st) = d["io-status"].as_str().filter(|s| *s != "ok") {
+                    s.push_str(&format!("    I/O status:       {st}\n"));
+                }
+                s
             })
             .collect(),
         BlockCommand::QueryBlockExports => items
