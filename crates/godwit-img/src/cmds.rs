@@ -99,7 +99,17 @@ pub(crate) fn create_opts(o: Option<&str>, size: u64) -> Result<CreateOptions, C
             }
             "size" => c.size = parse_size(v)?,
             "lazy_refcounts" if v == "off" => {}
-            "extended_l2" if v == "off" => {}
+            "extended_l2" => {
+                c.extended_l2 = match v {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => {
+                        return Err(CliError::Usage(format!(
+                            "Invalid parameter value for 'extended_l2': '{v}'"
+                        )))
+                    }
+                }
+            }
             "compression_type" => {
                 c.compression_type = match v {
                     "zlib" => 0,
@@ -153,8 +163,8 @@ pub fn create(argv: &[String]) -> R {
                     _ => String::new(),
                 };
                 println!(
-                    "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2=off compression_type={} size={}{b}{compat} lazy_refcounts=off refcount_bits={}",
-                    o.cluster_size, if o.compression_type == 1 { "zstd" } else { "zlib" }, shown, o.refcount_bits
+                    "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={}{b}{compat} lazy_refcounts=off refcount_bits={}",
+                    o.cluster_size, if o.extended_l2 { "on" } else { "off" }, if o.compression_type == 1 { "zstd" } else { "zlib" }, shown, o.refcount_bits
                 );
             }
             o.size = o.size.div_ceil(512) * 512;

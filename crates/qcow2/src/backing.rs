@@ -290,6 +290,19 @@ impl Qcow2 {
             };
             if l2 == 0 {
                 push(g, n, false);
+            } else if self.ext {
+                let sc = self.sc_size();
+                let first = (g / cs) % self.l2e;
+                let cnt = (g % cs + n).div_ceil(cs);
+                let pairs = self.l2_pairs(l2, first, cnt)?;
+                let mut p = g;
+                while p < g + n {
+                    let (e, bm) = pairs[((p - (g - g % cs)) / cs) as usize];
+                    let l = (sc - p % sc).min(g + n - p);
+                    let k = self.sub_kind(e, bm, (p % cs) / sc)?;
+                    push(p, l, k != crate::subcluster::Sub::Unalloc);
+                    p += l;
+                }
             } else {
                 let first = (g / cs) % self.l2e;
                 let cnt = (g % cs + n).div_ceil(cs);

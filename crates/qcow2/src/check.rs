@@ -200,7 +200,7 @@ impl Qcow2 {
                     continue;
                 }
             };
-            for &x in t.iter() {
+            for &x in self.descs(&t) {
                 match self.classify(x) {
                     Kind::Compressed(o, l) => {
                         if x & COPIED != 0 {
@@ -264,7 +264,7 @@ impl Qcow2 {
             let Ok(t) = self.read_l2_raw(off) else {
                 continue;
             };
-            for &x in &t {
+            for &x in self.descs(&t) {
                 if x & COMPRESSED != 0 {
                     continue;
                 }

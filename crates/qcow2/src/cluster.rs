@@ -32,6 +32,9 @@ impl Qcow2 {
     }
 
     fn read_in_l2(&mut self, l2: u64, off: u64, buf: &mut [u8]) -> Result<()> {
+        if self.ext {
+            return self.read_ext(l2, off, buf);
+        }
         let cs = self.cs;
         let first = (off / cs) % self.l2e;
         let nclu = (off % cs + buf.len() as u64).div_ceil(cs);
@@ -132,11 +135,15 @@ impl Qcow2 {
         }
         let new = self.alloc_clusters(1)?;
         let table = if off == 0 {
-            vec![0u64; self.l2e as usize]
+            vec![0u64; (self.cs / 8) as usize]
         } else {
-            // Shared with a snapshot: every data cluster stays shared, so no entry is COPIED.
-            let mut t = self.l2_entries(off, 0, self.l2e)?;
-            for x in t.iter_mut() {
+            // Shared with a snapshot: every data cluster stays shared, so no entry is COPIED
+            // (descriptor words only: extended entries keep their bitmaps).
+            let mut t = match self.l2_cache.get(off) {
+                Some(t) => t.clone(),
+                None => self.read_l2_raw(off)?,
+            };
+            for x in t.iter_mut().step_by(self.stride()) {
                 *x &= !COPIED;
             }
             t
@@ -155,6 +162,9 @@ impl Qcow2 {
     }
 
     fn write_in_l2(&mut self, l1_idx: u64, off: u64, data: &[u8]) -> Result<()> {
+        if self.ext {
+            return self.write_ext(l1_idx, off, data);
+        }
         let cs = self.cs;
         let l2 = self.writable_l2(l1_idx)?;
         let first = (off / cs) % self.l2e;
@@ -292,6 +302,11 @@ impl Qcow2 {
                 let l2 = self.writable_l2(l1_idx)?;
                 let first = (g / cs) % self.l2e;
                 let cnt = n / cs;
+                if self.ext {
+                    self.zero_ext(l2, first, cnt)?;
+                    g += n;
+                    continue;
+                }
                 let ents = self.l2_entries(l2, first, cnt)?;
                 if ents.iter().any(|&x| x != newval) {
                     let mut d = BTreeMap::new();

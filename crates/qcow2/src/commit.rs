@@ -80,7 +80,7 @@ impl Counter {
     }
     /// Count the data clusters referenced by L2 table content `t`.
     pub(crate) fn count_l2_data(&mut self, img: &Qcow2, t: &[u64]) -> Result<()> {
-        for &e in t {
+        for &e in img.descs(t) {
             match img.classify(e) {
                 Kind::Normal(o) | Kind::ZeroAlloc(o) => self.add(o / img.cs, "data cluster")?,
                 Kind::Compressed(o, l) => self.add_bytes(img, o, l, "compressed data")?,
@@ -214,7 +214,12 @@ impl Qcow2 {
             match s {
                 Slot::Existing(off) => {
                     let t = cnt.l2(self, *off)?;
-                    let fixed: Vec<u64> = t.iter().map(|&e| flag(&cnt, self, e)).collect();
+                    let st = self.stride();
+                    let fixed: Vec<u64> = t
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &e)| if i % st == 0 { flag(&cnt, self, e) } else { e })
+                        .collect();
                     if fixed[..] != t[..] {
                         let c = *off / cs;
                         cnt.refs[c as usize] -= 1;
@@ -222,7 +227,7 @@ impl Qcow2 {
                     }
                 }
                 Slot::New(t) => {
-                    for e in t.iter_mut() {
+                    for e in t.iter_mut().step_by(self.stride()) {
                         *e = flag(&cnt, self, *e);
                     }
                 }

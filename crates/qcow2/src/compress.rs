@@ -57,6 +57,11 @@ impl Qcow2 {
                 data.len()
             )));
         }
+        if self.ext {
+            return Err(Error::Unsupported(
+                "writing compressed clusters into an image with extended L2 entries".into(),
+            ));
+        }
         if self.h.compression_type != COMPRESSION_ZSTD {
             return Err(Error::Unsupported(
                 "writing compressed clusters needs compression_type=zstd".into(),

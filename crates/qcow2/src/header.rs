@@ -209,8 +209,10 @@ impl Header {
                 h.compression_type
             ));
         }
-        if h.incompatible & INCOMPAT_EXTL2 != 0 {
-            return Err(Error::Unsupported("extended L2 entries".into()));
+        if h.incompatible & INCOMPAT_EXTL2 != 0 && cluster_bits < 14 {
+            return corrupt(format!(
+                "extended L2 entries need clusters of at least 16 KiB (cluster_bits {cluster_bits})"
+            ));
         }
         // Alignment and size checks.
         let mask = cs - 1;
@@ -232,7 +234,8 @@ impl Header {
         if h.nb_snapshots > 0 && (h.snapshots_offset == 0 || h.snapshots_offset & mask != 0) {
             return corrupt("snapshot table offset invalid");
         }
-        let span = cs * (cs / 8);
+        let entry = if h.incompatible & INCOMPAT_EXTL2 != 0 { 16 } else { 8 };
+        let span = cs * (cs / entry);
         let need = h.size.div_ceil(span);
         if need > h.l1_size as u64 {
             return corrupt(format!(

@@ -66,6 +66,8 @@ pub struct CreateOptions {
     pub backing_format: Option<ImageFormat>,
     /// Compression type of compressed clusters: 0 zlib, 1 zstd (v3 only).
     pub compression_type: u8,
+    /// Extended L2 entries (32 subclusters per cluster; v3, clusters of 16 KiB or more).
+    pub extended_l2: bool,
 }
 
 impl Default for CreateOptions {
@@ -78,6 +80,7 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             compression_type: 0,
+            extended_l2: false,
         }
     }
 }
@@ -102,6 +105,8 @@ pub struct Qcow2 {
     pub(crate) cs: u64,
     pub(crate) cbits: u32,
     pub(crate) l2e: u64,
+    /// Extended L2 entries: each entry is a (descriptor, subcluster bitmap) pair of words.
+    pub(crate) ext: bool,
     pub(crate) rbe: u64,
     pub(crate) l1: Vec<u64>,
     pub(crate) rt: Vec<u64>,
@@ -203,7 +208,8 @@ impl Qcow2 {
             strict: opts.strict_barriers,
             cs,
             cbits,
-            l2e: cs / 8,
+            l2e: if h.incompatible & header::INCOMPAT_EXTL2 != 0 { cs / 16 } else { cs / 8 },
+            ext: h.incompatible & header::INCOMPAT_EXTL2 != 0,
             rbe: cs * 8 / rbits,
             l1: Vec::new(),
             rt: Vec::new(),
@@ -368,7 +374,12 @@ impl Qcow2 {
             ));
         }
         let cbits = cs.trailing_zeros();
-        let span = cs * (cs / 8);
+        if opts.extended_l2 && (opts.version < 3 || cs < 16384) {
+            return Err(Error::InvalidArgument(
+                "extended_l2 needs compat=1.1 and a cluster size of at least 16 KiB".into(),
+            ));
+        }
+        let span = cs * (cs / if opts.extended_l2 { 16 } else { 8 });
         let l1_need = opts.size.div_ceil(span);
         if l1_need * 8 > header::MAX_L1_BYTES {
             return Err(Error::InvalidArgument(format!(
@@ -404,6 +415,10 @@ impl Qcow2 {
             snapshots_offset: 0,
             incompatible: if opts.compression_type != 0 {
                 header::INCOMPAT_COMPRESSION
+            } else {
+                0
+            } | if opts.extended_l2 {
+                header::INCOMPAT_EXTL2
             } else {
                 0
             },
@@ -533,6 +548,10 @@ impl Qcow2 {
             return Kind::Compressed(off, len);
         }
         let off = e & OFFSET_MASK;
+        if self.ext {
+            // Zeros are per subcluster (bitmap); the descriptor only holds the host cluster.
+            return if off == 0 { Kind::Unalloc } else { Kind::Normal(off) };
+        }
         if e & ZERO != 0 {
             if off != 0 {
                 Kind::ZeroAlloc(off)
@@ -570,19 +589,77 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Copy `n` entries starting at `idx` of the L2 table at `off`.
+    /// Words per L2 entry (2 with extended L2: descriptor, subcluster bitmap).
+    pub(crate) fn stride(&self) -> usize {
+        if self.ext {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The descriptor words of a raw L2 table (bitmaps of extended entries skipped).
+    pub(crate) fn descs<'a>(&self, t: &'a [u64]) -> impl Iterator<Item = &'a u64> {
+        t.iter().step_by(self.stride())
+    }
+
+    /// Copy the descriptors of `n` entries starting at `idx` of the L2 table at `off`.
     pub(crate) fn l2_entries(&mut self, off: u64, idx: u64, n: u64) -> Result<Vec<u64>> {
+        self.ensure_l2(off)?;
+        let st = self.stride();
+        let t = self
+            .l2_cache
+            .get(off)
+            .ok_or_else(|| Error::Corrupt("L2 cache".into()))?;
+        Ok(t[idx as usize * st..(idx + n) as usize * st]
+            .iter()
+            .step_by(st)
+            .copied()
+            .collect())
+    }
+
+    /// (descriptor, subcluster bitmap) of `n` extended entries starting at `idx`.
+    pub(crate) fn l2_pairs(&mut self, off: u64, idx: u64, n: u64) -> Result<Vec<(u64, u64)>> {
         self.ensure_l2(off)?;
         let t = self
             .l2_cache
             .get(off)
             .ok_or_else(|| Error::Corrupt("L2 cache".into()))?;
-        Ok(t[idx as usize..(idx + n) as usize].to_vec())
+        Ok(t[idx as usize * 2..(idx + n) as usize * 2]
+            .chunks_exact(2)
+            .map(|c| (c[0], c[1]))
+            .collect())
     }
 
-    /// Replace entries starting at `idx` and write them through.
+    /// Replace extended entries (descriptor, bitmap) starting at `idx`, written through.
+    pub(crate) fn set_l2_pairs(&mut self, off: u64, idx: u64, v: &[(u64, u64)]) -> Result<()> {
+        let words: Vec<u64> = v.iter().flat_map(|&(a, b)| [a, b]).collect();
+        self.ensure_l2(off)?;
+        if let Some(t) = self.l2_cache.get(off) {
+            t[idx as usize * 2..idx as usize * 2 + words.len()].copy_from_slice(&words);
+        }
+        self.file
+            .write_at(&entries_to_bytes(&words), off + idx * 16)
+            .ctx("writing an L2 table")
+    }
+
+    /// Replace the descriptors of entries starting at `idx` and write them through (extended
+    /// entries keep their bitmaps).
     pub(crate) fn set_l2_entries(&mut self, off: u64, idx: u64, v: &[u64]) -> Result<()> {
         self.ensure_l2(off)?;
+        if self.ext {
+            if let Some(t) = self.l2_cache.get(off) {
+                for (k, &x) in v.iter().enumerate() {
+                    t[(idx as usize + k) * 2] = x;
+                }
+            }
+            for (k, &x) in v.iter().enumerate() {
+                self.file
+                    .write_at(&x.to_be_bytes(), off + (idx + k as u64) * 16)
+                    .ctx("writing an L2 table")?;
+            }
+            return Ok(());
+        }
         if let Some(t) = self.l2_cache.get(off) {
             t[idx as usize..idx as usize + v.len()].copy_from_slice(v);
         }

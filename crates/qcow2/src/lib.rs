@@ -58,6 +58,7 @@ mod image;
 mod map;
 mod refcount;
 mod snapshot;
+mod subcluster;
 pub mod storage;
 mod vmstate;
 

@@ -54,21 +54,33 @@ impl Qcow2 {
                 g += n;
                 continue;
             }
-            let kinds: Vec<MapKind> = {
+            // (guest length, kind) per cluster, or per subcluster with extended L2.
+            let units: Vec<(u64, MapKind)> = if self.ext {
+                self.map_ext(e, (g / cs) % self.l2e, n.div_ceil(cs))?
+            } else {
                 let ents = self.l2_entries(e, (g / cs) % self.l2e, n.div_ceil(cs))?;
                 ents.iter()
-                    .map(|&x| match self.classify(x) {
-                        Kind::Unalloc => MapKind::Unallocated,
-                        Kind::ZeroPlain => MapKind::Zero(None),
-                        Kind::ZeroAlloc(o) => MapKind::Zero(Some(o)),
-                        Kind::Normal(o) => MapKind::Data(o),
-                        Kind::Compressed(..) => MapKind::Compressed,
+                    .map(|&x| {
+                        let k = match self.classify(x) {
+                            Kind::Unalloc => MapKind::Unallocated,
+                            Kind::ZeroPlain => MapKind::Zero(None),
+                            Kind::ZeroAlloc(o) => MapKind::Zero(Some(o)),
+                            Kind::Normal(o) => MapKind::Data(o),
+                            Kind::Compressed(..) => MapKind::Compressed,
+                        };
+                        (cs, k)
                     })
                     .collect()
             };
-            for (k, kind) in kinds.into_iter().enumerate() {
-                let start = g + k as u64 * cs;
-                let length = cs.min(size - start);
+            let mut start = g;
+            for (ulen, kind) in units {
+                let ustart = start;
+                start += ulen;
+                if ustart >= size {
+                    break;
+                }
+                let start = ustart;
+                let length = ulen.min(size - start);
                 if let Some(last) = out.last_mut() {
                     let cont = match (last.kind, kind) {
                         (MapKind::Data(a), MapKind::Data(b)) => a + last.length == b,
