@@ -109,6 +109,12 @@ Godwit, a KVM virtual machine monitor for moving running VMs (QEMU-compatible op
          [,cache=writeback|none|directsync|writethrough|unsafe]
                        cache as in QEMU: none/directsync = O_DIRECT, directsync/writethrough
                        = O_DSYNC, unsafe = the guest's flushes are ignored
+         [,werror=enospc|stop|report|ignore][,rerror=report|stop|ignore]
+                       what a failed disk I/O does (QEMU's defaults: enospc, report); stop
+                       pauses the VM (io-error) and 'cont' retries the request
+         file=nfs://SERVER[:PORT]/EXPORT/PATH[?version=3|4&nfsport=N&hard-timeout=SECS...]
+                       an image on an NFS server, through libnfs (libnfs13); hard-timeout
+                       (default 60) bounds the retries before werror/rerror apply
   -device virtio-blk-device,drive=ID
   -netdev tap,id=ID,ifname=NAME[,script=no|PATH][,downscript=no|PATH]
                        a tap backend (opened with a vnet header; no script by default)
