@@ -11,6 +11,7 @@ mod forecast;
 mod links;
 mod migrate;
 mod snapshot;
+mod storage;
 mod vm;
 
 use bench::results::{markdown, Host, Metric, Results};
@@ -31,6 +32,7 @@ const SCENARIOS: &[&str] = &[
     "forecast",
     "snapshot",
     "disk",
+    "storage",
     // Only when asked for by name (needs root for network namespaces; ~15 min): see links.rs.
     "links",
 ];
@@ -580,6 +582,10 @@ fn main() {
                 metrics.push(r);
             }
         }
+    }
+
+    if only("storage") {
+        storage::run_all(a.runs, &b, &sides, &dir, &mut c, &mut metrics);
     }
 
     if only("disk") {

@@ -309,18 +309,29 @@ impl Mirror {
         }
     }
 
-    /// Copies the whole disk once: explicit zero clusters as zero requests, everything else
-    /// read (unallocated clusters read as zeros or from a backing file) and sent as data or,
-    /// when it reads as zeros, as zero requests.
+    /// Copies the whole disk once: zero clusters (and unallocated ones of an image without a
+    /// backing file) as zero requests without reading them, everything else read and sent as
+    /// data or, when it reads as zeros, as zero requests.
     fn first_pass(&self, src: &dyn SourceDisk, started: Instant) -> Result<(), String> {
         let mut map: Vec<(u64, u64, bool)> = Vec::new(); // (start, len, known zero)
         src.locked(&mut |b| {
             map = match b.as_qcow2() {
-                Some(q) => q
-                    .map()?
-                    .into_iter()
-                    .map(|e| (e.start, e.length, matches!(e.kind, MapKind::Zero(_))))
-                    .collect(),
+                Some(q) => {
+                    // Without a backing file, unallocated clusters read as zeros: no need to
+                    // read them. With one, they read through to it and are copied as data.
+                    let standalone = q.backing_file().is_none();
+                    q.map()?
+                        .into_iter()
+                        .map(|e| {
+                            let zero = match e.kind {
+                                MapKind::Zero(_) => true,
+                                MapKind::Unallocated => standalone,
+                                _ => false,
+                            };
+                            (e.start, e.length, zero)
+                        })
+                        .collect()
+                }
                 None => vec![(0, b.size(), false)],
             };
             Ok(())
