@@ -102,18 +102,24 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn config() -> impl Strategy<Value = (u32, u64, u32, u32)> {
+/// (version, cluster size, refcount bits, backing chain depth, extended L2)
+type Config = (u32, u64, u32, u32, bool);
+
+fn config() -> impl Strategy<Value = Config> {
     prop_oneof![
-        Just((2u32, 65536u64, 16u32, 0u32)),
-        Just((3, 512, 16, 0)),
-        Just((3, 4096, 4, 0)),
-        Just((3, 4096, 64, 0)),
-        Just((3, 65536, 8, 0)),
-        Just((3, 4096, 2, 0)),
-        Just((3, 65536, 16, 1)),
-        Just((2, 4096, 16, 1)),
-        Just((3, 512, 16, 2)),
-        Just((3, 65536, 16, 2)),
+        Just((2u32, 65536u64, 16u32, 0u32, false)),
+        Just((3, 512, 16, 0, false)),
+        Just((3, 4096, 4, 0, false)),
+        Just((3, 4096, 64, 0, false)),
+        Just((3, 65536, 8, 0, false)),
+        Just((3, 4096, 2, 0, false)),
+        Just((3, 65536, 16, 1, false)),
+        Just((2, 4096, 16, 1, false)),
+        Just((3, 512, 16, 2, false)),
+        Just((3, 65536, 16, 2, false)),
+        Just((3, 16384, 16, 0, true)),
+        Just((3, 65536, 16, 1, true)),
+        Just((3, 32768, 16, 2, true)),
     ]
 }
 
@@ -159,13 +165,13 @@ fn continue_checks(q: &mut Qcow2, m: &Model, step: usize, op: &Op) -> Result<(),
 }
 
 fn run_case(
-    cfg: (u32, u64, u32, u32),
+    cfg: Config,
     ops: &[Op],
     dir: &Scratch,
     case: usize,
     seed: u64,
 ) -> Result<(), TestCaseError> {
-    let (version, cs, rb, depth) = cfg;
+    let (version, cs, rb, depth, extended_l2) = cfg;
     let mem = MemStorage::new();
     let (opener, backing, flat) = backing_chain(depth, seed);
     let files = opener.0.clone();
@@ -179,6 +185,7 @@ fn run_case(
             refcount_bits: rb,
             backing_file: backing.map(|b| b.0.to_string()),
             backing_format: backing.map(|b| b.1),
+            extended_l2,
             ..Default::default()
         },
     )
