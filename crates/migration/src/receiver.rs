@@ -180,8 +180,12 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
                 }
                 last_round_end = Instant::now();
                 protocol::write_reply(back, &Reply::RoundAck(re.round))?;
-                // The switchover may come next: wait for it awake.
-                r.get_mut().get_mut().set_spin(SPIN_AFTER_ROUND);
+                // The switchover may come next: wait for it awake. Not with multifd: the main
+                // connection is quiet while pages flow on the channels, and a spinning main
+                // thread would take the CPU their threads need.
+                if mf.is_none() {
+                    r.get_mut().get_mut().set_spin(SPIN_AFTER_ROUND);
+                }
             }
             Item::Control { tag: TAG_SWITCHOVER, .. } => {
                 switch_at = Some(Instant::now());
@@ -192,6 +196,7 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
                 let setup: crate::multifd::Setup = protocol::decode(&body)?;
                 let chans = accept_channels(ctx, &setup)?;
                 mf = Some(crate::multifd::Receivers::start(chans, setup.compression, regions.clone(), back.try_clone_box()?)?);
+                r.get_mut().get_mut().set_spin(std::time::Duration::ZERO);
                 protocol::write_reply(back, &Reply::MultifdReady)?;
                 tracing::info!("multifd: {} channels, compression {}", setup.channels, setup.compression);
             }
