@@ -62,6 +62,10 @@ struct Args {
     /// Seconds a migration across a shaped link (`--only links`) gets before `migrate_cancel`.
     #[arg(long, default_value_t = 30)]
     links_budget: u64,
+    /// Which shaped-link cases (comma-separated): near1 (1 Gbit/s, guest at 100 MiB/s), max10
+    /// (10 Gbit/s, guest as fast as it can), above1 (1 Gbit/s, guest at 150 MiB/s). Default all.
+    #[arg(long, value_delimiter = ',')]
+    links_cases: Vec<String>,
     /// Where the results and charts go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
