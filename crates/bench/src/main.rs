@@ -598,7 +598,12 @@ fn main() {
 
     if a.only.iter().any(|o| o == "links") {
         let budget = Duration::from_secs(a.links_budget);
-        let rows = links::run_all(a.runs, &b, &sides, &dir, budget);
+        for l in &a.links_cases {
+            if !links::CASES.contains(&l.as_str()) {
+                fail(&format!("--links-cases {l}: one of {}", links::CASES.join(", ")));
+            }
+        }
+        let rows = links::run_all(a.runs, &b, &sides, &dir, budget, &a.links_cases);
         let md = links::markdown(&rows, budget);
         println!("{md}");
         let json = serde_json::to_string_pretty(&rows).unwrap_or_else(|e| fail(&e.to_string()));
