@@ -10,6 +10,7 @@ mod disk;
 mod forecast;
 mod links;
 mod migrate;
+mod nfsdisk;
 mod snapshot;
 mod storage;
 mod vm;
@@ -35,6 +36,8 @@ const SCENARIOS: &[&str] = &[
     "storage",
     // Only when asked for by name (needs root for network namespaces; ~15 min): see links.rs.
     "links",
+    // Only when asked for by name (root, nfs-ganesha): the disk on an NFS server, see nfsdisk.rs.
+    "nfs",
 ];
 
 #[derive(Parser, Debug)]
@@ -594,6 +597,10 @@ fn main() {
 
     if only("disk") {
         disk::run_all(a.runs, &b, &sides, &dir, &mut c, &mut metrics);
+    }
+
+    if a.only.iter().any(|o| o == "nfs") {
+        nfsdisk::run_all(a.runs, &b, &sides, &dir, &mut c, &mut metrics);
     }
 
     if a.only.iter().any(|o| o == "links") {

@@ -1,0 +1,109 @@
+//! Guest disk throughput with the image on an NFS server (`--only nfs`, issue 16): the same
+//! `diskbench` workloads as `disk.rs` (4 KiB random and 1 MiB sequential, read and write,
+//! queue depth 1), on a fully allocated qcow2 image exported by an nfs-ganesha the benchmark
+//! starts in a network namespace of its own (crate `nfs`, module `ganesha`), under Godwit
+//! (libnfs, NFSv3) and QEMU (its `nfs` block driver, NFSv3) with the same `nfs://` drive.
+//! Needs root and the Debian packages nfs-ganesha nfs-ganesha-vfs rpcbind libnfs13
+//! qemu-block-extra; the scenario is skipped with a note when the server cannot start.
+
+use crate::disk::{run, SPAN_MIB};
+use crate::vm::{BenchError, Bins, Res, Vmm};
+use crate::{order, Collect};
+use bench::results::Metric;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const OPS: &[&str] = &["randread4k", "randwrite4k", "seqread1m", "seqwrite1m"];
+
+/// A fully allocated qcow2 image of `SPAN_MIB` MiB of pseudo-random data in `export`.
+fn populate(bins: &Bins, export: &Path) -> Res<PathBuf> {
+    let raw = export.join("nfs-bench.raw");
+    let qcow = export.join("nfs-bench.qcow2");
+    let mut f = std::fs::File::create(&raw).map_err(|e| BenchError::Io(raw.display().to_string(), e))?;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..SPAN_MIB {
+        for w in chunk.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&chunk).map_err(|e| BenchError::Io(raw.display().to_string(), e))?;
+    }
+    drop(f);
+    let img = bins.qemu_img.clone().unwrap_or_else(|| bins.godwit_img.clone());
+    let out = Command::new(&img)
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow)
+        .output()
+        .map_err(|e| BenchError::Io(img.display().to_string(), e))?;
+    let _ = std::fs::remove_file(&raw);
+    if !out.status.success() {
+        return Err(BenchError::Failed(format!("convert: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(qcow)
+}
+
+/// Runs every workload `runs` times per VMM on the NFS image and appends the rows.
+pub fn run_all(runs: usize, bins: &Bins, sides: &[Vmm], dir: &Path, c: &mut Collect, metrics: &mut Vec<Metric>) {
+    let g = match nfs::ganesha::Ganesha::start(dir) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("[nfs] cannot start the NFS server: {e}");
+            c.notes.push(format!("nfs: skipped, cannot start the NFS server: {e}"));
+            return;
+        }
+    };
+    if let Err(e) = populate(bins, &g.export()) {
+        eprintln!("[nfs] cannot prepare the image: {e}");
+        c.notes.push(format!("nfs: cannot prepare the image: {e}"));
+        return;
+    }
+    // NFSv3 through the server's rpcbind: what QEMU's driver speaks, and libnfs's default.
+    let url = PathBuf::from(g.url("nfs-bench.qcow2", ""));
+    for &op in OPS {
+        let k = format!("nfs-qcow2-{op}-qd1");
+        for i in 0..runs {
+            for vmm in order(i, sides) {
+                eprint!("[nfs qcow2 {op} qd=1 {}/{runs}] {:<6} ", i + 1, vmm.name());
+                match run(bins, vmm, &url, "qcow2", "writeback", op, 1) {
+                    Ok(r) => {
+                        eprintln!("{:.0} IOPS, {:.1} MiB/s, {:.0} µs per request", r.iops, r.mibps, r.lat_us);
+                        c.add(&format!("{k}/iops"), vmm, r.iops);
+                        c.add(&format!("{k}/mibps"), vmm, r.mibps);
+                        c.add(&format!("{k}/lat"), vmm, r.lat_us);
+                    }
+                    Err(e) => {
+                        eprintln!("FAILED: {e}");
+                        c.failed(&k, vmm, &e);
+                    }
+                }
+            }
+        }
+        let scen = "disk on NFS: qcow2 over nfs:// (ganesha, NFSv3)".to_string();
+        let (mkey, unit) = if op.ends_with("4k") { ("iops", "IOPS") } else { ("mibps", "MiB/s") };
+        let mut m = c.metric(&k, mkey, &format!("{op} qd=1"), unit);
+        m.scenario = scen.clone();
+        metrics.push(m);
+        if op.ends_with("4k") {
+            let mut l = c.metric(&k, "lat", &format!("{op} qd=1 mean latency"), "µs");
+            l.scenario = scen;
+            metrics.push(l);
+        }
+    }
+    if let Some(qemu_img) = &bins.qemu_img {
+        match Command::new(qemu_img).args(["check"]).arg(&url).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => c.notes.push(format!("nfs: qemu-img check after the runs: {}", String::from_utf8_lossy(&o.stdout).trim())),
+            Err(e) => c.notes.push(format!("nfs: qemu-img check: {e}")),
+        }
+    }
+    c.notes.push(format!(
+        "nfs: the guest's diskbench, {} s per run over the first {SPAN_MIB} MiB of a populated qcow2 image on an \
+         nfs-ganesha in a network namespace (veth + bridge), NFSv3, cache=writeback, the same nfs:// drive for both VMMs",
+        crate::disk::SECS
+    ));
+}
