@@ -448,10 +448,12 @@ fn destination_killed_during_migration_phase() {
     let dir = tmpdir("stor-kill-mig");
     let (si, di) = images(&dir);
     let (nbd_port, mig_port) = (free_port(), free_port());
-    let mut dst = start(&dir, "dst", &di, &["-incoming", "defer"]);
+    // `-incoming tcp:` this time: the export works on a VM already listening for RAM.
+    let incoming = format!("tcp:127.0.0.1:{mig_port}");
+    let mut dst = start(&dir, "dst", &di, &["-incoming", &incoming]);
+    dst.vm.wait_stderr("waiting for an incoming migration", T);
     dst.qmp.ok("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": nbd_port.to_string()}}}));
     dst.qmp.ok("nbd-server-add", json!({"device": "drive-virtio-disk0", "writable": true}));
-    dst.qmp.ok("migrate-incoming", json!({"uri": format!("tcp:127.0.0.1:{mig_port}")}));
     let mut src = source(&dir, &si);
     src.qmp.ok(
         "drive-mirror",
