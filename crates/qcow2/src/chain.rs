@@ -197,6 +197,17 @@ impl Qcow2 {
             Some(f) => Some(f.parse::<ImageFormat>()?),
             None => None,
         };
+        // Another VM (or tool) reading it as a backing file keeps writers out, as in QEMU.
+        if crate::backing::in_use_as_backing(&path).unwrap_or(false) {
+            let r = Error::Locked(
+                path.display().to_string(),
+                "Failed to get \"write\" lock: the image is in use as a backing file".into(),
+            );
+            if !self.opts.no_backing {
+                self.open_backing_chain()?;
+            }
+            return Err(r);
+        }
         let mut base = crate::backend::open(&path, fmt, &OpenOptions { cache: self.opts.cache, ..Default::default() })
             .map_err(|e| Error::BackingOpen { name: name.clone(), path: path.display().to_string(), source: Box::new(e) })?;
         let size = self.h.size;

@@ -1,19 +1,44 @@
 //! # qcow2 — QEMU-compatible qcow2 images with internal snapshots and VM state
 //!
 //! A synchronous library for the qcow2 format as QEMU writes it (versions 2 and 3, cluster
-//! sizes 512 B – 2 MiB, refcount widths 1–64 bits, zero clusters, reading zlib-compressed
-//! clusters) with internal snapshots and the VM-state area used by `savevm`/`loadvm`. Images it
-//! writes pass `qemu-img check` and list identically in `qemu-img snapshot -l`.
+//! sizes 512 B – 2 MiB, refcount widths 1–64 bits, zero clusters, zlib- and zstd-compressed
+//! clusters, extended L2 entries with subclusters, backing chains) with internal snapshots and
+//! the VM-state area used by `savevm`/`loadvm`. Images it writes pass `qemu-img check` and
+//! list identically in `qemu-img snapshot -l`.
 //!
-//! Refused with [`Error::Unsupported`]: encryption, external data files, extended L2 entries,
-//! zstd compression, backing files. Images with the dirty bit (lazy refcounts) get their
-//! refcounts rebuilt when opened read-write; images marked corrupt open read-only only.
+//! Refused with [`Error::Unsupported`]: encryption, external data files, writing
+//! zlib-compressed clusters (zstd only; QEMU's 4 KiB deflate window is not available from
+//! flate2's default backend), backing files reached through a protocol (`nfs://` names need an
+//! [`backing::Opener`]). Images with the dirty bit (lazy refcounts) get their refcounts rebuilt
+//! when opened read-write; images marked corrupt open read-only only.
 //!
 //! ## Disks
 //! [`open`] probes the format by content and returns a [`BlockBackend`] (qcow2 or raw); the
 //! VMM's block device only uses that trait. [`BlockBackend::as_qcow2`] reaches the snapshot API.
 //! [`Qcow2::refresh`] re-reads all metadata (live-migration handover on shared storage: the
 //! source flushes and stops writing, the destination refreshes or opens anew).
+//!
+//! ## Backing chains
+//! An image with a backing file opens its chain (any depth up to
+//! [`backing::MAX_CHAIN_DEPTH`], qcow2 or raw layers; relative names resolve against the
+//! directory of the image naming them; `backing_fmt` or probing picks the format). Backing
+//! images are read-only and hold QEMU's shared locks ("consistent read", "write not shared"),
+//! so a second VM over the same base works while a writer of the base is refused — and we
+//! refuse a base someone is writing. Unallocated clusters read through to the backing image
+//! (zeros past its end); partial writes copy the rest of the cluster (or subcluster) up into the
+//! top layer. Loops, missing files and absurd depths are [`Error::BackingLoop`],
+//! [`Error::BackingOpen`] and [`Error::BackingTooDeep`]. Internal snapshots and the VM state
+//! live in the top image. [`Qcow2::chain_map`] is `qemu-img map` with layer depths;
+//! [`Qcow2::commit_to_backing`], [`Qcow2::rebase`] and [`Qcow2::set_backing`] are `qemu-img
+//! commit` / `rebase` / `rebase -u`. [`OpenOptions::no_backing`] opens the top layer alone.
+//!
+//! ## Copying only the top layer (`sync: top`, `--copy-storage-inc`)
+//! [`Qcow2::top_allocation`]`(off, len)` splits a guest range into runs
+//! `(start, length, allocated_in_top)`: a run is allocated in the top layer when this image
+//! itself holds data or zeros for it (normal, zero, compressed clusters; with extended L2,
+//! per subcluster), i.e. exactly what must be copied when the destination already has the
+//! backing chain; the other runs read from the backing files. [`Qcow2::is_allocated_top`] is
+//! the yes/no form for one range.
 //!
 //! ## savevm / loadvm
 //! Follows QEMU's order:

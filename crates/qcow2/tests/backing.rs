@@ -340,3 +340,29 @@ fn top_allocation_reports_only_what_the_top_layer_holds() {
     assert!(q.is_allocated_top(0, 1000).unwrap());
     assert!(!q.is_allocated_top(4 * MIB, 65536).unwrap());
 }
+
+#[test]
+fn commit_into_a_base_another_overlay_uses_is_refused() {
+    let dir = Scratch::new("commit-lock");
+    let base = dir.path("base.qcow2");
+    ok("qemu-img", &["create", "-f", "qcow2", p(&base), "1M"]);
+    let t1 = dir.path("t1.qcow2");
+    let t2 = dir.path("t2.qcow2");
+    for t in [&t1, &t2] {
+        ok("qemu-img", &["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", p(t)]);
+    }
+    let _other = Qcow2::open(&t2, &ro()).unwrap();
+    let mut q = Qcow2::open(&t1, &OpenOptions::default()).unwrap();
+    q.write_at(0, &[1u8; 512]).unwrap();
+    let e = q.commit_to_backing(false).expect_err("base in use by another overlay");
+    assert!(matches!(e, Error::Locked(..)), "{e}");
+    // Still usable, chain reopened.
+    let mut b = [0u8; 512];
+    q.read_at(0, &mut b).unwrap();
+    assert_eq!(b, [1u8; 512]);
+    drop(_other);
+    q.commit_to_backing(false).expect("commit once the base is free");
+    drop(q);
+    let v = qemu_raw(&base, None, &dir);
+    assert!(v[..512].iter().all(|&x| x == 1));
+}
