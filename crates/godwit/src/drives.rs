@@ -327,13 +327,18 @@ impl SharedDisk {
         if !self.writes() {
             return Ok(());
         }
-        let old = self.backend().take();
-        if let Some(mut b) = old {
+        let mut g = self.backend();
+        if let Some(b) = g.as_mut() {
+            // A failed flush or close (storage unreachable) keeps the image open and locked
+            // here: the handover fails and this side goes on with it (`reacquire` is a no-op)
+            // instead of losing its only handle to an image it may not be able to reopen.
             b.flush().map_err(|e| e.to_string())?;
             if let Some(q) = b.as_qcow2() {
                 q.close().map_err(|e| e.to_string())?;
             }
         }
+        g.take();
+        drop(g);
         self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
         Ok(())
     }

@@ -355,3 +355,80 @@ fn nfs_server_crash_with_werror_report_reaches_the_guest() {
     hmp.quit();
     assert_eq!(vm.wait_exit(T), Some(0));
 }
+
+/// The NFS server dies during a live migration (werror=stop, a 3 s retry window): the
+/// migration fails or completes, never are both sides running; when the server is back the
+/// side that holds the VM continues (`cont` if it stopped on the error), both ledgers verify
+/// and the image checks clean.
+#[test]
+fn nfs_server_crash_during_live_migration() {
+    require_kvm();
+    let mut g = server("migcrash");
+    create_image(&g.export().join("vm.qcow2"), "qcow2", "64M");
+    let url = g.url("vm.qcow2", "hard-timeout=3");
+    let a = g.add_host("a").unwrap();
+    let b = g.add_host("b").unwrap();
+    let (ans, bns) = (a.ns.clone().unwrap(), b.ns.clone().unwrap());
+    let drive = format!("file={url},format=qcow2,werror=stop,rerror=stop");
+    let append = "mode=dirty mib=64 rate=20 disk=on disk_mib=4 hb_ms=100 cpus=2";
+    let incoming = format!("tcp:{}:6666", b.addr);
+    let dir = tmpdir("nfs-migcrash");
+    let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let (smon, dmon) = (format!("unix:{},server,nowait", ssock.display()), format!("unix:{},server,nowait", dsock.display()));
+    let mut dst = in_ns(&bns, &["-m", "256", "-smp", "2", "-drive", &drive, "-incoming", &incoming, "-monitor", &dmon], append);
+    dst.wait_stderr("waiting for an incoming migration", T);
+    let mut src = in_ns(&ans, &["-m", "256", "-smp", "2", "-drive", &drive, "-monitor", &smon], append);
+    src.wait_for("GUEST READY", T);
+    let mut hmp = Hmp::connect(&ssock);
+    loop {
+        let hb = src.wait_for("HEARTBEAT", T);
+        if field(&hb, "disk").unwrap_or(0) > 64 {
+            break;
+        }
+    }
+    g.kill();
+    let out = hmp.cmd(&format!("migrate {incoming}"));
+    let info = hmp.wait_migration(T);
+    let completed = info.contains("Migration status: completed");
+    assert!(completed || info.contains("Migration status: failed"), "{out}\n{info}");
+    eprintln!("migration with the NFS server down: {}", if completed { "completed" } else { "failed" });
+    let mut dhmp = if completed { Some(Hmp::connect(&dsock)) } else { None };
+    // Never both sides running.
+    let s_status = hmp.cmd("info status");
+    if completed {
+        assert!(s_status.contains("postmigrate"), "source after a completed migration: {s_status}");
+    } else {
+        assert!(!s_status.contains("postmigrate"), "{s_status}");
+        dst.collect_for(Duration::from_millis(300));
+        assert!(!dst.seen.iter().any(|l| l.starts_with("HEARTBEAT")), "the destination ran after a failed migration");
+    }
+    g.restart().unwrap();
+    let (vm, mon) = if completed { (&mut dst, dhmp.as_mut().unwrap()) } else { (&mut src, &mut hmp) };
+    // The side that holds the VM: stopped on the error (cont retries) or running.
+    let st = mon.cmd("info status");
+    if st.contains("io-error") {
+        assert_eq!(mon.cmd("cont").trim(), "");
+    } else {
+        assert!(st.contains("running"), "{st}");
+    }
+    let mut w0 = 0;
+    for _ in 0..5 {
+        w0 = w0.max(field(&vm.wait_for("HEARTBEAT", T), "disk").unwrap_or(0));
+    }
+    loop {
+        if field(&vm.wait_for("HEARTBEAT", T), "disk").unwrap_or(0) > w0 {
+            break;
+        }
+    }
+    vm.send(b"v");
+    vm.wait_for("LEDGER OK", T);
+    vm.wait_for("DISK OK", T);
+    mon.quit();
+    assert_eq!(vm.wait_exit(T), Some(0));
+    hmp.quit();
+    drop(dst);
+    drop(src);
+    let (okc, check) = qemu_img(&["check", "--output=json", &g.url("vm.qcow2", "")]);
+    assert!(okc, "qemu-img check: {check}");
+    assert!(json(&check).get("corruptions").is_none(), "{check}");
+}
