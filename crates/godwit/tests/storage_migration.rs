@@ -125,6 +125,11 @@ fn drive_args(image: &Path) -> Vec<String> {
 }
 
 fn start(dir: &Path, name: &str, image: &Path, extra: &[&str]) -> Host {
+    start_in(None, dir, name, image, extra)
+}
+
+/// Starts godwit, inside network namespace `ns` when given.
+fn start_in(ns: Option<&str>, dir: &Path, name: &str, image: &Path, extra: &[&str]) -> Host {
     let qmp_path = dir.join(format!("{name}.qmp"));
     let hmp_path = dir.join(format!("{name}.hmp"));
     let mut args: Vec<String> = vec!["-m".into(), "256".into()];
@@ -133,7 +138,15 @@ fn start(dir: &Path, name: &str, image: &Path, extra: &[&str]) -> Host {
     args.extend(["-monitor".into(), format!("unix:{},server,nowait", hmp_path.display())]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let vm = Vm::guest(&refs, GUEST);
+    let vm = match ns {
+        None => Vm::guest(&refs, GUEST),
+        Some(ns) => {
+            let (g, godwit) = (guest_bin(), godwit_bin());
+            let mut full = vec!["netns", "exec", ns, godwit.to_str().unwrap(), "-kernel", g.to_str().unwrap(), "-append", GUEST];
+            full.extend_from_slice(&refs);
+            Vm::spawn_cmd("ip", &full)
+        }
+    };
     let qmp = Qmp::connect(&qmp_path);
     Host { vm, qmp, image: image.to_path_buf() }
 }
@@ -474,4 +487,87 @@ fn destination_killed_during_migration_phase() {
     src.vm.wait_for("LEDGER OK", T);
     let d = src.vm.wait_for("DISK ", T);
     assert!(d.starts_with("DISK OK"), "{d}");
+}
+
+/// Two namespaces joined by a veth pair (10.78.N.1 and .2), removed on drop.
+struct Hosts {
+    a: String,
+    b: String,
+    b_addr: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip").args(args).output().expect("iproute2 (ip) is needed for this test");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Hosts {
+    fn new() -> Hosts {
+        let pid = std::process::id();
+        let n = pid % 200 + 20;
+        let (a, b) = (format!("gw-stor-a-{pid}"), format!("gw-stor-b-{pid}"));
+        let (va, vb) = (format!("gsa{n}"), format!("gsb{n}"));
+        for ns in [&a, &b] {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).output();
+            ip(&["netns", "add", ns]);
+        }
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &a]);
+        ip(&["link", "set", &vb, "netns", &b]);
+        let b_addr = format!("10.78.{n}.2");
+        ip(&["-n", &a, "addr", "add", &format!("10.78.{n}.1/24"), "dev", &va]);
+        ip(&["-n", &b, "addr", "add", &format!("{b_addr}/24"), "dev", &vb]);
+        for (ns, dev) in [(&a, &va), (&b, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        Hosts { a, b, b_addr }
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Two "hosts" (network namespaces), each with its own local image in its own directory: the
+/// disk travels over NBD between them, then RAM; the source's image is left as it was.
+#[test]
+fn two_hosts_with_separate_local_disks() {
+    let hosts = Hosts::new();
+    let dir = tmpdir("stor-hosts");
+    let (ha, hb) = (dir.join("host-a"), dir.join("host-b"));
+    std::fs::create_dir_all(&ha).unwrap();
+    std::fs::create_dir_all(&hb).unwrap();
+    let (si, di) = (ha.join("vm.qcow2"), hb.join("vm.qcow2"));
+    create_image(&si, "qcow2", "64M");
+    create_image(&di, "qcow2", "64M");
+    let mut dst = start_in(Some(&hosts.b), &dir, "dst", &di, &["-incoming", "defer"]);
+    let b = hosts.b_addr.clone();
+    dst.qmp.ok("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": b, "port": "10809"}}}));
+    dst.qmp.ok("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "libvirt-1-format", "name": "vda", "writable": true}));
+    dst.qmp.ok("migrate-incoming", json!({"uri": format!("tcp:{b}:6666")}));
+    let mut src = start_in(Some(&hosts.a), &dir, "src", &si, &[]);
+    src.vm.wait_for("GUEST READY", T);
+    src.vm.wait_for("disk=", T);
+    src.qmp.ok(
+        "drive-mirror",
+        json!({"device": "libvirt-1-format", "job-id": "vda", "sync": "full", "mode": "existing", "format": "raw",
+               "target": format!("nbd://{b}:10809/vda")}),
+    );
+    src.qmp.wait_event("BLOCK_JOB_READY", |d| d["device"] == "vda");
+    src.qmp.ok("migrate", json!({"uri": format!("tcp:{b}:6666")}));
+    assert_eq!(src.qmp.wait_migration()["status"], "completed");
+    assert_eq!(src.qmp.status(), "postmigrate");
+    src.qmp.ok("block-job-cancel", json!({"device": "vda"}));
+    src.qmp.wait_event("BLOCK_JOB_COMPLETED", |d| d["device"] == "vda");
+    dst.qmp.ok("nbd-server-stop", json!({}));
+    check_destination(&mut dst);
+    src.qmp.ok("quit", json!({}));
+    let _ = src.vm.wait_exit(T);
+    let (code, out) = qemu_img_check(&si);
+    assert_eq!(code, 0, "source image: {out}");
 }
