@@ -134,7 +134,10 @@ impl NbdClient {
         msg.extend_from_slice(&d);
         s.write_all(&msg).ctx("sending NBD_OPT_GO")?;
         let (mut size, mut flags, mut max_block) = (None, 0u16, MAX_PAYLOAD);
-        loop {
+        for n in 0.. {
+            if n > 64 {
+                return Err(Error::Protocol("more than 64 replies to NBD_OPT_GO".into()));
+            }
             let mut h = [0u8; 20];
             s.read_exact(&mut h).ctx("reading an NBD option reply")?;
             let h = parse_option_reply_header(&h)?;
