@@ -9,6 +9,9 @@
 #   scripts/test.sh                 install what is missing, build, run all tests
 #   scripts/test.sh --no-install    only check: list what is missing, then build and test
 #   scripts/test.sh -- ARGS         extra arguments for `cargo test` (e.g. -p qcow2)
+#
+# After the workspace tests, the qemu-img differential tests (crates qcow2, godwit-img) run a
+# second time against the other QEMU generation, fetched privately (scripts/qemu-tools.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +21,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --no-install) install=0 ;;
     --) shift; cargo_args=("$@"); break ;;
-    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
     *) echo "scripts/test.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -88,3 +91,22 @@ echo "scripts/test.sh: qemu-img: $(qemu-img --version 2>/dev/null | head -1 || e
 
 cargo build --release --workspace
 cargo test --release --workspace "${cargo_args[@]}"
+
+# The qemu-img differential tests once more against the other QEMU generation (7.2 <-> the
+# newer one of bookworm-backports), from a private copy of Debian's qemu-utils unpacked under
+# target/ by scripts/qemu-tools.sh: nothing is installed or replaced. GODWIT_SECOND_QEMU=0
+# skips this step (and says so).
+if [ ${#cargo_args[@]} -eq 0 ]; then
+  if [ "${GODWIT_SECOND_QEMU:-1}" = 0 ]; then
+    echo "scripts/test.sh: GODWIT_SECOND_QEMU=0: the differential tests ran against one QEMU only" >&2
+  else
+    if qemu-img --version | head -1 | grep -q "version 7\.2"; then suite=bookworm-backports; else suite=bookworm; fi
+    env_lines=$(scripts/qemu-tools.sh "$suite" "target/qemu-$suite") \
+      || { echo "scripts/test.sh: could not fetch the $suite QEMU tools for the second differential run" >&2; exit 1; }
+    (
+      eval "$env_lines"
+      echo "scripts/test.sh: differential tests again, against $(qemu-img --version | head -1)" >&2
+      cargo test --release -p qcow2 -p godwit-img
+    )
+  fi
+fi
