@@ -43,6 +43,8 @@ impl Qcow2 {
         let mut g = off;
         // Pending contiguous host read: (buf pos, host offset, len).
         let mut pend: Option<(usize, u64, usize)> = None;
+        // Pending run of unallocated clusters read from the backing chain: (buf pos, len).
+        let mut back: Option<(usize, usize)> = None;
         for e in ents {
             let in_off = g % cs;
             let n = ((cs - in_off) as usize).min(buf.len() - pos);
@@ -50,7 +52,9 @@ impl Qcow2 {
                 Kind::Normal(h) => {
                     let host = h + in_off;
                     match &mut pend {
-                        Some((_, ph, pl)) if *ph + *pl as u64 == host => *pl += n,
+                        Some((pp, ph, pl)) if *pp + *pl == pos && *ph + *pl as u64 == host => {
+                            *pl += n
+                        }
                         _ => {
                             self.flush_pending(buf, pend.take())?;
                             pend = Some((pos, host, n));
@@ -62,10 +66,13 @@ impl Qcow2 {
                     let data = self.decompress(e, h, l)?;
                     buf[pos..pos + n].copy_from_slice(&data[in_off as usize..in_off as usize + n]);
                 }
-                Kind::Unalloc => {
-                    self.flush_pending(buf, pend.take())?;
-                    self.read_backing(g, &mut buf[pos..pos + n])?;
-                }
+                Kind::Unalloc => match &mut back {
+                    Some((bp, bl)) if *bp + *bl == pos => *bl += n,
+                    _ => {
+                        self.flush_back(off, buf, back.take())?;
+                        back = Some((pos, n));
+                    }
+                },
                 _ => {
                     self.flush_pending(buf, pend.take())?;
                     buf[pos..pos + n].fill(0);
@@ -74,7 +81,17 @@ impl Qcow2 {
             pos += n;
             g += n as u64;
         }
+        self.flush_back(off, buf, back)?;
         self.flush_pending(buf, pend)
+    }
+
+    /// Read a run of unallocated clusters (buffer position, length) from the backing chain;
+    /// `off` is the guest offset of `buf[0]`.
+    fn flush_back(&mut self, off: u64, buf: &mut [u8], b: Option<(usize, usize)>) -> Result<()> {
+        match b {
+            Some((pos, len)) => self.read_backing(off + pos as u64, &mut buf[pos..pos + len]),
+            None => Ok(()),
+        }
     }
 
     fn flush_pending(&self, buf: &mut [u8], p: Option<(usize, u64, usize)>) -> Result<()> {
