@@ -36,6 +36,9 @@ pub struct Machine {
     pub announce: Arc<Mutex<net::AnnounceParams>>,
     /// Migration capabilities the engine's parameters do not keep (`events`, inherent ones).
     pub caps: crate::capabilities::Caps,
+    /// A failed migration left the source fenced (paused, disks released) after the final
+    /// state was sent: `cont` must take the disks back first.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 fn status_of(s: Status) -> MigrationStatus {
@@ -105,6 +108,7 @@ impl Machine {
             incoming_started: std::sync::atomic::AtomicBool::new(false),
             announce: Arc::new(Mutex::new(net::AnnounceParams::default())),
             caps: Default::default(),
+            fenced: Default::default(),
         })
     }
 
@@ -164,6 +168,11 @@ impl Machine {
                     }
                     Err(e) => {
                         tracing::warn!("migration failed: {e}");
+                        if me.state.get() == RunState::FinishMigrate {
+                            // The sender's fence kept the guest paused (see sender::roll_back).
+                            me.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+                            me.state.force(RunState::Paused);
+                        }
                         if was_paused && me.state.get() == RunState::Running {
                             me.vm.pause();
                             me.state.force(RunState::Paused);
@@ -209,6 +218,18 @@ impl Backend for MachineBackend {
         let m = &self.0;
         m.state
             .update(|s| match s {
+                RunState::Paused if m.fenced.load(std::sync::atomic::Ordering::SeqCst) => {
+                    // After a fenced migration the disks were handed over: take them back, or
+                    // refuse while the destination holds them.
+                    for d in &m.disks {
+                        d.reacquire().map_err(|e| {
+                            CommandError::generic(format!("cannot resume: the disks are in use elsewhere ({e})"))
+                        })?;
+                    }
+                    m.fenced.store(false, std::sync::atomic::Ordering::SeqCst);
+                    m.vm.resume();
+                    Ok(RunState::Running)
+                }
                 RunState::Paused | RunState::Prelaunch | RunState::IoError => {
                     // Stopped on a disk error: the disks retry the requests they kept.
                     crate::ioerror::clear();

@@ -1,5 +1,7 @@
 //! Live-migration faults at the process level, through a TCP proxy the test controls: the link
-//! cut in the bulk phase, a corrupted byte in the stream. Each ends with the source running
+//! cut in the bulk phase, a corrupted byte in the stream (the source resumes by itself), and
+//! the destination killed after the final state left (the source fences itself, paused, until
+//! `cont`). Each ends with the source running
 //! with its ledger intact, the destination exiting non-zero without ever running the guest,
 //! and a clear error.
 
@@ -132,6 +134,17 @@ fn run_fault(name: &str, fault: Fault) {
     let out = hmp.cmd(&format!("migrate tcp:127.0.0.1:{pport}"));
     let info = hmp.wait_migration(T);
     assert!(info.contains("Migration status: failed"), "{out}\n{info}");
+    if let Fault::KillAtEnd(_) = fault {
+        // The whole final state left the source and no answer came back: the destination
+        // might be running the guest, so the source fences itself (stays paused) rather than
+        // risk two copies. Once the destination is known dead, `cont` resumes it.
+        assert!(info.contains("source stays paused"), "{info}");
+        assert!(hmp.cmd("info status").contains("paused"));
+        assert_eq!(dst.wait_exit(T), Some(-1), "killed by the test");
+        assert!(!dst.seen.iter().any(|l| l.contains("HEARTBEAT")));
+        let c = hmp.cmd("cont");
+        assert!(c.trim().is_empty(), "cont: {c}");
+    }
     assert!(hmp.cmd("info status").contains("running"));
     // The source's guest carries on with every page intact.
     let h1 = src.wait_for("HEARTBEAT", T);

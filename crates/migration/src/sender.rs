@@ -89,7 +89,7 @@ pub fn migrate(vm: &dyn MigratableVm, uri: &Uri, shared: &Shared, events: &dyn F
             return Err(e);
         }
     };
-    let mut run = Run { vm, shared, events, params, t0, paused: false, logging: false, tls };
+    let mut run = Run { vm, shared, events, params, t0, paused: false, logging: false, tls, state_sent: false };
     match run.go(uri) {
         Ok(()) => Ok(()),
         Err(e) => {
@@ -116,6 +116,9 @@ struct Run<'a> {
     paused: bool,
     logging: bool,
     tls: Option<crate::tls::TlsSetup>,
+    /// The final state (end marker included) was handed to the link: from here the
+    /// destination may run the guest, so only its explicit refusal lets the source resume.
+    state_sent: bool,
 }
 
 impl Run<'_> {
@@ -424,6 +427,7 @@ impl Run<'_> {
         // when both share a host, and a spinning source measured 1-2 ms worse there.
         replies.set_spin(Duration::ZERO);
         w.end()?;
+        self.state_sent = true;
         let t_sent = t_pause.elapsed();
         let running = match protocol::read_reply(replies)? {
             Reply::Running(r) => r,
@@ -464,7 +468,16 @@ impl Run<'_> {
         if self.logging {
             let _ = self.vm.set_dirty_logging(false);
         }
-        if self.paused {
+        if self.paused && self.state_sent && !matches!(e, MigrationError::Refused(_)) {
+            // The fence: the whole final state left, and no answer says the destination
+            // failed. It may be running the guest now, disk or no disk; resuming here could run
+            // it twice. Stay paused and say so: `cont` is the operator's call once the
+            // destination is known not to run.
+            msg = format!(
+                "{msg}; the final state was sent but the destination did not confirm: the source stays paused \
+                 so the guest cannot run twice ('cont' resumes it here if the destination is not running)"
+            );
+        } else if self.paused {
             match self.vm.after_failed_switchover() {
                 Ok(()) => self.vm.resume(),
                 Err(lock) => {
