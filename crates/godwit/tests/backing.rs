@@ -84,3 +84,49 @@ fn guest_on_an_overlay_savevm_and_loadvm() {
     assert_eq!(raw_of(&base, &dir.join("b2.raw")), base_before, "the base was modified");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn live_migration_of_a_guest_on_an_overlay_over_shared_storage() {
+    let dir = tmpdir("backing-live");
+    let base = dir.join("base.qcow2");
+    let top = dir.join("vm.qcow2");
+    create_image(&base, "qcow2", "32M");
+    sh("qemu-io", &["-f", "qcow2", "-c", "write -P 0x6e 20M 2M", base.to_str().unwrap()]);
+    let base_before = raw_of(&base, &dir.join("b0.raw"));
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
+    let append = "mode=dirty mib=32 rate=10 disk=on disk_mib=4 hb_ms=100 cpus=2";
+    let drive = format!("file={}", top.display());
+    let port = free_port();
+    let incoming = format!("tcp:127.0.0.1:{port}");
+    // Destination first (it only probes the overlay until the handover), then the source.
+    let mut dst = Vm::guest(&["-m", "256", "-smp", "2", "-drive", &drive, "-incoming", &incoming], append);
+    dst.wait_stderr("waiting for an incoming migration", T);
+    let sock = dir.join("src.sock");
+    let mon = format!("unix:{},server,nowait", sock.display());
+    let mut src = Vm::guest(&["-m", "256", "-smp", "2", "-drive", &drive, "-monitor", &mon], append);
+    src.wait_for("GUEST READY", T);
+    for _ in 0..5 {
+        src.wait_for("HEARTBEAT", T);
+    }
+    let mut hmp = Hmp::connect(&sock);
+    let out = hmp.cmd(&format!("migrate tcp:127.0.0.1:{port}"));
+    assert!(out.contains("completed"), "{out}");
+    let first = dst.wait_for("HEARTBEAT", T);
+    assert_seq_continues(&src.seen, &dst.seen, &first);
+    for _ in 0..5 {
+        dst.wait_for("HEARTBEAT", T);
+    }
+    dst.send(b"v");
+    dst.wait_for("LEDGER OK", T);
+    dst.wait_for("DISK OK", T);
+    hmp.quit();
+    let _ = src.wait_exit(T);
+    dst.send(b"q");
+    assert_eq!(dst.wait_exit(T), Some(0));
+    let (c, out) = qemu_img_check(&top);
+    assert_eq!(c, 0, "qemu-img check of the overlay after migration: {out}");
+    assert_eq!(raw_of(&base, &dir.join("b1.raw")), base_before, "the base was modified");
+    let flat = raw_of(&top, &dir.join("t.raw"));
+    assert_eq!(&flat[20 << 20..22 << 20], &base_before[20 << 20..22 << 20]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
