@@ -571,3 +571,64 @@ fn two_hosts_with_separate_local_disks() {
     let (code, out) = qemu_img_check(&si);
     assert_eq!(code, 0, "source image: {out}");
 }
+
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The mirror writing into QEMU's own NBD server (`qemu-nbd`), then `block-job-complete`:
+/// the drive pivots onto the target, and the running guest's disk ledger verifies against
+/// what it now reads over NBD from `qemu-nbd`.
+#[test]
+fn mirror_into_qemu_nbd_and_complete_pivots_the_drive() {
+    let dir = tmpdir("stor-qemu-nbd");
+    let (si, di) = images(&dir);
+    let port = free_port();
+    let qnbd = std::process::Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "-x", "vda", "-b", "127.0.0.1", "-p", &port.to_string(), "--persistent"])
+        .arg(&di)
+        .spawn()
+        .expect("qemu-nbd is needed for this test (Debian qemu-utils)");
+    let qnbd = Child(qnbd);
+    let mut src = source(&dir, &si);
+    let target = format!("nbd://127.0.0.1:{port}/vda");
+    let end = Instant::now() + T;
+    loop {
+        let r = src.qmp.cmd(
+            "drive-mirror",
+            json!({"device": "drive-virtio-disk0", "job-id": "p", "sync": "full", "mode": "existing", "format": "raw", "target": target}),
+        );
+        if r.get("return").is_some() {
+            break;
+        }
+        assert!(Instant::now() < end, "qemu-nbd never accepted: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    src.qmp.wait_event("BLOCK_JOB_READY", |d| d["device"] == "p");
+    let mut sh = hmp_of(&dir, "src");
+    let info = sh.cmd("info block");
+    assert!(info.contains("drive-virtio-disk0 (libvirt-1-format)"), "{info}");
+    let locked = |p: &Path| !std::process::Command::new("qemu-img").arg("info").arg(p).output().unwrap().status.success();
+    assert!(locked(&si), "the running VM holds its image's lock");
+    src.qmp.ok("block-job-complete", json!({"device": "p"}));
+    let done = src.qmp.wait_event("BLOCK_JOB_COMPLETED", |d| d["device"] == "p");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    // Pivoted: the source image is closed and unlocked, the drive now lives on qemu-nbd.
+    assert!(!locked(&si), "after the pivot the old image is released");
+    // The guest goes on writing, now into qemu-nbd, and its ledgers verify from there.
+    src.vm.wait_for("HEARTBEAT", T);
+    src.vm.wait_for("HEARTBEAT", T);
+    src.vm.send(b"v");
+    src.vm.wait_for("LEDGER OK", T);
+    let d = src.vm.wait_for("DISK ", T);
+    assert!(d.starts_with("DISK OK"), "{d}");
+    src.qmp.ok("quit", json!({}));
+    let _ = src.vm.wait_exit(T);
+    drop(qnbd);
+    let (code, out) = qemu_img_check(&di);
+    assert_eq!(code, 0, "qemu-nbd's image: {out}");
+}
