@@ -224,7 +224,20 @@ fn one(bins: &Bins, vmm: Vmm, link: &Link, gbit: u64, entropy: u64, rate: u64, m
 /// The link cases, by name (for `--links-cases`).
 pub const CASES: &[&str] = &["near1", "max10", "above1"];
 
-pub fn run_all(runs: usize, bins: &Bins, sides: &[Vmm], dir: &Path, budget: Duration, which: &[String]) -> Vec<Row> {
+/// Mode names for `--links-modes`.
+pub const MODES: &[&str] = &["plain", "multifd", "zstd", "tls"];
+
+fn mode_key(m: Mode) -> &'static str {
+    match m {
+        Mode::Plain => "plain",
+        Mode::Multifd => "multifd",
+        Mode::MultifdZstd => "zstd",
+        Mode::Tls => "tls",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run_all(runs: usize, bins: &Bins, sides: &[Vmm], dir: &Path, budget: Duration, which: &[String], modes_only: &[String]) -> Vec<Row> {
     let mut rows = Vec::new();
     // (link, guest rate, entropies, modes): near the link's rate on 1 Gbit/s (119 MiB/s); on
     // 10 Gbit/s as fast as the guest can under dirty logging on this host (~190 MiB/s, see
@@ -247,6 +260,9 @@ pub fn run_all(runs: usize, bins: &Bins, sides: &[Vmm], dir: &Path, budget: Dura
         }
         for &entropy in entropies {
             for &mode in modes {
+                if !modes_only.is_empty() && !modes_only.iter().any(|m| m == mode_key(mode)) {
+                    continue;
+                }
                 for i in 0..runs {
                     let order: Vec<Vmm> = if i % 2 == 0 { sides.to_vec() } else { sides.iter().rev().copied().collect() };
                     for vmm in order {

@@ -594,6 +594,9 @@ impl Channel for TlsChannel {
     fn link_error(&self) -> Option<String> {
         self.shared.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+    fn spin_helps(&self) -> bool {
+        false
+    }
 }
 
 const PUMP_BUF: usize = 256 * 1024;

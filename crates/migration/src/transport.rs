@@ -49,6 +49,11 @@ pub trait Channel: Read + Write + Send + AsRawFd {
     fn link_error(&self) -> Option<String> {
         None
     }
+    /// Whether busy-polling this channel can save a wakeup. Not for a TLS channel: its bytes
+    /// come from a pump thread, which a spinning reader would only take the CPU from.
+    fn spin_helps(&self) -> bool {
+        true
+    }
 }
 
 /// A reader that, when told to, busy-polls a quiet socket for a while before sleeping in the
@@ -78,9 +83,10 @@ impl SpinReader {
         }
     }
 
-    /// Spin up to `d` before blocking, for the following reads (ZERO: never spin).
+    /// Spin up to `d` before blocking, for the following reads (ZERO: never spin; channels
+    /// that gain nothing from it never spin).
     pub fn set_spin(&mut self, d: Duration) {
-        self.spin = d;
+        self.spin = if self.inner.spin_helps() { d } else { Duration::ZERO };
     }
 }
 
