@@ -69,6 +69,9 @@ struct Args {
     /// (10 Gbit/s, guest as fast as it can), above1 (1 Gbit/s, guest at 150 MiB/s). Default all.
     #[arg(long, value_delimiter = ',')]
     links_cases: Vec<String>,
+    /// Which modes (comma-separated): plain, multifd, zstd, tls. Default all.
+    #[arg(long, value_delimiter = ',')]
+    links_modes: Vec<String>,
     /// Where the results and charts go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -610,7 +613,12 @@ fn main() {
                 fail(&format!("--links-cases {l}: one of {}", links::CASES.join(", ")));
             }
         }
-        let rows = links::run_all(a.runs, &b, &sides, &dir, budget, &a.links_cases);
+        for m in &a.links_modes {
+            if !links::MODES.contains(&m.as_str()) {
+                fail(&format!("--links-modes {m}: one of {}", links::MODES.join(", ")));
+            }
+        }
+        let rows = links::run_all(a.runs, &b, &sides, &dir, budget, &a.links_cases, &a.links_modes);
         let md = links::markdown(&rows, budget);
         println!("{md}");
         let json = serde_json::to_string_pretty(&rows).unwrap_or_else(|e| fail(&e.to_string()));
