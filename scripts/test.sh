@@ -92,6 +92,13 @@ echo "scripts/test.sh: qemu-img: $(qemu-img --version 2>/dev/null | head -1 || e
 cargo build --release --workspace
 cargo test --release --workspace "${cargo_args[@]}"
 
+# The reliability campaign's quick run: 20 migrations under seeded faults (a fixed seed, so
+# the same faults every run); any invariant violation fails the tests.
+if [ ${#cargo_args[@]} -eq 0 ]; then
+  T=${CARGO_TARGET_DIR:-target}
+  "$T/release/godwit-chaos" --quick --strict --seed 20261204 --out "$T/chaos" --bin-dir "$T/release"
+fi
+
 # The qemu-img differential tests once more against the other QEMU generation (7.2 <-> the
 # newer one of bookworm-backports), from a private copy of Debian's qemu-utils unpacked under
 # target/ by scripts/qemu-tools.sh: nothing is installed or replaced. GODWIT_SECOND_QEMU=0
