@@ -51,6 +51,16 @@ pub fn create_backing(
     Ok(!unsafe_)
 }
 
+/// Writers are refused on an image another process reads as a backing file (QEMU's lock).
+pub fn refuse_if_backing(file: &str, read_only: bool) -> Result<(), CliError> {
+    if !read_only && qcow2::backing::in_use_as_backing(std::path::Path::new(file)).unwrap_or(false) {
+        return Err(CliError::Usage(format!(
+            "Could not open '{file}': Failed to get \"write\" lock\nIs another process using the image [{file}]?"
+        )));
+    }
+    Ok(())
+}
+
 pub fn commit(argv: &[String]) -> R {
     let a = parse(argv, &["-f", "-t", "-b", "-r"], &["-q", "-d", "-p"])?;
     let file = one_file(&a.pos)?;
@@ -61,6 +71,7 @@ pub fn commit(argv: &[String]) -> R {
             )));
         }
     }
+    refuse_if_backing(file, false)?;
     let mut img = Qcow2::open(file, &OpenOptions::default())
         .map_err(img_err(format!("Could not open '{file}'")))?;
     if img.backing_file().is_none() {
@@ -105,6 +116,7 @@ pub fn rebase(argv: &[String]) -> R {
         no_backing: unsafe_,
         ..Default::default()
     };
+    refuse_if_backing(file, false)?;
     let mut img = Qcow2::open(file, &opts).map_err(img_err(format!("Could not open '{file}'")))?;
     img.rebase(name, bf, unsafe_)
         .map_err(img_err(format!("Could not change the backing file to '{b}'")))?;

@@ -37,6 +37,7 @@ pub(crate) fn open_any(
     fmt: Option<ImageFormat>,
     read_only: bool,
 ) -> Result<Box<dyn BlockBackend>, CliError> {
+    crate::chain::refuse_if_backing(file, read_only)?;
     qcow2::open(
         file,
         fmt,
@@ -49,6 +50,7 @@ pub(crate) fn open_any(
 }
 
 pub(crate) fn open_qcow2(file: &str, read_only: bool) -> Result<Qcow2, CliError> {
+    crate::chain::refuse_if_backing(file, read_only)?;
     Qcow2::open(
         file,
         &OpenOptions {

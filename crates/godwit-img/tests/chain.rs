@@ -252,3 +252,46 @@ fn check_on_overlays_and_extended_l2_images_match_qemu_img() {
     let b = map_runs(&ours(&d.0, &["map", "--output=json", "ext.qcow2"]));
     assert_eq!(b, a);
 }
+
+#[test]
+fn writers_are_refused_on_a_base_a_running_qemu_reads() {
+    let d = Scratch::new("lock");
+    chain(&d.0, false);
+    // qemu-io keeps top.qcow2 open (so mid.qcow2 and base.qcow2 are its backing files).
+    let mut child = Command::new("qemu-io")
+        .current_dir(&d.0)
+        .args(["-f", "qcow2", "-c", "sleep 4000", "top.qcow2"])
+        .spawn()
+        .expect("qemu-io (Debian qemu-utils) is needed");
+    let mut locked = false;
+    for _ in 0..400 {
+        if qcow2::backing::in_use_as_backing(&d.path("mid.qcow2")).unwrap() {
+            locked = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let results: Vec<(String, bool, String)> = [
+        vec!["snapshot", "-c", "s1", "mid.qcow2"],
+        vec!["resize", "base.qcow2", "+1M"],
+        vec!["commit", "mid.qcow2"],
+        vec!["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2"],
+    ]
+    .iter()
+    .map(|a| {
+        let o = run_in(&d.0, G, a);
+        (a.join(" "), o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    })
+    .collect();
+    // qemu-img itself refuses the same.
+    let q = run_in(&d.0, "qemu-img", &["snapshot", "-c", "s1", "mid.qcow2"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(locked, "qemu-io's backing lock never showed");
+    assert!(!q.status.success(), "qemu-img agrees the base is in use");
+    for (cmd, ok, err) in results {
+        assert!(!ok && err.contains("lock"), "{cmd}: must be refused with a lock error, got {ok} {err}");
+    }
+    // Free again: writes work.
+    ours(&d.0, &["snapshot", "-c", "s1", "mid.qcow2"]);
+}
