@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs what the tests need when it is missing (Debian packages
 # with apt-get, the `qemu.qmp` Python package with pip), then builds the workspace and runs
-# every test. It never downgrades, upgrades or removes a package that is already there:
+# every test. It never downgrades or removes a package that is already there:
 # packages are installed only when absent, with `--no-remove` (apt aborts rather than remove
 # anything) and without `--allow-downgrades`. Whatever QEMU version the machine has (7.2 or
 # newer) is used as it is.
@@ -35,8 +35,8 @@ need_apt=()
 want_cmd() { have "$2" || need_apt+=("$1"); }
 want_pkg() { installed "$1" || need_apt+=("$1"); }
 want_cmd qemu-utils qemu-img            # qemu-img, qemu-io, qemu-nbd: the differential tests
-want_cmd qemu-system-x86 qemu-system-x86_64   # the same guest under QEMU (boot and bench tests)
-want_pkg qemu-block-extra               # QEMU's nfs:// driver
+want_cmd qemu-system-x86 qemu-system-x86_64   # the same guest under QEMU (boot and bench tests;
+want_pkg qemu-block-extra               # QEMU's nfs:// driver    a private copy if these conflict)
 want_cmd libnbd-bin nbdinfo             # nbdinfo / nbdcopy against our NBD server
 want_cmd acpica-tools iasl              # our ACPI tables disassembled by iasl
 want_cmd iproute2 ip                    # network namespaces, veth, bridges, tc
@@ -72,6 +72,27 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   else
     echo "scripts/test.sh: missing Debian packages (tests that need them will fail and say so): ${need_apt[*]}" >&2
   fi
+fi
+
+# QEMU's system emulator and block modules come in the same version as qemu-utils. When the
+# machine's qemu-utils is newer than what Debian 12 ships (backports), installing Debian 12's
+# qemu-system-x86 / qemu-block-extra would remove it, which --no-remove refuses: then a private
+# copy is used instead (scripts/qemu-tools.sh; nothing installed or replaced): QEMU 7.2's
+# system emulator appended to PATH (the machine's qemu-img stays first), and block modules of
+# the installed qemu-utils' own version through QEMU_MODULE_DIR.
+T=${CARGO_TARGET_DIR:-target}
+if [ $install = 1 ] && ! have qemu-system-x86_64; then
+  scripts/qemu-tools.sh --system bookworm "$T/qemu-bookworm" > /dev/null
+  export PATH="$PATH:$(cd "$T/qemu-bookworm/root/usr/bin" && pwd)"
+  echo "scripts/test.sh: qemu-system-x86_64: a private QEMU 7.2 from $T/qemu-bookworm" >&2
+fi
+if [ $install = 1 ] && ! installed qemu-block-extra; then
+  case "$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null)" in
+    *bpo12*) msuite=bookworm-backports ;;
+    *) msuite=bookworm ;;
+  esac
+  mod_env=$(scripts/qemu-tools.sh "$msuite" "$T/qemu-$msuite" | grep '^export QEMU_MODULE_DIR') \
+    && eval "$mod_env" && echo "scripts/test.sh: QEMU block modules (nfs://) from $QEMU_MODULE_DIR" >&2
 fi
 
 if ! python3 -c 'import qemu.qmp' 2>/dev/null; then

@@ -22,6 +22,8 @@
 mod vm;
 #[path = "chaos_proxy.rs"]
 mod proxy;
+#[path = "chaos_load.rs"]
+mod load;
 
 use clap::Parser;
 use proxy::{Direction, Fault, Mischief, Proxy};
@@ -54,6 +56,9 @@ struct Args {
     /// Exit non-zero when any case violated the invariant.
     #[arg(long)]
     strict: bool,
+    /// Instead of fault cases: the load run, K guests moved at once there and back.
+    #[arg(long)]
+    load: Option<usize>,
 }
 
 /// splitmix64: a small, well-known generator, so a seed replays a case exactly.
@@ -131,6 +136,20 @@ fn main() {
         std::process::exit(2);
     }
     let _ = std::fs::create_dir_all(&args.out);
+    if let Some(k) = args.load {
+        match load::run(&bins, k) {
+            Ok(report) => {
+                println!("{report}");
+                let _ = std::fs::write(args.out.join("chaos-load.md"), &report);
+                let all_ok = report.matches(&format!("| {k}/{k} |")).count() == 2;
+                std::process::exit(if all_ok { 0 } else { 1 });
+            }
+            Err(e) => {
+                eprintln!("godwit-chaos --load {k}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     println!("godwit-chaos: {} cases, first seed {seed0} (replay one: --seed S --cases 1)", args.cases);
     let mut cases = Vec::new();
     for i in 0..args.cases {
