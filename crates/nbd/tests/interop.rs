@@ -421,3 +421,34 @@ fn random_client_bytes_never_panic_the_server() {
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a server thread panicked");
     srv.stop();
 }
+
+/// QEMU's NBD client writing into our export: `qemu-img convert -n` of a sparse qcow2 image
+/// (data, zero clusters and holes, so it sends writes and zero requests), then
+/// `qemu-img compare` of the export against the source.
+#[test]
+fn qemu_img_convert_into_our_export() {
+    let src = tmp("into-src.qcow2");
+    let mut q = Qcow2::create(&src, &CreateOptions { size: 16 * MIB, ..Default::default() }).unwrap();
+    q.write_at(0, &pattern(300_000, 11)).unwrap();
+    q.write_at(9 * MIB, &pattern(2 * MIB as usize, 12)).unwrap();
+    q.write_zeroes(9 * MIB + 65536, 131072).unwrap();
+    q.flush().unwrap();
+    drop(q);
+    // The target starts full of junk, so holes must really be zeroed.
+    let mut dst = RawImage::create(tmp("into-dst.raw"), 16 * MIB).unwrap();
+    dst.write_at(0, &vec![0xa5; 16 * MIB as usize]).unwrap();
+    let (srv, uri) = serve("in", shared(dst), true);
+    run({
+        let mut c = tool("qemu-img", "qemu-utils");
+        c.args(["convert", "-n", "-f", "qcow2", "-O", "raw"]).arg(&src).arg(&uri);
+        c
+    });
+    run({
+        let mut c = tool("qemu-img", "qemu-utils");
+        c.args(["compare", "-f", "qcow2", "-F", "raw"]).arg(&src).arg(&uri);
+        c
+    });
+    srv.stop();
+    let got = std::fs::read(tmp("into-dst.raw")).unwrap();
+    assert!(got[12 * MIB as usize..].iter().all(|&b| b == 0), "a hole was left with junk");
+}
