@@ -416,6 +416,23 @@ fn gone() -> qcow2::Error {
     }
 }
 
+impl DiskHandle {
+    /// The open image for a guest request. An image this side let go of (a migration
+    /// handover that then failed, with the storage unreachable when it tried to take the image
+    /// back) is reopened here, so once the storage is back the guest's retried request (error
+    /// policy `stop`, then `cont`) finds its disk; the image lock (NFSv4 or OFD) refuses this
+    /// if another process holds the image.
+    fn io(&self) -> qcow2::Result<MutexGuard<'_, Option<Box<dyn BlockBackend>>>> {
+        if self.0.backend().is_none() {
+            self.0.reacquire().map_err(|e| qcow2::Error::Io {
+                context: "reopening the disk image",
+                source: std::io::Error::other(e),
+            })?;
+        }
+        Ok(self.0.backend())
+    }
+}
+
 impl BlockBackend for DiskHandle {
     fn format(&self) -> ImageFormat {
         self.0.format
@@ -427,10 +444,10 @@ impl BlockBackend for DiskHandle {
         !self.0.writes() && !self.0.spec.snapshot
     }
     fn read_at(&mut self, off: u64, buf: &mut [u8]) -> qcow2::Result<()> {
-        self.0.backend().as_mut().ok_or_else(gone)?.read_at(off, buf)
+        self.io()?.as_mut().ok_or_else(gone)?.read_at(off, buf)
     }
     fn write_at(&mut self, off: u64, buf: &[u8]) -> qcow2::Result<()> {
-        let mut g = self.0.backend();
+        let mut g = self.io()?;
         let b = g.as_mut().ok_or_else(gone)?;
         b.write_at(off, buf)?;
         if let Some(m) = self.0.mirror() {
@@ -448,7 +465,7 @@ impl BlockBackend for DiskHandle {
         }
     }
     fn discard(&mut self, off: u64, len: u64) -> qcow2::Result<()> {
-        let mut g = self.0.backend();
+        let mut g = self.io()?;
         let b = g.as_mut().ok_or_else(gone)?;
         b.discard(off, len)?;
         if let Some(m) = self.0.mirror() {
@@ -457,7 +474,7 @@ impl BlockBackend for DiskHandle {
         Ok(())
     }
     fn write_zeroes(&mut self, off: u64, len: u64) -> qcow2::Result<()> {
-        let mut g = self.0.backend();
+        let mut g = self.io()?;
         let b = g.as_mut().ok_or_else(gone)?;
         b.write_zeroes(off, len)?;
         if let Some(m) = self.0.mirror() {
@@ -576,6 +593,30 @@ mod tests {
         assert_eq!(v[1].file, PathBuf::from("b.qcow2"));
         assert!(resolve(&[], &["virtio-blk-device,drive=nope".into()]).is_err());
         assert!(resolve(&[], &["e1000".into()]).is_err());
+    }
+
+    /// A disk released for a handover that then failed reopens on the guest's next request,
+    /// unless another process took the image meanwhile (the lock refuses).
+    #[test]
+    fn released_disk_reopens_on_guest_io_unless_taken() {
+        let p = std::env::temp_dir().join(format!("reopen-{}.raw", std::process::id()));
+        drop(qcow2::RawImage::create(&p, 1 << 20).unwrap());
+        let spec = parse_drive(&format!("file={},format=raw", p.display())).unwrap();
+        let a = SharedDisk::open(&spec, false).unwrap();
+        let mut dev = a.device_backend();
+        dev.write_at(0, &[1u8; 512]).unwrap();
+        a.release().unwrap();
+        assert!(a.backend().is_none());
+        dev.write_at(512, &[2u8; 512]).unwrap();
+        assert!(a.backend().is_some(), "reopened by the guest's write");
+        a.release().unwrap();
+        let b = SharedDisk::open(&spec, false).unwrap();
+        let e = dev.write_at(0, &[3u8; 512]).unwrap_err().to_string();
+        assert!(e.contains("lock"), "{e}");
+        drop(b);
+        let data = std::fs::read(&p).unwrap();
+        assert!(data[..512].iter().all(|&x| x == 1) && data[512..1024].iter().all(|&x| x == 2));
+        let _ = std::fs::remove_file(&p);
     }
 
     #[test]
