@@ -5,8 +5,9 @@
 //! four ways: plain pre-copy, multifd ×4, multifd ×4 + zstd (level 1), and TLS (x509, peers
 //! verified, certificates made here with rcgen). Reported per run: converged (within the
 //! budget, else `migrate_cancel`), total time, downtime, bytes on the wire (each VMM's
-//! `transferred ram`), CPU seconds of the source and destination processes (utime + stime from
-//! /proc over the migration), and `LEDGER OK` on the destination.
+//! `transferred ram`), CPU seconds of the source and destination VMMs over the migration (utime
+//! + stime of every thread but the guest's vCPU threads, from /proc), and `LEDGER OK` on the
+//! destination.
 //!
 //! Both VMMs get: `downtime-limit 30`, `max-bandwidth` unlimited, and for multifd the
 //! capability and `multifd-channels 4` (+ `multifd-compression zstd`) on both sides; QEMU's
@@ -63,18 +64,36 @@ pub struct Row {
     pub error: Option<String>,
 }
 
-/// utime + stime of a process, seconds.
+/// utime + stime (fields 14, 15) of a `/proc/.../stat` line, in ticks, and the name in it.
+fn stat_ticks(s: &str) -> Option<(&str, f64)> {
+    // The name is between the first '(' and the last ')' (it may hold spaces).
+    let (open, close) = (s.find('(')?, s.rfind(')')?);
+    let f: Vec<&str> = s.get(close + 1..)?.split_whitespace().collect();
+    let u: f64 = f.get(11)?.parse().ok()?;
+    let k: f64 = f.get(12)?.parse().ok()?;
+    Some((s.get(open + 1..close)?, u + k))
+}
+
+/// CPU seconds the VMM process spent, leaving out the guest's vCPU threads (Godwit's `vcpuN`,
+/// QEMU's `CPU N/KVM`): the process's total (which keeps the time of threads that ended, such
+/// as multifd or TLS threads) minus the vCPU threads' own.
 fn cpu_s(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    match (f.get(11).and_then(|v| v.parse::<f64>().ok()), f.get(12).and_then(|v| v.parse::<f64>().ok())) {
-        (Some(u), Some(k)) => (u + k) / hz,
-        _ => f64::NAN,
+    let Some(total) = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().as_deref().and_then(stat_ticks).map(|(_, t)| t) else {
+        return f64::NAN;
+    };
+    let mut vcpus = 0.0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Some((name, ticks)) = std::fs::read_to_string(t.path().join("stat")).ok().as_deref().and_then(stat_ticks) {
+                if name.starts_with("vcpu") || name.starts_with("CPU ") {
+                    vcpus += ticks;
+                }
+            }
+        }
     }
+    (total - vcpus) / hz
 }
 
 /// QEMU's x509 layout for a server (`srv`) and a client (`cli`) under `dir`.
