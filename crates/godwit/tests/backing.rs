@@ -1,6 +1,8 @@
 //! The test guest on a qcow2 overlay made by `qemu-img create -b base.qcow2 -F qcow2`: disk
-//! ledger `DISK OK`, savevm into the overlay (the top image), `-loadvm` from it with `DISK OK`
-//! again, `qemu-img check` clean, the base untouched and locked against writers meanwhile.
+//! ledger `DISK OK`, savevm into the overlay (the top image), cold migration of the overlay to
+//! another directory holding the base, `-loadvm` there with `DISK OK` again, `qemu-img check`
+//! clean, the base untouched and locked against writers meanwhile; and a live migration of a
+//! guest on an overlay over shared storage.
 
 mod common;
 use common::*;
@@ -70,7 +72,13 @@ fn guest_on_an_overlay_savevm_and_loadvm() {
     let (written, _) = check_dump(&flat, 8192);
     assert!(written > 0, "the guest's ledger sectors are in the overlay");
 
-    // Cold start from the snapshot in the overlay.
+    // Cold migration: the overlay moves to "another host" where the base already exists at
+    // the same (relative) place; start there from the snapshot in the overlay.
+    let host2 = dir.join("host2");
+    std::fs::create_dir_all(&host2).unwrap();
+    std::fs::copy(&base, host2.join("base.qcow2")).unwrap();
+    std::fs::copy(&top, host2.join("vm.qcow2")).unwrap();
+    let (base, top) = (host2.join("base.qcow2"), host2.join("vm.qcow2"));
     let (mut vm2, mut hmp2) = start(&top, &dir.join("m2.sock"), &["-loadvm", "snap1"]);
     vm2.wait_for("HEARTBEAT", T);
     assert!(!vm2.seen.iter().any(|l| l.contains("GUEST READY")), "the guest must not boot again");
