@@ -85,6 +85,14 @@ fn nfs_disk_ledger_savevm_and_loadvm_on_another_host() {
         &["netns", "exec", &bns, img.to_str().unwrap(), "snapshot", "-c", "intruder", &url],
     );
     assert!(!okw && out.contains("lock"), "a second writer must be refused: {out}");
+    // ... and so is a second Godwit there, before its guest runs.
+    let (guest, godwit) = (guest_bin(), godwit_bin());
+    let (okw, out) = tool(
+        std::path::Path::new("ip"),
+        &["netns", "exec", &bns, godwit.to_str().unwrap(), "-m", "256", "-kernel", guest.to_str().unwrap(), "-drive", &drive,
+          "-device", "virtio-blk-device,drive=disk0", "-serial", "none"],
+    );
+    assert!(!okw && out.contains("Failed to get \"write\" lock"), "a second Godwit must be refused: {out}");
     vm.collect_for(Duration::from_millis(200));
     let before_save = seqs(&vm.seen).into_iter().max().unwrap();
     assert_eq!(hmp.cmd("savevm tag1").trim(), "", "savevm on the NFS image");
