@@ -122,33 +122,39 @@ impl Mirror {
     /// Called by the drive after each successful guest write/zero/discard of the source,
     /// with the drive's I/O lock held and `src` the source backend.
     pub fn on_write(&self, src: &mut dyn BlockBackend, off: u64, kind: WriteKind<'_>) {
-        let mut st = lock(&self.0.state);
-        match st.mode {
-            Mode::Detached => {}
-            Mode::Tracking => {
-                let len = match kind {
-                    WriteKind::Data(d) => d.len() as u64,
-                    WriteKind::Zeroes(l) | WriteKind::Discard(l) => l,
-                };
-                st.dirty.set_range(off, len);
-            }
-            Mode::WriteThrough => {
-                let res = {
-                    let mut t = lock(&self.0.target);
-                    match kind {
-                        WriteKind::Data(d) => t.write(off, d),
-                        WriteKind::Zeroes(l) => t.zero(off, l),
-                        // What a discarded range reads as is the source's business: copy it.
-                        WriteKind::Discard(l) => copy_range(src, &mut **t, off, l),
-                    }
-                    .and_then(|()| t.drain())
-                };
-                if let Err(e) = res {
-                    st.error = Some(format!("writing to the mirror target: {e}"));
-                    st.mode = Mode::Detached;
-                    self.0.wake.notify_all();
+        {
+            let mut st = lock(&self.0.state);
+            match st.mode {
+                Mode::Detached => return,
+                Mode::Tracking => {
+                    let len = match kind {
+                        WriteKind::Data(d) => d.len() as u64,
+                        WriteKind::Zeroes(l) | WriteKind::Discard(l) => l,
+                    };
+                    st.dirty.set_range(off, len);
+                    return;
                 }
+                Mode::WriteThrough => {}
             }
+        }
+        // Write-through. The state lock is not held during the target I/O (queries stay
+        // responsive); the drive's I/O lock, held by our caller, keeps guest writes and the
+        // mode switches of `run` in order.
+        let res = {
+            let mut t = lock(&self.0.target);
+            match kind {
+                WriteKind::Data(d) => t.write(off, d),
+                WriteKind::Zeroes(l) => t.zero(off, l),
+                // What a discarded range reads as is the source's business: copy it.
+                WriteKind::Discard(l) => copy_range(src, &mut **t, off, l),
+            }
+            .and_then(|()| t.drain())
+        };
+        if let Err(e) = res {
+            let mut st = lock(&self.0.state);
+            st.error = Some(format!("writing to the mirror target: {e}"));
+            st.mode = Mode::Detached;
+            self.0.wake.notify_all();
         }
     }
 
