@@ -27,6 +27,7 @@ pub mod hmp;
 pub mod jobs;
 pub mod migration;
 pub mod mock;
+pub mod probe;
 mod monitor;
 pub mod mux;
 pub mod qmp;

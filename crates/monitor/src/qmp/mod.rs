@@ -141,15 +141,11 @@ impl QmpSession {
             "qmp_capabilities" => self.qmp_capabilities(args),
             "query-commands" => {
                 commands::Args::new(args).finish()?;
-                Ok(Value::Array(
-                    commands::QMP_COMMANDS
-                        .iter()
-                        .chain(crate::block::QMP_COMMANDS)
-                        .map(|c| json!({ "name": c }))
-                        .collect(),
-                ))
+                Ok(Value::Array(crate::probe::all_commands().map(|c| json!({ "name": c })).collect()))
             }
             "human-monitor-command" => self.human_monitor_command(args),
+            _ if crate::probe::PROBE_COMMANDS.contains(&name) => crate::probe::handle(name, args)
+                .unwrap_or_else(|| Err(CommandError::command_not_found(name))),
             _ => match commands::parse_vm_command(name, args)? {
                 Some(cmd) => self.monitor.execute(cmd).map(|r| r.to_json()),
                 None => Err(CommandError::command_not_found(name)),
