@@ -44,12 +44,14 @@ fn compression(q: &Qcow2) -> &'static str {
     }
 }
 
-/// (backing name, resolved path, format) of a qcow2 layer.
-fn backing_of(q: &Qcow2) -> Option<(String, String, Option<String>)> {
+/// (backing name, resolved path, format) of a qcow2 layer whose file name is `file`.
+fn backing_of(q: &Qcow2, file: &str) -> Option<(String, String, Option<String>)> {
     let name = q.backing_file()?.to_string();
     let full = match q.backing_path() {
         Some(p) => p.display().to_string(),
-        None => qcow2::backing::resolve_backing_name(&name, None).display().to_string(),
+        None => qcow2::backing::resolve_backing_name(&name, Some(std::path::Path::new(file)))
+            .display()
+            .to_string(),
     };
     Some((name, full, q.backing_format()))
 }
@@ -59,7 +61,7 @@ fn json_of(dev: &mut dyn BlockBackend, file: &str) -> Json {
     let fmt = dev.format();
     let q = dev.as_qcow2();
     let mut v = Vec::new();
-    let back = q.as_ref().and_then(|q| backing_of(q));
+    let back = q.as_ref().and_then(|q| backing_of(q, file));
     if let Some((_, _, Some(f))) = &back {
         v.push(("backing-filename-format", Json::Str(f.clone())));
     }
@@ -119,7 +121,7 @@ fn print_text(dev: &mut dyn BlockBackend, file: &str) {
         return;
     };
     println!("cluster_size: {}", q.cluster_size());
-    if let Some((name, full, fmt)) = backing_of(q) {
+    if let Some((name, full, fmt)) = backing_of(q, file) {
         if name == full {
             println!("backing file: {name}");
         } else {
@@ -168,7 +170,18 @@ pub fn info(argv: &[String]) -> R {
     let json = output_json(&a)?;
     let file = one_file(&a.pos)?;
     let chain = a.flag("--backing-chain");
-    let mut dev = open_any(file, fmt_arg(a.opt("-f"))?, true)?;
+    let fmt = fmt_arg(a.opt("-f"))?;
+    // Without --backing-chain, qemu-img info does not need the backing files to exist.
+    let mut dev = if chain || nfs::is_nfs_url(file) {
+        open_any(file, fmt, true)?
+    } else {
+        let opts = qcow2::OpenOptions {
+            read_only: true,
+            no_backing: true,
+            ..Default::default()
+        };
+        qcow2::open(file, fmt, &opts).map_err(img_err(format!("Could not open '{file}'")))?
+    };
     let mut layers: Vec<Json> = Vec::new();
     let mut cur: &mut dyn BlockBackend = dev.as_mut();
     let mut name = file.to_string();

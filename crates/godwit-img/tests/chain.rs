@@ -337,3 +337,19 @@ fn writers_are_refused_on_a_base_a_running_qemu_reads() {
     // Free again: writes work.
     ours(&d.0, &["snapshot", "-c", "s1", "mid.qcow2"]);
 }
+
+#[test]
+fn info_works_without_the_backing_file_like_qemu_img() {
+    let d = Scratch::new("nobacking");
+    qemu(&d.0, &["create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", "x.qcow2", "1M"]);
+    same_info(&d.0, &["x.qcow2"]);
+    for tool in ["qemu-img", G] {
+        assert!(!run_in(&d.0, tool, &["info", "--backing-chain", "x.qcow2"]).status.success(), "{tool}");
+        assert!(!run_in(&d.0, tool, &["map", "x.qcow2"]).status.success(), "{tool}");
+    }
+    // And a rebase -u repairs it.
+    qemu(&d.0, &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"]);
+    ours(&d.0, &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "x.qcow2"]);
+    qemu(&d.0, &["map", "x.qcow2"]);
+    same_info(&d.0, &["--backing-chain", "x.qcow2"]);
+}
