@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +24,9 @@ enum Fault {
     /// Forward everything but the stream's END record; once the source has sent it (it is
     /// paused and waiting for RUNNING), kill the destination process.
     KillAtEnd(u32),
+    /// Forward the whole stream, END included, but lose every reply after it (RUNNING): the
+    /// destination runs the guest and the source never hears of it.
+    LoseRunning,
 }
 
 /// Listens on a free port and forwards one connection to `to`, applying `fault`.
@@ -36,10 +39,26 @@ fn proxy(to: u16, fault: Fault) -> (u16, Arc<AtomicU64>) {
         let (mut a, _) = l.accept().unwrap();
         let mut b = TcpStream::connect(("127.0.0.1", to)).unwrap();
         let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-        // Replies flow back untouched.
+        // Replies flow back untouched, except after END with LoseRunning.
+        let end_passed = Arc::new(AtomicBool::new(false));
+        let end_seen = end_passed.clone();
         std::thread::spawn(move || {
-            let _ = std::io::copy(&mut b2, &mut a2);
+            let mut r = [0u8; 4096];
+            loop {
+                let n = match b2.read(&mut r) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if end_seen.load(Ordering::SeqCst) {
+                    let _ = a2.shutdown(std::net::Shutdown::Both);
+                    break;
+                }
+                if a2.write_all(&r[..n]).is_err() {
+                    break;
+                }
+            }
         });
+        let mut end_done = false;
         let mut buf = vec![0u8; 64 * 1024];
         let mut off = 0u64;
         let mut tail: Vec<u8> = Vec::new();
@@ -47,9 +66,10 @@ fn proxy(to: u16, fault: Fault) -> (u16, Arc<AtomicU64>) {
             let n = match a.read(&mut buf) {
                 Ok(0) => break,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
-                    // Quiet source: the held bytes were not an END record's start after all
-                    // (unless they are the whole END, which arrives in one write).
-                    if !tail.is_empty() && tail[0] != 0x0F {
+                    // Quiet source: the held bytes (at most 12, one less than an END record,
+                    // which is written in one piece) were not an END after all. Holding them
+                    // would stall a source that waits for an answer to them.
+                    if !tail.is_empty() {
                         let t = std::mem::take(&mut tail);
                         off += t.len() as u64;
                         if b.write_all(&t).is_err() {
@@ -61,7 +81,7 @@ fn proxy(to: u16, fault: Fault) -> (u16, Arc<AtomicU64>) {
                 Err(_) => break,
                 Ok(n) => n,
             };
-            if let Fault::KillAtEnd(pid) = fault {
+            if matches!(fault, Fault::KillAtEnd(_) | Fault::LoseRunning) && !end_done {
                 // Forward everything except an END record (tag 0x0F, then the count of bytes
                 // before it, then a CRC): when one arrives, the source is paused and waiting
                 // for RUNNING — kill the destination instead of letting it finish.
@@ -72,7 +92,18 @@ fn proxy(to: u16, fault: Fault) -> (u16, Arc<AtomicU64>) {
                     let before = off + (data.len() - 13) as u64;
                     t[0] == 0x0F && u64::from_le_bytes(t[1..9].try_into().unwrap()) == before
                 };
-                if is_end {
+                if is_end && matches!(fault, Fault::LoseRunning) {
+                    // The replies from here on are lost; the END itself goes through.
+                    end_passed.store(true, Ordering::SeqCst);
+                    if b.write_all(&data).is_err() {
+                        break;
+                    }
+                    off += data.len() as u64;
+                    end_done = true;
+                    a.set_read_timeout(None).ok();
+                    continue;
+                }
+                if let (true, Fault::KillAtEnd(pid)) = (is_end, fault) {
                     let keep = data.len() - 13;
                     let _ = b.write_all(&data[..keep]);
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -178,4 +209,41 @@ fn corrupted_byte_in_the_stream() {
 #[test]
 fn destination_killed_in_the_final_phase() {
     run_fault("killend", Fault::KillAtEnd(0));
+}
+
+/// The destination got everything and runs the guest, but its RUNNING answer is lost. With no
+/// disk (so no lock to stop a second writer) the source must still not resume: it fences
+/// itself, and exactly one copy runs. Found by thinking through the chaos campaign's
+/// reply-truncation faults; this is the named regression test for the fence.
+#[test]
+fn lost_running_answer_fences_the_source_without_a_disk() {
+    let dir = tmpdir("lose-running");
+    let sock = dir.join("src.sock");
+    let dport = free_port();
+    let append = "mode=dirty mib=32 rate=20 hb_ms=50 cpus=1";
+    let mut dst = Vm::guest(&["-m", "256", "-incoming", &format!("tcp:127.0.0.1:{dport}")], append);
+    dst.wait_stderr("waiting for an incoming migration", T);
+    let mon = format!("unix:{},server,nowait", sock.display());
+    let mut src = Vm::guest(&["-m", "256", "-monitor", &mon], append);
+    src.wait_for("GUEST READY", T);
+    let mut hmp = Hmp::connect(&sock);
+    src.wait_for("HEARTBEAT", T);
+    let (pport, _) = proxy(dport, Fault::LoseRunning);
+    hmp.cmd(&format!("migrate tcp:127.0.0.1:{pport}"));
+    let info = hmp.wait_migration(T);
+    assert!(info.contains("Migration status: failed") && info.contains("source stays paused"), "{info}");
+    assert!(hmp.cmd("info status").contains("paused"));
+    // The destination runs the guest with every page.
+    dst.wait_for("HEARTBEAT", T);
+    dst.send(b"v");
+    dst.wait_for("LEDGER OK", T);
+    // The source does not: once what it printed before the switchover is read, nothing new.
+    src.collect_for(Duration::from_millis(500));
+    let before = seqs(&src.seen).into_iter().max();
+    src.collect_for(Duration::from_millis(600));
+    let after = seqs(&src.seen).into_iter().max();
+    assert!(hmp.cmd("info status").contains("paused"));
+    assert_eq!(after, before, "the source ran again");
+    dst.send(b"q");
+    assert_eq!(dst.wait_exit(T), Some(0));
 }
