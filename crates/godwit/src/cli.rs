@@ -10,6 +10,8 @@ pub enum CliError {
     Unknown(String),
     #[error("option '{0}' needs an argument")]
     MissingArg(String),
+    #[error("{0}")]
+    Compat(String),
     #[error("invalid value for {opt}: '{value}': {reason}")]
     BadValue { opt: String, value: String, reason: String },
 }
@@ -55,6 +57,8 @@ pub struct Options {
     pub nets: Vec<String>,
     /// `-object SPEC` (TLS credentials for migration).
     pub objects: Vec<String>,
+    /// `-machine`, `-daemonize`, `-chardev`, `-mon`, `-no-shutdown` (see `compat.rs`).
+    pub compat: crate::compat::Compat,
 }
 
 impl Default for Options {
@@ -81,6 +85,7 @@ impl Default for Options {
             netdevs: Vec::new(),
             nets: Vec::new(),
             objects: Vec::new(),
+            compat: Default::default(),
         }
     }
 }
@@ -126,7 +131,12 @@ Godwit, a KVM virtual machine monitor for moving running VMs (QEMU-compatible op
   -object tls-creds-psk,id=ID,dir=DIR,endpoint=server|client[,username=NAME]
                        TLS credentials for migration (migrate_set_parameter tls-creds ID)
   IMAGE                a bare image path is the first disk (format probed)
-  -enable-kvm, -accel kvm, -machine/-M TYPE, -cpu host, -nodefaults, -no-user-config
+  -machine/-M microvm|none[,accel=kvm,usb=off,dump-guest-core=..,memory-backend=ID]
+                       none: no guest, monitors only (a management layer's probe)
+  -daemonize           fork; the parent exits once the monitors listen
+  -chardev socket,id=ID,path=PATH|fd=N,server=on,wait=off   -mon chardev=ID,mode=control
+                       a monitor on a socket bound here or inherited (libvirt)
+  -enable-kvm, -accel kvm, -cpu host, -nodefaults, -no-user-config
                        accepted for QEMU compatibility (KVM is the only accelerator)
   -h, --help           this text
   --version            version
@@ -194,7 +204,7 @@ fn parse_serial(v: &str) -> Result<SerialTarget, String> {
 }
 
 /// Options that take an argument and are accepted but ignored (QEMU compatibility).
-const IGNORED_WITH_ARG: &[&str] = &["-machine", "-M", "-cpu", "-accel", "-boot", "-display", "-vga", "-rtc"];
+const IGNORED_WITH_ARG: &[&str] = &["-cpu", "-accel", "-boot", "-display", "-vga", "-rtc"];
 const IGNORED_FLAGS: &[&str] = &["-enable-kvm", "-nodefaults", "-no-user-config", "-no-hpet", "-no-acpi"];
 
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, CliError> {
@@ -238,6 +248,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, CliErro
             "-netdev" => o.netdevs.push(arg("-netdev")?),
             "-net" => o.nets.push(arg("-net")?),
             "-object" => o.objects.push(arg("-object")?),
+            s if crate::compat::FLAGS.contains(&s) => o.compat.flag(s),
+            s if crate::compat::WITH_ARG.contains(&s) => {
+                let v = arg(s)?;
+                o.compat.apply(s, &v).map_err(|r| bad(&v, r))?;
+            }
             s if !s.starts_with('-') => o.drives.push(format!("file={s}")),
             s if IGNORED_FLAGS.contains(&s) => {}
             s if IGNORED_WITH_ARG.contains(&s) => {
@@ -249,6 +264,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, CliErro
             _ => return Err(CliError::Unknown(a)),
         }
     }
+    o.compat.check().map_err(CliError::Compat)?;
     Ok(o)
 }
 

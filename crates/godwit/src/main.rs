@@ -4,7 +4,9 @@
 
 mod capabilities;
 mod cli;
+mod compat;
 mod console;
+mod daemon;
 mod drives;
 mod forecast;
 mod incoming;
@@ -12,6 +14,7 @@ mod machine;
 mod monitors;
 mod ioerror;
 mod nics;
+mod nomachine;
 mod report;
 mod snapshots;
 mod storage;
@@ -49,8 +52,16 @@ fn main() -> ExitCode {
         println!("godwit {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
+    monitor::probe::set_cpu_max(vmm::MAX_VCPUS);
+    if opts.compat.machine_none {
+        return nomachine::run(&opts).unwrap_or_else(fail);
+    }
     let Some(kernel) = opts.kernel.clone() else {
         return fail("no kernel given (-kernel FILE)");
+    };
+    let ready = match opts.compat.daemonize.then(|| compat::daemonize_vm(&opts)).transpose() {
+        Ok(r) => r,
+        Err(e) => return fail(e),
     };
     if let Some(p) = &opts.pidfile {
         if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
@@ -138,6 +149,9 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    if let Some(r) = ready {
+        r.done();
+    }
     if let Some(tag) = &opts.loadvm {
         if let Err(e) = snapshots::load(&machine, tag) {
             return fail(format!("-loadvm {tag}: {}", e.desc));

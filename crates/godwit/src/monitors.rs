@@ -12,7 +12,7 @@ pub fn start(m: &Arc<Machine>, opts: &Options, out: &ConsoleOut) -> Result<Vec<M
     let backend: Arc<dyn Backend> = Arc::new(MachineBackend(m.clone()));
     let mon = Monitor::new(backend.clone(), m.events.clone());
     let mut servers = Vec::new();
-    let mut hmp_on_stdio = opts.monitors.is_empty();
+    let mut hmp_on_stdio = opts.monitors.is_empty() && opts.compat.mons.is_empty();
     for spec in &opts.monitors {
         let parsed = ChardevSpec::parse(spec).map_err(|e| format!("-monitor {spec}: {e}"))?;
         match parsed {
@@ -31,6 +31,7 @@ pub fn start(m: &Arc<Machine>, opts: &Options, out: &ConsoleOut) -> Result<Vec<M
                 .map_err(|e| format!("-qmp {spec}: {e}"))?,
         );
     }
+    servers.extend(crate::compat::start_mons(&mon, &opts.compat)?);
     if opts.serial == SerialTarget::Stdio || hmp_on_stdio {
         console::raw_terminal();
         let b = backend.clone();

@@ -273,6 +273,8 @@ pub struct MonitorServer {
     stop: Arc<AtomicBool>,
     clients: Clients,
     accept_thread: Option<JoinHandle<()>>,
+    /// Remove the unix socket file at shutdown (not for an inherited descriptor).
+    unlink: bool,
 }
 
 impl MonitorServer {
@@ -326,6 +328,45 @@ impl MonitorServer {
                 })
             }
         };
+        Self::serve(monitor, listener, addr, wait, protocol, opts, spec, true)
+    }
+
+    /// Serves `protocol` on a unix socket that is already listening: a descriptor inherited
+    /// from the parent process, as libvirt passes `-chardev socket,id=..,fd=N,server=on`. The
+    /// socket file belongs to whoever bound it and is left in place at shutdown.
+    pub fn from_unix_listener(
+        monitor: Arc<Monitor>,
+        listener: UnixListener,
+        protocol: Protocol,
+        opts: ServeOptions,
+    ) -> Result<MonitorServer, MonitorError> {
+        let path = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(PathBuf::from))
+            .ok_or_else(|| MonitorError::BadChardev {
+                spec: "fd".into(),
+                reason: "the inherited socket is not bound to a path".into(),
+            })?;
+        let spec = ChardevSpec::Unix { path: path.clone(), server: true, wait: false };
+        Self::serve(monitor, Listener::Unix(listener), ListenAddr::Unix(path), false, protocol, opts, &spec, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        monitor: Arc<Monitor>,
+        listener: Listener,
+        addr: ListenAddr,
+        wait: bool,
+        protocol: Protocol,
+        opts: ServeOptions,
+        spec: &ChardevSpec,
+        unlink: bool,
+    ) -> Result<MonitorServer, MonitorError> {
+        let listen_err = |source| MonitorError::Listen {
+            what: spec.to_string(),
+            source,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Clients = Arc::new(Mutex::new(HashMap::new()));
         let next_id = Arc::new(AtomicU64::new(0));
@@ -358,6 +399,7 @@ impl MonitorServer {
             stop,
             clients,
             accept_thread: Some(accept_thread),
+            unlink,
         })
     }
 
@@ -398,7 +440,7 @@ impl MonitorServer {
                 c.shutdown_conn();
             }
         }
-        if let ListenAddr::Unix(p) = &self.addr {
+        if let (ListenAddr::Unix(p), true) = (&self.addr, self.unlink) {
             let _ = std::fs::remove_file(p);
         }
     }
