@@ -248,6 +248,7 @@ pub fn map(argv: &[String]) -> R {
             .map(|e| {
                 let (present, zero, data, off) = match e.kind {
                     MapKind::Unallocated => (false, true, false, None),
+                    MapKind::UnallocatedAt(o) => (false, true, false, Some(o)),
                     MapKind::Zero(o) => (true, true, false, o),
                     MapKind::Data(o) => (true, false, true, Some(o)),
                     MapKind::DataHole(o) => (true, true, true, Some(o)),

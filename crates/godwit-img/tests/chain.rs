@@ -288,11 +288,27 @@ fn check_on_overlays_and_extended_l2_images_match_qemu_img() {
     let flat = d.path("ours.raw");
     ours(&d.0, &["convert", "-O", "raw", "ext.qcow2", s(&flat)]);
     assert!(std::fs::read(&flat).unwrap() == raw(&d.0, "ext.qcow2"), "contents through the chain");
-    // Map: same runs and depths (qemu-img also prints host offsets for unallocated subclusters of
-    // allocated clusters; the comparison leaves offsets out).
+    // Map: same runs and depths, and the same host offsets on unallocated subclusters of
+    // allocated clusters (qemu-img prints them).
     let a = map_runs(&qemu(&d.0, &["map", "--output=json", "ext.qcow2"]));
     let b = map_runs(&ours(&d.0, &["map", "--output=json", "ext.qcow2"]));
     assert_eq!(b, a);
+    let absent = |out: String| -> Vec<(u64, u64, u64, Option<u64>)> {
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["present"] == false)
+            .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["depth"].as_u64().unwrap(), e["offset"].as_u64()))
+            .collect()
+    };
+    assert_eq!(absent(ours(&d.0, &["map", "--output=json", "ext.qcow2"])), absent(qemu(&d.0, &["map", "--output=json", "ext.qcow2"])));
+    // Standalone, the unallocated subclusters of allocated clusters stay in the top layer.
+    qemu(&d.0, &["create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", "alone.qcow2", "4M"]);
+    ok(run_in(&d.0, "qemu-io", &["-f", "qcow2", "-c", "write -P 0x41 3000 100", "-c", "write -z 40000 2048", "-c", "write -P 0x42 1M 100000", "alone.qcow2"]));
+    let qa = absent(qemu(&d.0, &["map", "--output=json", "alone.qcow2"]));
+    assert!(qa.iter().any(|e| e.3.is_some()), "the image has unallocated subclusters in allocated clusters");
+    assert_eq!(absent(ours(&d.0, &["map", "--output=json", "alone.qcow2"])), qa);
 }
 
 #[test]

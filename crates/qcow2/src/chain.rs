@@ -29,7 +29,10 @@ pub struct ChainExtent {
 /// Host offset of a map kind (at the run's start).
 fn host(k: MapKind) -> Option<u64> {
     match k {
-        MapKind::Data(o) | MapKind::DataHole(o) | MapKind::Zero(Some(o)) => Some(o),
+        MapKind::Data(o)
+        | MapKind::DataHole(o)
+        | MapKind::Zero(Some(o))
+        | MapKind::UnallocatedAt(o) => Some(o),
         _ => None,
     }
 }
@@ -46,13 +49,14 @@ fn shifted(k: MapKind, d: u64) -> MapKind {
         MapKind::Data(o) => MapKind::Data(o + d),
         MapKind::DataHole(o) => MapKind::DataHole(o + d),
         MapKind::Zero(Some(o)) => MapKind::Zero(Some(o + d)),
+        MapKind::UnallocatedAt(o) => MapKind::UnallocatedAt(o + d),
         k => k,
     }
 }
 
 fn layer_map(img: &mut dyn BlockBackend) -> Result<Vec<MapEntry>> {
     match img.as_qcow2() {
-        Some(q) => q.map(),
+        Some(q) => q.map_detailed(),
         None => img.layer_map(),
     }
 }
@@ -83,17 +87,19 @@ fn map_layer(
             let m = map[j];
             let a = m.start.max(s);
             let z = (m.start + m.length).min(e);
-            if m.kind == MapKind::Unallocated {
+            if matches!(m.kind, MapKind::Unallocated | MapKind::UnallocatedAt(_)) {
                 match bsize {
                     Some(bs) => {
                         if a < bs {
                             down.push((a, z.min(bs)));
                         }
                         if z > bs {
-                            out.push(ChainExtent { start: a.max(bs), length: z - a.max(bs), depth, kind: m.kind });
+                            let s2 = a.max(bs);
+                            let kind = shifted(m.kind, s2 - m.start);
+                            out.push(ChainExtent { start: s2, length: z - s2, depth, kind });
                         }
                     }
-                    None => out.push(ChainExtent { start: a, length: z - a, depth, kind: m.kind }),
+                    None => out.push(ChainExtent { start: a, length: z - a, depth, kind: shifted(m.kind, a - m.start) }),
                 }
             } else {
                 out.push(ChainExtent { start: a, length: z - a, depth, kind: shifted(m.kind, a - m.start) });

@@ -17,6 +17,10 @@ pub enum MapKind {
     DataHole(u64),
     /// Compressed data.
     Compressed,
+    /// Not allocated, inside an allocated host cluster at this offset (an unallocated
+    /// subcluster with extended L2 entries; qemu-img prints the offset). Only
+    /// [`Qcow2::chain_map`] reports it; [`Qcow2::map`] says [`MapKind::Unallocated`].
+    UnallocatedAt(u64),
 }
 
 /// One run of the allocation map.
@@ -33,6 +37,26 @@ pub struct MapEntry {
 impl Qcow2 {
     /// The allocation map of the guest-visible disk, merged into runs.
     pub fn map(&mut self) -> Result<Vec<MapEntry>> {
+        let mut out: Vec<MapEntry> = Vec::new();
+        for mut e in self.map_detailed()? {
+            if let MapKind::UnallocatedAt(_) = e.kind {
+                e.kind = MapKind::Unallocated;
+            }
+            match out.last_mut() {
+                Some(l) if l.kind == MapKind::Unallocated
+                    && e.kind == MapKind::Unallocated
+                    && l.start + l.length == e.start =>
+                {
+                    l.length += e.length
+                }
+                _ => out.push(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Qcow2::map`] with the host offsets of unallocated subclusters.
+    pub(crate) fn map_detailed(&mut self) -> Result<Vec<MapEntry>> {
         let cs = self.cs;
         let size = self.h.size;
         let mut out: Vec<MapEntry> = Vec::new();
@@ -86,6 +110,9 @@ impl Qcow2 {
                         (MapKind::Data(a), MapKind::Data(b)) => a + last.length == b,
                         (MapKind::DataHole(a), MapKind::DataHole(b)) => a + last.length == b,
                         (MapKind::Zero(Some(a)), MapKind::Zero(Some(b))) => a + last.length == b,
+                        (MapKind::UnallocatedAt(a), MapKind::UnallocatedAt(b)) => {
+                            a + last.length == b
+                        }
                         (a, b) => {
                             a == b
                                 && !matches!(
@@ -93,6 +120,7 @@ impl Qcow2 {
                                     MapKind::Data(_)
                                         | MapKind::DataHole(_)
                                         | MapKind::Zero(Some(_))
+                                        | MapKind::UnallocatedAt(_)
                                 )
                         }
                     };

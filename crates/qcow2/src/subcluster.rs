@@ -203,6 +203,7 @@ impl Qcow2 {
                     Sub::Data(h) => MapKind::Data(h),
                     Sub::Zero if host != 0 => MapKind::Zero(Some(host + i * sc)),
                     Sub::Zero => MapKind::Zero(None),
+                    _ if host != 0 => MapKind::UnallocatedAt(host + i * sc),
                     _ => MapKind::Unallocated,
                 };
                 v.push((sc, k));
