@@ -147,24 +147,34 @@ fn nfs_disk_ledger_savevm_and_loadvm_on_another_host() {
     assert!(okc, "qemu-img check after the second host: {check}");
 }
 
-/// Live migration between two hosts with the disk on the NFS server (a third host): the guest
-/// dirties memory and writes its disk while it moves; the destination verifies both ledgers,
-/// holds the writer lock afterwards (the source let go of it), and the image checks clean.
+/// Live migration between two hosts with the disk on the NFS server (a third host), the guest
+/// dirtying memory and writing its disk while it moves.
 #[test]
 fn nfs_live_migration_between_two_hosts() {
+    live_migration("live", "mode=dirty mib=128 rate=40 disk=on disk_mib=8 hb_ms=100 cpus=2");
+}
+
+/// The same with a guest whose memory is idle (only its disk workload runs).
+#[test]
+fn nfs_live_migration_idle_guest() {
+    live_migration("idle", "mode=idle mib=64 disk=on disk_mib=8 hb_ms=100 cpus=2");
+}
+
+/// The destination verifies both ledgers, holds the writer lock afterwards (the source let go
+/// of it), and the image checks clean.
+fn live_migration(name: &str, append: &str) {
     require_kvm();
-    let mut g = server("live");
+    let mut g = server(name);
     create_image(&g.export().join("vm.qcow2"), "qcow2", "64M");
     let url = g.url("vm.qcow2", "");
     let a = g.add_host("a").unwrap();
     let b = g.add_host("b").unwrap();
     let (ans, bns) = (a.ns.clone().unwrap(), b.ns.clone().unwrap());
     let drive = format!("file={url},format=qcow2");
-    let append = "mode=dirty mib=128 rate=40 disk=on disk_mib=8 hb_ms=100 cpus=2";
     let incoming = format!("tcp:{}:6666", b.addr);
     let dst = in_ns(&bns, &["-m", "512", "-smp", "2", "-drive", &drive, "-incoming", &incoming], append);
     dst.wait_stderr("waiting for an incoming migration", T);
-    let dir = tmpdir("nfs-live");
+    let dir = tmpdir(&format!("nfs-{name}"));
     let sock = dir.join("src.sock");
     let mon = format!("unix:{},server,nowait", sock.display());
     let mut src = in_ns(&ans, &["-m", "512", "-smp", "2", "-drive", &drive, "-monitor", &mon], append);

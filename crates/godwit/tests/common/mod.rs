@@ -235,7 +235,12 @@ impl Hmp {
         let mut out = Vec::new();
         let mut b = [0u8; 4096];
         while !out.ends_with(b"(qemu) ") {
-            let n = self.s.read(&mut b).expect("monitor read");
+            let n = match self.s.read(&mut b) {
+                Ok(n) => n,
+                // A signal to the test process (e.g. while it runs a child) is not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => panic!("monitor read: {e}"),
+            };
             assert!(n > 0, "monitor closed; got {:?}", String::from_utf8_lossy(&out));
             out.extend_from_slice(&b[..n]);
         }
