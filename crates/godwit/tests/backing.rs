@@ -138,3 +138,22 @@ fn live_migration_of_a_guest_on_an_overlay_over_shared_storage() {
     assert_eq!(&flat[20 << 20..22 << 20], &base_before[20 << 20..22 << 20]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn overlay_with_a_missing_or_looping_base_is_refused_clearly() {
+    let dir = tmpdir("backing-bad");
+    let g = guest_bin();
+    let top = dir.join("vm.qcow2");
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", top.to_str().unwrap(), "16M"]);
+    let drive = format!("file={}", top.display());
+    let (code, err) = run_to_end(&["-m", "64", "-kernel", g.to_str().unwrap(), "-drive", &drive]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("backing file 'gone.qcow2'") && err.contains("No such file"), "{err}");
+    let a = dir.join("a.qcow2");
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", a.to_str().unwrap(), "16M"]);
+    let drive = format!("file={}", a.display());
+    let (code, err) = run_to_end(&["-m", "64", "-kernel", g.to_str().unwrap(), "-drive", &drive]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("loop"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
