@@ -505,7 +505,9 @@ fn render(cases: &[Case], seed0: u64) -> String {
     let mut s = String::from("# Chaos campaign: live migrations under random faults\n\n");
     s += &format!(
         "`godwit-chaos --cases {} --seed {seed0}` (`bench/chaos.sh`); every case migrates a 256 MiB test guest \
-         (idle or rewriting 32 MiB at 16/64 MiB/s, a qcow2 disk workload in most cases) on loopback and injects one fault. \
+         (rewriting 16, 32 or 64 MiB at 32-128 MiB/s, `max-bandwidth` 64-256 MiB/s, a qcow2 disk workload in about 80 % of \
+         the cases) on loopback and injects one fault. A migration that a fault (or the guest's own rate) keeps from \
+         converging is cancelled after 20 s, as an operator would; its recovery time includes those 20 s. \
          Survived = exactly one copy runs with `LEDGER OK` (+ `DISK OK`); fenced = the source kept itself paused \
          because the destination's answer was lost after the final state, and ran again with its ledger intact \
          once the destination was seen not running; killed-with-guest = the fault killed the side that had the guest.\n\n",
