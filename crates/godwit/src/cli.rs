@@ -249,7 +249,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, CliErro
             "-net" => o.nets.push(arg("-net")?),
             "-object" => o.objects.push(arg("-object")?),
             s if crate::compat::FLAGS.contains(&s) => o.compat.flag(s),
-            s if crate::compat::WITH_ARG.contains(&s) => {
+            s if crate::compat::takes(s) => {
                 let v = arg(s)?;
                 o.compat.apply(s, &v).map_err(|r| bad(&v, r))?;
             }
@@ -265,6 +265,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, CliErro
         }
     }
     o.compat.check().map_err(CliError::Compat)?;
+    crate::libvirt_args::finish(&mut o).map_err(CliError::Compat)?;
     Ok(o)
 }
 

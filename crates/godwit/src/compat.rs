@@ -12,6 +12,11 @@ use std::sync::Arc;
 
 /// Options with an argument handled here.
 pub const WITH_ARG: &[&str] = &["-machine", "-M", "-chardev", "-mon"];
+
+/// Whether `opt` (with an argument) is handled by [`Compat::apply`].
+pub fn takes(opt: &str) -> bool {
+    WITH_ARG.contains(&opt) || crate::libvirt_args::WITH_ARG.contains(&opt)
+}
 /// Flags handled here.
 pub const FLAGS: &[&str] = &["-daemonize", "-no-shutdown"];
 
@@ -49,6 +54,8 @@ pub struct Compat {
     pub no_shutdown: bool,
     pub chardevs: Vec<Chardev>,
     pub mons: Vec<Mon>,
+    /// libvirt's other start-up options (`crate::libvirt_args`).
+    pub extra: crate::libvirt_args::Extra,
 }
 
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
@@ -88,6 +95,7 @@ impl Compat {
             "-machine" | "-M" => self.machine(v),
             "-chardev" => self.chardev(v),
             "-mon" => self.mon(v),
+            o if crate::libvirt_args::WITH_ARG.contains(&o) => self.extra.apply(o, v),
             _ => Err(format!("'{opt}' is not a compatibility option")),
         }
     }

@@ -13,6 +13,7 @@ mod incoming;
 mod machine;
 mod monitors;
 mod ioerror;
+mod libvirt_args;
 mod nics;
 mod nomachine;
 mod report;
