@@ -82,17 +82,24 @@ fi
 # the installed qemu-utils' own version through QEMU_MODULE_DIR.
 T=${CARGO_TARGET_DIR:-target}
 if [ $install = 1 ] && ! have qemu-system-x86_64; then
-  scripts/qemu-tools.sh --system bookworm "$T/qemu-bookworm" > /dev/null
-  export PATH="$PATH:$(cd "$T/qemu-bookworm/root/usr/bin" && pwd)"
-  echo "scripts/test.sh: qemu-system-x86_64: a private QEMU 7.2 from $T/qemu-bookworm" >&2
+  if scripts/qemu-tools.sh --system bookworm "$T/qemu-bookworm" > /dev/null; then
+    export PATH="$PATH:$(cd "$T/qemu-bookworm/root/usr/bin" && pwd)"
+    echo "scripts/test.sh: qemu-system-x86_64: a private QEMU 7.2 from $T/qemu-bookworm" >&2
+  else
+    echo "scripts/test.sh: no qemu-system-x86_64 (install qemu-system-x86): the tests that boot QEMU will fail and say so" >&2
+  fi
 fi
 if [ $install = 1 ] && ! installed qemu-block-extra; then
   case "$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null)" in
     *bpo12*) msuite=bookworm-backports ;;
     *) msuite=bookworm ;;
   esac
-  mod_env=$(scripts/qemu-tools.sh "$msuite" "$T/qemu-$msuite" | grep '^export QEMU_MODULE_DIR') \
-    && eval "$mod_env" && echo "scripts/test.sh: QEMU block modules (nfs://) from $QEMU_MODULE_DIR" >&2
+  if mod_env=$(scripts/qemu-tools.sh "$msuite" "$T/qemu-$msuite" | grep '^export QEMU_MODULE_DIR'); then
+    eval "$mod_env"
+    echo "scripts/test.sh: QEMU block modules (nfs://) from $QEMU_MODULE_DIR" >&2
+  else
+    echo "scripts/test.sh: no QEMU block modules (qemu-block-extra): qemu-img on nfs:// will fail and say so" >&2
+  fi
 fi
 
 if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
