@@ -130,6 +130,8 @@ Godwit, a KVM virtual machine monitor for moving running VMs (QEMU-compatible op
   -object tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]
   -object tls-creds-psk,id=ID,dir=DIR,endpoint=server|client[,username=NAME]
                        TLS credentials for migration (migrate_set_parameter tls-creds ID)
+  -object authz-simple,id=ID,identity=DN|USERNAME
+                       the one TLS client a destination lets in (migrate_set_parameter tls-authz ID)
   IMAGE                a bare image path is the first disk (format probed)
   -machine/-M microvm|none[,accel=kvm,usb=off,dump-guest-core=..,memory-backend=ID]
                        none: no guest, monitors only (a management layer's probe)

@@ -70,13 +70,20 @@ fn main() -> ExitCode {
         }
     }
     for spec in &opts.objects {
+        match migration::authz::register_object(spec) {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => return fail(format!("-object {spec}: {e}")),
+        }
         match migration::tls::TlsCreds::from_object(spec) {
             Ok(Some(c)) => {
                 if let Err(e) = migration::tls::register(c) {
                     return fail(format!("-object {spec}: {e}"));
                 }
             }
-            Ok(None) => return fail(format!("-object {spec}: only tls-creds-x509 and tls-creds-psk objects are supported")),
+            Ok(None) => {
+                return fail(format!("-object {spec}: only tls-creds-x509, tls-creds-psk and authz-simple objects are supported"))
+            }
             Err(e) => return fail(format!("-object {spec}: {e}")),
         }
     }

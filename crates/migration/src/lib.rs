@@ -8,6 +8,7 @@
 pub mod protocol;
 pub mod postcopy;
 pub mod postcopy_dest;
+pub mod authz;
 pub mod forecast;
 pub mod multifd;
 pub mod ram;

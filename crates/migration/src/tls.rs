@@ -314,12 +314,15 @@ pub fn lookup(id: &str) -> Option<Arc<TlsCreds>> {
     registry().get(id).cloned()
 }
 
-/// What a migration needs to secure its channels (from `tls-creds`, `tls-hostname`).
+/// What a migration needs to secure its channels (from `tls-creds`, `tls-hostname`,
+/// `tls-authz`).
 #[derive(Clone)]
 pub struct TlsSetup {
     pub creds: Arc<TlsCreds>,
     /// The name the server's certificate must carry (client side).
     pub hostname: String,
+    /// Server side: the only client identity let in (`tls-authz`, see [`crate::authz`]).
+    pub authz: Option<String>,
 }
 
 impl TlsSetup {
@@ -333,7 +336,7 @@ impl TlsSetup {
             let w = if want == Endpoint::Server { "server" } else { "client" };
             return Err(TlsError::Object(format!("Expecting TLS credentials with a {w} endpoint ('{creds}' is not)")));
         }
-        Ok(Some(TlsSetup { creds: c, hostname: hostname.to_string() }))
+        Ok(Some(TlsSetup { creds: c, hostname: hostname.to_string(), authz: None }))
     }
 }
 
@@ -344,13 +347,16 @@ pub fn source_setup(p: &crate::stats::Params) -> crate::Result<Option<TlsSetup>>
 
 /// The destination's TLS setup from its migration parameters (`None`: plain).
 pub fn destination_setup(p: &crate::stats::Params) -> crate::Result<Option<TlsSetup>> {
+    let err = |m: String| crate::MigrationError::Tls(m);
+    let mut setup = TlsSetup::from_params(&p.tls_creds, "", Endpoint::Server).map_err(|e| err(e.to_string()))?;
     if !p.tls_authz.is_empty() {
-        return Err(crate::MigrationError::Tls(format!(
-            "tls-authz '{}': authorization objects are not supported by Godwit yet (verify-peer=on with a dedicated CA does the job)",
-            p.tls_authz
-        )));
+        let Some(s) = setup.as_mut() else {
+            return Err(err("tls-authz is set but tls-creds is not: nobody to authorize".into()));
+        };
+        let id = crate::authz::identity(&p.tls_authz).ok_or_else(|| err(format!("No authorization object with id '{}'", p.tls_authz)))?;
+        s.authz = Some(id);
     }
-    TlsSetup::from_params(&p.tls_creds, "", Endpoint::Server).map_err(|e| crate::MigrationError::Tls(e.to_string()))
+    Ok(setup)
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -500,15 +506,30 @@ pub fn server(setup: &TlsSetup, mut tcp: TcpStream) -> Result<Box<dyn Channel>> 
         let mut rest = vec![0u8; len[0] as usize + 32];
         tls_read_exact(&mut conn, &mut tcp, &mut rest)?;
         let user = String::from_utf8_lossy(&rest[..len[0] as usize]).into_owned();
-        let ok = keys.get(&user).filter(|k| check_proof(k, b"client", &ex, &rest[len[0] as usize..]));
+        let ok = keys
+            .get(&user)
+            .filter(|k| check_proof(k, b"client", &ex, &rest[len[0] as usize..]))
+            .filter(|_| setup.authz.as_ref().is_none_or(|a| *a == user));
         let Some(k) = ok else {
             let _ = tls_write(&mut conn, &mut tcp, &[0]);
-            return Err(TlsError::Auth(format!("the client does not hold the pre-shared key of '{user}'")));
+            let why = if setup.authz.as_ref().is_some_and(|a| *a != user) { "is not authorized by tls-authz" } else { "does not hold the pre-shared key" };
+            return Err(TlsError::Auth(format!("the client '{user}' {why}")));
         };
         let mut ans = vec![ACCEPTED];
         ans.extend_from_slice(proof(k, b"server", &ex).as_ref());
         tls_write(&mut conn, &mut tcp, &ans)?;
     } else {
+        if let Some(want) = &setup.authz {
+            let dn = match conn.peer_certificates().and_then(|c| c.first()) {
+                Some(c) => crate::authz::subject_dn(c.as_ref()).map_err(TlsError::Auth)?,
+                None => return Err(TlsError::Auth("tls-authz needs the client's certificate (verify-peer=on)".into())),
+            };
+            if &dn != want {
+                conn.send_close_notify();
+                let _ = conn.write_tls(&mut tcp);
+                return Err(TlsError::Auth(format!("the client '{dn}' is not authorized by tls-authz")));
+            }
+        }
         tls_write(&mut conn, &mut tcp, &[ACCEPTED])?;
     }
     tcp.set_read_timeout(None)?;

@@ -46,10 +46,15 @@ impl Ca {
     }
 
     /// Writes QEMU's client layout (ca-cert.pem = `trust`'s, client-cert.pem and
-    /// client-key.pem signed by this CA) into `dir`.
+    /// client-key.pem signed by this CA, CN=godwit-source) into `dir`.
     pub fn client_dir(&self, dir: &Path, trust: &Ca) -> PathBuf {
+        self.client_dir_named(dir, trust, "godwit-source")
+    }
+
+    /// As [`Ca::client_dir`] with the certificate's CN (and name) `cn`.
+    pub fn client_dir_named(&self, dir: &Path, trust: &Ca, cn: &str) -> PathBuf {
         std::fs::create_dir_all(dir).unwrap();
-        let (c, k) = self.issue(&["godwit-source"], ExtendedKeyUsagePurpose::ClientAuth);
+        let (c, k) = self.issue(&[cn], ExtendedKeyUsagePurpose::ClientAuth);
         std::fs::write(dir.join("ca-cert.pem"), trust.cert.pem()).unwrap();
         std::fs::write(dir.join("client-cert.pem"), c).unwrap();
         std::fs::write(dir.join("client-key.pem"), k).unwrap();
