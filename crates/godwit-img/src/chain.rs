@@ -79,17 +79,35 @@ pub fn commit(argv: &[String]) -> R {
             "Image '{file}' does not have a backing file"
         )));
     }
-    if let Some(base) = a.opt("-b") {
-        let ok = img
-            .backing_path()
-            .is_some_and(|p| p == std::path::Path::new(base) || img.backing_file() == Some(base));
-        if !ok {
-            return Err(CliError::Usage(format!(
-                "'{base}' is not the backing file of '{file}' (only committing into the immediate backing file is supported)"
-            )));
+    // -b BASE: the layer of the chain that is BASE (by resolved path); implies -d, as qemu-img.
+    let (depth, keep) = match a.opt("-b") {
+        None => (1, a.flag("-d")),
+        Some(base) => {
+            let want = std::fs::canonicalize(base).unwrap_or_else(|_| base.into());
+            let mut depth = 0usize;
+            let mut found = None;
+            let mut cur: Option<&mut Qcow2> = Some(&mut img);
+            while let Some(q) = cur {
+                depth += 1;
+                let Some(p) = q.backing_path() else { break };
+                let same = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()) == want;
+                if same {
+                    found = Some(depth);
+                    break;
+                }
+                cur = q.backing().and_then(|b| b.as_qcow2());
+            }
+            match found {
+                Some(d) => (d, true),
+                None => {
+                    return Err(CliError::Usage(format!(
+                        "Did not find '{base}' in the backing chain of '{file}'"
+                    )))
+                }
+            }
         }
-    }
-    img.commit_to_backing(a.flag("-d"))
+    };
+    img.commit_into(depth, keep)
         .map_err(img_err("Block job failed".into()))?;
     img.close().map_err(img_err(file.to_string()))?;
     if !a.flag("-q") {

@@ -244,6 +244,21 @@ fn commit_matches_qemu_img() {
 }
 
 #[test]
+fn commit_into_a_deeper_base_matches_qemu_img() {
+    for base in ["base.qcow2", "mid.qcow2"] {
+        let (a, b) = twin(&format!("commit-b-{base}"));
+        let before = raw(&a.0, "top.qcow2");
+        let args = ["commit", "-q", "-b", base, "top.qcow2"];
+        qemu(&a.0, &args);
+        ours(&b.0, &args);
+        same_state(&a.0, &b.0, &["top.qcow2", "mid.qcow2", "base.qcow2"]);
+        assert_eq!(raw(&b.0, base), before, "{base} holds everything above it");
+    }
+    let (_a, b) = twin("commit-b-bad");
+    assert!(!run_in(&b.0, G, &["commit", "-b", "nothere.qcow2", "top.qcow2"]).status.success());
+}
+
+#[test]
 fn rebase_matches_qemu_img() {
     // Safe rebase onto the base, skipping mid: contents kept, mid's data copied up.
     let (a, b) = twin("rebase");

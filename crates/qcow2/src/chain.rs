@@ -191,31 +191,73 @@ impl Qcow2 {
     /// image (opened read-write for the purpose), then, unless `keep`, empty this layer so it
     /// reads through to the backing file. The backing image grows if it is smaller.
     pub fn commit_to_backing(&mut self, keep: bool) -> Result<()> {
+        self.commit_into(1, keep)
+    }
+
+    /// `qemu-img commit -b BASE`: write everything the layers above the backing image at
+    /// `depth` (1 = the immediate backing file) hold into it. The top layer is emptied only
+    /// when committing into the immediate backing file without `keep` (an explicit base implies
+    /// `-d` in qemu-img); no header changes. A base another process reads as backing file is
+    /// refused.
+    pub fn commit_into(&mut self, depth: usize, keep: bool) -> Result<()> {
         self.check_writable()?;
-        let Some(name) = self.h.backing_file.clone() else {
+        if self.h.backing_file.is_none() {
             return Err(Error::InvalidArgument("image does not have a backing file".into()));
+        }
+        if self.backing.is_none() {
+            return Err(Error::InvalidArgument("commit needs the backing chain open".into()));
+        }
+        // The target layer: its resolved path and format, from the layer above it.
+        let (path, fmt) = {
+            let mut cur: &mut Qcow2 = self;
+            for _ in 1..depth {
+                cur = match cur.backing.as_mut().and_then(|b| b.img.as_qcow2()) {
+                    Some(q) => q,
+                    None => return Err(Error::InvalidArgument(format!("no backing image at depth {depth}"))),
+                };
+            }
+            match (&cur.backing, cur.backing_format()) {
+                (Some(b), f) => (b.path.clone(), Some(f.map_or(Ok(b.format), |f| f.parse::<ImageFormat>())?)),
+                (None, _) => return Err(Error::InvalidArgument(format!("no backing image at depth {depth}"))),
+            }
         };
-        let fmt = self.h.backing_format();
-        // Our read-only handle on the base (and its shared lock) must go first.
+        let ranges: Vec<(u64, u64)> = self
+            .chain_map()?
+            .into_iter()
+            .filter(|e| (e.depth as usize) < depth && !matches!(e.kind, MapKind::Unallocated | MapKind::UnallocatedAt(_)))
+            .map(|e| (e.start, e.length))
+            .collect();
+        // Our own read-only handles (and shared locks) go; reopen the chain without locks to
+        // read through it while the target is open for writing.
         self.backing = None;
-        let path = crate::backing::resolve_backing_name(&name, self.chain.path.as_deref());
-        let fmt = match fmt {
-            Some(f) => Some(f.parse::<ImageFormat>()?),
-            None => None,
-        };
-        // Another VM (or tool) reading it as a backing file keeps writers out, as in QEMU.
-        if crate::backing::in_use_as_backing(&path).unwrap_or(false) {
-            let r = Error::Locked(
+        let locked = crate::backing::in_use_as_backing(&path).unwrap_or(false);
+        let saved = self.opts.clone();
+        let r = if locked {
+            Err(Error::Locked(
                 path.display().to_string(),
                 "Failed to get \"write\" lock: the image is in use as a backing file".into(),
-            );
-            if !self.opts.no_backing {
-                self.open_backing_chain()?;
-            }
-            return Err(r);
+            ))
+        } else {
+            self.opts.no_backing_locks = true;
+            let r = self.open_backing_chain().and_then(|_| self.copy_into(&path, fmt, &ranges));
+            self.opts = saved;
+            self.backing = None;
+            r
+        };
+        if r.is_ok() && depth == 1 && !keep {
+            self.drop_active_from(0)?;
+            self.sync()?;
         }
-        let mut base = crate::backend::open(&path, fmt, &OpenOptions { cache: self.opts.cache, ..Default::default() })
-            .map_err(|e| Error::BackingOpen { name: name.clone(), path: path.display().to_string(), source: Box::new(e) })?;
+        if !self.opts.no_backing {
+            self.open_backing_chain()?;
+        }
+        r
+    }
+
+    /// Copy guest `ranges` (read through this image) into the image at `path`.
+    fn copy_into(&mut self, path: &std::path::Path, fmt: Option<ImageFormat>, ranges: &[(u64, u64)]) -> Result<()> {
+        let mut base = crate::backend::open(path, fmt, &OpenOptions { cache: self.opts.cache, ..Default::default() })
+            .map_err(|e| Error::BackingOpen { name: path.display().to_string(), path: path.display().to_string(), source: Box::new(e) })?;
         let size = self.h.size;
         if base.size() < size {
             match base.as_qcow2() {
@@ -227,13 +269,9 @@ impl Qcow2 {
                 }
             }
         }
-        let runs = self.top_allocation(0, size)?;
         let chunk = (self.cs.max(1 << 20)) as usize;
         let mut buf = vec![0u8; chunk];
-        for (s, l, allocated) in runs {
-            if !allocated {
-                continue;
-            }
+        for &(s, l) in ranges {
             let mut g = s;
             while g < s + l {
                 let n = ((s + l - g) as usize).min(chunk);
@@ -249,14 +287,6 @@ impl Qcow2 {
         base.flush()?;
         if let Some(q) = base.as_qcow2() {
             q.close()?;
-        }
-        drop(base);
-        if !keep {
-            self.drop_active_from(0)?;
-        }
-        self.sync()?;
-        if !self.opts.no_backing {
-            self.open_backing_chain()?;
         }
         Ok(())
     }
