@@ -230,6 +230,42 @@ pub fn daemonize_vm(opts: &crate::cli::Options) -> Result<crate::daemon::Ready, 
     crate::daemon::daemonize()
 }
 
+/// The serial pty (`-device isa-serial,chardev=` a pty) and the user-named devices, for
+/// `query-chardev` and `qom-list /machine/peripheral`.
+pub fn attach_serial_and_register(opts: &crate::cli::Options, out: &crate::console::ConsoleOut, vm: &vmm::Vm) -> Result<(), String> {
+    if let Some(label) = &opts.compat.extra.serial_pty {
+        crate::pty::attach(label, out, vm.serial().clone())?;
+    }
+    for (id, ty) in &opts.compat.extra.peripherals {
+        monitor::hostinfo::register_peripheral(id, ty);
+    }
+    Ok(())
+}
+
+/// `-no-shutdown`: the guest powered off; the vCPUs stop, SHUTDOWN (guest) is sent, and the VM
+/// waits in `shutdown` for `system_reset` or `quit`.
+pub fn guest_shutdown_stays(m: &Arc<crate::machine::Machine>) {
+    m.vm.pause();
+    m.events.emit(monitor::Event::Shutdown { guest: true, reason: monitor::ShutdownCause::GuestShutdown });
+    m.state.force(monitor::runstate::RunState::Shutdown);
+}
+
+/// The kernel thread id of vCPU `i` (its thread is named `vcpuN`), for `query-cpus-fast`;
+/// 0 if it cannot be found.
+pub fn vcpu_thread_id(i: usize) -> i64 {
+    let want = format!("vcpu{i}");
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    for e in dir.flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == want {
+            if let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok()) {
+                return tid;
+            }
+        }
+    }
+    0
+}
+
 /// Takes an inherited descriptor as a listening unix socket, refusing anything else.
 fn inherited_listener(fd: RawFd) -> Result<std::os::unix::net::UnixListener, String> {
     let get = |opt: libc::c_int| -> Result<libc::c_int, String> {
@@ -280,7 +316,11 @@ pub fn start_mons(mon: &Arc<Monitor>, c: &Compat) -> Result<Vec<MonitorServer>, 
             }
             (None, None) => continue,
         };
-        servers.push(server.map_err(|e| format!("-mon chardev={}: {e}", m.chardev))?);
+        let server = server.map_err(|e| format!("-mon chardev={}: {e}", m.chardev))?;
+        if let monitor::ListenAddr::Unix(p) = server.local_addr() {
+            monitor::hostinfo::register_chardev(&m.chardev, &format!("unix:{},server=on", p.display()));
+        }
+        servers.push(server);
     }
     Ok(servers)
 }

@@ -22,6 +22,8 @@ pub struct Extra {
     pub uuid: Option<String>,
     /// The chardev id the serial port goes to (`-device isa-serial,chardev=ID`), a pty.
     pub serial_pty: Option<String>,
+    /// Devices with an `id=`: (id, QOM type), for `qom-list /machine/peripheral`.
+    pub peripherals: Vec<(String, String)>,
 }
 
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
@@ -310,6 +312,10 @@ pub fn finish(o: &mut Options) -> Result<(), String> {
         } else {
             spec.clone()
         };
+        let driver = legacy.split(',').next().unwrap_or("").to_string();
+        if let Some((_, id)) = kv(&legacy).skip(1).find(|(k, _)| *k == "id") {
+            o.compat.extra.peripherals.push((id.to_string(), driver.clone()));
+        }
         if legacy.split(',').next() == Some("isa-serial") {
             let mut chardev = None;
             for (k, v) in kv(&legacy).skip(1) {

@@ -307,7 +307,7 @@ impl Backend for MachineBackend {
     }
 
     fn query_cpus(&self) -> Result<Vec<CpuInfo>, CommandError> {
-        Ok((0..self.0.vm.vcpu_count()).map(|i| CpuInfo::new(i as u32, 0)).collect())
+        Ok((0..self.0.vm.vcpu_count()).map(|i| CpuInfo::new(i as u32, crate::compat::vcpu_thread_id(i))).collect())
     }
 
     fn read_memory(&self, space: MemorySpace, addr: u64, buf: &mut [u8]) -> CmdResult {

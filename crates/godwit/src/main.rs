@@ -16,6 +16,7 @@ mod ioerror;
 mod libvirt_args;
 mod nics;
 mod nomachine;
+mod pty;
 mod report;
 mod snapshots;
 mod storage;
@@ -134,6 +135,9 @@ fn main() -> ExitCode {
         Ok(vm) => Arc::new(vm),
         Err(e) => return fail(e),
     };
+    if let Err(e) = compat::attach_serial_and_register(&opts, &console_out, &vm) {
+        return fail(e);
+    }
     let events = EventBus::new();
     let initial = if opts.incoming.is_some() {
         RunState::Inmigrate
@@ -192,6 +196,8 @@ fn run(m: &Arc<Machine>, opts: &cli::Options) -> ExitCode {
     loop {
         match m.vm.next_request() {
             VmRequest::DebugExit(status) => return ExitCode::from(status),
+            // -no-shutdown: a guest that powers off stays, stopped in the shutdown state.
+            VmRequest::PowerOff if opts.compat.no_shutdown => compat::guest_shutdown_stays(m),
             VmRequest::PowerOff | VmRequest::Quit => return ExitCode::SUCCESS,
             VmRequest::Reset if opts.no_reboot => return ExitCode::SUCCESS,
             VmRequest::Reset => {

@@ -24,6 +24,7 @@ pub mod command;
 pub mod error;
 pub mod events;
 pub mod hmp;
+pub mod hostinfo;
 pub mod jobs;
 pub mod migration;
 pub mod mock;

@@ -284,6 +284,7 @@ const COMMAND_ARGS: &[(&str, &[(&str, &str, bool)])] = &[
     ("device-list-properties", &[("typename", "str", false)]),
     ("qom-list-properties", &[("typename", "str", false)]),
     ("query-command-line-options", &[("option", "str", true)]),
+    ("qom-list", &[("path", "str", false)]),
 ];
 
 /// Every command Godwit's QMP answers: the session's own, the VM commands, the block layer's
@@ -293,6 +294,7 @@ pub fn all_commands() -> impl Iterator<Item = &'static str> {
         .iter()
         .chain(crate::block::QMP_COMMANDS)
         .chain(PROBE_COMMANDS)
+        .chain(crate::hostinfo::COMMANDS)
         .copied()
 }
 

@@ -144,6 +144,8 @@ impl QmpSession {
                 Ok(Value::Array(crate::probe::all_commands().map(|c| json!({ "name": c })).collect()))
             }
             "human-monitor-command" => self.human_monitor_command(args),
+            _ if crate::hostinfo::COMMANDS.contains(&name) => crate::hostinfo::handle(name, args)
+                .unwrap_or_else(|| Err(CommandError::command_not_found(name))),
             _ if crate::probe::PROBE_COMMANDS.contains(&name) => crate::probe::handle(name, args)
                 .unwrap_or_else(|| Err(CommandError::command_not_found(name))),
             _ => match commands::parse_vm_command(name, args)? {
