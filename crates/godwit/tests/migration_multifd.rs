@@ -1,6 +1,6 @@
 //! multifd (`migrate_set_capability multifd on`, `multifd-channels`, `multifd-compression`):
 //! migrations over several connections end with the guest's ledger verified on the
-//! destination — on loopback with TLS, and with 4 channels and zstd across a shaped link
+//! destination — on loopback with TLS and auto-converge, and with 4 channels and zstd across a shaped link
 //! between two network namespaces (tc: tbf rate, netem delay and loss); one channel cut in the
 //! middle fails the migration cleanly, the source running on with its memory intact; post-copy
 //! with multifd is refused.
@@ -50,6 +50,8 @@ fn multifd_with_tls_and_zlib_on_loopback() {
     set(&mut hmp, "migrate_set_capability multifd on");
     // QEMU refuses post-copy with multifd; so does Godwit.
     assert!(hmp.cmd("migrate_set_capability postcopy-ram on").contains("Postcopy is not yet compatible with multifd"));
+    // multifd composes with auto-converge (it throttles the guest if it outruns the link).
+    set(&mut hmp, "migrate_set_capability auto-converge on");
     set(&mut hmp, "migrate_set_parameter multifd-channels 3");
     set(&mut hmp, "migrate_set_parameter multifd-compression zlib");
     set(&mut hmp, "migrate_set_parameter tls-creds tls0");
