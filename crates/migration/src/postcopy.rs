@@ -245,7 +245,8 @@ impl SourceRun<'_> {
         for s in self.vm.save_state().map_err(MigrationError::Vm)? {
             w.section(&s)?;
         }
-        w.control(TAG_POSTCOPY_RUN, &[])?;
+        let crc = w.crc_so_far();
+        w.control(TAG_POSTCOPY_RUN, &crc.to_le_bytes())?;
         w.flush()?;
         // From now on the guest waits on the link: `max-postcopy-bandwidth`, not `max-bandwidth`.
         w.get_mut().get_mut().limit = self.params.max_postcopy_bandwidth;

@@ -261,7 +261,11 @@ pub(crate) fn destination(
                 }
                 sections.push(s);
             }
-            Item::Control { tag: TAG_POSTCOPY_RUN, .. } => break,
+            Item::Control { tag: TAG_POSTCOPY_RUN, body } => {
+                // Nothing runs on pages the checksum has not vouched for.
+                protocol::check_crc(&body, r.crc_before_last_item(), "POSTCOPY_RUN")?;
+                break;
+            }
             other => return Err(MigrationError::Protocol(format!("unexpected {other:?} while switching to post-copy"))),
         }
     }

@@ -9,13 +9,19 @@
 //! | tag  | record      | body                                   | when |
 //! |------|-------------|----------------------------------------|------|
 //! | 0x40 | HELLO       | [`Hello`]: protocol version, config summary, RAM layout | first |
-//! | 0x41 | ROUND_END   | [`RoundEnd`]: round number, pages sent | after each pre-copy round |
+//! | 0x41 | ROUND_END   | [`RoundEnd`]: round number, pages sent; then u32 CRC-32 of the stream before this record | after each pre-copy round |
 //! | 0x42 | SWITCHOVER  | empty                                  | the source has paused the guest |
 //!
 //! Order: `HELLO` → (wait for `READY`) → round 0 RAM records (all non-zero pages; zero pages
 //! are never sent in round 0, the destination's RAM starts zeroed) → `ROUND_END` → dirty rounds
 //! (`RAM_DATA` for dirtied pages, `RAM_ZERO` for dirtied pages that became zero) each closed by
 //! `ROUND_END` → `SWITCHOVER` → the final dirty pages → every state `SECTION` → `END`.
+//!
+//! The CRC-32 in `ROUND_END` and `POSTCOPY_RUN` covers every byte of the stream before the
+//! record (as `END`'s does): the destination checks it before it acknowledges the round or runs
+//! the guest, so corruption is caught at the round it happens in, and post-copy never runs a
+//! guest on pages the checksum has not vouched for. A body without it (an older source) is
+//! accepted and checked at `END` only.
 //!
 //! **Destination → source**: small frames `u8 kind | u32 len | body`:
 //! `1 READY` (HELLO accepted), `2 ERROR` (UTF-8 reason; the destination then exits without
@@ -33,7 +39,7 @@
 //! | tag  | record            | body                                             |
 //! |------|-------------------|--------------------------------------------------|
 //! | 0x43 | POSTCOPY_DISCARD  | [`Runs`]: pages the destination must drop and fetch (dirtied since sent) |
-//! | 0x44 | POSTCOPY_RUN      | empty: the machine state is complete, run the guest now |
+//! | 0x44 | POSTCOPY_RUN      | u32 CRC-32 of the stream before this record: the machine state is complete, run the guest now |
 //! | 0x45 | POSTCOPY_RESUME   | empty: first record of a recovery stream          |
 //!
 //! Switching to post-copy: after any pre-copy round the source pauses the guest, sends one or
@@ -222,6 +228,38 @@ pub fn read_reply<R: Read + ?Sized>(r: &mut R) -> Result<Reply> {
 
 pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     postcard::to_stdvec(v).map_err(|e| MigrationError::Protocol(e.to_string()))
+}
+
+/// A control record's body followed by the stream's CRC-32 so far (`ROUND_END`,
+/// `POSTCOPY_RUN`): the destination checks the stream before it acknowledges a round or runs
+/// the guest, instead of only at `END`.
+pub fn with_crc(mut body: Vec<u8>, crc: u32) -> Vec<u8> {
+    body.extend_from_slice(&crc.to_le_bytes());
+    body
+}
+
+/// Checks the CRC-32 that follows a control record's postcard body (`rest`, what postcard did
+/// not consume) against the reader's; a body without one (an older source) is accepted.
+pub fn check_crc(rest: &[u8], reader_crc: u32, what: &str) -> Result<()> {
+    match rest {
+        [] => Ok(()),
+        [a, b, c, d] => {
+            let crc = u32::from_le_bytes([*a, *b, *c, *d]);
+            if crc == reader_crc {
+                Ok(())
+            } else {
+                Err(MigrationError::Protocol(format!(
+                    "stream checksum mismatch at {what} (CRC-32 {reader_crc:#010x}, source says {crc:#010x}): corrupted in transit"
+                )))
+            }
+        }
+        _ => Err(MigrationError::Protocol(format!("malformed checksum after {what}"))),
+    }
+}
+
+/// Decodes a postcard body and returns the bytes it did not use.
+pub fn decode_prefix<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<(T, &'a [u8])> {
+    postcard::take_from_bytes(b).map_err(|e| MigrationError::Protocol(format!("malformed control record: {e}")))
 }
 
 pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T> {

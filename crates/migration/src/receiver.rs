@@ -173,7 +173,8 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
                 st.pages += npages as u64;
             }
             Item::Control { tag: TAG_ROUND_END, body } => {
-                let re: RoundEnd = protocol::decode(&body)?;
+                let (re, rest): (RoundEnd, _) = protocol::decode_prefix(&body)?;
+                protocol::check_crc(rest, r.crc_before_last_item(), &format!("ROUND_END {}", re.round))?;
                 st.rounds = re.round + 1;
                 if let Some(m) = &mf {
                     m.wait_round(re.round)?;

@@ -319,7 +319,8 @@ impl Run<'_> {
             return Ok(false);
         }
         let pages = st.data_pages + st.zero_pages;
-        w.control(TAG_ROUND_END, &protocol::encode(&RoundEnd { round, pages })?)?;
+        let body = protocol::with_crc(protocol::encode(&RoundEnd { round, pages })?, w.crc_so_far());
+        w.control(TAG_ROUND_END, &body)?;
         w.flush()?;
         // The round ends when the destination has it (see ROUND_ACK in protocol.rs).
         match protocol::read_reply(replies)? {

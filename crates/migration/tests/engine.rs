@@ -316,6 +316,16 @@ fn truncated_and_corrupted_streams_never_resume_the_destination() {
         assert!(r.is_err(), "truncation at {cut} accepted");
         assert_eq!(resumed, 0);
     }
+    // A flipped byte in round 0's page data is caught at that round's ROUND_END (its CRC), not
+    // only at END: the destination refuses the round instead of acknowledging it.
+    {
+        let mut s = stream.clone();
+        s[stream.len() / 3] ^= 0x01;
+        let (r, resumed) = feed(s);
+        let e = r.expect_err("a corrupted page was accepted").to_string();
+        assert!(e.contains("ROUND_END 0") && e.contains("checksum"), "{e}");
+        assert_eq!(resumed, 0);
+    }
     // Flipped bytes in headers: no panic, never a resume with a broken END count.
     for pos in [0usize, 9, 12, 13, 20, 40, stream.len() - 5, stream.len() - 9] {
         let mut s = stream.clone();

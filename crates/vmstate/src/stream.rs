@@ -64,6 +64,12 @@ impl<W: Write> StreamWriter<W> {
         self.bytes
     }
 
+    /// CRC-32 of every byte written so far (what `END` will carry if nothing else follows);
+    /// control records can carry it so the reader checks the stream before acting on it.
+    pub fn crc_so_far(&self) -> u32 {
+        self.crc.clone().finalize()
+    }
+
     fn put(&mut self, b: &[u8]) -> Result<()> {
         self.w.write_all(b)?;
         self.crc.update(b);
@@ -183,6 +189,8 @@ pub struct StreamReader<R: Read> {
     bytes: u64,
     pending_pages: u64,
     crc: crc32fast::Hasher,
+    /// CRC-32 of the stream up to the start of the last item read.
+    crc_before_last: u32,
 }
 
 impl<R: Read> StreamReader<R> {
@@ -201,16 +209,22 @@ impl<R: Read> StreamReader<R> {
                 "VM-state stream format version {v} not supported (this Godwit reads {FORMAT_VERSION})"
             )));
         }
-        Ok(StreamReader { r, bytes: 12, pending_pages: 0, crc })
+        Ok(StreamReader { r, bytes: 12, pending_pages: 0, crc, crc_before_last: 0 })
     }
 
     /// Continues a stream whose header was checked elsewhere.
     pub fn without_header(r: R) -> Self {
-        StreamReader { r, bytes: 0, pending_pages: 0, crc: crc32fast::Hasher::new() }
+        StreamReader { r, bytes: 0, pending_pages: 0, crc: crc32fast::Hasher::new(), crc_before_last: 0 }
     }
 
     pub fn bytes_read(&self) -> u64 {
         self.bytes
+    }
+
+    /// CRC-32 of every byte before the last item [`StreamReader::next_item`] returned: compare
+    /// it with a [`StreamWriter::crc_so_far`] value that item carries.
+    pub fn crc_before_last_item(&self) -> u32 {
+        self.crc_before_last
     }
 
     fn get(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
@@ -239,6 +253,7 @@ impl<R: Read> StreamReader<R> {
         }
         let start = self.bytes;
         let crc_before = self.crc.clone().finalize();
+        self.crc_before_last = crc_before;
         let mut tag = [0u8; 1];
         self.get(&mut tag, "record tag")?;
         match tag[0] {
