@@ -285,6 +285,8 @@ const COMMAND_ARGS: &[(&str, &[(&str, &str, bool)])] = &[
     ("qom-list-properties", &[("typename", "str", false)]),
     ("query-command-line-options", &[("option", "str", true)]),
     ("qom-list", &[("path", "str", false)]),
+    ("getfd", &[("fdname", "str", false)]),
+    ("closefd", &[("fdname", "str", false)]),
 ];
 
 /// Every command Godwit's QMP answers: the session's own, the VM commands, the block layer's

@@ -244,6 +244,15 @@ impl Conn for UnixStream {
     }
 }
 
+impl Conn for crate::hostinfo::FdConn {
+    fn clone_conn(&self) -> io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.0.try_clone()?))
+    }
+    fn shutdown_conn(&self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
+
 enum Listener {
     Unix(UnixListener),
     Tcp(TcpListener, bool),
@@ -252,7 +261,7 @@ enum Listener {
 impl Listener {
     fn accept(&self) -> io::Result<Box<dyn Conn>> {
         match self {
-            Listener::Unix(l) => Ok(Box::new(l.accept()?.0)),
+            Listener::Unix(l) => Ok(Box::new(crate::hostinfo::FdConn(l.accept()?.0))),
             Listener::Tcp(l, nodelay) => {
                 let (s, _) = l.accept()?;
                 if *nodelay {
