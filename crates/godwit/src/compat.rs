@@ -266,6 +266,27 @@ pub fn vcpu_thread_id(i: usize) -> i64 {
     0
 }
 
+/// The descriptor of the running `migrate fd:NAME`, kept open until the next one.
+static MIGRATION_FD: std::sync::Mutex<Option<std::os::fd::OwnedFd>> = std::sync::Mutex::new(None);
+
+/// `fd:NAME` (a socket named by `getfd`, as libvirt migrates) → `fd:N` for the migration
+/// engine; other URIs unchanged. One descriptor is one connection, so not with multifd.
+pub fn resolve_fd_uri(m: &crate::machine::Machine, uri: &str) -> Result<String, monitor::CommandError> {
+    use std::os::fd::AsRawFd;
+    let Some(name) = uri.strip_prefix("fd:") else { return Ok(uri.to_string()) };
+    if m.mig.params().multifd {
+        return Err(monitor::CommandError::generic("multifd needs several connections: use tcp:, not fd:"));
+    }
+    if m.migration_running() {
+        return Err(monitor::CommandError::generic("There's a migration process in progress"));
+    }
+    let fd = monitor::hostinfo::take_fd(name)
+        .ok_or_else(|| monitor::CommandError::generic(format!("File descriptor named '{name}' has not been found")))?;
+    let n = fd.as_raw_fd();
+    *MIGRATION_FD.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
+    Ok(format!("fd:{n}"))
+}
+
 /// Takes an inherited descriptor as a listening unix socket, refusing anything else.
 fn inherited_listener(fd: RawFd) -> Result<std::os::unix::net::UnixListener, String> {
     let get = |opt: libc::c_int| -> Result<libc::c_int, String> {

@@ -1,4 +1,5 @@
-//! Migration URIs (`tcp:HOST:PORT`, `tcp:0:PORT` = all addresses, `unix:PATH`), connecting,
+//! Migration URIs (`tcp:HOST:PORT`, `tcp:0:PORT` = all addresses, `unix:PATH`, `fd:N` = a
+//! connected socket the caller owns, outgoing only), connecting,
 //! listening (plain or TLS-secured, see [`crate::tls`]), and a bandwidth limiter for
 //! `max-bandwidth`.
 
@@ -14,6 +15,9 @@ use std::time::{Duration, Instant};
 pub enum Uri {
     Tcp { host: String, port: u16 },
     Unix(String),
+    /// An already connected stream socket (the VMM resolved `fd:NAME` to its number and keeps
+    /// the descriptor open while the migration runs); each connect takes a duplicate.
+    Fd(i32),
 }
 
 impl Uri {
@@ -29,6 +33,11 @@ impl Uri {
                 return Err(MigrationError::Uri(s.into()));
             }
             Ok(Uri::Unix(p.to_string()))
+        } else if let Some(n) = s.strip_prefix("fd:") {
+            match n.parse::<i32>() {
+                Ok(n) if n >= 0 => Ok(Uri::Fd(n)),
+                _ => Err(MigrationError::Uri(s.into())),
+            }
         } else {
             Err(MigrationError::Uri(s.into()))
         }
@@ -186,7 +195,34 @@ pub fn connect_secure(uri: &Uri, tls: Option<&TlsSetup>) -> Result<Box<dyn Chann
         }
         Uri::Unix(_) if tls.is_some() => Err(no_unix_tls()),
         Uri::Unix(p) => Ok(Box::new(UnixStream::connect(p)?)),
+        Uri::Fd(_) if tls.is_some() => Err(MigrationError::Tls("TLS migration needs a tcp: URI (not fd:)".into())),
+        Uri::Fd(n) => connect_fd(*n),
     }
+}
+
+/// A duplicate of the connected socket `n`, as a unix or TCP stream.
+fn connect_fd(n: i32) -> Result<Box<dyn Channel>> {
+    use std::os::fd::FromRawFd;
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int into `domain`.
+    let r = unsafe { libc::getsockopt(n, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut domain as *mut libc::c_int).cast(), &mut len) };
+    if r != 0 {
+        return Err(MigrationError::Io(std::io::Error::other(format!("fd:{n} is not a socket: {}", std::io::Error::last_os_error()))));
+    }
+    // SAFETY: duplicating a descriptor the caller keeps open; the duplicate is owned below.
+    let fd = unsafe { libc::fcntl(n, libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return Err(MigrationError::Io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh duplicate nobody else owns.
+    Ok(if domain == libc::AF_UNIX {
+        Box::new(unsafe { UnixStream::from_raw_fd(fd) })
+    } else {
+        let s = unsafe { TcpStream::from_raw_fd(fd) };
+        let _ = s.set_nodelay(true);
+        Box::new(s)
+    })
 }
 
 /// A bound listener waiting for one source.
@@ -203,6 +239,7 @@ impl Listener {
                 let _ = std::fs::remove_file(p);
                 Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
             }
+            Uri::Fd(_) => Err(MigrationError::Io(std::io::Error::other("an incoming migration on fd: is not supported"))),
         }
     }
 
@@ -343,7 +380,8 @@ mod tests {
         assert_eq!(Uri::parse("tcp:127.0.0.1:1").unwrap(), Uri::Tcp { host: "127.0.0.1".into(), port: 1 });
         assert_eq!(Uri::parse("tcp:[::1]:5").unwrap(), Uri::Tcp { host: "::1".into(), port: 5 });
         assert_eq!(Uri::parse("unix:/tmp/x").unwrap(), Uri::Unix("/tmp/x".into()));
-        for bad in ["tcp:host", "tcp:h:99999", "exec:cat", "unix:", "fd:3"] {
+        assert_eq!(Uri::parse("fd:3").unwrap(), Uri::Fd(3));
+        for bad in ["tcp:host", "tcp:h:99999", "exec:cat", "unix:", "fd:", "fd:-1", "fd:migrate"] {
             assert!(Uri::parse(bad).is_err(), "{bad}");
         }
     }
@@ -353,5 +391,19 @@ mod tests {
         let mut l = Limited::new(Vec::new(), 0);
         l.write_all(&[0u8; 10000]).unwrap();
         assert_eq!(l.written, 10000);
+    }
+
+    #[test]
+    fn fd_uri_connects_through_a_duplicate_of_the_socket() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut c = connect(&Uri::Fd(a.as_raw_fd())).unwrap();
+        assert_ne!(c.as_raw_fd(), a.as_raw_fd());
+        c.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        b.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert!(connect(&Uri::Fd(f.as_raw_fd())).is_err(), "not a socket");
+        assert!(Listener::bind(&Uri::Fd(3)).is_err());
     }
 }
