@@ -233,6 +233,19 @@ pub struct SharedDisk {
     format: ImageFormat,
     /// A running mirror job's write hook (taken under the backend lock, after it).
     mirror: Arc<Mutex<Option<mirror::Mirror>>>,
+    /// What the last mirror left: `Synced` after a ready mirror ended consistent, `Broken`
+    /// once the destination's copy is known incomplete (failed, cancelled before ready, or
+    /// written after the mirror ended). A migration switchover refuses a broken copy.
+    mirror_mark: Arc<Mutex<MirrorMark>>,
+}
+
+/// See [`SharedDisk::check_switchover`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum MirrorMark {
+    #[default]
+    None,
+    Synced,
+    Broken(String),
 }
 
 /// The drive's `nfs://` URL, when its image is on an NFS server (crate `nfs`).
@@ -296,6 +309,7 @@ impl SharedDisk {
             size,
             format,
             mirror: Arc::new(Mutex::new(None)),
+            mirror_mark: Arc::new(Mutex::new(MirrorMark::None)),
         })
     }
 
@@ -377,8 +391,44 @@ impl SharedDisk {
         if m.is_some() && slot.is_some() {
             return Err("the drive is already being mirrored by a block job".into());
         }
+        if m.is_some() {
+            *self.mirror_mark.lock().unwrap_or_else(|p| p.into_inner()) = MirrorMark::None;
+        }
         *slot = m;
         Ok(())
+    }
+
+    /// Records how a mirror of this disk ended (see `mirror_mark`).
+    pub fn set_mirror_mark(&self, mark: MirrorMark) {
+        *self.mirror_mark.lock().unwrap_or_else(|p| p.into_inner()) = mark;
+    }
+
+    /// A guest write after a mirror ended consistent: the destination's copy is now stale.
+    fn note_write_after_mirror(&self) {
+        let mut g = self.mirror_mark.lock().unwrap_or_else(|p| p.into_inner());
+        if *g == MirrorMark::Synced {
+            *g = MirrorMark::Broken("the guest wrote to the disk after the mirror ended".into());
+        }
+    }
+
+    /// Before a migration switchover (guest paused, disk queues drained): refuse when a
+    /// storage mirror of this disk would leave the destination with an incomplete copy — a
+    /// mirror still copying, or one that failed or ended before the guest stopped writing.
+    pub fn check_switchover(&self) -> Result<(), String> {
+        let name = self.spec.id.clone().unwrap_or_else(|| self.spec.file.display().to_string());
+        if let Some(m) = self.mirror() {
+            if !m.progress().ready {
+                return Err(format!(
+                    "drive '{name}' is being mirrored and the mirror is not ready: the destination's copy would be incomplete"
+                ));
+            }
+        }
+        match &*self.mirror_mark.lock().unwrap_or_else(|p| p.into_inner()) {
+            MirrorMark::Broken(why) => Err(format!(
+                "the storage mirror of drive '{name}' did not finish ({why}): the destination's copy is incomplete; start a new mirror"
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// `block-job-complete`: the drive continues on `new` (the mirror target); the old image
@@ -450,8 +500,9 @@ impl BlockBackend for DiskHandle {
         let mut g = self.io()?;
         let b = g.as_mut().ok_or_else(gone)?;
         b.write_at(off, buf)?;
-        if let Some(m) = self.0.mirror() {
-            m.on_write(&mut **b, off, mirror::WriteKind::Data(buf));
+        match self.0.mirror() {
+            Some(m) => m.on_write(&mut **b, off, mirror::WriteKind::Data(buf)),
+            None => self.0.note_write_after_mirror(),
         }
         Ok(())
     }
@@ -468,8 +519,9 @@ impl BlockBackend for DiskHandle {
         let mut g = self.io()?;
         let b = g.as_mut().ok_or_else(gone)?;
         b.discard(off, len)?;
-        if let Some(m) = self.0.mirror() {
-            m.on_write(&mut **b, off, mirror::WriteKind::Discard(len));
+        match self.0.mirror() {
+            Some(m) => m.on_write(&mut **b, off, mirror::WriteKind::Discard(len)),
+            None => self.0.note_write_after_mirror(),
         }
         Ok(())
     }
@@ -477,8 +529,9 @@ impl BlockBackend for DiskHandle {
         let mut g = self.io()?;
         let b = g.as_mut().ok_or_else(gone)?;
         b.write_zeroes(off, len)?;
-        if let Some(m) = self.0.mirror() {
-            m.on_write(&mut **b, off, mirror::WriteKind::Zeroes(len));
+        match self.0.mirror() {
+            Some(m) => m.on_write(&mut **b, off, mirror::WriteKind::Zeroes(len)),
+            None => self.0.note_write_after_mirror(),
         }
         Ok(())
     }
@@ -693,6 +746,7 @@ mod tests {
                 size: 4096,
                 format: ImageFormat::Raw,
                 mirror: Arc::new(Mutex::new(None)),
+            mirror_mark: Arc::new(Mutex::new(MirrorMark::None)),
             };
             let mut dev = disk.device_backend();
             for _ in 0..5 {

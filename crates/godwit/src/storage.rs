@@ -10,7 +10,7 @@
 //! One VM per process, so the server, its exports and the added nodes live in one
 //! process-wide [`State`].
 
-use crate::drives::SharedDisk;
+use crate::drives::{MirrorMark, SharedDisk};
 use crate::machine::Machine;
 use monitor::block::{BlockCommand, BlockdevSpec, MirrorArgs, MirrorTargetSpec};
 use monitor::error::{CommandError, ErrorClass};
@@ -304,7 +304,7 @@ pub fn start_mirror(m: &Arc<Machine>, args: &MirrorArgs) -> Result<Arc<dyn Block
     if let Some(b) = &busy {
         b.store(true, Ordering::SeqCst);
     }
-    Ok(Arc::new(MirrorJob { mirror, disk: d.clone(), busy }))
+    Ok(Arc::new(MirrorJob { mirror, disk: d.clone(), busy, pivot: AtomicBool::new(false) }))
 }
 
 /// A mirror job as the monitor's registry drives it.
@@ -312,6 +312,8 @@ struct MirrorJob {
     mirror: mirror::Mirror,
     disk: SharedDisk,
     busy: Option<Arc<AtomicBool>>,
+    /// `block-job-complete` was asked: the drive moves onto the target.
+    pivot: AtomicBool,
 }
 
 /// The drive, as the mirror engine reads it.
@@ -343,10 +345,20 @@ impl BlockJobDriver for MirrorJob {
             b.store(false, Ordering::SeqCst);
         }
         match end {
-            mirror::JobEnd::Completed => BlockJobEnd::Completed,
-            mirror::JobEnd::Cancelled => BlockJobEnd::Cancelled,
+            mirror::JobEnd::Completed => {
+                // Cancelled when ready: the target is a copy as of now (stale after the next
+                // guest write). Completed: the drive runs on the target itself.
+                let pivoted = self.pivot.load(Ordering::SeqCst);
+                self.disk.set_mirror_mark(if pivoted { MirrorMark::None } else { MirrorMark::Synced });
+                BlockJobEnd::Completed
+            }
+            mirror::JobEnd::Cancelled => {
+                self.disk.set_mirror_mark(MirrorMark::Broken("the mirror was cancelled before it was ready".into()));
+                BlockJobEnd::Cancelled
+            }
             mirror::JobEnd::Failed(e) => {
                 tracing::warn!("mirror of '{}' failed: {e}", self.disk.spec.file.display());
+                self.disk.set_mirror_mark(MirrorMark::Broken(e.clone()));
                 BlockJobEnd::Failed(e)
             }
         }
@@ -355,7 +367,12 @@ impl BlockJobDriver for MirrorJob {
         self.mirror.cancel(force);
     }
     fn complete(&self) -> Result<(), CommandError> {
-        self.mirror.complete().map_err(err)
+        // Marked first: the job may end as soon as `complete` is accepted.
+        self.pivot.store(true, Ordering::SeqCst);
+        self.mirror.complete().map_err(|e| {
+            self.pivot.store(false, Ordering::SeqCst);
+            err(e)
+        })
     }
     fn set_speed(&self, bps: u64) {
         self.mirror.set_speed(bps);

@@ -58,6 +58,10 @@ impl MigratableVm for VmHandle {
     }
     fn before_switchover(&self) -> Result<(), String> {
         self.vm.quiesce().map_err(|e| e.to_string())?;
+        // Storage migration: the destination's disks must be complete copies.
+        for d in &self.disks {
+            d.check_switchover()?;
+        }
         for d in &self.disks {
             d.release()?;
         }

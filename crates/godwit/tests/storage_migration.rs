@@ -634,3 +634,62 @@ fn mirror_into_qemu_nbd_and_complete_pivots_the_drive() {
     let (code, out) = qemu_img_check(&di);
     assert_eq!(code, 0, "qemu-nbd's image: {out}");
 }
+
+/// A migration whose switchover would leave the destination with an incomplete disk is
+/// refused and the source resumes: the mirror not ready yet, or (through a relay) the NBD link
+/// cut during the RAM migration so the ready mirror fails on the next guest write.
+fn switchover_refused(name: &str, cut_link: bool) {
+    let dir = tmpdir(name);
+    let (si, di) = images(&dir);
+    let (nbd_port, mig_port) = (free_port(), free_port());
+    let incoming = format!("tcp:127.0.0.1:{mig_port}");
+    let mut dst = start(&dir, "dst", &di, &["-incoming", &incoming]);
+    dst.vm.wait_stderr("waiting for an incoming migration", T);
+    dst.qmp.ok("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": nbd_port.to_string()}}}));
+    dst.qmp.ok("nbd-server-add", json!({"device": "drive-virtio-disk0", "writable": true}));
+    let relay = Relay::start(nbd_port);
+    let mut src = source(&dir, &si);
+    let speed = if cut_link { 0 } else { 256 * 1024 };
+    src.qmp.ok(
+        "drive-mirror",
+        json!({"device": "drive-virtio-disk0", "job-id": "sw", "sync": "full", "mode": "existing", "format": "raw",
+               "speed": speed, "target": format!("nbd://127.0.0.1:{}/drive-virtio-disk0", relay.port)}),
+    );
+    if cut_link {
+        src.qmp.wait_event("BLOCK_JOB_READY", |d| d["device"] == "sw");
+        // Slow live phase (the link is cut in it), then a switchover whatever is left.
+        src.qmp.ok("migrate-set-parameters", json!({"max-bandwidth": 8 << 20, "downtime-limit": 60000}));
+    }
+    src.qmp.ok("migrate", json!({"uri": format!("tcp:127.0.0.1:{mig_port}")}));
+    if cut_link {
+        std::thread::sleep(Duration::from_millis(300));
+        relay.cut();
+        let done = src.qmp.wait_event("BLOCK_JOB_COMPLETED", |d| d["device"] == "sw");
+        assert!(done["data"]["error"].as_str().is_some(), "{done}");
+    }
+    let m = src.qmp.wait_migration();
+    assert_eq!(m["status"], "failed", "{m}");
+    let why = m["error-desc"].as_str().unwrap_or("").to_string();
+    assert!(why.contains("mirror"), "the refusal names the mirror: {why}");
+    assert_eq!(src.qmp.status(), "running");
+    if !cut_link {
+        src.qmp.ok("block-job-cancel", json!({"device": "sw"}));
+        src.qmp.wait_event("BLOCK_JOB_CANCELLED", |d| d["device"] == "sw");
+    }
+    src.vm.wait_for("HEARTBEAT", T);
+    src.vm.send(b"v");
+    src.vm.wait_for("LEDGER OK", T);
+    let d = src.vm.wait_for("DISK ", T);
+    assert!(d.starts_with("DISK OK"), "{d}");
+    let _ = dst.vm.child.kill();
+}
+
+#[test]
+fn switchover_refused_while_the_mirror_is_not_ready() {
+    switchover_refused("stor-notready", false);
+}
+
+#[test]
+fn nbd_link_cut_during_migration_fails_the_migration_not_the_guest() {
+    switchover_refused("stor-cut-mig", true);
+}
