@@ -226,6 +226,22 @@ fn blockdevs_to_drives(nodes: &[String]) -> Result<Vec<String>, String> {
     Ok(drives)
 }
 
+/// The key=value form of the objects handled here (`secret,id=..,file=..`,
+/// `memory-backend-ram,id=..,size=BYTES`, as libvirt writes them when the schema has no
+/// `object-add`) as the JSON members; `None` for other types.
+fn legacy_object(spec: &str) -> Option<Map<String, Value>> {
+    let ty = spec.split(',').next()?;
+    if !matches!(ty, "secret" | "memory-backend-ram") {
+        return None;
+    }
+    let mut m = Map::new();
+    m.insert("qom-type".into(), Value::String(ty.into()));
+    for (k, v) in kv(spec).skip(1) {
+        m.insert(k.into(), Value::String(v.into()));
+    }
+    Some(m)
+}
+
 /// `-name guest=N[,debug-threads=on]` or `-name N`: the name. Godwit's threads always carry
 /// names (`vcpu0`, ...), so `debug-threads` changes nothing.
 fn parse_name(v: &str) -> Result<String, String> {
@@ -254,11 +270,17 @@ pub fn finish(o: &mut Options) -> Result<(), String> {
     let mut objects = Vec::new();
     let mut ram_backends: Vec<(String, u64)> = Vec::new();
     for spec in std::mem::take(&mut o.objects) {
-        if !spec.trim_start().starts_with('{') {
-            objects.push(spec);
-            continue;
-        }
-        let m = json_obj(&spec).map_err(|e| format!("-object {spec}: {e}"))?;
+        let m = if spec.trim_start().starts_with('{') {
+            json_obj(&spec).map_err(|e| format!("-object {spec}: {e}"))?
+        } else {
+            match legacy_object(&spec) {
+                Some(m) => m,
+                None => {
+                    objects.push(spec); // tls-creds-*, read by the migration crate
+                    continue;
+                }
+            }
+        };
         let err = |e: &str| format!("-object {spec}: {e}");
         let id = str_member(&m, "id").map_err(|e| err(&e))?.ok_or_else(|| err("id is required"))?;
         match str_member(&m, "qom-type").map_err(|e| err(&e))? {
@@ -278,14 +300,19 @@ pub fn finish(o: &mut Options) -> Result<(), String> {
                 for (k, v) in &m {
                     let ok = match k.as_str() {
                         "qom-type" | "id" | "size" => true,
-                        "share" | "prealloc" => v == &Value::Bool(false),
+                        "share" | "prealloc" => v == &Value::Bool(false) || v == "off" || v == "false",
                         _ => false,
                     };
                     if !ok {
                         return Err(err(&format!("memory-backend-ram property '{k}={v}' is not supported")));
                     }
                 }
-                let size = m.get("size").and_then(Value::as_u64).ok_or_else(|| err("size (bytes) is required"))?;
+                let size = match m.get("size") {
+                    Some(Value::Number(n)) => n.as_u64(),
+                    Some(Value::String(t)) => t.parse::<u64>().ok(),
+                    _ => None,
+                };
+                let size = size.ok_or_else(|| err("size (bytes) is required"))?;
                 ram_backends.push((id.to_string(), size));
             }
             Some("tls-creds-x509") | Some("tls-creds-psk") => objects.push(to_keyval(&m, "qom-type").map_err(|e| err(&e))?),
@@ -413,7 +440,14 @@ mod tests {
         assert!(o.objects.is_empty() && o.devices.is_empty());
         assert_eq!(o.serial, SerialTarget::None);
         assert_eq!(o.compat.extra.serial_pty.as_deref(), Some("charserial0"));
+        // The key=value forms libvirt uses when the schema has no object-add.
+        let legacy_secret = format!("secret,id=masterKey0,format=raw,file={}", key.display());
+        let o = parse(&["-object", &legacy_secret, "-machine", "microvm,memory-backend=microvm.ram", "-m", "128",
+                        "-object", "memory-backend-ram,id=microvm.ram,size=134217728"]).unwrap();
+        assert!(o.objects.is_empty());
         let e = |a: &[&str]| parse(a).unwrap_err();
+        assert!(e(&["-machine", "microvm,memory-backend=r", "-object", "memory-backend-ram,id=r,size=1"]).contains("differs"));
+        assert!(e(&["-object", "memory-backend-ram,id=r,size=1,share=on"]).contains("share"));
         assert!(e(&["-machine", "microvm,memory-backend=r", "-m", "128", "-object", r#"{"qom-type":"memory-backend-ram","id":"r","size":1}"#]).contains("differs"));
         assert!(e(&["-machine", "microvm,memory-backend=r"]).contains("no -object"));
         assert!(e(&["-object", r#"{"qom-type":"memory-backend-file","id":"r","size":1}"#]).contains("not supported"));
