@@ -1,0 +1,163 @@
+//! Godwit as libvirt's emulator: a libvirt session daemon (Debian's libvirt 9.0, run as an
+//! unprivileged user when the test runs as root) probes the binary (`virsh domcapabilities`
+//! must show microvm, kvm, host-passthrough), then `virsh define` + `virsh start` a microvm
+//! domain running the test guest on a qcow2 disk, with the serial port on a pty: the guest
+//! must boot and pass its memory and disk checks, and `virsh destroy` must end it.
+//! Needs the Debian packages libvirt-daemon, libvirt-daemon-driver-qemu and libvirt-clients.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(120);
+
+fn have(tool: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+struct Session {
+    dir: PathBuf,
+    daemon: Child,
+    as_root: bool,
+}
+
+impl Session {
+    fn env(&self, c: &mut Command) {
+        let d = &self.dir;
+        c.env("HOME", d.join("home"))
+            .env("XDG_CONFIG_HOME", d.join("cfg"))
+            .env("XDG_RUNTIME_DIR", d.join("run"))
+            .env("XDG_CACHE_HOME", d.join("cache"));
+    }
+    fn cmd(&self, prog: &str) -> Command {
+        let mut c = if self.as_root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=nobody", "--regid=nogroup", "--groups=kvm", prog]);
+            c
+        } else {
+            Command::new(prog)
+        };
+        self.env(&mut c);
+        c
+    }
+    fn start(dir: &Path) -> Session {
+        assert!(
+            have("libvirtd") && have("virsh"),
+            "this test needs libvirt: apt-get install libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients"
+        );
+        // SAFETY: getuid has no preconditions.
+        let as_root = unsafe { libc::getuid() } == 0;
+        for sub in ["home", "cfg", "run", "cache", "img"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        if as_root {
+            let st = Command::new("chown").args(["-R", "nobody:nogroup"]).arg(dir).status().unwrap();
+            assert!(st.success());
+            Command::new("chmod").args(["-R", "a+rX"]).arg(dir).status().unwrap();
+        }
+        let mut s = Session { dir: dir.to_path_buf(), daemon: Command::new("true").spawn().unwrap(), as_root };
+        let _ = s.daemon.wait();
+        let log = std::fs::File::create(dir.join("libvirtd.log")).unwrap();
+        s.daemon = s.cmd("libvirtd").args(["--timeout", "0"]).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
+        let sock = dir.join("run/libvirt/libvirt-sock");
+        let t0 = Instant::now();
+        while !sock.exists() {
+            assert!(t0.elapsed() < T, "libvirtd did not start: {}", s.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("libvirtd.log")).unwrap_or_default()
+    }
+    fn virsh(&self, args: &[&str]) -> String {
+        let uri = format!("qemu+unix:///session?socket={}", self.dir.join("run/libvirt/libvirt-sock").display());
+        let out = self.cmd("virsh").arg("-c").arg(uri).args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        let dom_log = std::fs::read_to_string(self.dir.join("cache/libvirt/qemu/log/gw.log")).unwrap_or_default();
+        assert!(out.status.success(), "virsh {args:?}: {text}\ndomain log:\n{dom_log}");
+        text
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+#[test]
+fn virsh_probes_starts_and_destroys_a_godwit_domain() {
+    require_kvm();
+    let dir = tmpdir("libvirt-virsh");
+    let s = Session::start(&dir);
+    // Binaries where the unprivileged daemon can read them.
+    let (emu, kernel, disk) = (dir.join("img/godwit"), dir.join("img/guest"), dir.join("img/disk.qcow2"));
+    std::fs::copy(godwit_bin(), &emu).unwrap();
+    std::fs::copy(guest_bin(), &kernel).unwrap();
+    create_image(&disk, "qcow2", "16M");
+    if s.as_root {
+        Command::new("chown").args(["-R", "nobody:nogroup"]).arg(dir.join("img")).status().unwrap();
+    }
+    let caps = s.virsh(&["domcapabilities", "--emulatorbin", emu.to_str().unwrap(), "--machine", "microvm", "--virttype", "kvm"]);
+    for want in ["<machine>microvm</machine>", "<domain>kvm</domain>", "<mode name='host-passthrough' supported='yes'>"] {
+        assert!(caps.contains(want), "{want} missing:\n{caps}");
+    }
+    let xml = format!(
+        "<domain type='kvm'><name>gw</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='microvm'>hvm</type><kernel>{}</kernel>\
+         <cmdline>mode=dirty mib=8 rate=5 disk=on disk_mib=2 hb_ms=100 cpus=1</cmdline></os>\
+         <cpu mode='host-passthrough'/><devices><emulator>{}</emulator>\
+         <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/>\
+         <target dev='vda' bus='virtio'/><address type='virtio-mmio'/></disk>\
+         <controller type='usb' model='none'/><serial type='pty'/><memballoon model='none'/></devices></domain>",
+        kernel.display(),
+        emu.display(),
+        disk.display()
+    );
+    let xml_path = dir.join("gw.xml");
+    std::fs::write(&xml_path, xml).unwrap();
+    if s.as_root {
+        Command::new("chown").arg("nobody").arg(&xml_path).status().unwrap();
+    }
+    s.virsh(&["define", xml_path.to_str().unwrap()]);
+    s.virsh(&["start", "gw"]);
+    assert!(s.virsh(&["domstate", "gw"]).contains("running"));
+    let pty = s.virsh(&["ttyconsole", "gw"]).trim().to_string();
+    assert!(pty.starts_with("/dev/pts/"), "{pty}");
+    let mut serial = std::fs::OpenOptions::new().read(true).write(true).open(&pty).unwrap();
+    let reader = serial.try_clone().unwrap();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(reader).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let wait = |pat: &str| {
+        let t0 = Instant::now();
+        loop {
+            let left = T.checked_sub(t0.elapsed()).unwrap_or_else(|| panic!("no {pat:?} from the guest"));
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains(pat) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("no {pat:?} from the guest"),
+            }
+        }
+    };
+    wait("HEARTBEAT");
+    serial.write_all(b"v").unwrap();
+    wait("LEDGER OK");
+    wait("DISK OK");
+    s.virsh(&["destroy", "gw"]);
+    assert!(s.virsh(&["domstate", "gw"]).contains("shut off"));
+    s.virsh(&["undefine", "gw"]);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
