@@ -178,10 +178,15 @@ impl ParamValue for String {
     fn parse_hmp(_name: &str, _unit: Unit, s: &str) -> Result<Self, String> {
         Ok(s.to_string())
     }
+    /// QEMU's `StrOrNull`: `null` resets the value (to empty, which means "off").
     fn from_json(name: &str, v: &Value) -> Result<Self, String> {
-        v.as_str()
-            .map(str::to_string)
-            .ok_or_else(|| format!("Invalid parameter type for '{name}', expected: string"))
+        match v {
+            Value::Null => Ok(String::new()),
+            _ => v
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("Invalid parameter type for '{name}', expected: string")),
+        }
     }
     fn show(&self, _unit: Unit) -> String {
         format!("'{self}'")
@@ -581,6 +586,8 @@ mod tests {
         assert_eq!(q.tls_creds.as_deref(), Some("tls1"));
         assert_eq!(q.multifd_compression, Some(MultifdCompression::Zlib));
         assert_eq!(serde_json::to_value(&q).unwrap(), args);
+        let off = json!({"tls-creds": null});
+        assert_eq!(MigrationParameters::from_qmp(off.as_object().unwrap()).unwrap().tls_creds.as_deref(), Some(""));
         let bad = json!({"tls-creds": 5});
         assert!(MigrationParameters::from_qmp(bad.as_object().unwrap()).unwrap_err().contains("expected: string"));
     }
