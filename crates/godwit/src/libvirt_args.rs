@@ -149,10 +149,28 @@ fn bool_member(m: &Map<String, Value>, k: &str) -> Result<Option<bool>, String> 
     }
 }
 
+/// A node's `cache: {direct, no-flush}` as a `-drive cache=` mode (what the file node says
+/// is what the drive uses; libvirt repeats it on the format node).
+fn cache_mode(m: &Map<String, Value>) -> Result<&'static str, String> {
+    let Some(c) = m.get("cache") else { return Ok("writeback") };
+    let c = c.as_object().ok_or("'cache' must be an object")?;
+    for k in c.keys() {
+        if !matches!(k.as_str(), "direct" | "no-flush") {
+            return Err(format!("cache property '{k}' is not supported"));
+        }
+    }
+    match (bool_member(c, "direct")?.unwrap_or(false), bool_member(c, "no-flush")?.unwrap_or(false)) {
+        (false, false) => Ok("writeback"),
+        (true, false) => Ok("none"),
+        (false, true) => Ok("unsafe"),
+        (true, true) => Err("cache direct + no-flush together are not supported".into()),
+    }
+}
+
 /// `-blockdev` nodes → `-drive` specs named by the format node (which the device's `drive=`
 /// names). A file node stands alone as a raw drive only if nothing uses it as `file`.
 fn blockdevs_to_drives(nodes: &[String]) -> Result<Vec<String>, String> {
-    let mut files: Vec<(String, String, bool)> = Vec::new(); // node-name, filename, read-only
+    let mut files: Vec<(String, String, bool, &str)> = Vec::new(); // node-name, filename, read-only, cache
     let mut formats: Vec<Map<String, Value>> = Vec::new();
     for text in nodes {
         let m = json_obj(text).map_err(|e| format!("-blockdev {text}: {e}"))?;
@@ -164,18 +182,19 @@ fn blockdevs_to_drives(nodes: &[String]) -> Result<Vec<String>, String> {
         match str_member(&m, "driver").map_err(err)? {
             Some("file") => {
                 for k in m.keys() {
-                    if !matches!(k.as_str(), "driver" | "node-name" | "filename" | "auto-read-only" | "discard" | "read-only") {
+                    if !matches!(k.as_str(), "driver" | "node-name" | "filename" | "auto-read-only" | "discard" | "read-only" | "cache") {
                         return Err(err(format!("file node property '{k}' is not supported")));
                     }
                 }
                 let filename = str_member(&m, "filename").map_err(err)?.ok_or_else(|| err("filename is required".into()))?;
                 let ro = bool_member(&m, "read-only").map_err(err)?.unwrap_or(false);
-                files.push((name, filename.to_string(), ro));
+                let cache = cache_mode(&m).map_err(err)?;
+                files.push((name, filename.to_string(), ro, cache));
             }
             Some("raw") | Some("qcow2") => {
                 for (k, v) in &m {
                     let ok = match k.as_str() {
-                        "driver" | "node-name" | "file" | "read-only" | "discard" => true,
+                        "driver" | "node-name" | "file" | "read-only" | "discard" | "cache" => true,
                         "backing" => v.is_null(),
                         _ => false,
                     };
@@ -183,6 +202,7 @@ fn blockdevs_to_drives(nodes: &[String]) -> Result<Vec<String>, String> {
                         return Err(err(format!("format node property '{k}' is not supported")));
                     }
                 }
+                cache_mode(&m).map_err(err)?;
                 formats.push(m);
             }
             Some(d) => return Err(err(format!("block driver '{d}' is not supported (file, raw, qcow2)"))),
@@ -194,7 +214,7 @@ fn blockdevs_to_drives(nodes: &[String]) -> Result<Vec<String>, String> {
     for f in &formats {
         let name = str_member(f, "node-name")?.unwrap_or_default();
         let child = str_member(f, "file")?.ok_or_else(|| format!("-blockdev {name}: 'file' (the file node) is required"))?;
-        let (_, path, file_ro) = files
+        let (_, path, file_ro, cache) = files
             .iter()
             .find(|x| x.0 == child)
             .ok_or_else(|| format!("-blockdev {name}: no file node named '{child}'"))?;
@@ -205,17 +225,17 @@ fn blockdevs_to_drives(nodes: &[String]) -> Result<Vec<String>, String> {
         let ro = bool_member(f, "read-only")?.unwrap_or(false) || *file_ro;
         let driver = str_member(f, "driver")?.unwrap_or("raw");
         drives.push(format!(
-            "file={},format={driver},if=none,id={},node-name={},readonly={}",
+            "file={},format={driver},if=none,id={},node-name={},readonly={},cache={cache}",
             esc(path),
             esc(name),
             esc(name),
             if ro { "on" } else { "off" }
         ));
     }
-    for (name, path, ro) in &files {
+    for (name, path, ro, cache) in &files {
         if !used.contains(&name.as_str()) {
             drives.push(format!(
-                "file={},format=raw,if=none,id={},node-name={},readonly={}",
+                "file={},format=raw,if=none,id={},node-name={},readonly={},cache={cache}",
                 esc(path),
                 esc(name),
                 esc(name),
@@ -402,7 +422,15 @@ mod tests {
             "-device", r#"{"driver":"virtio-blk-device","drive":"libvirt-1-format","id":"virtio-disk0","bootindex":1}"#,
         ])
         .unwrap();
-        assert_eq!(o.drives, vec!["file=/img/a,,b.qcow2,format=qcow2,if=none,id=libvirt-1-format,node-name=libvirt-1-format,readonly=off"]);
+        assert_eq!(o.drives, vec!["file=/img/a,,b.qcow2,format=qcow2,if=none,id=libvirt-1-format,node-name=libvirt-1-format,readonly=off,cache=writeback"]);
+        let o2 = parse(&[
+            "-blockdev", r#"{"driver":"file","filename":"/i","node-name":"s","cache":{"direct":true,"no-flush":false}}"#,
+            "-blockdev", r#"{"node-name":"f","driver":"raw","file":"s","cache":{"direct":true,"no-flush":false}}"#,
+        ])
+        .unwrap();
+        assert!(o2.drives[0].ends_with(",cache=none"), "{:?}", o2.drives);
+        assert!(parse(&["-blockdev", r#"{"driver":"file","filename":"/i","node-name":"s","cache":{"direct":true,"no-flush":true}}"#]).is_err());
+        assert!(parse(&["-blockdev", r#"{"driver":"file","filename":"/i","node-name":"s","cache":{"x":true}}"#]).is_err());
         assert_eq!(o.devices, vec!["virtio-blk-device,bootindex=1,drive=libvirt-1-format,id=virtio-disk0"]);
         let d = crate::drives::resolve(&o.drives, &o.devices).unwrap();
         assert_eq!(d[0].node_name.as_deref(), Some("libvirt-1-format"));
