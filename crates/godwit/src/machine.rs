@@ -151,6 +151,11 @@ impl Machine {
         self.mig.postcopy_start.store(false, std::sync::atomic::Ordering::SeqCst);
         // Mark the start before the thread runs so a query right after `migrate` sees it.
         self.mig.stats.lock().unwrap_or_else(|p| p.into_inner()).status = Status::Setup;
+        // As QEMU, MIGRATION "setup" goes out before `migrate` returns: libvirt follows the job
+        // by events alone and takes a reply with no status yet for a job that is not active.
+        if self.caps.events() {
+            self.events.emit(Event::Migration { status: MigrationStatus::Setup });
+        }
         let me = self.clone();
         let t = std::thread::Builder::new()
             .name("migration".into())
@@ -160,6 +165,7 @@ impl Machine {
                 // MIGRATION / MIGRATION_PASS only with the `events` capability, as QEMU.
                 let res = sender::migrate(&h, &uri, &me.mig, &|e| match e {
                     _ if !me.caps.events() => {}
+                    sender::Event::Status(Status::Setup) => {} // sent above
                     sender::Event::Status(s) => ev.emit(Event::Migration { status: status_of(s) }),
                     sender::Event::Pass(p) => ev.emit(Event::MigrationPass { pass: p }),
                 });
