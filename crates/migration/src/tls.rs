@@ -486,6 +486,7 @@ pub fn server(setup: &TlsSetup, mut tcp: TcpStream) -> Result<Box<dyn Channel>> 
     if let Err(e) = handshake(&mut conn, &mut tcp) {
         // Tell the peer why, if it speaks TLS at all.
         let _ = conn.write_tls(&mut tcp);
+        close_gently(&mut tcp);
         return Err(match e {
             TlsError::Rustls(rustls::Error::InvalidMessage(_)) => {
                 TlsError::Auth(format!("the peer does not speak TLS (plain migration stream?): {e}"))
@@ -512,6 +513,7 @@ pub fn server(setup: &TlsSetup, mut tcp: TcpStream) -> Result<Box<dyn Channel>> 
             .filter(|_| setup.authz.as_ref().is_none_or(|a| *a == user));
         let Some(k) = ok else {
             let _ = tls_write(&mut conn, &mut tcp, &[0]);
+            close_gently(&mut tcp);
             let why = if setup.authz.as_ref().is_some_and(|a| *a != user) { "is not authorized by tls-authz" } else { "does not hold the pre-shared key" };
             return Err(TlsError::Auth(format!("the client '{user}' {why}")));
         };
@@ -527,6 +529,7 @@ pub fn server(setup: &TlsSetup, mut tcp: TcpStream) -> Result<Box<dyn Channel>> 
             if &dn != want {
                 conn.send_close_notify();
                 let _ = conn.write_tls(&mut tcp);
+                close_gently(&mut tcp);
                 return Err(TlsError::Auth(format!("the client '{dn}' is not authorized by tls-authz")));
             }
         }
@@ -534,6 +537,21 @@ pub fn server(setup: &TlsSetup, mut tcp: TcpStream) -> Result<Box<dyn Channel>> 
     }
     tcp.set_read_timeout(None)?;
     Ok(Box::new(pump(conn, tcp)?))
+}
+
+/// Ends a refused connection so the peer reads our alert or answer: closing with its bytes
+/// unread would reset the connection and could discard them on the peer's side.
+fn close_gently(tcp: &mut TcpStream) {
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+    let _ = tcp.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut sink = [0u8; 4096];
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(200) {
+        match tcp.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
 }
 
 /// State shared by a secured channel's handles and its pumps.
