@@ -32,11 +32,32 @@ pub(crate) fn one_file(pos: &[String]) -> Result<&str, CliError> {
     }
 }
 
+/// The image's `nfs://` URL, when it is on an NFS server (crate `nfs`, through libnfs).
+fn nfs_url(file: &str) -> Result<Option<nfs::NfsUrl>, CliError> {
+    if !nfs::is_nfs_url(file) {
+        return Ok(None);
+    }
+    nfs::NfsUrl::parse(file)
+        .map(Some)
+        .map_err(|e| CliError::Nfs(format!("Could not open '{file}': {e}")))
+}
+
+fn nfs_err(file: &str) -> impl FnOnce(nfs::OpenError) -> CliError + '_ {
+    move |e| CliError::Nfs(format!("Could not open '{file}': {e}"))
+}
+
 pub(crate) fn open_any(
     file: &str,
     fmt: Option<ImageFormat>,
     read_only: bool,
 ) -> Result<Box<dyn BlockBackend>, CliError> {
+    let opts = OpenOptions {
+        read_only,
+        ..Default::default()
+    };
+    if let Some(url) = nfs_url(file)? {
+        return nfs::open_image(&url, fmt, &opts, !read_only).map_err(nfs_err(file));
+    }
     crate::chain::refuse_if_backing(file, read_only)?;
     qcow2::open(
         file,
@@ -50,6 +71,16 @@ pub(crate) fn open_any(
 }
 
 pub(crate) fn open_qcow2(file: &str, read_only: bool) -> Result<Qcow2, CliError> {
+    if let Some(url) = nfs_url(file)? {
+        let opts = OpenOptions {
+            read_only,
+            ..Default::default()
+        };
+        let s = nfs::NfsStorage::open(&url, nfs::nfs_options(&opts, !read_only))
+            .map_err(|e| nfs_err(file)(e.into()))?;
+        return Qcow2::open_storage(Box::new(s), &opts)
+            .map_err(img_err(format!("Could not open '{file}'")));
+    }
     crate::chain::refuse_if_backing(file, read_only)?;
     Qcow2::open(
         file,
@@ -269,7 +300,10 @@ pub fn check(argv: &[String]) -> R {
     let fmt = fmt_arg(a.opt("-f"))?;
     let fmt = match fmt {
         Some(f) => f,
-        None => qcow2::probe(file).map_err(img_err(format!("Could not open '{file}'")))?,
+        None => match nfs_url(file)? {
+            Some(url) => nfs::probe(&url).map_err(nfs_err(file))?,
+            None => qcow2::probe(file).map_err(img_err(format!("Could not open '{file}'")))?,
+        },
     };
     if fmt == ImageFormat::Raw {
         eprintln!("godwit-img: This image format does not support checks");

@@ -20,6 +20,9 @@ pub enum CliError {
     /// Other I/O.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    /// An image on NFS that could not be reached or opened.
+    #[error("{0}")]
+    Nfs(String),
 }
 
 /// Parsed arguments: options with values, flags, positionals.
