@@ -2,7 +2,10 @@
 //! unprivileged user when the test runs as root) probes the binary (`virsh domcapabilities`
 //! must show microvm, kvm, host-passthrough), then `virsh define` + `virsh start` a microvm
 //! domain running the test guest on a qcow2 disk, with the serial port on a pty: the guest
-//! must boot and pass its memory and disk checks, and `virsh destroy` must end it.
+//! must boot and pass its memory and disk checks, and `virsh destroy` must end it. A second test
+//! runs two daemons and moves a domain with `virsh migrate --live` (shared image) and back with
+//! `virsh migrate --live --copy-storage-all` (a separate image): the guest's heartbeats go on
+//! and its memory ledger and disk checks pass on each destination.
 //! Needs the Debian packages libvirt-daemon, libvirt-daemon-driver-qemu and libvirt-clients.
 
 mod common;
@@ -74,8 +77,11 @@ impl Session {
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("libvirtd.log")).unwrap_or_default()
     }
+    fn uri(&self) -> String {
+        format!("qemu+unix:///session?socket={}", self.dir.join("run/libvirt/libvirt-sock").display())
+    }
     fn virsh(&self, args: &[&str]) -> String {
-        let uri = format!("qemu+unix:///session?socket={}", self.dir.join("run/libvirt/libvirt-sock").display());
+        let uri = self.uri();
         let out = self.cmd("virsh").arg("-c").arg(uri).args(args).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         let dom_log = std::fs::read_to_string(self.dir.join("cache/libvirt/qemu/log/gw.log")).unwrap_or_default();
@@ -86,6 +92,8 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        // A domain left running by a failed test would outlive its daemon.
+        let _ = self.cmd("virsh").arg("-c").arg(self.uri()).args(["destroy", "gw"]).output();
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
     }
@@ -93,6 +101,10 @@ impl Drop for Session {
 
 #[test]
 fn virsh_probes_starts_and_destroys_a_godwit_domain() {
+    single_domain();
+}
+
+fn single_domain() {
     require_kvm();
     let dir = tmpdir("libvirt-virsh");
     let s = Session::start(&dir);
@@ -159,5 +171,128 @@ fn virsh_probes_starts_and_destroys_a_godwit_domain() {
     assert!(s.virsh(&["domstate", "gw"]).contains("shut off"));
     s.virsh(&["undefine", "gw"]);
     drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The guest's serial pty: lines in, bytes out.
+struct Pty {
+    file: std::fs::File,
+    rx: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Pty {
+    fn open(s: &Session) -> Pty {
+        let path = s.virsh(&["ttyconsole", "gw"]).trim().to_string();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let reader = file.try_clone().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(reader).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        Pty { file, rx, seen: Vec::new() }
+    }
+    fn wait(&mut self, pat: &str) -> String {
+        let t0 = Instant::now();
+        loop {
+            let left = T.checked_sub(t0.elapsed()).unwrap_or_else(|| panic!("no {pat:?}: {:?}", self.seen.last()));
+            match self.rx.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(pat) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!("no {pat:?} from the guest; last: {:?}", self.seen.last()),
+            }
+        }
+    }
+    /// The highest heartbeat number seen (after draining what is buffered).
+    fn last_seq(&mut self) -> u64 {
+        while let Ok(l) = self.rx.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(l);
+        }
+        self.seen.iter().filter(|l| l.contains("HEARTBEAT")).filter_map(|l| field(l, "seq")).max().unwrap_or(0)
+    }
+    fn check(&mut self) {
+        self.file.write_all(b"v").unwrap();
+        self.wait("LEDGER OK");
+        self.wait("DISK OK");
+    }
+}
+
+fn domain_xml(kernel: &Path, emu: &Path, disk: &Path) -> String {
+    format!(
+        "<domain type='kvm'><name>gw</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='microvm'>hvm</type><kernel>{}</kernel>\
+         <cmdline>mode=dirty mib=8 rate=5 disk=on disk_mib=2 hb_ms=100 cpus=1</cmdline></os>\
+         <cpu mode='host-passthrough'/><devices><emulator>{}</emulator>\
+         <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/><source file='{}'/>\
+         <target dev='vda' bus='virtio'/><address type='virtio-mmio'/></disk>\
+         <controller type='usb' model='none'/><serial type='pty'/><memballoon model='none'/></devices></domain>",
+        kernel.display(),
+        emu.display(),
+        disk.display()
+    )
+}
+
+fn give_to_nobody(s: &Session, p: &Path) {
+    if s.as_root {
+        assert!(Command::new("chown").args(["-R", "nobody:nogroup"]).arg(p).status().unwrap().success());
+    }
+}
+
+#[test]
+fn virsh_migrate_live_and_copy_storage_all_between_two_daemons() {
+    require_kvm();
+    let dir = tmpdir("libvirt-virsh-mig");
+    let (a, b) = (Session::start(&dir.join("a")), Session::start(&dir.join("b")));
+    let img = dir.join("img");
+    std::fs::create_dir_all(&img).unwrap();
+    let (emu, kernel, disk, disk2) = (img.join("godwit"), img.join("guest"), img.join("disk.qcow2"), img.join("disk2.qcow2"));
+    std::fs::copy(godwit_bin(), &emu).unwrap();
+    std::fs::copy(guest_bin(), &kernel).unwrap();
+    create_image(&disk, "qcow2", "16M");
+    create_image(&disk2, "qcow2", "16M");
+    let xml = dir.join("gw.xml");
+    std::fs::write(&xml, domain_xml(&kernel, &emu, &disk)).unwrap();
+    give_to_nobody(&a, &dir);
+    let _ = Command::new("chmod").args(["-R", "a+rX"]).arg(&dir).status();
+    a.virsh(&["define", xml.to_str().unwrap()]);
+    a.virsh(&["start", "gw"]);
+    let mut on_a = Pty::open(&a);
+    on_a.wait("HEARTBEAT");
+    // 1. Live, shared image (--unsafe: a local file is not storage libvirt knows to be shared).
+    a.virsh(&["migrate", "--live", "--unsafe", "gw", &b.uri(), "--migrateuri", "tcp://127.0.0.1"]);
+    assert!(b.virsh(&["domstate", "gw"]).contains("running"));
+    assert!(a.virsh(&["domstate", "gw"]).contains("shut off"), "the source domain is gone");
+    let before = on_a.last_seq();
+    let mut on_b = Pty::open(&b);
+    let first = field(&on_b.wait("HEARTBEAT"), "seq").unwrap();
+    assert!(first > before && before > 0, "heartbeats go on: {before} then {first}");
+    on_b.check();
+    // 2. Back, copying the disk to a separate image (NBD + blockdev-mirror under libvirt).
+    let back = b.virsh(&["dumpxml", "--migratable", "gw"]).replace(disk.to_str().unwrap(), disk2.to_str().unwrap());
+    let back_xml = dir.join("back.xml");
+    std::fs::write(&back_xml, back).unwrap();
+    give_to_nobody(&a, &back_xml);
+    b.virsh(&["migrate", "--live", "--copy-storage-all", "--xml", back_xml.to_str().unwrap(), "gw", &a.uri(), "--migrateuri", "tcp://127.0.0.1"]);
+    assert!(a.virsh(&["domstate", "gw"]).contains("running"));
+    assert!(!b.virsh(&["list", "--all"]).contains("gw"), "the transient source domain is gone");
+    assert!(a.virsh(&["domblklist", "gw"]).contains("disk2.qcow2"));
+    let before = on_b.last_seq();
+    let mut on_a = Pty::open(&a);
+    let first = field(&on_a.wait("HEARTBEAT"), "seq").unwrap();
+    assert!(first > before, "heartbeats go on: {before} then {first}");
+    on_a.check();
+    a.virsh(&["destroy", "gw"]);
+    a.virsh(&["undefine", "gw"]);
+    drop((a, b));
+    let (code, out) = qemu_img_check(&disk2);
+    assert_eq!(code, 0, "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
