@@ -225,15 +225,26 @@ impl Pty {
     }
 }
 
-fn domain_xml(kernel: &Path, emu: &Path, disk: &Path) -> String {
+/// The domain; for QEMU, its virtio-mmio transports in virtio 1.x mode (QEMU 7.2's microvm
+/// defaults them to legacy, which the test guest does not drive), through libvirt's
+/// `qemu:commandline` passthrough.
+fn domain_xml(kernel: &Path, emu: &Path, disk: &Path, qemu: bool) -> String {
+    let (ns, extra) = if qemu {
+        (
+            " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'",
+            "<qemu:commandline><qemu:arg value='-global'/><qemu:arg value='virtio-mmio.force-legacy=false'/></qemu:commandline>",
+        )
+    } else {
+        ("", "")
+    };
     format!(
-        "<domain type='kvm'><name>gw</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>\
+        "<domain type='kvm'{ns}><name>gw</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>\
          <os><type arch='x86_64' machine='microvm'>hvm</type><kernel>{}</kernel>\
          <cmdline>mode=dirty mib=8 rate=5 disk=on disk_mib=2 hb_ms=100 cpus=1</cmdline></os>\
          <cpu mode='host-passthrough'/><devices><emulator>{}</emulator>\
          <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/><source file='{}'/>\
          <target dev='vda' bus='virtio'/><address type='virtio-mmio'/></disk>\
-         <controller type='usb' model='none'/><serial type='pty'/><memballoon model='none'/></devices></domain>",
+         <controller type='usb' model='none'/><serial type='pty'/><memballoon model='none'/></devices>{extra}</domain>",
         kernel.display(),
         emu.display(),
         disk.display()
@@ -248,18 +259,37 @@ fn give_to_nobody(s: &Session, p: &Path) {
 
 #[test]
 fn virsh_migrate_live_and_copy_storage_all_between_two_daemons() {
+    migrate_round_trip("godwit", None);
+}
+
+/// The same harness with QEMU 7.2 as `<emulator>` (Debian's qemu-system-x86), for comparison.
+#[test]
+fn virsh_migrate_round_trip_with_qemu_as_emulator() {
+    let qemu = PathBuf::from("/usr/bin/qemu-system-x86_64");
+    assert!(qemu.exists(), "this test needs QEMU 7.2: apt-get install qemu-system-x86");
+    migrate_round_trip("qemu", Some(qemu));
+}
+
+fn migrate_round_trip(tag: &str, emulator: Option<PathBuf>) {
     require_kvm();
-    let dir = tmpdir("libvirt-virsh-mig");
+    let dir = tmpdir(&format!("libvirt-virsh-mig-{tag}"));
     let (a, b) = (Session::start(&dir.join("a")), Session::start(&dir.join("b")));
     let img = dir.join("img");
     std::fs::create_dir_all(&img).unwrap();
     let (emu, kernel, disk, disk2) = (img.join("godwit"), img.join("guest"), img.join("disk.qcow2"), img.join("disk2.qcow2"));
-    std::fs::copy(godwit_bin(), &emu).unwrap();
+    let is_qemu = emulator.is_some();
+    let emu = match emulator {
+        Some(e) => e,
+        None => {
+            std::fs::copy(godwit_bin(), &emu).unwrap();
+            emu
+        }
+    };
     std::fs::copy(guest_bin(), &kernel).unwrap();
     create_image(&disk, "qcow2", "16M");
     create_image(&disk2, "qcow2", "16M");
     let xml = dir.join("gw.xml");
-    std::fs::write(&xml, domain_xml(&kernel, &emu, &disk)).unwrap();
+    std::fs::write(&xml, domain_xml(&kernel, &emu, &disk, is_qemu)).unwrap();
     give_to_nobody(&a, &dir);
     let _ = Command::new("chmod").args(["-R", "a+rX"]).arg(&dir).status();
     a.virsh(&["define", xml.to_str().unwrap()]);
