@@ -2,38 +2,15 @@
 //! JSON), `map` with layer depths, `create -b`, `convert` (flattening and `-B`), `commit` and
 //! `rebase` (safe, `-u`, onto nothing) giving the same results as qemu-img on the same inputs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-const G: &str = env!("CARGO_BIN_EXE_godwit-img");
+mod common;
+use common::{run_in, s, G};
 
-struct Scratch(PathBuf);
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("godwit-img-chain-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self, n: &str) -> PathBuf {
-        self.0.join(n)
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::Scratch;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
-fn run_in(dir: &Path, tool: &str, args: &[&str]) -> Output {
-    Command::new(tool).current_dir(dir).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {tool}: {e} (qemu-img comes from Debian's qemu-utils; these tests never skip)")
-    })
-}
 
 fn ok(o: Output) -> String {
     assert!(
@@ -46,10 +23,10 @@ fn ok(o: Output) -> String {
 }
 
 fn qemu(dir: &Path, args: &[&str]) -> String {
-    ok(run_in(dir, "qemu-img", args))
+    ok(run_in(Some(dir), "qemu-img", args))
 }
 fn ours(dir: &Path, args: &[&str]) -> String {
-    ok(run_in(dir, G, args))
+    ok(run_in(Some(dir), G, args))
 }
 
 /// A chain made by qemu-img/qemu-io in `dir`: base (qcow2 or raw) <- mid <- top, relative
@@ -57,11 +34,11 @@ fn ours(dir: &Path, args: &[&str]) -> String {
 fn chain(dir: &Path, raw_base: bool) {
     let (base, bf) = if raw_base { ("base.raw", "raw") } else { ("base.qcow2", "qcow2") };
     qemu(dir, &["create", "-q", "-f", bf, base, "6M"]);
-    ok(run_in(dir, "qemu-io", &["-f", bf, "-c", "write -P 0x11 0 2M", "-c", "write -P 0x12 4M 1000", base]));
+    ok(run_in(Some(dir), "qemu-io", &["-f", bf, "-c", "write -P 0x11 0 2M", "-c", "write -P 0x12 4M 1000", base]));
     qemu(dir, &["create", "-q", "-f", "qcow2", "-b", base, "-F", bf, "mid.qcow2"]);
-    ok(run_in(dir, "qemu-io", &["-f", "qcow2", "-c", "write -P 0x21 100000 5000", "-c", "write -z 1M 128K", "-c", "write -P 0x22 3M 70000", "mid.qcow2"]));
+    ok(run_in(Some(dir), "qemu-io", &["-f", "qcow2", "-c", "write -P 0x21 100000 5000", "-c", "write -z 1M 128K", "-c", "write -P 0x22 3M 70000", "mid.qcow2"]));
     qemu(dir, &["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2"]);
-    ok(run_in(dir, "qemu-io", &["-f", "qcow2", "-c", "write -P 0x31 1000 100", "-c", "write -P 0x32 3100000 200000", "-c", "write -z 5M 64K", "top.qcow2"]));
+    ok(run_in(Some(dir), "qemu-io", &["-f", "qcow2", "-c", "write -P 0x31 1000 100", "-c", "write -P 0x32 3100000 200000", "-c", "write -z 5M 64K", "top.qcow2"]));
 }
 
 fn raw(dir: &Path, img: &str) -> Vec<u8> {
@@ -120,7 +97,7 @@ fn same_info(dir: &Path, args: &[&str]) {
 /// Same exit code and `check --output=json` numbers.
 fn same_check(dir: &Path, img: &str) {
     let args = ["check", "--output=json", img];
-    let (a, b) = (run_in(dir, "qemu-img", &args), run_in(dir, G, &args));
+    let (a, b) = (run_in(Some(dir), "qemu-img", &args), run_in(Some(dir), G, &args));
     assert_eq!(b.status.code(), a.status.code(), "check {img}");
     let facts = |o: &Output| {
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -133,7 +110,7 @@ fn same_check(dir: &Path, img: &str) {
 #[test]
 fn info_and_map_of_qemu_made_chains_match_qemu_img() {
     for raw_base in [false, true] {
-        let d = Scratch::new(if raw_base { "info-raw" } else { "info" });
+        let d = Scratch::named("chain", if raw_base { "info-raw" } else { "info" });
         chain(&d.0, raw_base);
         same_info(&d.0, &["--backing-chain", "top.qcow2"]);
         same_info(&d.0, &["mid.qcow2"]);
@@ -156,10 +133,10 @@ fn info_and_map_of_qemu_made_chains_match_qemu_img() {
 
 #[test]
 fn create_with_backing_matches_qemu_img() {
-    let d = Scratch::new("create");
+    let d = Scratch::named("chain", "create");
     chain(&d.0, false);
     for (tool, name) in [("qemu-img", "q.qcow2"), (G, "g.qcow2")] {
-        ok(run_in(&d.0, tool, &["create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", name]));
+        ok(run_in(Some(&d.0), tool, &["create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", name]));
     }
     // Same facts as qemu-img's overlay (and the same bytes with the qemu-img we know: 7.2).
     let facts = |n: &str| info_facts(&qemu(&d.0, &["info", "--output=json", n])).into_iter().flatten().filter(|f| f.0 != "filename").collect::<Vec<_>>();
@@ -173,8 +150,8 @@ fn create_with_backing_matches_qemu_img() {
     assert!(b.contains("size=8388608 backing_file=mid.qcow2 backing_fmt=qcow2"), "{b}");
     // Missing backing file, missing -F: refused (and -u creates anyway).
     for tool in ["qemu-img", G] {
-        assert!(!run_in(&d.0, tool, &["create", "-f", "qcow2", "-b", "nope.qcow2", "-F", "qcow2", "x.qcow2"]).status.success());
-        assert!(!run_in(&d.0, tool, &["create", "-f", "qcow2", "-b", "mid.qcow2", "y.qcow2"]).status.success());
+        assert!(!run_in(Some(&d.0), tool, &["create", "-f", "qcow2", "-b", "nope.qcow2", "-F", "qcow2", "x.qcow2"]).status.success());
+        assert!(!run_in(Some(&d.0), tool, &["create", "-f", "qcow2", "-b", "mid.qcow2", "y.qcow2"]).status.success());
     }
     ours(&d.0, &["create", "-q", "-f", "qcow2", "-u", "-b", "nope.qcow2", "-F", "qcow2", "z.qcow2", "1M"]);
     let j = qemu(&d.0, &["info", "--output=json", "z.qcow2"]);
@@ -183,7 +160,7 @@ fn create_with_backing_matches_qemu_img() {
 
 #[test]
 fn convert_flattens_and_keeps_a_backing_file_with_b() {
-    let d = Scratch::new("convert");
+    let d = Scratch::named("chain", "convert");
     chain(&d.0, false);
     let want = raw(&d.0, "top.qcow2");
     ours(&d.0, &["convert", "-O", "qcow2", "top.qcow2", "flat.qcow2"]);
@@ -192,7 +169,7 @@ fn convert_flattens_and_keeps_a_backing_file_with_b() {
     qemu(&d.0, &["check", "flat.qcow2"]);
     // -B: only the top layer is copied, the new image sits on mid.qcow2 like qemu-img's.
     for (tool, out) in [("qemu-img", "qb.qcow2"), (G, "gb.qcow2")] {
-        ok(run_in(&d.0, tool, &["convert", "-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2", "top.qcow2", out]));
+        ok(run_in(Some(&d.0), tool, &["convert", "-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2", "top.qcow2", out]));
         assert_eq!(raw(&d.0, out), want, "{tool} -B contents");
         qemu(&d.0, &["check", out]);
     }
@@ -204,8 +181,8 @@ fn convert_flattens_and_keeps_a_backing_file_with_b() {
 
 /// Two copies of the same chain, one for each tool.
 fn twin(tag: &str) -> (Scratch, Scratch) {
-    let a = Scratch::new(&format!("{tag}-q"));
-    let b = Scratch::new(&format!("{tag}-g"));
+    let a = Scratch::named("chain", &format!("{tag}-q"));
+    let b = Scratch::named("chain", &format!("{tag}-g"));
     chain(&a.0, false);
     for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
         std::fs::copy(a.path(f), b.path(f)).unwrap();
@@ -255,7 +232,7 @@ fn commit_into_a_deeper_base_matches_qemu_img() {
         assert_eq!(raw(&b.0, base), before, "{base} holds everything above it");
     }
     let (_a, b) = twin("commit-b-bad");
-    assert!(!run_in(&b.0, G, &["commit", "-b", "nothere.qcow2", "top.qcow2"]).status.success());
+    assert!(!run_in(Some(&b.0), G, &["commit", "-b", "nothere.qcow2", "top.qcow2"]).status.success());
 }
 
 #[test]
@@ -282,20 +259,20 @@ fn rebase_matches_qemu_img() {
     same_state(&a.0, &b.0, &["top.qcow2"]);
     // Missing -F is refused by both.
     for (dir, tool) in [(&a.0, "qemu-img"), (&b.0, G)] {
-        assert!(!run_in(dir, tool, &["rebase", "-b", "mid.qcow2", "top.qcow2"]).status.success());
+        assert!(!run_in(Some(dir), tool, &["rebase", "-b", "mid.qcow2", "top.qcow2"]).status.success());
     }
 }
 
 #[test]
 fn check_on_overlays_and_extended_l2_images_match_qemu_img() {
-    let d = Scratch::new("check-ext");
+    let d = Scratch::named("chain", "check-ext");
     chain(&d.0, false);
     for img in ["top.qcow2", "mid.qcow2"] {
         same_check(&d.0, img);
     }
     // An extended-L2 overlay with subcluster writes over the chain.
     qemu(&d.0, &["create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", "-b", "top.qcow2", "-F", "qcow2", "ext.qcow2"]);
-    ok(run_in(&d.0, "qemu-io", &["-f", "qcow2", "-c", "write -P 0x41 3000 100", "-c", "write -z 40000 2048", "-c", "write -P 0x42 1M 100000", "ext.qcow2"]));
+    ok(run_in(Some(&d.0), "qemu-io", &["-f", "qcow2", "-c", "write -P 0x41 3000 100", "-c", "write -z 40000 2048", "-c", "write -P 0x42 1M 100000", "ext.qcow2"]));
     same_info(&d.0, &["--backing-chain", "ext.qcow2"]);
     same_check(&d.0, "ext.qcow2");
     assert!(ours(&d.0, &["info", "ext.qcow2"]).contains("extended l2: true"));
@@ -320,7 +297,7 @@ fn check_on_overlays_and_extended_l2_images_match_qemu_img() {
     assert_eq!(absent(ours(&d.0, &["map", "--output=json", "ext.qcow2"])), absent(qemu(&d.0, &["map", "--output=json", "ext.qcow2"])));
     // Standalone, the unallocated subclusters of allocated clusters stay in the top layer.
     qemu(&d.0, &["create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", "alone.qcow2", "4M"]);
-    ok(run_in(&d.0, "qemu-io", &["-f", "qcow2", "-c", "write -P 0x41 3000 100", "-c", "write -z 40000 2048", "-c", "write -P 0x42 1M 100000", "alone.qcow2"]));
+    ok(run_in(Some(&d.0), "qemu-io", &["-f", "qcow2", "-c", "write -P 0x41 3000 100", "-c", "write -z 40000 2048", "-c", "write -P 0x42 1M 100000", "alone.qcow2"]));
     let qa = absent(qemu(&d.0, &["map", "--output=json", "alone.qcow2"]));
     assert!(qa.iter().any(|e| e.3.is_some()), "the image has unallocated subclusters in allocated clusters");
     assert_eq!(absent(ours(&d.0, &["map", "--output=json", "alone.qcow2"])), qa);
@@ -328,7 +305,7 @@ fn check_on_overlays_and_extended_l2_images_match_qemu_img() {
 
 #[test]
 fn writers_are_refused_on_a_base_a_running_qemu_reads() {
-    let d = Scratch::new("lock");
+    let d = Scratch::named("chain", "lock");
     chain(&d.0, false);
     // qemu-io keeps top.qcow2 open (so mid.qcow2 and base.qcow2 are its backing files).
     let mut child = Command::new("qemu-io")
@@ -352,12 +329,12 @@ fn writers_are_refused_on_a_base_a_running_qemu_reads() {
     ]
     .iter()
     .map(|a| {
-        let o = run_in(&d.0, G, a);
+        let o = run_in(Some(&d.0), G, a);
         (a.join(" "), o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
     })
     .collect();
     // qemu-img itself refuses the same.
-    let q = run_in(&d.0, "qemu-img", &["snapshot", "-c", "s1", "mid.qcow2"]);
+    let q = run_in(Some(&d.0), "qemu-img", &["snapshot", "-c", "s1", "mid.qcow2"]);
     let _ = child.kill();
     let _ = child.wait();
     assert!(locked, "qemu-io's backing lock never showed");
@@ -371,12 +348,12 @@ fn writers_are_refused_on_a_base_a_running_qemu_reads() {
 
 #[test]
 fn info_works_without_the_backing_file_like_qemu_img() {
-    let d = Scratch::new("nobacking");
+    let d = Scratch::named("chain", "nobacking");
     qemu(&d.0, &["create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", "x.qcow2", "1M"]);
     same_info(&d.0, &["x.qcow2"]);
     for tool in ["qemu-img", G] {
-        assert!(!run_in(&d.0, tool, &["info", "--backing-chain", "x.qcow2"]).status.success(), "{tool}");
-        assert!(!run_in(&d.0, tool, &["map", "x.qcow2"]).status.success(), "{tool}");
+        assert!(!run_in(Some(&d.0), tool, &["info", "--backing-chain", "x.qcow2"]).status.success(), "{tool}");
+        assert!(!run_in(Some(&d.0), tool, &["map", "x.qcow2"]).status.success(), "{tool}");
     }
     // And a rebase -u repairs it.
     qemu(&d.0, &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"]);

@@ -3,37 +3,17 @@
 //! compared byte for byte against qemu-img 7.2 (the layout godwit-img prints); against newer
 //! versions the JSON forms and exit codes are (see `same`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-const G: &str = env!("CARGO_BIN_EXE_godwit-img");
+mod common;
+use common::{run_in, s, G};
 
-struct Scratch(PathBuf);
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("godwit-img-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self, n: &str) -> PathBuf {
-        self.0.join(n)
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::Scratch;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn run(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {tool}: {e} (qemu-img comes from Debian's qemu-utils; these tests never skip)")
-    })
+    run_in(None, tool, args)
 }
 
 fn qemu(args: &[&str]) -> Output {
@@ -240,7 +220,7 @@ fn qemu_io(img: &Path, cmds: &[&str]) {
 
 #[test]
 fn create_is_byte_identical() {
-    let d = Scratch::new("create");
+    let d = Scratch::named("cli", "create");
     for o in [
         "",
         "compat=0.10",
@@ -281,7 +261,7 @@ fn create_is_byte_identical() {
 
 #[test]
 fn info_list_map_match() {
-    let d = Scratch::new("info");
+    let d = Scratch::named("cli", "info");
     // An image QEMU made, with a savevm snapshot (VM size, clock) and qemu-img snapshots.
     let img = d.path("a.qcow2");
     ok(&qemu(&["create", "-q", "-f", "qcow2", s(&img), "64M"]));
@@ -372,7 +352,7 @@ fn set_refcount(img: &Path, cluster: u64, val: u16) {
 
 #[test]
 fn check_findings_and_exit_codes_match() {
-    let d = Scratch::new("check");
+    let d = Scratch::named("cli", "check");
     let base = d.path("base.qcow2");
     ok(&qemu(&["create", "-q", "-f", "qcow2", s(&base), "64M"]));
     qemu_io(&base, &["write -P 0x11 0 64k"]); // L2 at cluster 4, data at cluster 5
@@ -449,7 +429,7 @@ fn check_findings_and_exit_codes_match() {
 
 #[test]
 fn snapshot_convert_resize_roundtrip() {
-    let d = Scratch::new("conv");
+    let d = Scratch::named("cli", "conv");
     let img = d.path("x.qcow2");
     ok(&ours(&[
         "create",

@@ -3,37 +3,17 @@
 //! compression_type=zstd`) pass `qemu-img check` and compare identical in qemu-img; guest writes
 //! over compressed clusters (copy-on-write through decompression) stay consistent.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Output;
 
-const G: &str = env!("CARGO_BIN_EXE_godwit-img");
+mod common;
+use common::{run_in, s, G};
 
-struct Scratch(PathBuf);
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("godwit-img-zstd-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self, n: &str) -> PathBuf {
-        self.0.join(n)
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::Scratch;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn run(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {tool}: {e} (qemu-img comes from Debian's qemu-utils; these tests never skip)")
-    })
+    run_in(None, tool, args)
 }
 
 fn ok(o: Output) -> String {
@@ -75,7 +55,7 @@ fn source(d: &Scratch, cluster: usize) -> PathBuf {
 #[test]
 fn qemu_compressed_zstd_images_read_identically() {
     for cluster in [65536usize, 4096] {
-        let d = Scratch::new(&format!("read{cluster}"));
+        let d = Scratch::named("zstd", &format!("read{cluster}"));
         let src = source(&d, cluster);
         let img = d.path("q.qcow2");
         let o = format!("compression_type=zstd,cluster_size={cluster}");
@@ -122,7 +102,7 @@ fn qemu_compressed_zstd_images_read_identically() {
 #[test]
 fn our_zstd_images_pass_qemu_check_and_compare_identical() {
     for cluster in [65536usize, 4096, 512 * 32] {
-        let d = Scratch::new(&format!("write{cluster}"));
+        let d = Scratch::named("zstd", &format!("write{cluster}"));
         let src = source(&d, cluster);
         let img = d.path("g.qcow2");
         let o = format!("compression_type=zstd,cluster_size={cluster}");
@@ -151,7 +131,7 @@ fn our_zstd_images_pass_qemu_check_and_compare_identical() {
 
 #[test]
 fn zstd_create_matches_qemu_and_zlib_compressed_writes_are_refused_clearly() {
-    let d = Scratch::new("create");
+    let d = Scratch::named("zstd", "create");
     for (tool, name) in [("qemu-img", "q.qcow2"), (G, "g.qcow2")] {
         ok(run(tool, &["create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", s(&d.path(name)), "16M"]));
     }
@@ -172,7 +152,7 @@ fn zstd_create_matches_qemu_and_zlib_compressed_writes_are_refused_clearly() {
 
 #[test]
 fn guest_writes_over_our_zstd_clusters_stay_consistent() {
-    let d = Scratch::new("cow");
+    let d = Scratch::named("zstd", "cow");
     let src = source(&d, 65536);
     let img = d.path("g.qcow2");
     ok(run(G, &["convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", s(&src), s(&img)]));

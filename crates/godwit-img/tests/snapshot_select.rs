@@ -5,15 +5,10 @@
 //! both tools on copies of the same image and compares exit status and resulting bytes/lists.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-const G: &str = env!("CARGO_BIN_EXE_godwit-img");
+mod common;
+use common::{run, s, G};
 
-fn run(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {tool}: {e} (qemu-img and qemu-io come from Debian's qemu-utils)")
-    })
-}
 
 fn ok(tool: &str, args: &[&str]) {
     let o = run(tool, args);
@@ -27,9 +22,6 @@ fn dir(tag: &str) -> PathBuf {
     p
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// id 1 "a" holds 0xaa, id 2 "1" holds 0xbb, the active layer 0xcc.
 fn image(d: &Path) -> PathBuf {
