@@ -142,7 +142,7 @@ fn machines() -> Value {
     json!([
         { "name": "microvm", "is-default": true, "cpu-max": cpu_max, "hotpluggable-cpus": false,
           "numa-mem-supported": false, "deprecated": false, "default-cpu-type": "host-x86_64-cpu",
-          "default-ram-id": "microvm.ram", "acpi": false },
+          "default-ram-id": "microvm.ram", "acpi": true },
         { "name": "none", "cpu-max": 1, "hotpluggable-cpus": false, "numa-mem-supported": false,
           "deprecated": false, "acpi": false }
     ])
