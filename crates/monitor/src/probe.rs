@@ -202,7 +202,7 @@ fn qom_list_types(mut a: Args<'_>) -> Result<Value, CommandError> {
         TYPES
             .iter()
             .filter(|t| with_abstract || !t.is_abstract)
-            .filter(|t| implements.as_deref().map_or(true, |i| is_a(t, i)))
+            .filter(|t| implements.as_deref().is_none_or(|i| is_a(t, i)))
             .map(|t| {
                 let mut v = json!({ "name": t.name });
                 if !t.parent.is_empty() {
@@ -257,7 +257,7 @@ fn command_line_options(mut a: Args<'_>) -> Result<Value, CommandError> {
     a.finish()?;
     let list: Vec<Value> = CLI_OPTIONS
         .iter()
-        .filter(|(o, _)| option.as_deref().map_or(true, |x| x == *o))
+        .filter(|(o, _)| option.as_deref().is_none_or(|x| x == *o))
         .map(|(o, params)| {
             json!({ "option": o, "parameters": params.iter().map(|(n, ty)| json!({ "name": n, "type": ty })).collect::<Vec<_>>() })
         })
@@ -270,9 +270,12 @@ fn command_line_options(mut a: Args<'_>) -> Result<Value, CommandError> {
     Ok(Value::Array(list))
 }
 
+/// An argument member: name, type, optional.
+type Member = (&'static str, &'static str, bool);
+
 /// Argument members of the commands that take arguments: (command, [(member, type, optional)]).
 /// A command not listed takes none.
-const COMMAND_ARGS: &[(&str, &[(&str, &str, bool)])] = &[
+const COMMAND_ARGS: &[(&str, &[Member])] = &[
     ("qmp_capabilities", &[("enable", "[str]", true)]),
     ("human-monitor-command", &[("command-line", "str", false), ("cpu-index", "int", true)]),
     ("snapshot-save", &[("job-id", "str", false), ("tag", "str", false), ("vmstate", "str", false), ("devices", "[str]", false)]),
