@@ -50,6 +50,9 @@ want_pkg nfs-ganesha-vfs
 want_pkg libnfs-dev                     # Godwit's nfs:// backend links libnfs
 want_cmd libnfs-utils nfs-ls
 want_cmd rpcbind rpcbind                # NFSv3 for QEMU's nfs:// driver
+want_cmd libvirt-daemon libvirtd          # libvirt drives Godwit (crates/godwit/tests/libvirt_virsh.rs)
+want_pkg libvirt-daemon-driver-qemu
+want_cmd libvirt-clients virsh
 want_cmd python3 python3
 want_cmd python3-pip pip3
 want_cmd pkg-config pkg-config
