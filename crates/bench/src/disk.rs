@@ -48,14 +48,13 @@ fn run_cmd(prog: &Path, args: &[&str]) -> Res<()> {
     Ok(())
 }
 
-/// The raw image filled with pseudo-random bytes and a fully allocated qcow2 copy.
-fn populate(bins: &Bins, dir: &Path) -> Res<(PathBuf, PathBuf)> {
-    let raw = dir.join("disk.raw");
-    let qcow = dir.join("disk.qcow2");
-    let mut f = std::fs::File::create(&raw).map_err(|e| BenchError::Io(raw.display().to_string(), e))?;
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+/// Writes `mib` MiB of xorshift pseudo-random bytes (incompressible, never zero pages) from
+/// `seed` to a new file at `raw`: the data the disk and storage scenarios start from.
+pub(crate) fn write_random(raw: &Path, mib: u64, seed: u64) -> Res<()> {
+    let mut f = std::fs::File::create(raw).map_err(|e| BenchError::Io(raw.display().to_string(), e))?;
+    let mut x = seed;
     let mut chunk = vec![0u8; 1 << 20];
-    for _ in 0..SPAN_MIB {
+    for _ in 0..mib {
         for w in chunk.chunks_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
@@ -64,7 +63,14 @@ fn populate(bins: &Bins, dir: &Path) -> Res<(PathBuf, PathBuf)> {
         }
         f.write_all(&chunk).map_err(|e| BenchError::Io(raw.display().to_string(), e))?;
     }
-    f.sync_all().map_err(|e| BenchError::Io(raw.display().to_string(), e))?;
+    f.sync_all().map_err(|e| BenchError::Io(raw.display().to_string(), e))
+}
+
+/// The raw image filled with pseudo-random bytes and a fully allocated qcow2 copy.
+fn populate(bins: &Bins, dir: &Path) -> Res<(PathBuf, PathBuf)> {
+    let raw = dir.join("disk.raw");
+    let qcow = dir.join("disk.qcow2");
+    write_random(&raw, SPAN_MIB as u64, 0x9e37_79b9_7f4a_7c15)?;
     let img = bins.qemu_img.clone().unwrap_or_else(|| bins.godwit_img.clone());
     let _ = std::fs::remove_file(&qcow);
     run_cmd(&img, &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap_or(""), qcow.to_str().unwrap_or("")])?;

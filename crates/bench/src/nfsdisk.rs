@@ -15,7 +15,6 @@ use bench::hmptext::{migration_status, number};
 use std::time::Duration;
 use crate::{order, Collect};
 use bench::results::Metric;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -25,19 +24,7 @@ const OPS: &[&str] = &["randread4k", "randwrite4k", "seqread1m", "seqwrite1m"];
 fn populate(bins: &Bins, export: &Path) -> Res<PathBuf> {
     let raw = export.join("nfs-bench.raw");
     let qcow = export.join("nfs-bench.qcow2");
-    let mut f = std::fs::File::create(&raw).map_err(|e| BenchError::Io(raw.display().to_string(), e))?;
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut chunk = vec![0u8; 1 << 20];
-    for _ in 0..SPAN_MIB {
-        for w in chunk.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&chunk).map_err(|e| BenchError::Io(raw.display().to_string(), e))?;
-    }
-    drop(f);
+    crate::disk::write_random(&raw, SPAN_MIB as u64, 0x2545_f491_4f6c_dd1d)?;
     let img = bins.qemu_img.clone().unwrap_or_else(|| bins.godwit_img.clone());
     let out = Command::new(&img)
         .args(["convert", "-f", "raw", "-O", "qcow2"])

@@ -51,19 +51,7 @@ fn sh(prog: &Path, args: &[&str]) -> Res<()> {
 fn populate(img: &Path, dir: &Path) -> Res<PathBuf> {
     let raw = dir.join("storage-data.raw");
     let q = dir.join("storage-src.qcow2");
-    let mut f = std::fs::File::create(&raw).map_err(|e| BenchError::Io(raw.display().to_string(), e))?;
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut chunk = vec![0u8; 1 << 20];
-    for _ in 0..DATA_MIB {
-        for w in chunk.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&chunk).map_err(|e| BenchError::Io(raw.display().to_string(), e))?;
-    }
-    drop(f);
+    crate::disk::write_random(&raw, DATA_MIB as u64, 0x2545_f491_4f6c_dd1d)?;
     let _ = std::fs::remove_file(&q);
     sh(img, &["convert", "-f", "raw", "-O", "qcow2", path(&raw), path(&q)])?;
     sh(img, &["resize", "-f", "qcow2", path(&q), &format!("{DISK_GIB}G")])?;
