@@ -265,8 +265,12 @@ fn virsh_migrate_live_and_copy_storage_all_between_two_daemons() {
 /// The same harness with QEMU 7.2 as `<emulator>` (Debian's qemu-system-x86), for comparison.
 #[test]
 fn virsh_migrate_round_trip_with_qemu_as_emulator() {
-    let qemu = PathBuf::from("/usr/bin/qemu-system-x86_64");
-    assert!(qemu.exists(), "this test needs QEMU 7.2: apt-get install qemu-system-x86");
+    // The machine's QEMU, or the private copy scripts/test.sh puts on PATH where Debian's
+    // qemu-system-x86 cannot be installed beside a newer qemu-utils.
+    let qemu = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("qemu-system-x86_64")).find(|q| q.exists()))
+        .flatten()
+        .unwrap_or_else(|| panic!("this test needs QEMU: apt-get install qemu-system-x86 (or run scripts/test.sh)"));
     migrate_round_trip("qemu", Some(qemu));
 }
 
