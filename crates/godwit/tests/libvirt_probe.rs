@@ -19,6 +19,14 @@ fn godwit() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_godwit"))
 }
 
+/// These tests run one at a time: run concurrently in one process, a child spawned by one test
+/// can inherit (between fork and exec) descriptors of another's sockets, and the monitor
+/// connections then saw early EOFs about one run in five. Sequentially they are stable.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("godwit-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -148,6 +156,7 @@ fn gone(pid: i32) -> bool {
 
 #[test]
 fn libvirt_probe_sequence_over_a_daemonized_machine_none() {
+    let _serial = serial();
     let dir = tmpdir("libvirt-probe");
     let (sock, pidfile) = (dir.join("qmp.monitor"), dir.join("qmp.pid"));
     let out = Command::new(godwit())
@@ -199,6 +208,7 @@ fn libvirt_probe_sequence_over_a_daemonized_machine_none() {
 
 #[test]
 fn daemonize_failure_is_reported_by_the_parent() {
+    let _serial = serial();
     let dir = tmpdir("libvirt-probe-fail");
     // The socket's directory does not exist: the child cannot listen, the parent fails.
     let out = Command::new(godwit())
@@ -215,6 +225,7 @@ fn daemonize_failure_is_reported_by_the_parent() {
 
 #[test]
 fn inherited_listening_socket_serves_qmp() {
+    let _serial = serial();
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let dir = tmpdir("libvirt-mon-fd");
@@ -229,7 +240,12 @@ fn inherited_listening_socket_serves_qmp() {
     // SAFETY: dup2 in the child between fork and exec: the listener becomes descriptor 17.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 17) < 0 {
+            // dup2 onto itself keeps close-on-exec: clear it explicitly in that case.
+            if fd == 17 {
+                if libc::fcntl(17, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 17) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -257,6 +273,7 @@ fn inherited_listening_socket_serves_qmp() {
 
 #[test]
 fn bad_monitor_descriptors_and_machines_are_refused() {
+    let _serial = serial();
     let run = |args: &[&str]| {
         let out = Command::new(godwit()).args(args).stdin(Stdio::null()).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
