@@ -5,6 +5,7 @@
 pub mod line;
 pub mod parse;
 pub mod render;
+pub mod table;
 
 pub use line::{LineEditor, LineEvent, MAX_LINE};
 pub use parse::{DumpDefaults, DumpFormat, HmpCommand};
