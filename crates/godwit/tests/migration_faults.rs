@@ -142,22 +142,8 @@ fn proxy(to: u16, fault: Fault) -> (u16, Arc<AtomicU64>) {
     (port, seen)
 }
 
-/// A destination waiting on a free port and a running source with its monitor.
-fn pair(name: &str, append: &str) -> (Vm, Vm, Hmp, u16) {
-    let dir = tmpdir(name);
-    let sock = dir.join("src.sock");
-    let dport = free_port();
-    let dst = Vm::guest(&["-m", "256", "-incoming", &format!("tcp:127.0.0.1:{dport}")], append);
-    dst.wait_stderr("waiting for an incoming migration", T);
-    let mon = format!("unix:{},server,nowait", sock.display());
-    let mut src = Vm::guest(&["-m", "256", "-monitor", &mon], append);
-    src.wait_for("GUEST READY", T);
-    let hmp = Hmp::connect(&sock);
-    (dst, src, hmp, dport)
-}
-
 fn run_fault(name: &str, fault: Fault) {
-    let (mut dst, mut src, mut hmp, dport) = pair(name, "mode=dirty mib=64 rate=20 hb_ms=100 cpus=1");
+    let (mut dst, mut src, mut hmp, dport) = loopback_pair(name, "mode=dirty mib=64 rate=20 hb_ms=100 cpus=1");
     // Let the guest fill some memory so the stream is a few MiB long.
     for _ in 0..10 {
         src.wait_for("HEARTBEAT", T);
@@ -222,7 +208,7 @@ fn destination_killed_in_the_final_phase() {
 /// reply-truncation faults; this is the named regression test for the fence.
 #[test]
 fn lost_running_answer_fences_the_source_without_a_disk() {
-    let (mut dst, mut src, mut hmp, dport) = pair("lose-running", "mode=dirty mib=32 rate=20 hb_ms=50 cpus=1");
+    let (mut dst, mut src, mut hmp, dport) = loopback_pair("lose-running", "mode=dirty mib=32 rate=20 hb_ms=50 cpus=1");
     src.wait_for("HEARTBEAT", T);
     let (pport, _) = proxy(dport, Fault::LoseRunning);
     hmp.cmd(&format!("migrate tcp:127.0.0.1:{pport}"));

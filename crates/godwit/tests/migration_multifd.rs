@@ -78,16 +78,7 @@ fn multifd_with_tls_and_zlib_on_loopback() {
 
 #[test]
 fn one_multifd_connection_cut_fails_cleanly() {
-    let dir = tmpdir("mfd-cut");
-    let append = "mode=dirty mib=128 rate=20 hb_ms=100 cpus=1";
-    let port = free_port();
-    let incoming = format!("tcp:127.0.0.1:{port}");
-    let mut dst = Vm::guest(&["-m", "256", "-incoming", &incoming], append);
-    dst.wait_stderr("waiting for an incoming migration", T);
-    let (ssock, smon) = monitor_arg(&dir, "src.sock");
-    let mut src = Vm::guest(&["-m", "256", "-monitor", &smon], append);
-    src.wait_for("GUEST READY", T);
-    let mut hmp = Hmp::connect(&ssock);
+    let (mut dst, mut src, mut hmp, port) = loopback_pair("mfd-cut", "mode=dirty mib=128 rate=20 hb_ms=100 cpus=1");
     set(&mut hmp, "migrate_set_capability multifd on");
     set(&mut hmp, "migrate_set_parameter multifd-channels 4");
     // Slow enough that the cut lands in the middle of the first pass.
@@ -175,16 +166,7 @@ fn forecast_learns_the_compression_ratio() {
     // A guest dirtying up to 32 MiB/s of highly compressible pages, a 4 MiB/s cap: plain
     // pre-copy cannot keep up (unless the guest ran 8x slower than asked); compressed ~15x,
     // the same cap carries more than the guest dirties.
-    let dir = tmpdir("mfd-forecast");
-    let append = "mode=dirty mib=64 rate=32 entropy=5 hb_ms=100 cpus=1";
-    let port = free_port();
-    let incoming = format!("tcp:127.0.0.1:{port}");
-    let mut dst = Vm::guest(&["-m", "256", "-incoming", &incoming], append);
-    dst.wait_stderr("waiting for an incoming migration", T);
-    let (ssock, smon) = monitor_arg(&dir, "src.sock");
-    let mut src = Vm::guest(&["-m", "256", "-monitor", &smon], append);
-    src.wait_for("GUEST READY", T);
-    let mut hmp = Hmp::connect(&ssock);
+    let (mut dst, mut src, mut hmp, port) = loopback_pair("mfd-forecast", "mode=dirty mib=64 rate=32 entropy=5 hb_ms=100 cpus=1");
     set(&mut hmp, "migrate_set_parameter max-bandwidth 4M");
     for _ in 0..10 {
         src.wait_for("HEARTBEAT", T);
@@ -196,7 +178,7 @@ fn forecast_learns_the_compression_ratio() {
     let zstd = hmp.cmd("info migrate_forecast");
     assert!(zstd.contains("precopy: converges"), "{zstd}");
     // And it does.
-    hmp.cmd(&format!("migrate {incoming}"));
+    hmp.cmd(&format!("migrate tcp:127.0.0.1:{port}"));
     let info = hmp.wait_migration(T);
     assert!(info.contains("Migration status: completed"), "{info}");
     src.collect_for(Duration::from_millis(200));

@@ -361,3 +361,23 @@ pub fn assert_seq_continues(src_seen: &[String], dst_seen: &[String], first: &st
         &dst_seen[..before_first]
     );
 }
+
+/// The usual loopback set-up: a destination waiting with `-incoming tcp:127.0.0.1:PORT` and a
+/// source with a unix HMP monitor, both `-m 256` running the test guest with `append`, the
+/// source's guest ready. Returns (destination, source, the source's monitor, PORT).
+#[allow(dead_code)]
+pub fn loopback_pair(name: &str, append: &str) -> (Vm, Vm, Hmp, u16) {
+    let dir = tmpdir(name);
+    let sock = dir.join("src.sock");
+    let port = free_port();
+    let dst = Vm::guest(&["-m", "256", "-incoming", &format!("tcp:127.0.0.1:{port}")], append);
+    dst.wait_stderr("waiting for an incoming migration", T_PAIR);
+    let mon = format!("unix:{},server,nowait", sock.display());
+    let mut src = Vm::guest(&["-m", "256", "-monitor", &mon], append);
+    src.wait_for("GUEST READY", T_PAIR);
+    let hmp = Hmp::connect(&sock);
+    (dst, src, hmp, port)
+}
+
+const T_PAIR: Duration = Duration::from_secs(60);
+
