@@ -12,21 +12,29 @@
 #   godwit.workload=info    (default) nothing more
 #   godwit.workload=disk    read the first 64 MiB of /dev/vda, print "DISK-READ-OK <bytes>"
 #   godwit.workload=shell   start a shell on the console instead of powering off
+#   godwit.workload=agent   bring up lo (and eth0 with godwit.ip=ADDR/PREFIX if given), then
+#                           exec the Godwit agent (-a) as PID 1 (crates/linux-agent)
 #
-# Usage: scripts/build-initramfs.sh [-k KERNEL_VERSION] [-o OUTPUT] [-m "mod1 mod2 ..."]
+# Usage: scripts/build-initramfs.sh [-k KERNEL_VERSION] [-M MODULES_ROOT] [-a AGENT]
+#                                   [-o OUTPUT] [-m "mod1 mod2 ..."]
 # Defaults: the newest installed *-cloud-amd64 kernel, ./initramfs-godwit.cpio.gz, and the
-# modules virtio_mmio virtio_blk virtio_net virtio_console virtio-rng.
+# modules virtio_mmio virtio_blk virtio_net virtio_console virtio-rng. -M names the folder that
+# holds lib/modules/KERNEL_VERSION (a kernel package unpacked with dpkg -x; default /).
 set -euo pipefail
 
 out="initramfs-godwit.cpio.gz"
 kver=""
 modules="virtio_mmio virtio_blk virtio_net virtio_console virtio-rng"
-while getopts "k:o:m:h" opt; do
+modroot=""
+agent=""
+while getopts "k:M:a:o:m:h" opt; do
   case "$opt" in
     k) kver="$OPTARG" ;;
+    M) modroot="$OPTARG" ;;
+    a) agent="$OPTARG" ;;
     o) out="$OPTARG" ;;
     m) modules="$OPTARG" ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    *) sed -n '2,24p' "$0"; exit 2 ;;
   esac
 done
 
@@ -46,17 +54,18 @@ need=()
 { [ -x /bin/busybox ] && is_static /bin/busybox; } || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 if [ -z "$kver" ]; then
-  kver=$(ls -1 /lib/modules 2>/dev/null | grep -- '-cloud-amd64$' | sort -V | tail -n1 || true)
-  [ -n "$kver" ] || need+=(linux-image-cloud-amd64)
+  kver=$(ls -1 "$modroot/lib/modules" 2>/dev/null | grep -- '-cloud-amd64$' | sort -V | tail -n1 || true)
+  [ -n "$kver" ] || [ -n "$modroot" ] || need+=(linux-image-cloud-amd64)
 fi
+[ -z "$agent" ] || [ -x "$agent" ] || die "agent $agent is not an executable file"
 if [ ${#need[@]} -gt 0 ]; then
   apt_install "${need[@]}"
 fi
 if [ -z "$kver" ]; then
-  kver=$(ls -1 /lib/modules | grep -- '-cloud-amd64$' | sort -V | tail -n1 || true)
+  kver=$(ls -1 "$modroot/lib/modules" | grep -- '-cloud-amd64$' | sort -V | tail -n1 || true)
 fi
-[ -n "$kver" ] || die "no *-cloud-amd64 kernel modules under /lib/modules"
-moddir="/lib/modules/$kver"
+[ -n "$kver" ] || die "no *-cloud-amd64 kernel modules under $modroot/lib/modules"
+moddir="$modroot/lib/modules/$kver"
 [ -f "$moddir/modules.dep" ] || die "$moddir/modules.dep is missing"
 busybox=/bin/busybox
 is_static "$busybox" || die "$busybox is not the static busybox (install busybox-static)"
@@ -93,6 +102,7 @@ trap 'rm -rf "$work"' EXIT
 root="$work/root"
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,mnt,lib/modules}
 cp "$busybox" "$root/bin/busybox"
+[ -z "$agent" ] || cp "$agent" "$root/bin/godwit-agent"
 for app in $("$busybox" --list); do
   [ "$app" = busybox ] || ln -sf busybox "$root/bin/$app"
 done
@@ -125,7 +135,10 @@ for m in $(cat /lib/modules/order); do
 done
 workload=info
 for arg in $(cat /proc/cmdline); do
-  case "$arg" in godwit.workload=*) workload="${arg#godwit.workload=}" ;; esac
+  case "$arg" in
+    godwit.workload=*) workload="${arg#godwit.workload=}" ;;
+    godwit.ip=*) ipaddr="${arg#godwit.ip=}" ;;
+  esac
 done
 echo "cpus: $(grep -c ^processor /proc/cpuinfo)"
 for d in /sys/bus/virtio/devices/*; do
@@ -151,6 +164,13 @@ case "$workload" in
     fi ;;
   shell)
     exec sh ;;
+  agent)
+    ip link set lo up
+    if [ -n "${ipaddr:-}" ]; then
+      ip link set eth0 up && ip addr add "$ipaddr" dev eth0 || echo "GODWIT-INITRAMFS: eth0 $ipaddr failed"
+    fi
+    [ -x /bin/godwit-agent ] && exec /bin/godwit-agent
+    echo "GODWIT-INITRAMFS: no agent in this initramfs (build it with -a)" ;;
 esac
 echo "GODWIT-INITRAMFS: powering off"
 poweroff -f
