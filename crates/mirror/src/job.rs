@@ -23,6 +23,20 @@ pub enum MirrorError {
     SizeMismatch { source_size: u64, target_size: u64 },
 }
 
+/// What the first pass copies (QEMU's `sync` of `drive-mirror` / `blockdev-mirror`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// The whole disk as the guest sees it, backing chain included.
+    #[default]
+    Full,
+    /// Only what the top image holds itself (data and zero clusters); what reads through to
+    /// the backing chain is skipped: the target is an overlay over its own copy of the base.
+    /// Without a backing file, the same as `Full`.
+    Top,
+    /// No first pass: only what the guest writes from now on.
+    None,
+}
+
 /// What a guest request did to the source, reported to [`Mirror::on_write`].
 #[derive(Debug, Clone, Copy)]
 pub enum WriteKind<'a> {
@@ -88,6 +102,7 @@ struct Inner {
     speed: AtomicU64,
     copied: AtomicU64,
     first_pass_left: AtomicU64,
+    sync: SyncMode,
 }
 
 /// One mirror (cheap to clone; the drive's hook and the job thread share it).
@@ -99,8 +114,14 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Mirror {
-    /// A mirror of a `size`-byte source into `target` (same size, as QEMU's `mode: existing`).
+    /// A mirror of a `size`-byte source into `target` (same size, as QEMU's `mode: existing`),
+    /// `sync: full`.
     pub fn new(size: u64, target: Box<dyn MirrorTarget>) -> Result<Mirror, MirrorError> {
+        Self::with_sync(size, target, SyncMode::Full)
+    }
+
+    /// [`Mirror::new`] with the given [`SyncMode`].
+    pub fn with_sync(size: u64, target: Box<dyn MirrorTarget>, sync: SyncMode) -> Result<Mirror, MirrorError> {
         if target.size() != size {
             return Err(MirrorError::SizeMismatch { source_size: size, target_size: target.size() });
         }
@@ -116,6 +137,7 @@ impl Mirror {
             speed: AtomicU64::new(0),
             copied: AtomicU64::new(0),
             first_pass_left: AtomicU64::new(size),
+            sync,
         })))
     }
 
@@ -315,19 +337,29 @@ impl Mirror {
         }
     }
 
-    /// Copies the whole disk once: zero clusters (and unallocated ones of an image without a
+    /// Copies the disk once: zero clusters (and unallocated ones of an image without a
     /// backing file) as zero requests without reading them, everything else read and sent as
-    /// data or, when it reads as zeros, as zero requests.
+    /// data or, when it reads as zeros, as zero requests. With `sync: top` and a backing file,
+    /// the runs the top image does not hold are left out (the target's own base has them);
+    /// its zero clusters are still sent, since they hide base data. `sync: none` copies
+    /// nothing here.
     fn first_pass(&self, src: &dyn SourceDisk, started: Instant) -> Result<(), String> {
         let mut map: Vec<(u64, u64, bool)> = Vec::new(); // (start, len, known zero)
+        if self.0.sync == SyncMode::None {
+            self.0.first_pass_left.store(0, Ordering::SeqCst);
+            return Ok(());
+        }
         src.locked(&mut |b| {
             map = match b.as_qcow2() {
                 Some(q) => {
                     // Without a backing file, unallocated clusters read as zeros: no need to
-                    // read them. With one, they read through to it and are copied as data.
+                    // read them. With one, they read through to it and are copied as data,
+                    // or skipped with `sync: top`.
                     let standalone = q.backing_file().is_none();
+                    let top_only = self.0.sync == SyncMode::Top && !standalone;
                     q.map()?
                         .into_iter()
+                        .filter(|e| !(top_only && e.kind == MapKind::Unallocated))
                         .map(|e| {
                             let zero = match e.kind {
                                 MapKind::Zero(_) => true,
@@ -343,6 +375,9 @@ impl Mirror {
             Ok(())
         })
         .map_err(|e| format!("reading the source's allocation map: {e}"))?;
+        // Progress counts only what this pass will copy.
+        let total: u64 = map.iter().map(|r| r.1).sum();
+        self.0.first_pass_left.store(total, Ordering::SeqCst);
         let mut buf = vec![0u8; CHUNK as usize];
         for (start, len, zero) in map {
             let mut pos = start;

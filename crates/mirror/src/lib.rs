@@ -1,7 +1,7 @@
 //! # mirror — copying a running guest's disk to another host
 //!
 //! The source half of storage migration without shared storage (QEMU's `drive-mirror` /
-//! `blockdev-mirror` with `sync: full`): a [`Mirror`] copies a drive into a [`MirrorTarget`]
+//! `blockdev-mirror` with `sync: full`, `top` or `none`, see [`SyncMode`]): a [`Mirror`] copies a drive into a [`MirrorTarget`]
 //! (an [`nbd::NbdClient`] connected to the destination's export, or any block backend) while
 //! the guest keeps running.
 //!
@@ -26,5 +26,5 @@ mod job;
 mod target;
 
 pub use bitmap::DirtyBitmap;
-pub use job::{JobEnd, Mirror, MirrorError, Progress, SourceDisk, WriteKind, READY_DIRTY_BYTES};
+pub use job::{JobEnd, Mirror, MirrorError, Progress, SourceDisk, SyncMode, WriteKind, READY_DIRTY_BYTES};
 pub use target::{BackendTarget, MirrorTarget, NbdTarget};
