@@ -12,7 +12,7 @@
 
 use crate::drives::{MirrorMark, SharedDisk};
 use crate::machine::Machine;
-use monitor::block::{BlockCommand, BlockdevSpec, MirrorArgs, MirrorTargetSpec};
+use monitor::block::{BlockCommand, BlockdevSpec, MirrorArgs, MirrorSync, MirrorTargetSpec};
 use monitor::error::{CommandError, ErrorClass};
 use monitor::jobs::{BlockJobDriver, BlockJobEnd, BlockJobProgress};
 use nbd::{Export, NbdClient, NbdServer};
@@ -298,7 +298,12 @@ pub fn start_mirror(m: &Arc<Machine>, args: &MirrorArgs) -> Result<Arc<dyn Block
     if client.read_only() {
         return Err(err("The mirror target is read-only (export it with writable: true)"));
     }
-    let mirror = mirror::Mirror::new(d.size(), Box::new(mirror::NbdTarget(client))).map_err(|e| err(e.to_string()))?;
+    let sync = match args.sync {
+        MirrorSync::Full => mirror::SyncMode::Full,
+        MirrorSync::Top => mirror::SyncMode::Top,
+        MirrorSync::None => mirror::SyncMode::None,
+    };
+    let mirror = mirror::Mirror::with_sync(d.size(), Box::new(mirror::NbdTarget(client)), sync).map_err(|e| err(e.to_string()))?;
     mirror.set_speed(args.speed);
     d.set_mirror(Some(mirror.clone())).map_err(err)?;
     if let Some(b) = &busy {

@@ -37,7 +37,7 @@ pub const HMP_COMMANDS: &[crate::hmp::parse::HmpEntry] = &[
     crate::hmp::parse::HmpEntry { names: "nbd_server_add", params: "[-w] device [name]", help: "export a block device via NBD" },
     crate::hmp::parse::HmpEntry { names: "nbd_server_remove", params: "[-f] name", help: "remove an export previously exposed via NBD" },
     crate::hmp::parse::HmpEntry { names: "nbd_server_stop", params: "", help: "stop serving block devices using the NBD protocol" },
-    crate::hmp::parse::HmpEntry { names: "drive_mirror", params: "[-n] [-f] device target [format]", help: "initiates live storage migration for a device" },
+    crate::hmp::parse::HmpEntry { names: "drive_mirror", params: "[-n] [-f] device target [format]", help: "initiates live storage migration for a device (-f: full disk; without it only the top image, the target already having the backing chain)" },
     crate::hmp::parse::HmpEntry { names: "block_job_cancel", params: "[-f] device", help: "stop an active background block operation" },
     crate::hmp::parse::HmpEntry { names: "block_job_complete", params: "device", help: "stop an active background block operation" },
     crate::hmp::parse::HmpEntry { names: "block_job_set_speed", params: "device speed", help: "set maximum speed for a background block operation" },
@@ -52,6 +52,18 @@ pub enum MirrorTargetSpec {
     Node(String),
 }
 
+/// What a mirror's first pass copies (QMP `sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MirrorSync {
+    /// The whole disk, backing chain included.
+    #[default]
+    Full,
+    /// Only what the top image holds (the target has the backing chain already).
+    Top,
+    /// Only the writes made while the job runs.
+    None,
+}
+
 /// Arguments of `drive-mirror` / `blockdev-mirror` / `drive_mirror`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorArgs {
@@ -62,6 +74,7 @@ pub struct MirrorArgs {
     pub target: MirrorTargetSpec,
     /// Bytes per second, 0 = unlimited.
     pub speed: u64,
+    pub sync: MirrorSync,
     pub auto_finalize: bool,
     pub auto_dismiss: bool,
 }
@@ -200,11 +213,14 @@ fn blockdev_add(args: &Map<String, Value>) -> Result<BlockdevSpec, CommandError>
     }
 }
 
-fn no_fancy_mirror(a: &mut Args<'_>) -> Result<(), CommandError> {
-    let sync = a.str("sync")?;
-    if sync != "full" && sync != "top" {
-        return Err(generic(format!("sync mode '{sync}' is not supported (full)")));
-    }
+/// The `sync` mode, and the optional members we accept and ignore.
+fn no_fancy_mirror(a: &mut Args<'_>) -> Result<MirrorSync, CommandError> {
+    let sync = match a.str("sync")?.as_str() {
+        "full" => MirrorSync::Full,
+        "top" => MirrorSync::Top,
+        "none" => MirrorSync::None,
+        other => return Err(generic(format!("sync mode '{other}' is not supported (full, top, none)"))),
+    };
     for k in ["granularity", "buf-size"] {
         let _ = a.opt_u64(k)?;
     }
@@ -212,7 +228,7 @@ fn no_fancy_mirror(a: &mut Args<'_>) -> Result<(), CommandError> {
         let _ = a.opt_str(k)?;
     }
     let _ = a.opt_bool("unmap")?;
-    Ok(())
+    Ok(sync)
 }
 
 /// Parses a QMP block command; `Ok(None)`: not one.
@@ -293,13 +309,14 @@ pub fn parse_qmp(name: &str, args: &Map<String, Value>) -> Result<Option<BlockCo
             if mode.as_deref().is_some_and(|m| m != "existing") && !target.starts_with("nbd:") {
                 return Err(generic("drive-mirror: only mode 'existing' is supported"));
             }
-            no_fancy_mirror(&mut a)?;
+            let sync = no_fancy_mirror(&mut a)?;
             let _ = a.opt_str("node-name")?;
             MirrorCmd(MirrorArgs {
                 job_id: a.opt_str("job-id")?,
                 device,
                 target: MirrorTargetSpec::Uri(target),
                 speed: a.opt_u64("speed")?.unwrap_or(0),
+                sync,
                 auto_finalize: a.opt_bool("auto-finalize")?.unwrap_or(true),
                 auto_dismiss: a.opt_bool("auto-dismiss")?.unwrap_or(true),
             })
@@ -308,12 +325,13 @@ pub fn parse_qmp(name: &str, args: &Map<String, Value>) -> Result<Option<BlockCo
         "blockdev-mirror" => {
             let device = a.str("device")?;
             let target = a.str("target")?;
-            no_fancy_mirror(&mut a)?;
+            let sync = no_fancy_mirror(&mut a)?;
             MirrorCmd(MirrorArgs {
                 job_id: a.opt_str("job-id")?,
                 device,
                 target: MirrorTargetSpec::Node(target),
                 speed: a.opt_u64("speed")?.unwrap_or(0),
+                sync,
                 auto_finalize: a.opt_bool("auto-finalize")?.unwrap_or(true),
                 auto_dismiss: a.opt_bool("auto-dismiss")?.unwrap_or(true),
             })
@@ -406,11 +424,13 @@ pub fn parse_hmp(name: &str, args: &[String]) -> Option<Result<BlockCommand, Str
                 if pos.get(2).is_some_and(|f| f.as_str() != "raw") {
                     return Err("drive_mirror: only format raw is supported".into());
                 }
+                // As QEMU's HMP: `-f` mirrors the full disk, without it only the top image.
                 BlockCommand::Mirror(MirrorArgs {
                     job_id: None,
                     device: pos[0].clone(),
                     target: MirrorTargetSpec::Uri(pos[1].clone()),
                     speed: 0,
+                    sync: if has('f') { MirrorSync::Full } else { MirrorSync::Top },
                     auto_finalize: true,
                     auto_dismiss: true,
                 })
@@ -540,6 +560,11 @@ mod tests {
         assert_eq!(m.id(), "drive-virtio-disk0");
         let Some(BlockCommand::Mirror(d)) = parse("drive-mirror", json!({"device": "drive0", "target": "nbd://h:1/e", "sync": "full", "mode": "existing", "format": "raw"})).unwrap() else { panic!() };
         assert_eq!((d.id(), d.target), ("drive0".to_string(), MirrorTargetSpec::Uri("nbd://h:1/e".into())));
+        assert_eq!((m.sync, d.sync), (MirrorSync::Full, MirrorSync::Full));
+        for (word, want) in [("top", MirrorSync::Top), ("none", MirrorSync::None), ("full", MirrorSync::Full)] {
+            let r = parse("blockdev-mirror", json!({"job-id": "j", "device": "libvirt-1-format", "target": "t", "sync": word})).unwrap();
+            assert!(matches!(r, Some(BlockCommand::Mirror(ref a)) if a.sync == want), "{word}: {r:?}");
+        }
     }
 
     #[test]
@@ -567,7 +592,8 @@ mod tests {
             p("nbd_server_add -w drive0 exp").unwrap(),
             BlockCommand::NbdServerAdd { device: "drive0".into(), name: Some("exp".into()), writable: true, id: None }
         );
-        assert!(matches!(p("drive_mirror -n -f drive0 nbd://h:1/e").unwrap(), BlockCommand::Mirror(m) if m.device == "drive0"));
+        assert!(matches!(p("drive_mirror -n -f drive0 nbd://h:1/e").unwrap(), BlockCommand::Mirror(m) if m.device == "drive0" && m.sync == MirrorSync::Full));
+        assert!(matches!(p("drive_mirror -n drive0 nbd://h:1/e").unwrap(), BlockCommand::Mirror(m) if m.sync == MirrorSync::Top), "without -f: top, as QEMU");
         assert!(p("drive_mirror -x d t").is_err());
         assert!(p("nbd_server_start nohost").is_err());
         assert_eq!(p("block_job_cancel -f j").unwrap(), BlockCommand::BlockJobCancel { device: "j".into(), force: true });
