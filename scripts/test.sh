@@ -55,6 +55,8 @@ want_pkg libvirt-daemon-driver-qemu
 want_cmd libvirt-clients virsh
 want_cmd python3 python3
 want_cmd python3-pip pip3
+want_pkg python3-venv                   # scripts/linux-kit.sh: vmlinux-to-elf in a private venv
+want_cmd binutils objdump               # scripts/linux-kit.sh: nm/objdump for the host profile
 want_cmd pkg-config pkg-config
 
 if [ ${#need_apt[@]} -gt 0 ]; then
