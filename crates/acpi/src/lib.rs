@@ -13,7 +13,8 @@
 //! - MADT: one local APIC per vCPU, the in-kernel IOAPIC (24 pins, GSI 0), the ISA IRQ 0 →
 //!   GSI 2 override KVM's routing implies, and the LINT1 NMI;
 //! - DSDT: COM1 (`PNP0501`, 0x3f8, IRQ 4), one `LNRO0005` device per virtio-mmio transport
-//!   (its window and its GSI, edge-triggered as an irqfd injects it) and `\_S5`.
+//!   (its window and its GSI, edge-triggered as an irqfd injects it), the power button (a
+//!   `PNP0C0C` device notified by a Generic Event Device on GSI 9, see [`pm`]) and `\_S5`.
 //!
 //! [`parse`] reads such tables back (tests, and anyone checking a guest's memory).
 
@@ -218,7 +219,7 @@ fn check(platform: &Platform) -> Result<(), AcpiError> {
     if platform.virtio.len() > 100 {
         return Err(AcpiError::TooManyDevices(platform.virtio.len()));
     }
-    let mut used = vec![COM1_IRQ as u32, 2];
+    let mut used = vec![COM1_IRQ as u32, 2, pm::GED_GSI];
     for (index, d) in platform.virtio.iter().enumerate() {
         if u32::try_from(d.base)
             .ok()

@@ -338,6 +338,19 @@ impl fmt::Display for AmlValue {
 pub struct Namespace {
     pub devices: Vec<String>,
     pub names: Vec<(String, AmlValue)>,
+    /// Methods by absolute path (their bodies are not decoded).
+    pub methods: Vec<String>,
+    pub regions: Vec<Region>,
+}
+
+/// An `OperationRegion` with integer offset and length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    pub path: String,
+    /// Region space (0 memory, 1 I/O ports, ...).
+    pub space: u8,
+    pub offset: u64,
+    pub len: u64,
 }
 
 impl Namespace {
@@ -506,8 +519,35 @@ fn term_list(
                     term_list(c, pend, &split(&path), ns, depth + 1)?;
                     c.pos = pend;
                 }
+                // OperationRegion: name, space, offset and length (integers here).
+                0x80 => {
+                    let path = c.name_string(scope)?;
+                    let space = c.byte()?;
+                    let offset = data_object(c, end, scope, depth + 1)?;
+                    let len = data_object(c, end, scope, depth + 1)?;
+                    match (offset, len) {
+                        (AmlValue::Integer(offset), AmlValue::Integer(len)) => ns.regions.push(Region {
+                            path,
+                            space,
+                            offset,
+                            len,
+                        }),
+                        _ => return c.err("operation region offset/length are not integers"),
+                    }
+                }
+                // Field: its units are not read back, only skipped.
+                0x81 => {
+                    c.pos = c.pkg_end(end)?;
+                }
                 op => return c.err(format!("unsupported extended opcode 5b {op:02x}")),
             },
+            // Method: its name is recorded, its body (code, not data) skipped.
+            0x14 => {
+                let pend = c.pkg_end(end)?;
+                let path = c.name_string(scope)?;
+                ns.methods.push(path);
+                c.pos = pend;
+            }
             0x08 => {
                 let path = c.name_string(scope)?;
                 let v = data_object(c, end, scope, depth)?;

@@ -154,7 +154,34 @@ fn dsdt_describes_com1_every_virtio_device_and_s5() {
         assert_eq!(h.oem_table_id, "GODWITVM");
         let mut expect = vec!["\\_SB_.COM1".to_string()];
         expect.extend((0..n).map(|i| format!("\\_SB_.VR{i:02}")));
+        expect.extend(["\\_SB_.GED0".to_string(), "\\_SB_.PWRB".to_string()]);
         assert_eq!(ns.devices, expect);
+        // The power button: a GED on GSI 9 whose _EVT reads the event port, and PNP0C0C.
+        assert_eq!(
+            ns.get("\\_SB_.GED0._HID"),
+            Some(&AmlValue::String("ACPI0013".into()))
+        );
+        assert_eq!(
+            crs(&ns, "\\_SB_.GED0"),
+            vec![Resource::Interrupt {
+                flags: 0b0011,
+                gsis: vec![pm::GED_GSI]
+            }]
+        );
+        assert_eq!(
+            ns.regions,
+            vec![parse::Region {
+                path: "\\_SB_.GED0.EREG".into(),
+                space: 1,
+                offset: pm::GED_EVENT_PORT as u64,
+                len: 1
+            }]
+        );
+        assert_eq!(ns.methods, vec!["\\_SB_.GED0._EVT".to_string()]);
+        match ns.get("\\_SB_.PWRB._HID") {
+            Some(AmlValue::Integer(v)) => assert_eq!(parse::eisa_id(*v), "PNP0C0C"),
+            other => panic!("PWRB._HID is {other:?}"),
+        }
 
         match ns.get("\\_SB_.COM1._HID") {
             Some(AmlValue::Integer(v)) => assert_eq!(parse::eisa_id(*v), "PNP0501"),
@@ -212,7 +239,7 @@ fn dsdt_describes_com1_every_virtio_device_and_s5() {
                 AmlValue::Integer(0)
             ]))
         );
-        assert_eq!(ns.names.len(), 3 + 3 * n + 1);
+        assert_eq!(ns.names.len(), 3 + 3 * n + 3 + 2 + 1);
     }
 }
 
@@ -223,7 +250,7 @@ fn tables_at_another_base_and_most_devices() {
         virtio: (0..8)
             .map(|i| VirtioMmio {
                 base: 0xd000_0000 + i * 0x1000,
-                gsi: 5 + i as u32,
+                gsi: 10 + i as u32,
             })
             .collect(),
     };
@@ -233,7 +260,7 @@ fn tables_at_another_base_and_most_devices() {
     let (_, e) = parse::xsdt(t.table_at(r.xsdt).unwrap()).unwrap();
     let f = parse::fadt(t.table_at(e[0]).unwrap()).unwrap();
     let (_, ns) = parse::dsdt(t.table_at(f.x_dsdt).unwrap()).unwrap();
-    assert_eq!(ns.devices.len(), 9);
+    assert_eq!(ns.devices.len(), 11);
     assert_eq!(
         crs(&ns, "\\_SB_.VR07"),
         vec![
@@ -244,7 +271,7 @@ fn tables_at_another_base_and_most_devices() {
             },
             Resource::Interrupt {
                 flags: 3,
-                gsis: vec![12]
+                gsis: vec![17]
             },
         ]
     );
@@ -278,6 +305,13 @@ fn bad_platforms_are_refused() {
     assert_eq!(
         build(&one(0xfeb0_0000, 4), DEFAULT_BASE).unwrap_err(),
         AcpiError::GsiTaken { index: 0, gsi: 4 }
+    );
+    assert_eq!(
+        build(&one(0xfeb0_0000, pm::GED_GSI), DEFAULT_BASE).unwrap_err(),
+        AcpiError::GsiTaken {
+            index: 0,
+            gsi: pm::GED_GSI
+        }
     );
     let dup = Platform {
         vcpus: 1,

@@ -109,6 +109,16 @@ fn dsdt_disassembles_cleanly_and_recompiles_to_the_same_aml() {
         flat.contains("Name (_S5, Package (0x04) { 0x05, Zero, Zero, Zero })"),
         "{dsl}"
     );
+    for want in [
+        "Device (GED0) { Name (_HID, \"ACPI0013\" )",
+        "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000009, }",
+        "OperationRegion (EREG, SystemIO, 0x0603, One)",
+        "Method (_EVT, 1, Serialized) { Local0 = ESEL If ((Local0 & One)) {",
+        "Notify (PWRB, 0x80)",
+        "Device (PWRB) { Name (_HID, EisaId (\"PNP0C0C\") )",
+    ] {
+        assert!(flat.contains(want), "missing {want}\nin:\n{dsl}");
+    }
 
     // Compile the disassembly back: the AML body must be byte-identical to ours.
     run(&d, &["-p", "re", "dsdt.dsl"]);

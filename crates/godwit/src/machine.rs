@@ -309,6 +309,12 @@ impl Backend for MachineBackend {
         Ok(())
     }
 
+    fn system_powerdown(&self) -> CmdResult {
+        self.0.vm.press_power_button();
+        self.0.events.emit(Event::Powerdown);
+        Ok(())
+    }
+
     fn version(&self) -> VersionInfo {
         VersionInfo::default()
     }

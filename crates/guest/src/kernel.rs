@@ -33,10 +33,17 @@ pub mod sys {
     pub const TIMER_START: u64 = 4;
     pub const CLOSE_GATE: u64 = 5;
     pub const RELEASE: u64 = 6;
+    pub const POWEROFF: u64 = 7;
 }
 
 pub const COM1: u16 = 0x3f8;
 pub const EXIT_PORT: u16 = 0xf4;
+/// Godwit's ACPI sleep control register (hardware-reduced FADT) and the value for S5.
+pub const SLEEP_CONTROL_PORT: u16 = 0x600;
+const SLEEP_S5: u8 = (5 << 2) | (1 << 5);
+/// Godwit's GED event register: bit 0 = the power button was pressed (read clears it). Where
+/// nothing answers the port (QEMU's microvm) a read gives 0xff, which is not an event.
+const GED_EVENT_PORT: u16 = 0x603;
 const PIT_HZ: u64 = 1_193_182;
 
 /// Shared data written once at CPL0 before user code reads it.
@@ -255,17 +262,27 @@ unsafe fn kput_hex(v: u64) {
     serial_put(buf.as_ptr(), 18);
 }
 
-/// Move received bytes into the input ring (BSP timer handler).
+/// Put one byte into the input ring (dropped when it is full).
+#[link_section = ".ktext"]
+unsafe fn input_push(b: u8) {
+    let head = K.in_head.load(Relaxed);
+    if head.wrapping_sub(K.in_tail.load(Acquire)) < 64 {
+        K.in_buf[(head & 63) as usize].store(b, Relaxed);
+        K.in_head.store(head.wrapping_add(1), Release);
+    }
+}
+
+/// Move received bytes into the input ring (BSP timer handler); a power-button press becomes
+/// the command `P`.
 #[link_section = ".ktext"]
 unsafe fn poll_input() {
+    let ev = inb(GED_EVENT_PORT);
+    if ev != 0xff && ev & 1 != 0 {
+        input_push(b'P');
+    }
     let mut n = 0;
     while n < 16 && inb(COM1 + 5) & 1 != 0 {
-        let b = inb(COM1);
-        let head = K.in_head.load(Relaxed);
-        if head.wrapping_sub(K.in_tail.load(Acquire)) < 64 {
-            K.in_buf[(head & 63) as usize].store(b, Relaxed);
-            K.in_head.store(head.wrapping_add(1), Release);
-        }
+        input_push(inb(COM1));
         n += 1;
     }
 }
@@ -651,6 +668,10 @@ unsafe fn syscall(f: &mut Frame, cpu: usize) {
             boot::khalt_forever();
         }
         sys::HALT => boot::khalt_forever(),
+        sys::POWEROFF => {
+            outb(SLEEP_CONTROL_PORT, SLEEP_S5);
+            boot::khalt_forever();
+        }
         sys::TIMER_START => timer_start(cpu, f.rdi),
         sys::CLOSE_GATE => {
             let prev = boot::ap_arrive.fetch_or(1 << 63, AcqRel);

@@ -305,6 +305,7 @@ impl Bsp {
                     b's' => self.status(),
                     b'q' => self.quit(),
                     b'c' => self.corrupt_check(),
+                    b'P' => self.power_off(),
                     _ => {}
                 }
             }
@@ -483,6 +484,14 @@ impl Bsp {
             l.u(K.cpu_ticks[i].load(Relaxed));
         }
         l.send();
+    }
+
+    /// The power button (or `P`): stop, say so, and enter ACPI S5 through the sleep register.
+    fn power_off(&mut self) -> ! {
+        U.stop.store(1, SeqCst);
+        Line::new().s("GUEST POWEROFF").send();
+        syscall(sys::POWEROFF, 0, 0, 0);
+        loop {}
     }
 
     fn quit(&mut self) -> ! {

@@ -68,6 +68,7 @@ pub struct Vm {
     disks: Vec<BlockDevice>,
     nets: Vec<crate::netdev::NetDevice>,
     events: VmEvents,
+    power_button: acpi::pm::PowerButton,
     requests: Mutex<Receiver<VmRequest>>,
     msr_list: Vec<u32>,
     boot: BootEntry,
@@ -116,7 +117,9 @@ impl Vm {
             .map_err(dev_err)?;
         pio.insert(I8042::BASE as u64, I8042::LEN as u64, Arc::new(Mutex::new(I8042::new(events.clone()))))
             .map_err(dev_err)?;
-        let pm = Arc::new(Mutex::new(acpi::pm::AcpiPm::new(events.clone())));
+        let button = acpi::pm::PowerButton::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?);
+        fd.register_irqfd(button.irq(), acpi::pm::GED_GSI).map_err(kvm("KVM_IRQFD"))?;
+        let pm = Arc::new(Mutex::new(acpi::pm::AcpiPm::new(events.clone(), button.clone())));
         pio.insert(acpi::pm::PM_PORT_BASE as u64, acpi::pm::PM_PORT_LEN as u64, pm).map_err(dev_err)?;
         let mut mmio = Bus::new();
         let mut disks = Vec::new();
@@ -172,6 +175,7 @@ impl Vm {
             disks,
             nets,
             events,
+            power_button: button,
             requests: Mutex::new(rx),
             msr_list,
             boot,
@@ -198,6 +202,11 @@ impl Vm {
     /// A handle to raise requests as devices do (the monitor's `quit`).
     pub fn events(&self) -> VmEvents {
         self.events.clone()
+    }
+    /// Presses the ACPI power button (QMP `system_powerdown`): the GED latches the event and
+    /// raises its interrupt; what happens next is the guest's choice.
+    pub fn press_power_button(&self) {
+        self.power_button.press();
     }
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.vcpus.len()
