@@ -34,6 +34,7 @@ const SCENARIOS: &[&str] = &[
     "snapshot",
     "disk",
     "storage",
+    "storage-inc",
     // Only when asked for by name (needs root for network namespaces; ~15 min): see links.rs.
     "links",
     // Only when asked for by name (root, nfs-ganesha): the disk on an NFS server, see nfsdisk.rs.
@@ -596,6 +597,10 @@ fn main() {
 
     if only("storage") {
         storage::run_all(a.runs, &b, &sides, &dir, &mut c, &mut metrics);
+    }
+
+    if only("storage-inc") {
+        storage::run_all_top(a.runs, &b, &sides, &dir, &mut c, &mut metrics);
     }
 
     if only("disk") {

@@ -10,6 +10,12 @@
 //! Measured: total (drive_mirror → migration completed), the mirror until ready, the VMM's
 //! downtime, the guest-seen heartbeat gap, disk and RAM bytes on the wire; the destination
 //! must print `LEDGER OK` and `DISK OK`.
+//!
+//! `storage-inc` (issue 23, libvirt's `--copy-storage-inc`): the same sequence with
+//! `drive_mirror -n` (no `-f`: `sync: top`, in both VMMs) from a qcow2 overlay over that image
+//! as base (its top layer holding 64 MiB of data from the start, then the guest's writes),
+//! into an empty overlay over the destination's copy of the base (made beforehand): only the
+//! top layer crosses the wire.
 
 use crate::vm::{free_port, hb_seq, BenchError, Bins, Hmp, Proc, Res, Spec, Vmm};
 use crate::{order, Collect};
@@ -52,6 +58,22 @@ fn populate(img: &Path, dir: &Path) -> Res<PathBuf> {
     let raw = dir.join("storage-data.raw");
     let q = dir.join("storage-src.qcow2");
     crate::disk::write_random(&raw, DATA_MIB as u64, 0x2545_f491_4f6c_dd1d)?;
+    let _ = std::fs::remove_file(&q);
+    sh(img, &["convert", "-f", "raw", "-O", "qcow2", path(&raw), path(&q)])?;
+    sh(img, &["resize", "-f", "qcow2", path(&q), &format!("{DISK_GIB}G")])?;
+    let _ = std::fs::remove_file(&raw);
+    Ok(q)
+}
+
+/// Data already in the overlay's top layer when the VM starts (`storage-inc`).
+const TOP_MIB: u64 = 64;
+
+/// A standalone qcow2 image (to become the source overlay) with [`TOP_MIB`] MiB of data
+/// at the start.
+fn top_template(img: &Path, dir: &Path) -> Res<PathBuf> {
+    let raw = dir.join("storage-top.raw");
+    let q = dir.join("storage-top.qcow2");
+    crate::disk::write_random(&raw, TOP_MIB, 0x9e37_79b9_7f4a_7c15)?;
     let _ = std::fs::remove_file(&q);
     sh(img, &["convert", "-f", "raw", "-O", "qcow2", path(&raw), path(&q)])?;
     sh(img, &["resize", "-f", "qcow2", path(&q), &format!("{DISK_GIB}G")])?;
@@ -111,12 +133,25 @@ fn job_progress(info: &str) -> Option<(u64, u64)> {
     Some((x, y))
 }
 
-pub fn run(bins: &Bins, vmm: Vmm, src_image: &Path, dir: &Path) -> Res<Run> {
+/// One run. `top`: the destination's copy of `src_image`, and an image with the top layer's
+/// data; the disks are then overlays (the source's: that image rebased over `src_image`; the
+/// destination's: empty over the copy) and the mirror is `sync: top`.
+pub fn run(bins: &Bins, vmm: Vmm, src_image: &Path, dir: &Path, top: Option<(&Path, &Path)>) -> Res<Run> {
     let img = bins.qemu_img.clone().unwrap_or_else(|| bins.godwit_img.clone());
     let (si, di) = (dir.join(format!("{}-ssrc.qcow2", vmm.name())), dir.join(format!("{}-sdst.qcow2", vmm.name())));
-    std::fs::copy(src_image, &si).map_err(|e| BenchError::Io(si.display().to_string(), e))?;
-    let _ = std::fs::remove_file(&di);
-    sh(&img, &["create", "-q", "-f", "qcow2", path(&di), &format!("{DISK_GIB}G")])?;
+    let _ = (std::fs::remove_file(&si), std::fs::remove_file(&di));
+    match top {
+        None => {
+            std::fs::copy(src_image, &si).map_err(|e| BenchError::Io(si.display().to_string(), e))?;
+            sh(&img, &["create", "-q", "-f", "qcow2", path(&di), &format!("{DISK_GIB}G")])?;
+        }
+        Some((dst_base, top_data)) => {
+            std::fs::copy(top_data, &si).map_err(|e| BenchError::Io(si.display().to_string(), e))?;
+            sh(&img, &["rebase", "-u", "-f", "qcow2", "-b", path(src_image), "-F", "qcow2", path(&si)])?;
+            sh(&img, &["create", "-q", "-f", "qcow2", "-b", path(dst_base), "-F", "qcow2", path(&di)])?;
+        }
+    }
+    let flags = if top.is_some() { "-n" } else { "-n -f" };
     let (nbd_port, mig_port) = (free_port()?, free_port()?);
     let (dmon, smon) = (dir.join(format!("{}-sdst.sock", vmm.name())), dir.join(format!("{}-ssrc.sock", vmm.name())));
     let _ = (std::fs::remove_file(&dmon), std::fs::remove_file(&smon));
@@ -142,7 +177,7 @@ pub fn run(bins: &Bins, vmm: Vmm, src_image: &Path, dir: &Path) -> Res<Run> {
     let mut sh_ = Hmp::connect(&smon, vmm, "source monitor", T)?;
     std::thread::sleep(Duration::from_millis(500));
     let t0 = Instant::now();
-    ok_answer("drive_mirror", &sh_.cmd(&format!("drive_mirror -n -f d0 nbd://127.0.0.1:{rport}/d0 raw"))?)?;
+    ok_answer("drive_mirror", &sh_.cmd(&format!("drive_mirror {flags} d0 nbd://127.0.0.1:{rport}/d0 raw"))?)?;
     loop {
         let info = sh_.cmd("info block-jobs")?;
         match job_progress(&info) {
@@ -209,19 +244,42 @@ pub fn run(bins: &Bins, vmm: Vmm, src_image: &Path, dir: &Path) -> Res<Run> {
 
 /// Runs the scenario `runs` times per VMM and appends the rows.
 pub fn run_all(runs: usize, bins: &Bins, sides: &[Vmm], dir: &Path, c: &mut Collect, metrics: &mut Vec<Metric>) {
+    scenario(false, runs, bins, sides, dir, c, metrics)
+}
+
+/// `storage-inc`: [`run_all`] with overlays and `sync: top`.
+pub fn run_all_top(runs: usize, bins: &Bins, sides: &[Vmm], dir: &Path, c: &mut Collect, metrics: &mut Vec<Metric>) {
+    scenario(true, runs, bins, sides, dir, c, metrics)
+}
+
+fn scenario(inc: bool, runs: usize, bins: &Bins, sides: &[Vmm], dir: &Path, c: &mut Collect, metrics: &mut Vec<Metric>) {
     let img = bins.qemu_img.clone().unwrap_or_else(|| bins.godwit_img.clone());
+    let k = if inc { "storage-inc" } else { "storage" };
     let src = match populate(&img, dir) {
         Ok(p) => p,
         Err(e) => {
-            c.notes.push(format!("storage: cannot prepare the image: {e}"));
+            c.notes.push(format!("{k}: cannot prepare the image: {e}"));
             return;
         }
     };
-    let k = "storage";
+    // The base as the destination already has it (another file, same bytes), and the data
+    // of the source overlay's top layer.
+    let dst_base = dir.join("storage-dst-base.qcow2");
+    let mut top_data = PathBuf::new();
+    if inc {
+        let prepared = std::fs::copy(&src, &dst_base).map_err(|e| BenchError::Io(dst_base.display().to_string(), e)).and_then(|_| top_template(&img, dir));
+        match prepared {
+            Ok(t) => top_data = t,
+            Err(e) => {
+                c.notes.push(format!("{k}: cannot prepare the images: {e}"));
+                return;
+            }
+        }
+    }
     for i in 0..runs {
         for vmm in order(i, sides) {
-            eprint!("[storage migration {}/{runs}] {:<6} ", i + 1, vmm.name());
-            match run(bins, vmm, &src, dir) {
+            eprint!("[{k} migration {}/{runs}] {:<6} ", i + 1, vmm.name());
+            match run(bins, vmm, &src, dir, inc.then_some((dst_base.as_path(), top_data.as_path()))) {
                 Ok(r) => {
                     eprintln!(
                         "total {:.0} ms (mirror ready after {:.0} ms), downtime {:.1} ms, gap {:.1} ms, disk {:.1} MiB + RAM {:.1} MiB on the wire, {}",
@@ -240,7 +298,11 @@ pub fn run_all(runs: usize, bins: &Bins, sides: &[Vmm], dir: &Path, c: &mut Coll
             }
         }
     }
-    let scen = format!("storage migration: {DISK_GIB} GiB qcow2 disk, {DATA_MIB} MiB data, guest writing RAM and disk");
+    let scen = if inc {
+        format!("incremental storage migration (sync top): qcow2 overlay with {TOP_MIB} MiB data over a {DISK_GIB} GiB base with {DATA_MIB} MiB data (on both hosts), guest writing RAM and disk")
+    } else {
+        format!("storage migration: {DISK_GIB} GiB qcow2 disk, {DATA_MIB} MiB data, guest writing RAM and disk")
+    };
     for (m, label, unit) in [
         ("total", "drive_mirror → migration completed", "ms"),
         ("ready", "drive_mirror → mirror ready", "ms"),
@@ -256,5 +318,5 @@ pub fn run_all(runs: usize, bins: &Bins, sides: &[Vmm], dir: &Path, c: &mut Coll
     let mut r = c.metric(k, "ok", "LEDGER OK + DISK OK on the destination, heartbeats continue", "runs").fraction();
     r.scenario = scen;
     metrics.push(r);
-    let _ = std::fs::remove_file(&src);
+    let _ = (std::fs::remove_file(&src), std::fs::remove_file(&dst_base), std::fs::remove_file(&top_data));
 }
