@@ -120,7 +120,7 @@ case "$profile" in
     khz=$(python3 "$here/linux-kit/pvm-profile.py" tsc-khz) || die "cannot read the TSC frequency from /dev/kvm"
     hz=$(sed -n 's/^CONFIG_HZ=//p' "$config" 2>/dev/null)
     [ -n "$hz" ] || die "cannot read CONFIG_HZ from $config"
-    append="console=ttyS0 earlyprintk=ttyS0 nokaslr rdinit=/init clearcpuid=cx16,popcnt,smap,ssse3 noxsave nopv tsc_early_khz=$khz lpj=$((khz * 1000 / hz)) tsc=unstable cryptomgr.notests watchdog_thresh=60 godwit.workload=agent"
+    append="console=ttyS0 earlyprintk=ttyS0 nokaslr rdinit=/init clearcpuid=cx16,popcnt,smap,ssse3 noxsave nopv tsc_early_khz=$khz lpj=$((khz * 1000 / hz)) tsc=unstable cryptomgr.notests watchdog_thresh=60 mitigations=off godwit.workload=agent"
     echo "tsc_khz=$khz"
     ;;
   *) die "unknown GODWIT_HOST_PROFILE=$profile (pvm or none)" ;;
