@@ -8,6 +8,7 @@ mod boot;
 mod ceiling;
 mod disk;
 mod forecast;
+mod libvirt;
 mod links;
 mod migrate;
 mod nfsdisk;
@@ -39,6 +40,8 @@ const SCENARIOS: &[&str] = &[
     "links",
     // Only when asked for by name (root, nfs-ganesha): the disk on an NFS server, see nfsdisk.rs.
     "nfs",
+    // Only when asked for by name (root, libvirt 9.0): virsh migrate, see libvirt.rs.
+    "libvirt",
 ];
 
 #[derive(Parser, Debug)]
@@ -605,6 +608,10 @@ fn main() {
 
     if only("disk") {
         disk::run_all(a.runs, &b, &sides, &dir, &mut c, &mut metrics);
+    }
+
+    if a.only.iter().any(|o| o == "libvirt") {
+        libvirt::run_all(a.runs, &b, &sides, &dir, &mut c, &mut metrics);
     }
 
     if a.only.iter().any(|o| o == "nfs") {
