@@ -1,5 +1,6 @@
 //! Network options, QEMU's syntax: `-netdev tap,id=ID,ifname=NAME[,script=no|PATH]
-//! [,downscript=no|PATH]` with `-device virtio-net-device,netdev=ID[,mac=MAC]`, and the legacy
+//! [,downscript=no|PATH]` or `-netdev tap,id=ID,fd=N` (a tap the parent opened, as libvirt
+//! passes it) with `-device virtio-net-device,netdev=ID[,mac=MAC]`, and the legacy
 //! `-net nic[,macaddr=MAC][,model=virtio] -net tap[,ifname=NAME][,script=..][,downscript=..]`
 //! (the i-th `-net nic` is connected to the i-th `-net tap`; `-net none` is accepted).
 //!
@@ -59,11 +60,18 @@ fn parse_tap(props: &[String], what: &str) -> Result<(Option<String>, TapOptions
             "vhost" if v == "off" => {}
             "queues" if v == "1" => {}
             "vlan" => {}
-            "fd" | "fds" | "helper" | "br" | "vhostfd" | "vhost" | "queues" | "sndbuf" | "vnet_hdr" => {
+            "fd" => {
+                let fd = v.parse::<i32>().ok().filter(|fd| *fd >= 0);
+                t.fd = Some(fd.ok_or_else(|| format!("{what}: fd={v} is not a descriptor number"))?);
+            }
+            "fds" | "helper" | "br" | "vhostfd" | "vhost" | "queues" | "sndbuf" | "vnet_hdr" => {
                 return Err(format!("{what}: '{k}={v}' is not supported by Godwit"))
             }
             _ => return Err(format!("{what}: unknown tap property '{k}'")),
         }
+    }
+    if t.fd.is_some() && (!t.ifname.is_empty() || t.script.is_some() || t.downscript.is_some()) {
+        return Err(format!("{what}: ifname=, script= and downscript= cannot be used with fd= (the tap is already open)"));
     }
     Ok((id, t))
 }
@@ -196,6 +204,19 @@ mod tests {
         assert_eq!(n[0].tap.ifname, "tap0");
         assert_eq!(n[0].tap.script, None);
         assert_eq!(n[0].tap.downscript, Some(PathBuf::from("/bin/true")));
+    }
+
+    #[test]
+    fn an_inherited_tap_descriptor() {
+        let n = resolve(&v(&["tap,id=n0,fd=23"]), &v(&["virtio-net-device,netdev=n0"]), &[]).unwrap();
+        assert_eq!((n[0].tap.fd, n[0].tap.ifname.as_str()), (Some(23), ""));
+        for bad in ["tap,id=n0,fd=x", "tap,id=n0,fd=-1"] {
+            let e = resolve(&v(&[bad]), &[], &[]).unwrap_err();
+            assert!(e.contains("is not a descriptor number"), "{e}");
+        }
+        let e = resolve(&v(&["tap,id=n0,fd=23,ifname=tap0"]), &[], &[]).unwrap_err();
+        assert!(e.contains("cannot be used with fd="), "{e}");
+        assert!(resolve(&v(&["tap,id=n0,fds=23:24"]), &[], &[]).unwrap_err().contains("not supported"));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! pinged from a client in another network namespace; a live migration between two Godwit
 //! processes whose taps sit on the same bridge (two hosts on one L2 segment), with the client
 //! pinging every 10 ms throughout, once with announcements (the default) and once with
-//! `announce-rounds 0`, reporting the lost pings of each; and the command-line errors.
+//! `announce-rounds 0`, reporting the lost pings of each; a tap handed over as an open
+//! descriptor (`-netdev tap,fd=N`, as libvirt does); and the command-line errors.
 //!
 //! Topology (created and removed by the test; needs root and iproute2 + iputils-ping):
 //! `gwn-lan-*` holds bridge `br0` (ageing 300 s, so a stale forwarding entry is not
@@ -162,6 +163,40 @@ fn a_client_pings_the_guest() {
     assert!(info.contains("type=tap,ifname=gwtp0"), "{info}");
     let rx: u64 = info.split_whitespace().find_map(|w| w.strip_prefix("rx=")).and_then(|v| v.parse().ok()).unwrap_or(0);
     assert!(rx >= 100, "{info}");
+}
+
+/// Opens tap argv[1] (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) as descriptor 5, without close-on-exec,
+/// and runs argv[2..] with it: what libvirt does before it starts the emulator with `fd=N`.
+const OPEN_TAP_AS_FD5: &str = "import fcntl, os, struct, sys\n\
+fd = os.open('/dev/net/tun', os.O_RDWR)\n\
+fcntl.ioctl(fd, 0x400454ca, struct.pack('16sH22x', sys.argv[1].encode(), 0x0002 | 0x1000 | 0x4000))\n\
+os.dup2(fd, 5)\n\
+os.set_inheritable(5, True)\n\
+os.execv(sys.argv[2], sys.argv[2:])\n";
+
+#[test]
+fn a_client_pings_the_guest_on_an_inherited_tap_descriptor() {
+    let lan = Lan::new("f", &["gwtf0"]);
+    let dir = tmpdir("net-fd");
+    let mon = dir.join("mon");
+    let monarg = format!("unix:{},server,nowait", mon.display());
+    let (g, godwit) = (guest_bin(), godwit_bin());
+    let append = append(&lan);
+    let args = [
+        "netns", "exec", &lan.lan, "python3", "-c", OPEN_TAP_AS_FD5, "gwtf0", godwit.to_str().unwrap(),
+        "-kernel", g.to_str().unwrap(), "-append", &append, "-monitor", &monarg,
+        "-netdev", "tap,id=n0,fd=5", "-device", "virtio-net-device,netdev=n0,mac=52:54:00:00:10:0f",
+    ];
+    let mut vm = Vm::spawn_cmd("ip", &args);
+    let l = vm.wait_for("GUEST NET", T);
+    assert!(l.contains("mac=52:54:00:00:10:0f"), "{l}");
+    vm.wait_for("GUEST READY", T);
+    let (tx, rx) = Lan::ping_wait(lan.ping(50, "0.01"));
+    assert_eq!(tx, 50);
+    assert!(rx >= 49, "{rx}/50 pings answered through the inherited tap");
+    assert!(status_field(&mut vm, "net_icmp") >= rx);
+    let info = Hmp::connect(&mon).cmd("info network");
+    assert!(info.contains("type=tap,ifname=gwtf0"), "the name comes from the descriptor: {info}");
 }
 
 #[test]
@@ -324,6 +359,11 @@ fn bad_network_options_are_one_clear_line() {
     assert!(e.contains("not supported"), "{e}");
     let e = godwit_error(&["-net", "nic"], false);
     assert!(e.contains("-net tap"), "{e}");
+    // fd=: a descriptor that is not open, one that is not a tap (stdin is /dev/null here).
+    let e = godwit_error(&["-netdev", "tap,id=n0,fd=77", "-device", "virtio-net-device,netdev=n0"], false);
+    assert!(e.contains("fd=77") && e.contains("not an open descriptor"), "{e}");
+    let e = godwit_error(&["-netdev", "tap,id=n0,fd=0", "-device", "virtio-net-device,netdev=n0"], false);
+    assert!(e.contains("fd=0") && e.contains("not a tap device"), "{e}");
     // No CAP_NET_ADMIN (run as nobody when we are root): the tap cannot be created.
     let e = godwit_error(&["-netdev", "tap,id=n0,ifname=gwnoperm0", "-device", "virtio-net-device,netdev=n0"], true);
     assert!(e.contains("permission denied") && e.contains("gwnoperm0") && e.contains("CAP_NET_ADMIN"), "{e}");

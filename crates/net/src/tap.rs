@@ -7,6 +7,11 @@
 //! converting them. An existing (e.g. persistent, `ip tuntap add`) tap is attached to; a missing
 //! one is created (needs `CAP_NET_ADMIN`) and disappears when the VMM exits.
 //!
+//! A tap someone else opened (`-netdev tap,fd=N`, how libvirt hands one over) is taken as it
+//! is: it must be a tap (`TUNGETIFF` says `IFF_TAP`) opened with `IFF_VNET_HDR` (which cannot
+//! be added afterwards); Godwit then sets the header size, `O_NONBLOCK` and close-on-exec on
+//! it, and closes it at exit. The interface is not created or removed by Godwit.
+//!
 //! `script=`/`downscript=` run a program with the interface name as its only argument after
 //! the tap is open / when it is closed, as QEMU does. Godwit's default is no script (QEMU's is
 //! `/etc/qemu-ifup`).
@@ -31,6 +36,7 @@ const IFF_VNET_HDR: i16 = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 
 /// Offload flags for [`Tap::set_offload`] (`TUN_F_*`).
 pub mod offload {
@@ -66,6 +72,8 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    #[error("tap fd={fd}: {reason}")]
+    BadFd { fd: RawFd, reason: String },
     #[error("tap '{ifname}': script {path}: {reason}")]
     Script { ifname: String, path: PathBuf, reason: String },
 }
@@ -79,6 +87,8 @@ pub struct TapOptions {
     pub script: Option<PathBuf>,
     /// Run when the tap is closed (`downscript=PATH`).
     pub downscript: Option<PathBuf>,
+    /// An open tap descriptor inherited from the parent (`fd=N`) instead of a name.
+    pub fd: Option<RawFd>,
 }
 
 /// An open tap device.
@@ -114,8 +124,12 @@ fn run_script(ifname: &str, path: &PathBuf) -> Result<(), TapError> {
 }
 
 impl Tap {
-    /// Opens (or creates) the tap, sets the vnet header size, runs the up script.
+    /// Opens (or creates) the tap, sets the vnet header size, runs the up script; or takes
+    /// over the inherited descriptor `opts.fd` (see [`Tap::from_fd`]).
     pub fn open(opts: &TapOptions) -> Result<Tap, TapError> {
+        if let Some(fd) = opts.fd {
+            return Tap::from_fd(fd);
+        }
         let name = opts.ifname.as_str();
         if name.len() > MAX_IFNAME || name.contains(['/', ' ', '\0']) {
             return Err(TapError::BadName(name.to_string()));
@@ -148,6 +162,48 @@ impl Tap {
             run_script(&tap.ifname, s)?;
         }
         tap.downscript = opts.downscript.clone();
+        Ok(tap)
+    }
+
+    /// Takes over `fd`, a tap opened (and attached) by the parent process. It is checked
+    /// before it is owned: on an error the descriptor is left open and untouched.
+    pub fn from_fd(fd: RawFd) -> Result<Tap, TapError> {
+        let bad = |reason: String| TapError::BadFd { fd, reason };
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(bad("not an open descriptor (was it passed to this process?)".into()));
+        }
+        let mut req = IfReq { name: [0; 16], flags: 0, _pad: [0; 22] };
+        // SAFETY: TUNGETIFF writes a `struct ifreq` (40 bytes), which `req` is.
+        if unsafe { libc::ioctl(fd, TUNGETIFF, &mut req as *mut IfReq) } < 0 {
+            return Err(bad(format!("not a tap device ({})", io::Error::last_os_error())));
+        }
+        let ifname = CStr::from_bytes_until_nul(&req.name).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+        if req.flags & IFF_TAP == 0 {
+            return Err(bad(format!("'{ifname}' is a tun (layer 3) device, not a tap")));
+        }
+        if req.flags & IFF_NO_PI == 0 || req.flags & IFF_VNET_HDR == 0 {
+            return Err(bad(format!(
+                "tap '{ifname}' was opened without IFF_NO_PI and IFF_VNET_HDR, which Godwit's virtio-net needs"
+            )));
+        }
+        // SAFETY: plain flag changes on a descriptor checked above.
+        unsafe {
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 || libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0 {
+                return Err(classify(&ifname, "fcntl", io::Error::last_os_error()));
+            }
+        }
+        let hdr_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads an int.
+        if unsafe { libc::ioctl(fd, TUNSETVNETHDRSZ, &hdr_len as *const libc::c_int) } < 0 {
+            return Err(classify(&ifname, "TUNSETVNETHDRSZ", io::Error::last_os_error()));
+        }
+        // SAFETY: the descriptor is open, a tap, and from here on only this Tap uses it (the
+        // command line handed it to Godwit for exactly this).
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let tap = Tap { file, ifname, downscript: None };
+        tap.set_offload(0)?;
         Ok(tap)
     }
 
@@ -220,6 +276,18 @@ impl Drop for Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_inherited_fd_must_be_an_open_tap_and_is_left_alone_otherwise() {
+        let e = Tap::from_fd(1_000_000).unwrap_err().to_string();
+        assert!(e.contains("fd=1000000") && e.contains("not an open descriptor"), "{e}");
+        let f = File::open("/dev/null").unwrap();
+        let e = Tap::from_fd(f.as_raw_fd()).unwrap_err().to_string();
+        assert!(e.contains("not a tap device"), "{e}");
+        // Still open: the failed take-over did not close it.
+        // SAFETY: F_GETFD only reads the flags.
+        assert!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFD) } >= 0);
+    }
 
     #[test]
     fn bad_names_are_refused_before_any_syscall() {
