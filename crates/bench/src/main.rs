@@ -10,6 +10,7 @@ mod disk;
 mod forecast;
 mod libvirt;
 mod links;
+mod linux;
 mod migrate;
 mod nfsdisk;
 mod snapshot;
@@ -42,6 +43,8 @@ const SCENARIOS: &[&str] = &[
     "nfs",
     // Only when asked for by name (root, libvirt 9.0): virsh migrate, see libvirt.rs.
     "libvirt",
+    // Only when asked for by name (boots Linux for minutes per run here): see linux.rs.
+    "linux",
 ];
 
 #[derive(Parser, Debug)]
@@ -612,6 +615,10 @@ fn main() {
 
     if a.only.iter().any(|o| o == "libvirt") {
         libvirt::run_all(a.runs, &b, &sides, &dir, &mut c, &mut metrics);
+    }
+
+    if a.only.iter().any(|o| o == "linux") {
+        linux::run_all(a.runs, &b, &sides, &dir, &mut c, &mut metrics);
     }
 
     if a.only.iter().any(|o| o == "nfs") {

@@ -82,6 +82,11 @@ pub struct Spec {
     pub netns: Option<String>,
     /// `-object` arguments (TLS credentials).
     pub objects: Vec<String>,
+    /// Another kernel than the test guest (the Linux kit's), with its initrd.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// `-no-reboot`: a guest reset ends the VMM.
+    pub no_reboot: bool,
 }
 
 /// The command line of `vmm` for `spec`. QEMU gets the microvm machine the guest's contract
@@ -125,9 +130,15 @@ pub fn command(bins: &Bins, vmm: Vmm, spec: &Spec) -> Command {
         .arg("-smp")
         .arg(spec.smp.to_string());
     c.arg("-kernel")
-        .arg(&bins.guest)
+        .arg(spec.kernel.as_deref().unwrap_or(&bins.guest))
         .arg("-append")
         .arg(&spec.append);
+    if let Some(rd) = &spec.initrd {
+        c.arg("-initrd").arg(rd);
+    }
+    if spec.no_reboot {
+        c.arg("-no-reboot");
+    }
     if let Some(m) = &spec.monitor {
         c.arg("-monitor")
             .arg(format!("unix:{},server,nowait", m.display()));
