@@ -13,6 +13,8 @@
 mod host;
 mod image;
 mod net;
+#[cfg(test)]
+mod plumbing;
 mod suite;
 mod vm;
 

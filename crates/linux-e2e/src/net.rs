@@ -145,3 +145,60 @@ pub fn count_while(mut client: Client, stop: Arc<AtomicBool>) -> std::thread::Jo
         Ok((client, gap))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A stand-in for the agent inside the namespace: greeting and `count`.
+    fn fake_agent(ns: &str) -> std::thread::JoinHandle<()> {
+        let path = format!("/run/netns/{ns}");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).unwrap();
+            // SAFETY: a valid namespace fd; this thread only.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let l = TcpListener::bind((GUEST_IP, 7777)).unwrap();
+            tx.send(()).unwrap();
+            let (s, _) = l.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            w.write_all(b"AGENT HELLO conn=4\n").unwrap();
+            let mut n = 0;
+            for line in BufReader::new(s).lines().map_while(Result::ok) {
+                n += 1;
+                let answer = if line == "count" { format!("COUNT conn=4 n={n}\n") } else { "SKIPPED\n".to_string() };
+                let _ = w.write_all(answer.as_bytes());
+            }
+        });
+        rx.recv().unwrap();
+        h
+    }
+
+    #[test]
+    fn a_connection_from_inside_the_namespace_counts() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (network namespaces, taps)");
+        let lan = Lan::new("n").unwrap();
+        ip(&["-n", &lan.ns, "addr", "add", &format!("{GUEST_IP}/32"), "dev", "lo"]).unwrap();
+        let server = fake_agent(&lan.ns);
+        let mut c = lan.connect(7777, Duration::from_secs(10)).unwrap();
+        assert_eq!(c.conn, 4);
+        for _ in 0..3 {
+            c.count().unwrap();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = count_while(c, stop.clone());
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, Ordering::Relaxed);
+        let (mut c, _gap) = t.join().unwrap().unwrap();
+        assert!(c.n > 3, "counted on in the background: {}", c.n);
+        // A number skipped (the fake counted a line the client did not see as a count) is found.
+        assert_eq!(c.ask1("skip").unwrap(), "SKIPPED");
+        let e = c.count().unwrap_err();
+        assert!(e.contains(&format!("expected 'COUNT conn=4 n={}'", c.n + 1)), "{e}");
+        // Closing the connection ends the fake.
+        drop(c);
+        server.join().unwrap();
+    }
+}

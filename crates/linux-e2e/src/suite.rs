@@ -371,7 +371,7 @@ impl Run {
 }
 
 /// HMP output that is not an error.
-fn expect_ok(out: String) -> R<()> {
+pub fn expect_ok(out: String) -> R<()> {
     let low = out.to_ascii_lowercase();
     if low.contains("error") || low.contains("unknown command") || low.contains("not ") && low.contains("support") {
         Err(out.replace('\n', "; "))

@@ -50,7 +50,7 @@ impl Spec {
     /// The command line: QEMU's syntax, which Godwit speaks too (plus what QEMU alone needs).
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = vec![
-            "-M", "microvm", "-enable-kvm", "-cpu", "host", "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+            "-M", "microvm,acpi=on", "-enable-kvm", "-cpu", "host", "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
             "-m", "1024", "-smp", "2", "-no-reboot",
         ]
         .into_iter()
@@ -263,11 +263,16 @@ impl Hmp {
         Ok(s.trim_end_matches("(qemu) ").to_string())
     }
 
-    /// One command; its output without the echo (QEMU echoes the line) and prompt.
+    /// One command; its output without the echo and prompt. (QEMU echoes what it reads on a
+    /// socket, redrawing the line with terminal escapes; Godwit does not.)
     pub fn cmd(&mut self, line: &str) -> R<String> {
         self.s.write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("monitor: {e}"))?;
-        let out = self.read_to_prompt()?;
-        Ok(out.lines().filter(|l| l.trim() != line).collect::<Vec<_>>().join("\n"))
+        let out = without_escapes(&self.read_to_prompt()?);
+        let mut lines: Vec<&str> = out.lines().collect();
+        if lines.first().is_some_and(|l| l.trim_end().ends_with(line.trim())) {
+            lines.remove(0);
+        }
+        Ok(lines.join("\n"))
     }
 
     pub fn send_only(&mut self, line: &str) {
@@ -292,6 +297,26 @@ impl Hmp {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Text without ANSI escape sequences (`ESC [ params final-byte`).
+pub fn without_escapes(s: &str) -> String {
+    let mut out = String::new();
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        if it.next() == Some('[') {
+            for d in it.by_ref() {
+                if ('@'..='~').contains(&d) {
+                    break;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `key: N ...` from `info migrate` (e.g. `downtime:`, `total time:`).
@@ -335,5 +360,6 @@ mod tests {
         let info = "Migration status: completed\ntotal time: 812 ms\ndowntime: 3 ms\n";
         assert_eq!((info_ms(info, "downtime:"), info_ms(info, "total time:")), (Some(3), Some(812)));
         assert_eq!(field("COUNT conn=1 n=17", "n"), Some(17));
+        assert_eq!(without_escapes("info st\x1b[K\x1b[D\x1b[Datus\nVM status: running"), "info status\nVM status: running");
     }
 }

@@ -1,0 +1,103 @@
+//! The suite's plumbing, checked on any host with KVM (this one included) by running Godwit and
+//! QEMU with the suite's own command line (`vm::Spec`) but the test guest (crates/guest) as
+//! the kernel: the namespace and taps, the serial console, HMP through each VMM's monitor
+//! (QEMU's echo and escapes), a live migration between the two taps, savevm/loadvm, quit.
+//! Needs root, /dev/kvm, the test guest and godwit built (`cargo build --release`), and
+//! qemu-system-x86_64 on PATH.
+
+use crate::host::which;
+use crate::image;
+use crate::net::{Lan, TAPS};
+use crate::suite::expect_ok;
+use crate::vm::{field, info_ms, Machine, Spec, Vmm};
+use std::path::PathBuf;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+fn built(name: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target");
+    ["release", "debug"]
+        .iter()
+        .map(|p| root.join(p).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not built: cargo build --release -p godwit -p godwit-guest"))
+}
+
+fn plumbing(vmm: Vmm, bin: PathBuf) {
+    let lan = Lan::new(&format!("p{}", &vmm.name()[..1])).expect("namespace, bridge and taps");
+    let dir = std::env::temp_dir().join(format!("e2e-plumbing-{}-{}", vmm.name(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ledger, data) = (dir.join("ledger.qcow2"), dir.join("data.qcow2"));
+    image::create_qcow2(&ledger, "16M").unwrap();
+    image::create_ext4_qcow2(&data, "16M").unwrap();
+    let initrd = dir.join("initrd");
+    std::fs::write(&initrd, b"not a cpio: the test guest ignores it").unwrap();
+    let spec = |tap: usize, n: u32, incoming: bool| Spec {
+        vmm,
+        bin: bin.clone(),
+        netns: lan.ns.clone(),
+        kernel: built("godwit-guest"),
+        initrd: initrd.clone(),
+        append: "hb_ms=100".into(),
+        ledger: ledger.clone(),
+        data: data.clone(),
+        tap: TAPS[tap].into(),
+        mac: "52:54:00:00:e2:09".into(),
+        monitor: dir.join(format!("mon{n}")),
+        incoming: incoming.then(|| format!("unix:{}", dir.join(format!("mig{n}")).display())),
+        loadvm: None,
+    };
+    let mut src = Machine::start(&spec(0, 1, false)).unwrap();
+    let ready = src.wait_for("GUEST READY", T).unwrap().1;
+    assert_eq!(field(&ready, "cpus"), Some(2), "{ready}");
+    src.wait_for("HEARTBEAT", T).unwrap();
+    let st = src.hmp().unwrap().cmd("info status").unwrap();
+    assert_eq!(st.trim(), "VM status: running", "{}: echo and escapes removed", vmm.name());
+    let dspec = spec(1, 2, true);
+    let mut dst = Machine::start(&dspec).unwrap();
+    dst.hmp().unwrap();
+    let h = src.hmp().unwrap();
+    expect_ok(h.cmd("migrate_set_parameter max-bandwidth 1G").unwrap()).unwrap();
+    expect_ok(h.cmd(&format!("migrate -d {}", dspec.incoming.unwrap())).unwrap()).unwrap();
+    let info = h.wait_migration(T).unwrap();
+    assert!(info_ms(&info, "downtime:").is_some() && info_ms(&info, "total time:").is_some(), "{info}");
+    src.collect(Duration::from_millis(200));
+    let last = src.seen.iter().rev().find_map(|(_, l)| l.strip_prefix("HEARTBEAT").and(field(l, "seq"))).unwrap();
+    let first = field(&dst.wait_for("HEARTBEAT", T).unwrap().1, "seq").unwrap();
+    assert!(first == last + 1 || first == last + 2, "{}: heartbeat {last} then {first}", vmm.name());
+    eprintln!(
+        "{}: migrated, downtime {:?} ms, total {:?} ms, heartbeat {last} on the source then {first}",
+        vmm.name(),
+        info_ms(&info, "downtime:"),
+        info_ms(&info, "total time:")
+    );
+    src.quit();
+    assert!(src.wait_exit(T).is_ok());
+    let h = dst.hmp().unwrap();
+    expect_ok(h.cmd("savevm p1").unwrap()).unwrap();
+    expect_ok(h.cmd("loadvm p1").unwrap()).unwrap();
+    assert!(dst.hmp().unwrap().cmd("info snapshots").unwrap().contains("p1"));
+    dst.wait_for("HEARTBEAT", T).unwrap();
+    dst.quit();
+    assert!(dst.wait_exit(T).is_ok());
+    image::fsck(&data).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn godwit_runs_the_suite_command_line_and_migrates_between_its_taps() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (network namespaces, taps)");
+    assert!(std::path::Path::new("/dev/kvm").exists(), "this test needs /dev/kvm");
+    plumbing(Vmm::Godwit, built("godwit"));
+}
+
+#[test]
+fn qemu_runs_the_suite_command_line_and_migrates_between_its_taps() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (network namespaces, taps)");
+    let q = which("qemu-system-x86_64").expect("this test needs qemu-system-x86_64 on PATH (Debian qemu-system-x86)");
+    plumbing(Vmm::Qemu, q);
+}
