@@ -11,6 +11,7 @@
 //! knows, is a clear error, never a half-applied state.
 
 pub mod ram;
+pub mod snapfile;
 pub mod stream;
 
 use serde::{de::DeserializeOwned, Serialize};
