@@ -36,6 +36,14 @@ fn main() {
         }
     };
     let nonce = sys::nonce();
+    // The region is written for real: more than half the RAM would invite the OOM killer,
+    // and as PID 1 that is a kernel panic.
+    let mut cfg = cfg;
+    let total = mem_total_mib();
+    if total > 0 && cfg.mib > total / 2 {
+        warn.push(format!("memory region reduced from {} MiB to {} MiB (half of MemTotal)", cfg.mib, total / 2));
+        cfg.mib = total / 2;
+    }
     let mem = if cfg.mib > 0 {
         match memory::Memory::new(cfg.mib, cfg.rate, nonce) {
             Ok(m) => Some(m),
@@ -107,7 +115,7 @@ fn main() {
 
 fn configure(pid1: bool, warn: &mut Vec<String>) -> Result<Config, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
+    if !pid1 && args.iter().any(|a| a == "--help" || a == "-h") {
         println!("usage: godwit-agent [--cmdline FILE] [--KEY VALUE]...  (keys and protocol: docs/linux-agent.md)");
         std::process::exit(0);
     }
@@ -140,11 +148,7 @@ fn configure(pid1: bool, warn: &mut Vec<String>) -> Result<Config, String> {
 
 fn ready_line(cfg: &Config, agent: &Agent) -> String {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()))
-        .map(|kib| (kib + 512) / 1024)
-        .unwrap_or(0);
+    let mem = mem_total_mib();
     let disk = match (&agent.disk, &cfg.disk) {
         (Some(d), Some(p)) => format!("{} blocks={} direct={}", p.display(), d.blocks(), d.direct as u8),
         _ => "none blocks=0 direct=0".into(),
@@ -161,6 +165,15 @@ fn ready_line(cfg: &Config, agent: &Agent) -> String {
         cfg.hb_ms,
         sys::clock_ms(libc::CLOCK_BOOTTIME)
     )
+}
+
+/// MemTotal of /proc/meminfo in MiB (0 if unknown).
+fn mem_total_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()))
+        .map(|kib| (kib + 512) / 1024)
+        .unwrap_or(0)
 }
 
 /// One line every `hb_ms` of CLOCK_MONOTONIC; after a pause (migration downtime) the next line
