@@ -93,12 +93,15 @@ fn print_row(r: &Row) {
     println!("{:<7} {:<15} {what}", r.vmm, r.part);
 }
 
-/// godwit next to this binary (target/<profile>/), else on PATH.
+/// godwit next to this binary (target/<profile>/, or its parent when run from deps/), then the
+/// workspace's release build, then PATH.
 fn default_godwit() -> Option<PathBuf> {
     let here = std::env::current_exe().ok()?;
     let dir = here.parent()?;
-    // Tests run from target/<profile>/deps.
-    [dir.join("godwit"), dir.join("../godwit")].into_iter().find(|p| p.is_file()).or_else(|| host::which("godwit"))
+    [dir.join("godwit"), dir.join("../godwit"), repo_root().join("target/release/godwit")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .or_else(|| host::which("godwit"))
 }
 
 fn main() {
