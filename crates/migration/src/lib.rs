@@ -15,6 +15,8 @@ pub mod ram;
 pub mod receiver;
 pub mod sender;
 pub mod snapshot;
+pub mod snapshot_v2;
+pub mod lazy_ram;
 pub mod stats;
 pub mod tls;
 pub mod transport;
