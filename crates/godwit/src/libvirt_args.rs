@@ -168,7 +168,10 @@ fn cache_mode(m: &Map<String, Value>) -> Result<&'static str, String> {
 }
 
 /// `-blockdev` nodes → `-drive` specs named by the format node (which the device's `drive=`
-/// names). A file node stands alone as a raw drive only if nothing uses it as `file`.
+/// names). A file node stands alone as a raw drive only if nothing uses it as `file`. A
+/// format node named as another's `backing` (libvirt's nodes for a backing chain, read from
+/// the images' headers) is no drive of its own: the overlay's drive opens its chain from its
+/// header, as QEMU does without `backing` given.
 fn blockdevs_to_drives(nodes: &[String]) -> Result<Vec<String>, String> {
     let mut files: Vec<(String, String, bool, &str)> = Vec::new(); // node-name, filename, read-only, cache
     let mut formats: Vec<Map<String, Value>> = Vec::new();
@@ -195,7 +198,7 @@ fn blockdevs_to_drives(nodes: &[String]) -> Result<Vec<String>, String> {
                 for (k, v) in &m {
                     let ok = match k.as_str() {
                         "driver" | "node-name" | "file" | "read-only" | "discard" | "cache" => true,
-                        "backing" => v.is_null(),
+                        "backing" => v.is_null() || v.is_string(),
                         _ => false,
                     };
                     if !ok {
@@ -209,11 +212,29 @@ fn blockdevs_to_drives(nodes: &[String]) -> Result<Vec<String>, String> {
             None => return Err(err("driver is required".into())),
         }
     }
+    let mut backings = Vec::new();
+    for f in &formats {
+        let name = str_member(f, "node-name")?.unwrap_or_default();
+        if let Some(b) = f.get("backing").and_then(Value::as_str) {
+            if b == name || !formats.iter().any(|x| x.get("node-name").and_then(Value::as_str) == Some(b)) {
+                return Err(format!("-blockdev {name}: backing '{b}' is not another format node"));
+            }
+            backings.push(b);
+        }
+    }
     let mut drives = Vec::new();
     let mut used = Vec::new();
     for f in &formats {
         let name = str_member(f, "node-name")?.unwrap_or_default();
         let child = str_member(f, "file")?.ok_or_else(|| format!("-blockdev {name}: 'file' (the file node) is required"))?;
+        if backings.contains(&name) {
+            // Part of a backing chain: its file is accounted for, it is no drive.
+            if !files.iter().any(|x| x.0 == child) {
+                return Err(format!("-blockdev {name}: no file node named '{child}'"));
+            }
+            used.push(child);
+            continue;
+        }
         let (_, path, file_ro, cache) = files
             .iter()
             .find(|x| x.0 == child)
@@ -435,6 +456,22 @@ mod tests {
         let d = crate::drives::resolve(&o.drives, &o.devices).unwrap();
         assert_eq!(d[0].node_name.as_deref(), Some("libvirt-1-format"));
         assert_eq!(d[0].file, std::path::PathBuf::from("/img/a,b.qcow2"));
+    }
+
+    #[test]
+    fn a_backing_chain_is_one_drive_on_its_top_node() {
+        let o = parse(&[
+            "-blockdev", r#"{"driver":"file","filename":"/img/base.qcow2","node-name":"libvirt-2-storage","auto-read-only":true,"discard":"unmap"}"#,
+            "-blockdev", r#"{"node-name":"libvirt-2-format","read-only":true,"driver":"qcow2","file":"libvirt-2-storage","backing":null}"#,
+            "-blockdev", r#"{"driver":"file","filename":"/img/vm.qcow2","node-name":"libvirt-1-storage","auto-read-only":true,"discard":"unmap"}"#,
+            "-blockdev", r#"{"node-name":"libvirt-1-format","read-only":false,"driver":"qcow2","file":"libvirt-1-storage","backing":"libvirt-2-format"}"#,
+        ])
+        .unwrap();
+        assert_eq!(o.drives, vec!["file=/img/vm.qcow2,format=qcow2,if=none,id=libvirt-1-format,node-name=libvirt-1-format,readonly=off,cache=writeback"]);
+        let e = |a: &[&str]| parse(a).unwrap_err();
+        let f = r#"{"driver":"file","filename":"/i","node-name":"s"}"#;
+        assert!(e(&["-blockdev", f, "-blockdev", r#"{"node-name":"t","driver":"qcow2","file":"s","backing":"nope"}"#]).contains("backing"));
+        assert!(e(&["-blockdev", f, "-blockdev", r#"{"node-name":"t","driver":"qcow2","file":"s","backing":"t"}"#]).contains("backing"));
     }
 
     #[test]
