@@ -12,6 +12,7 @@
 
 mod host;
 mod image;
+mod moves;
 mod net;
 #[cfg(test)]
 mod plumbing;

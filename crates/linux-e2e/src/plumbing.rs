@@ -1,14 +1,15 @@
 //! The suite's plumbing, checked on any host with KVM (this one included) by running Godwit and
 //! QEMU with the suite's own command line (`vm::Spec`) but the test guest (crates/guest) as
 //! the kernel: the namespace and taps, the serial console, HMP through each VMM's monitor
-//! (QEMU's echo and escapes), a live migration between the two taps, savevm/loadvm, quit.
+//! (QEMU's echo and escapes), the suite's pre-copy, post-copy and auto-converge migrations
+//! between the two taps (`moves`), savevm/loadvm, quit.
 //! Needs root, /dev/kvm, the test guest and godwit built (`cargo build --release`), and
 //! qemu-system-x86_64 on PATH.
 
 use crate::host::which;
 use crate::image;
 use crate::net::{Lan, TAPS};
-use crate::suite::expect_ok;
+use crate::moves::{expect_ok, handover, live_migrate};
 use crate::vm::{field, info_ms, Machine, Spec, Vmm};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -40,7 +41,8 @@ fn plumbing(vmm: Vmm, bin: PathBuf) {
         netns: lan.ns.clone(),
         kernel: built("godwit-guest"),
         initrd: initrd.clone(),
-        append: "hb_ms=100".into(),
+        // Dirtying faster than post-copy's and auto-converge's link (moves::bandwidth).
+        append: "mode=dirty mib=64 rate=256 hb_ms=100".into(),
         ledger: ledger.clone(),
         data: data.clone(),
         tap: TAPS[tap].into(),
@@ -49,32 +51,35 @@ fn plumbing(vmm: Vmm, bin: PathBuf) {
         incoming: incoming.then(|| format!("unix:{}", dir.join(format!("mig{n}")).display())),
         loadvm: None,
     };
-    let mut src = Machine::start(&spec(0, 1, false)).unwrap();
-    let ready = src.wait_for("GUEST READY", T).unwrap().1;
+    let mut cur = Machine::start(&spec(0, 1, false)).unwrap();
+    let ready = cur.wait_for("GUEST READY", T).unwrap().1;
     assert_eq!(field(&ready, "cpus"), Some(2), "{ready}");
-    src.wait_for("HEARTBEAT", T).unwrap();
-    let st = src.hmp().unwrap().cmd("info status").unwrap();
+    cur.wait_for("HEARTBEAT", T).unwrap();
+    let st = cur.hmp().unwrap().cmd("info status").unwrap();
     assert_eq!(st.trim(), "VM status: running", "{}: echo and escapes removed", vmm.name());
-    let dspec = spec(1, 2, true);
-    let mut dst = Machine::start(&dspec).unwrap();
-    dst.hmp().unwrap();
-    let h = src.hmp().unwrap();
-    expect_ok(h.cmd("migrate_set_parameter max-bandwidth 1G").unwrap()).unwrap();
-    expect_ok(h.cmd(&format!("migrate -d {}", dspec.incoming.unwrap())).unwrap()).unwrap();
-    let info = h.wait_migration(T).unwrap();
-    assert!(info_ms(&info, "downtime:").is_some() && info_ms(&info, "total time:").is_some(), "{info}");
-    src.collect(Duration::from_millis(200));
-    let last = src.seen.iter().rev().find_map(|(_, l)| l.strip_prefix("HEARTBEAT").and(field(l, "seq"))).unwrap();
-    let first = field(&dst.wait_for("HEARTBEAT", T).unwrap().1, "seq").unwrap();
-    assert!(first == last + 1 || first == last + 2, "{}: heartbeat {last} then {first}", vmm.name());
-    eprintln!(
-        "{}: migrated, downtime {:?} ms, total {:?} ms, heartbeat {last} on the source then {first}",
-        vmm.name(),
-        info_ms(&info, "downtime:"),
-        info_ms(&info, "total time:")
-    );
-    src.quit();
-    assert!(src.wait_exit(T).is_ok());
+    // The suite's three live migrations, back and forth between the taps, with the suite's
+    // own monitor code; the test guest's memory ledger checked after each.
+    for (n, kind) in ["precopy", "postcopy", "auto-converge"].into_iter().enumerate() {
+        let dspec = spec((n + 1) % 2, n as u32 + 2, true);
+        let mut dst = Machine::start(&dspec).unwrap();
+        dst.hmp().unwrap();
+        let uri = dspec.incoming.clone().unwrap();
+        let (info, total) = live_migrate(&mut cur, &mut dst, &uri, kind).unwrap_or_else(|e| panic!("{}: {kind}: {e}", vmm.name()));
+        let (last, first) = handover(&mut cur, &mut dst).unwrap_or_else(|e| panic!("{}: {kind}: {e}", vmm.name()));
+        eprintln!(
+            "{}: {kind}: downtime {:?} ms, total {total} ms, heartbeat {last:?} on the source then {}",
+            vmm.name(),
+            info_ms(&info, "downtime:"),
+            field(&first, "seq").unwrap_or(0)
+        );
+        cur.quit();
+        assert!(cur.wait_exit(T).is_ok());
+        cur = dst;
+        cur.send("v").unwrap();
+        let l = cur.wait_for("LEDGER", T).unwrap().1;
+        assert!(l.starts_with("LEDGER OK"), "{}: after {kind}: {l}", vmm.name());
+    }
+    let mut dst = cur;
     let h = dst.hmp().unwrap();
     expect_ok(h.cmd("savevm p1").unwrap()).unwrap();
     expect_ok(h.cmd("loadvm p1").unwrap()).unwrap();
