@@ -2,7 +2,8 @@
 //! QEMU with the suite's own command line (`vm::Spec`) but the test guest (crates/guest) as
 //! the kernel: the namespace and taps, the serial console, HMP through each VMM's monitor
 //! (QEMU's echo and escapes), the suite's pre-copy, post-copy and auto-converge migrations
-//! between the two taps (`moves`), savevm/loadvm, quit.
+//! between the two taps (`moves`), savevm/loadvm, a cold migration (savevm, quit, copies of
+//! both images, -loadvm on the other tap), quit.
 //! Needs root, /dev/kvm, the test guest and godwit built (`cargo build --release`), and
 //! qemu-system-x86_64 on PATH.
 
@@ -85,9 +86,27 @@ fn plumbing(vmm: Vmm, bin: PathBuf) {
     expect_ok(h.cmd("loadvm p1").unwrap()).unwrap();
     assert!(dst.hmp().unwrap().cmd("info snapshots").unwrap().contains("p1"));
     dst.wait_for("HEARTBEAT", T).unwrap();
+    // Cold migration as the suite does it: savevm, quit, copy both images, -loadvm elsewhere.
+    dst.collect(Duration::from_millis(50));
+    expect_ok(dst.hmp().unwrap().cmd("savevm p2").unwrap()).unwrap();
+    let at_save = field(&dst.wait_for("HEARTBEAT", T).unwrap().1, "seq").unwrap();
     dst.quit();
     assert!(dst.wait_exit(T).is_ok());
-    image::fsck(&data).unwrap();
+    let cold = dir.join("cold");
+    std::fs::create_dir_all(&cold).unwrap();
+    let (l2, d2) = (cold.join("ledger.qcow2"), cold.join("data.qcow2"));
+    image::copy(&ledger, &l2).unwrap();
+    image::copy(&data, &d2).unwrap();
+    let cspec = Spec { ledger: l2, data: d2.clone(), loadvm: Some("p2".into()), ..spec(1, 9, false) };
+    let mut c = Machine::start(&cspec).unwrap();
+    let back = field(&c.wait_for("HEARTBEAT", T).unwrap().1, "seq").unwrap();
+    assert!(back <= at_save + 2 && back + 2 >= at_save, "{}: heartbeat {back} after -loadvm, {at_save} at savevm", vmm.name());
+    c.send("v").unwrap();
+    let l = c.wait_for("LEDGER", T).unwrap().1;
+    assert!(l.starts_with("LEDGER OK"), "{}: after the cold migration: {l}", vmm.name());
+    c.quit();
+    assert!(c.wait_exit(T).is_ok());
+    image::fsck(&d2).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
