@@ -329,6 +329,9 @@ impl DirectFileStorage {
 }
 
 impl Storage for DirectFileStorage {
+    fn host_fd(&self) -> Option<&File> {
+        Some(self.file())
+    }
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());

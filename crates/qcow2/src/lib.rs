@@ -86,6 +86,7 @@ mod snapshot;
 mod subcluster;
 pub mod storage;
 mod vmstate;
+mod vmstate_map;
 
 pub use backend::{open, probe, probe_storage, BlockBackend, ImageFormat, RawImage};
 pub use chain::ChainExtent;
@@ -96,3 +97,4 @@ pub use image::{CreateOptions, OpenOptions, Qcow2};
 pub use map::{MapEntry, MapKind};
 pub use snapshot::{NewSnapshot, SnapshotInfo, SnapshotSelector};
 pub use vmstate::{VmStateReader, VmStateWriter, VMSTATE_CHUNK};
+pub use vmstate_map::VmStateFileMap;

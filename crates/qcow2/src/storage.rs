@@ -33,6 +33,10 @@ pub trait Storage: Send {
     fn data_regions(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
         Ok(vec![(off, len, true)])
     }
+    /// The local host file underneath, if it is one (readers on other threads reopen it).
+    fn host_fd(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// A plain host file.
@@ -53,6 +57,9 @@ impl FileStorage {
 }
 
 impl Storage for FileStorage {
+    fn host_fd(&self) -> Option<&File> {
+        Some(&self.file)
+    }
     fn read_at(&self, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
         while !buf.is_empty() {
             match self.file.read_at(buf, off) {

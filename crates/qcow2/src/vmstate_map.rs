@@ -1,0 +1,137 @@
+//! Where a snapshot's VM state lies in the image file, so another thread can read it without
+//! the image (lazy `loadvm` serves guest RAM from it while the guest runs and the image keeps
+//! serving the disk). Only plain allocated clusters of a host file qualify; anything else
+//! (compressed or zero clusters, subclusters, a backing file behind, storage that is not a
+//! local file) gives `None` and the caller reads the state through the image instead.
+//!
+//! The clusters belong to the snapshot, which never rewrites them: the map stays valid as long
+//! as the snapshot exists (the caller must not delete it while reading).
+
+use crate::error::{Error, Result};
+use crate::image::{Kind, Qcow2};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+
+/// A snapshot's VM state as byte ranges of the image file, with a descriptor of its own.
+#[derive(Debug)]
+pub struct VmStateFileMap {
+    file: File,
+    /// (state position, length, file offset), ascending and contiguous in position.
+    extents: Vec<(u64, u64, u64)>,
+    len: u64,
+}
+
+impl VmStateFileMap {
+    /// Size of the state.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Number of contiguous file ranges.
+    pub fn extent_count(&self) -> usize {
+        self.extents.len()
+    }
+    /// Reads `buf.len()` bytes of the state at `pos` (positional reads; any thread).
+    pub fn read_at(&self, mut pos: u64, mut buf: &mut [u8]) -> io::Result<()> {
+        if pos.checked_add(buf.len() as u64).is_none_or(|e| e > self.len) {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the VM state"));
+        }
+        while !buf.is_empty() {
+            let i = self.extents.partition_point(|&(p, l, _)| p + l <= pos);
+            let &(p, l, host) = self.extents.get(i).ok_or(io::ErrorKind::UnexpectedEof)?;
+            let n = ((p + l - pos) as usize).min(buf.len());
+            let (now, rest) = buf.split_at_mut(n);
+            self.file.read_exact_at(now, host + (pos - p))?;
+            buf = rest;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Qcow2 {
+    /// The file map of the VM state of snapshot `key` (id, then name), or `None` where it
+    /// cannot be read straight from the file (see the module documentation).
+    pub fn vmstate_file_map(&mut self, key: &str) -> Result<Option<VmStateFileMap>> {
+        let i = self.find_id_or_name(key).ok_or_else(|| Error::SnapshotNotFound(key.into()))?;
+        let s = self.snapshots[i].clone();
+        let Some(fd) = self.file.host_fd().map(|f| f.as_raw_fd()) else { return Ok(None) };
+        if self.ext || s.vm_state_size == 0 {
+            return Ok(None);
+        }
+        let l1 = self.snapshot_l1(&s)?;
+        let base = self.vmstate_base(s.disk_size)?;
+        let file_len = self.file_len()?;
+        let (cs, span) = (self.cs, self.span());
+        let end = base
+            .checked_add(s.vm_state_size)
+            .ok_or_else(|| Error::Corrupt("VM state size is absurd".into()))?;
+        let mut extents: Vec<(u64, u64, u64)> = Vec::new();
+        let mut g = base;
+        while g < end {
+            let l2 = l1.get((g / span) as usize).copied().unwrap_or(0) & crate::image::OFFSET_MASK;
+            if l2 == 0 {
+                return Ok(None);
+            }
+            let first = (g / cs) % self.l2e;
+            let n = ((end - g).div_ceil(cs)).min(self.l2e - first);
+            for e in self.l2_entries(l2, first, n)? {
+                let Kind::Normal(h) = self.classify(e) else { return Ok(None) };
+                let len = (cs - g % cs).min(end - g);
+                let host = h + g % cs;
+                if host.checked_add(len).is_none_or(|x| x > file_len) {
+                    return Err(Error::Corrupt("VM state cluster lies past the end of the file".into()));
+                }
+                let pos = g - base;
+                match extents.last_mut() {
+                    Some((p, l, hh)) if *p + *l == pos && *hh + *l == host => *l += len,
+                    _ => extents.push((pos, len, host)),
+                }
+                g += len;
+            }
+        }
+        // A descriptor of its own (no O_DIRECT, own file position) on the same file.
+        let file = File::open(format!("/proc/self/fd/{fd}"))
+            .map_err(|e| Error::Io { context: "reopening the image for the VM state", source: e })?;
+        Ok(Some(VmStateFileMap { file, extents, len: s.vm_state_size }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{CreateOptions, NewSnapshot, Qcow2};
+
+    #[test]
+    fn file_map_reads_what_was_saved() {
+        let path = std::env::temp_dir().join(format!("qcow2-vmmap-{}.qcow2", std::process::id()));
+        let mut q = Qcow2::create(&path, &CreateOptions { size: 1 << 20, cluster_size: 4096, ..Default::default() }).unwrap();
+        let state: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        // Written out of order (data, then the head), as savevm does, with disk writes between.
+        q.save_vmstate(8192, &state[8192..]).unwrap();
+        crate::BlockBackend::write_at(&mut q, 0, &[7u8; 4096]).unwrap();
+        q.save_vmstate(0, &state[..8192]).unwrap();
+        let mut s = NewSnapshot::new("a");
+        s.vm_state_size = state.len() as u64;
+        q.create_snapshot(&s).unwrap();
+        let m = q.vmstate_file_map("a").unwrap().expect("a plain file image maps");
+        assert_eq!(m.len(), state.len() as u64);
+        assert!(m.extent_count() >= 2, "the head landed in a cluster of its own");
+        let mut got = vec![0u8; state.len()];
+        m.read_at(0, &mut got).unwrap();
+        assert!(got == state);
+        let mut piece = vec![0u8; 5000];
+        m.read_at(4000, &mut piece).unwrap();
+        assert_eq!(piece[..], state[4000..9000]);
+        assert!(m.read_at(state.len() as u64 - 10, &mut piece).is_err(), "past the end");
+        // The map outlives later writes to the active layer (the snapshot owns its clusters).
+        q.discard_vmstate().unwrap();
+        q.save_vmstate(0, &vec![0xEEu8; 300_000]).unwrap();
+        m.read_at(0, &mut got).unwrap();
+        assert!(got == state);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
