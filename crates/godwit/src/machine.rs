@@ -127,6 +127,8 @@ impl Machine {
 
     /// Starts an outgoing migration on its own thread.
     pub fn start_migration(self: &Arc<Self>, uri: &str, report: Option<std::path::PathBuf>) -> CmdResult {
+        // A lazy loadvm still filling RAM finishes first (the page map must see every page).
+        crate::lazyload::settle().map_err(CommandError::generic)?;
         let uri = crate::compat::resolve_fd_uri(self, uri)?;
         let uri = Uri::parse(&uri).map_err(|e| CommandError::generic(e.to_string()))?;
         if self.migration_running() {

@@ -13,12 +13,14 @@ mod incoming;
 mod machine;
 mod monitors;
 mod ioerror;
+mod lazyload;
 mod libvirt_args;
 mod nics;
 mod nomachine;
 mod pty;
 mod report;
 mod snapshots;
+mod snapload;
 mod storage;
 mod transport_params;
 mod vmglue;
@@ -170,7 +172,13 @@ fn main() -> ExitCode {
         }
     }
     if initial == RunState::Running {
-        vm.resume();
+        // Under the state lock: a lazy -loadvm that already failed has stopped the VM for good.
+        let _ = machine.state.update(|st| {
+            if st == RunState::Running {
+                vm.resume();
+            }
+            Ok::<_, ()>(st)
+        });
     }
     let code = run(&machine, &opts);
     close_disks(&machine);
@@ -201,6 +209,8 @@ fn run(m: &Arc<Machine>, opts: &cli::Options) -> ExitCode {
             VmRequest::PowerOff | VmRequest::Quit => return ExitCode::SUCCESS,
             VmRequest::Reset if opts.no_reboot => return ExitCode::SUCCESS,
             VmRequest::Reset => {
+                // RAM starts afresh: a lazy loadvm still filling it must stop.
+                lazyload::cancel();
                 if let Err(e) = m.vm.reset() {
                     return fail(format!("reset failed: {e}"));
                 }

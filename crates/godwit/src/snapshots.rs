@@ -1,6 +1,8 @@
 //! savevm / loadvm / delvm / info snapshots: the whole VM as an internal snapshot of its qcow2
-//! disk(s). The VM state (sections, then RAM with zero pages recorded but not stored) streams
-//! into the first qcow2 disk's VM-state area with large sequential writes; every writable disk
+//! disk(s). The VM state (layout v2, `vmstate::snapfile`: a header, guest RAM as checksummed
+//! page-aligned chunks, then the machine-state sections and the chunk list) goes into the first
+//! qcow2 disk's VM-state area with large writes; loadvm of such a state is lazy (see
+//! `snapload`); states written before v2 still load, eagerly. Every writable disk
 //! gets a disk snapshot with the same tag at the same instant (vCPUs paused, disk I/O drained
 //! and flushed). loadvm checks the saved state against this VM before touching anything, so a
 //! mismatched or damaged snapshot leaves the VM as it was.
@@ -9,12 +11,13 @@ use crate::drives::SharedDisk;
 use crate::machine::Machine;
 use monitor::{CommandError, RunState, SnapshotInfo};
 use qcow2::NewSnapshot;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::BufReader;
+use vmstate::snapfile;
 use std::time::Instant;
 
 const IO_BUF: usize = 8 << 20;
 
-fn err(e: impl std::fmt::Display) -> CommandError {
+pub(crate) fn err(e: impl std::fmt::Display) -> CommandError {
     CommandError::generic(e.to_string())
 }
 
@@ -35,7 +38,8 @@ fn snapshot_disks(m: &Machine) -> Result<(&SharedDisk, Vec<&SharedDisk>), Comman
 /// Runs `f` with the VM quiesced in `during`, then puts the run state back.
 fn with_quiesced<R>(m: &Machine, during: RunState, f: impl FnOnce() -> Result<R, CommandError>) -> Result<R, CommandError> {
     let before = m.state.get();
-    if !matches!(before, RunState::Running | RunState::Paused | RunState::Prelaunch | RunState::Postmigrate) {
+    let restoring_after_error = during == RunState::RestoreVm && before == RunState::InternalError;
+    if !matches!(before, RunState::Running | RunState::Paused | RunState::Prelaunch | RunState::Postmigrate) && !restoring_after_error {
         return Err(err(format!("cannot do that while the VM is in state {}", before.as_str())));
     }
     m.state.force(during);
@@ -45,10 +49,14 @@ fn with_quiesced<R>(m: &Machine, during: RunState, f: impl FnOnce() -> Result<R,
         return Err(err(e));
     }
     let res = f();
+    if m.state.get() == RunState::InternalError {
+        // The load replaced part of RAM and then failed: the VM stays stopped.
+        return res;
+    }
     if before == RunState::Running {
         m.vm.resume();
     }
-    let after = if before == RunState::Postmigrate && res.is_ok() && during == RunState::RestoreVm {
+    let after = if matches!(before, RunState::Postmigrate | RunState::InternalError) && res.is_ok() && during == RunState::RestoreVm {
         RunState::Paused
     } else {
         before
@@ -59,18 +67,17 @@ fn with_quiesced<R>(m: &Machine, during: RunState, f: impl FnOnce() -> Result<R,
 
 pub fn save(m: &Machine, tag: &str) -> Result<(), CommandError> {
     let (state_disk, disks) = snapshot_disks(m)?;
+    // A lazy loadvm still filling RAM finishes first: the page map must see every page.
+    crate::lazyload::settle().map_err(err)?;
     with_quiesced(m, RunState::SaveVm, || {
         let t0 = Instant::now();
         let clock_ns = m.vm.guest_clock_ns();
         let h = m.handle();
         let size = state_disk
             .with_qcow2(|q| -> Result<u64, String> {
-                let w = q.vmstate_writer().map_err(|e| e.to_string())?;
-                let mut buf = BufWriter::with_capacity(IO_BUF, w);
-                migration::snapshot::save(&h, &mut buf).map_err(|e| e.to_string())?;
-                buf.flush().map_err(|e| e.to_string())?;
-                let w = buf.into_inner().map_err(|e| e.to_string())?;
-                w.finish().map_err(|e| e.to_string())
+                q.discard_vmstate().map_err(|e| e.to_string())?;
+                let mut sink = |pos: u64, data: &[u8]| q.save_vmstate(pos, data).map_err(std::io::Error::other);
+                migration::snapshot_v2::save(&h, &mut sink).map(|(n, _)| n).map_err(|e| e.to_string())
             })
             .map_err(err)?
             .map_err(|e| err(format!("Error while writing VM state: {e}")))?;
@@ -101,32 +108,23 @@ pub fn load(m: &Machine, tag: &str) -> Result<(), CommandError> {
         }
     }
     let r = with_quiesced(m, RunState::RestoreVm, || {
-        let h = m.handle();
-        // 1. Read and check the machine state before changing anything.
-        let sections = state_disk
-            .with_qcow2(|q| -> Result<Vec<vmstate::Section>, String> {
-                let r = q.vmstate_reader(tag).map_err(|e| e.to_string())?;
-                let mut sr = vmstate::stream::StreamReader::new(BufReader::with_capacity(1 << 20, r))
-                    .map_err(|e| e.to_string())?;
-                migration::snapshot::read_sections(&mut sr).map(|(s, _)| s).map_err(|e| e.to_string())
+        // RAM is about to be replaced: a lazy load still filling it stops here.
+        crate::lazyload::cancel();
+        let head = state_disk
+            .with_qcow2(|q| -> Result<(u64, Vec<u8>), String> {
+                let size = q.find_snapshot(tag).map(|s| s.vm_state_size).unwrap_or(0);
+                let mut b = vec![0u8; 12];
+                let n = q.load_vmstate(tag, 0, &mut b).map_err(|e| e.to_string())?;
+                b.truncate(n);
+                Ok((size, b))
             })
             .map_err(err)?
             .map_err(|e| err(format!("Error while loading VM state: {e}")))?;
-        migration::MigratableVm::check_state(&h, &sections).map_err(|e| err(format!("Error while loading VM state: {e}")))?;
-        // 2. Revert the disks, then bring RAM and the machine state back.
-        for d in &disks {
-            d.with_qcow2(|q| q.goto_snapshot(tag).map(|_| ()))
-                .map_err(err)?
-                .map_err(|e| err(format!("Error while reverting '{}': {e}", d.spec.file.display())))?;
+        if snapfile::is_v2(&head.1) {
+            crate::snapload::load_v2(m, tag, state_disk, &disks, head.0)
+        } else {
+            load_v1(m, tag, state_disk, &disks)
         }
-        state_disk
-            .with_qcow2(|q| -> Result<(), String> {
-                let r = q.vmstate_reader(tag).map_err(|e| e.to_string())?;
-                migration::snapshot::load(&h, BufReader::with_capacity(IO_BUF, r)).map(|_| ()).map_err(|e| e.to_string())
-            })
-            .map_err(err)?
-            .map_err(|e| err(format!("Error while loading VM state: {e}")))?;
-        Ok(())
     });
     if r.is_ok() {
         // The guest is back as it was on another host, maybe: tell the network where it is.
@@ -135,8 +133,47 @@ pub fn load(m: &Machine, tag: &str) -> Result<(), CommandError> {
     r
 }
 
+/// Reverts every disk to snapshot `tag`.
+pub(crate) fn revert_disks(disks: &[&SharedDisk], tag: &str) -> Result<(), CommandError> {
+    for d in disks {
+        d.with_qcow2(|q| q.goto_snapshot(tag).map(|_| ()))
+            .map_err(err)?
+            .map_err(|e| err(format!("Error while reverting '{}': {e}", d.spec.file.display())))?;
+    }
+    Ok(())
+}
+
+/// A state written before layout v2 (one stream, RAM read eagerly).
+fn load_v1(m: &Machine, tag: &str, state_disk: &SharedDisk, disks: &[&SharedDisk]) -> Result<(), CommandError> {
+    let h = m.handle();
+    // 1. Read and check the machine state before changing anything.
+    let sections = state_disk
+        .with_qcow2(|q| -> Result<Vec<vmstate::Section>, String> {
+            let r = q.vmstate_reader(tag).map_err(|e| e.to_string())?;
+            let mut sr = vmstate::stream::StreamReader::new(BufReader::with_capacity(1 << 20, r))
+                .map_err(|e| e.to_string())?;
+            migration::snapshot::read_sections(&mut sr).map(|(s, _)| s).map_err(|e| e.to_string())
+        })
+        .map_err(err)?
+        .map_err(|e| err(format!("Error while loading VM state: {e}")))?;
+    migration::MigratableVm::check_state(&h, &sections).map_err(|e| err(format!("Error while loading VM state: {e}")))?;
+    // 2. Revert the disks, then bring RAM and the machine state back.
+    revert_disks(disks, tag)?;
+    state_disk
+        .with_qcow2(|q| -> Result<(), String> {
+            let r = q.vmstate_reader(tag).map_err(|e| e.to_string())?;
+            migration::snapshot::load(&h, BufReader::with_capacity(IO_BUF, r)).map(|_| ()).map_err(|e| e.to_string())
+        })
+        .map_err(err)?
+        .map_err(|e| err(format!("Error while loading VM state: {e}")))?;
+    Ok(())
+}
+
 pub fn delete(m: &Machine, tag: &str) -> Result<(), CommandError> {
     let (_, disks) = snapshot_disks(m)?;
+    // A lazy load may still be reading the snapshot's clusters (after a failed one, the
+    // chunks' checksums still guard what it reads).
+    let _ = crate::lazyload::settle();
     let mut found = false;
     for d in &disks {
         let r = d.with_qcow2(|q| if q.find_snapshot(tag).is_some() { Some(q.delete_snapshot(tag)) } else { None }).map_err(err)?;
