@@ -9,6 +9,7 @@
 //! image): the guest's heartbeats go on and its memory ledger and disk checks pass on each
 //! destination; then `virsh shutdown` (honoured under Godwit; under QEMU 7.2, which gives a
 //! libvirt microvm no power button, the guest runs on and `virsh destroy` ends it).
+//! Another test gives the domain a NIC on a tap libvirt opens and passes as a descriptor.
 //! A third moves a domain on a qcow2 overlay with `virsh migrate --live --copy-storage-inc`.
 //! Needs the Debian packages libvirt-daemon, libvirt-daemon-driver-qemu and libvirt-clients.
 
@@ -30,6 +31,8 @@ struct Session {
     dir: PathBuf,
     daemon: Child,
     as_root: bool,
+    /// The network namespace the daemon runs in (and with it the emulators it starts).
+    netns: Option<String>,
 }
 
 impl Session {
@@ -41,17 +44,24 @@ impl Session {
             .env("XDG_CACHE_HOME", d.join("cache"));
     }
     fn cmd(&self, prog: &str) -> Command {
-        let mut c = if self.as_root {
-            let mut c = Command::new("setpriv");
-            c.args(["--reuid=nobody", "--regid=nogroup", "--groups=kvm", prog]);
-            c
-        } else {
-            Command::new(prog)
-        };
+        let mut argv: Vec<&str> = Vec::new();
+        if let (Some(ns), "libvirtd") = (&self.netns, prog) {
+            argv.extend(["ip", "netns", "exec", ns.as_str()]);
+        }
+        if self.as_root {
+            argv.extend(["setpriv", "--reuid=nobody", "--regid=nogroup", "--groups=kvm"]);
+        }
+        argv.push(prog);
+        let mut c = Command::new(argv[0]);
+        c.args(&argv[1..]);
         self.env(&mut c);
         c
     }
     fn start(dir: &Path) -> Session {
+        Session::start_in(dir, None)
+    }
+    /// A daemon in network namespace `netns` (when given).
+    fn start_in(dir: &Path, netns: Option<&str>) -> Session {
         assert!(
             have("libvirtd") && have("virsh"),
             "this test needs libvirt: apt-get install libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients"
@@ -66,7 +76,8 @@ impl Session {
             assert!(st.success());
             Command::new("chmod").args(["-R", "a+rX"]).arg(dir).status().unwrap();
         }
-        let mut s = Session { dir: dir.to_path_buf(), daemon: Command::new("true").spawn().unwrap(), as_root };
+        let netns = netns.map(String::from);
+        let mut s = Session { dir: dir.to_path_buf(), daemon: Command::new("true").spawn().unwrap(), as_root, netns };
         let _ = s.daemon.wait();
         let log = std::fs::File::create(dir.join("libvirtd.log")).unwrap();
         s.daemon = s.cmd("libvirtd").args(["--timeout", "0"]).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
@@ -182,7 +193,7 @@ fn shutdown(s: &Session, pty: &mut Pty, honoured: bool) {
             std::thread::sleep(Duration::from_millis(100));
         }
     } else {
-        let before = pty.last_seq();
+        let before = pty.seen_seq();
         let after = field(&pty.wait("HEARTBEAT"), "seq").unwrap();
         assert!(after > before, "the guest runs on: {before} then {after}");
         assert!(!pty.seen.iter().any(|l| l.contains("GUEST POWEROFF")));
@@ -232,6 +243,13 @@ impl Pty {
     /// The highest heartbeat number seen (after draining what is buffered).
     fn last_seq(&mut self) -> u64 {
         while let Ok(l) = self.rx.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(l);
+        }
+        self.seen.iter().filter(|l| l.contains("HEARTBEAT")).filter_map(|l| field(l, "seq")).max().unwrap_or(0)
+    }
+    /// The highest heartbeat number read so far, without waiting (the guest may still run).
+    fn seen_seq(&mut self) -> u64 {
+        while let Ok(l) = self.rx.try_recv() {
             self.seen.push(l);
         }
         self.seen.iter().filter(|l| l.contains("HEARTBEAT")).filter_map(|l| field(l, "seq")).max().unwrap_or(0)
@@ -417,5 +435,67 @@ fn virsh_migrate_copy_storage_inc_moves_only_the_overlay() {
     };
     let cmp = sh("qemu-img", &["compare", "-f", "raw", "-F", "raw", tail(&disk).to_str().unwrap(), tail(&dtop).to_str().unwrap()]);
     assert!(cmp.contains("Images are identical"), "{cmp}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A NIC as libvirt gives one to an unprivileged daemon's domain: `<interface type='ethernet'>`
+/// on a tap that exists (`managed='no'`, owned by the daemon's user), which libvirt opens and
+/// hands to the emulator as `-netdev tap,fd=N`. The daemon runs in a network namespace holding
+/// the tap, with the host side's address on it: the guest answers pings through the descriptor
+/// libvirt passed; then `virsh shutdown` powers it off.
+#[test]
+fn virsh_starts_a_domain_on_a_tap_libvirt_opens() {
+    require_kvm();
+    // SAFETY: geteuid has no preconditions.
+    assert!(unsafe { libc::geteuid() } == 0, "this test needs root (a network namespace and a tap)");
+    let pid = std::process::id();
+    let (ns, tap, net) = (format!("gwlv-{pid}"), format!("gwlv{}", pid % 100_000), format!("10.{}.1", pid % 200 + 20));
+    struct DelNs(String);
+    impl Drop for DelNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    sh("ip", &["netns", "add", &ns]);
+    let _del = DelNs(ns.clone()); // dropped after the session, whose daemon runs in it
+    sh("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+    sh("ip", &["-n", &ns, "tuntap", "add", &tap, "mode", "tap", "user", "nobody"]);
+    sh("ip", &["-n", &ns, "addr", "add", &format!("{net}.1/24"), "dev", &tap]);
+    sh("ip", &["-n", &ns, "link", "set", &tap, "up"]);
+    let dir = tmpdir("libvirt-virsh-net");
+    let s = Session::start_in(&dir, Some(&ns));
+    let (emu, kernel) = (dir.join("img/godwit"), dir.join("img/guest"));
+    std::fs::copy(godwit_bin(), &emu).unwrap();
+    std::fs::copy(guest_bin(), &kernel).unwrap();
+    let xml = format!(
+        "<domain type='kvm'><name>gw</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='microvm'>hvm</type><kernel>{}</kernel>\
+         <cmdline>net=on ip={net}.2 hb_ms=100</cmdline></os>\
+         <cpu mode='host-passthrough'/><devices><emulator>{}</emulator>\
+         <interface type='ethernet'><mac address='52:54:00:00:77:02'/><target dev='{tap}' managed='no'/>\
+         <model type='virtio'/><address type='virtio-mmio'/></interface>\
+         <controller type='usb' model='none'/><serial type='pty'/><memballoon model='none'/></devices></domain>",
+        kernel.display(),
+        emu.display()
+    );
+    let xml_path = dir.join("gw.xml");
+    std::fs::write(&xml_path, xml).unwrap();
+    give_to_nobody(&s, &dir);
+    s.virsh(&["define", xml_path.to_str().unwrap()]);
+    s.virsh(&["start", "gw"]);
+    let args = std::fs::read_to_string(dir.join("cache/libvirt/qemu/log/gw.log")).unwrap();
+    assert!(args.contains("-netdev tap,fd="), "libvirt passes the tap it opened:\n{args}");
+    let mut pty = Pty::open(&s);
+    let l = pty.wait("GUEST NET");
+    assert!(l.contains("mac=52:54:00:00:77:02"), "{l}");
+    pty.wait("HEARTBEAT");
+    let out = sh("ip", &["netns", "exec", &ns, "ping", "-n", "-q", "-c", "10", "-i", "0.1", "-W", "1", &format!("{net}.2")]);
+    let line = out.lines().find(|l| l.contains("received")).unwrap_or_else(|| panic!("ping said: {out}"));
+    let received: u64 = line.split(", ").find_map(|p| p.strip_suffix(" received")).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(received >= 9, "{line}");
+    shutdown(&s, &mut pty, true);
+    s.virsh(&["undefine", "gw"]);
+    drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
