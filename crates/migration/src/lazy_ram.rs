@@ -192,7 +192,8 @@ impl Inner {
         }
         self.fill_ns.store(self.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-        if o.is_none() {
+        let complete = o.is_none();
+        if complete {
             // Everything is in: RAM becomes ordinary memory (untouched pages read as zero).
             self.unregister();
             *o = Some(Ok(()));
@@ -200,6 +201,17 @@ impl Inner {
         }
         drop(o);
         self.cv.notify_all();
+        if !complete {
+            return;
+        }
+        tracing::info!(
+            "lazy loadvm: RAM complete in {:.1} ms ({} chunks: {} on demand, {} by the fill; {} zero-page faults)",
+            self.started.elapsed().as_secs_f64() * 1e3,
+            self.chunks.len(),
+            self.by_fault.load(Ordering::Relaxed),
+            self.by_fill.load(Ordering::Relaxed),
+            self.zero_faults.load(Ordering::Relaxed)
+        );
     }
 }
 

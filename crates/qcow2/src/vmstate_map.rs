@@ -35,6 +35,11 @@ impl VmStateFileMap {
     pub fn extent_count(&self) -> usize {
         self.extents.len()
     }
+    /// Offset in the image file of state byte `pos`.
+    pub fn file_offset(&self, pos: u64) -> Option<u64> {
+        let i = self.extents.partition_point(|&(p, l, _)| p + l <= pos);
+        self.extents.get(i).filter(|&&(p, _, _)| p <= pos).map(|&(p, _, h)| h + (pos - p))
+    }
     /// Reads `buf.len()` bytes of the state at `pos` (positional reads; any thread).
     pub fn read_at(&self, mut pos: u64, mut buf: &mut [u8]) -> io::Result<()> {
         if pos.checked_add(buf.len() as u64).is_none_or(|e| e > self.len) {
@@ -123,6 +128,11 @@ mod tests {
         let mut got = vec![0u8; state.len()];
         m.read_at(0, &mut got).unwrap();
         assert!(got == state);
+        let off = m.file_offset(123_456).unwrap();
+        let mut one = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&path).unwrap(), &mut one, off).unwrap();
+        assert_eq!(one[0], state[123_456]);
+        assert_eq!(m.file_offset(state.len() as u64), None);
         let mut piece = vec![0u8; 5000];
         m.read_at(4000, &mut piece).unwrap();
         assert_eq!(piece[..], state[4000..9000]);
