@@ -86,6 +86,7 @@ fn main() {
         }
     };
     let port = listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port()).unwrap_or(0);
+    sys::console_no_echo();
     let agent = Arc::new(Agent::new(mem, disk, files, port));
     for w in &warn {
         agent.say(&format!("AGENT WARN {w}"));

@@ -96,6 +96,24 @@ pub fn sync_all() {
     unsafe { libc::sync() };
 }
 
+/// When stdin is a terminal (the serial console), stops it echoing what it receives: an echo
+/// would land in the middle of an output line (a heartbeat) and break it. Line editing
+/// (ICANON) and CR → NL on input stay, so a terminal user can still type commands.
+pub fn console_no_echo() -> bool {
+    // SAFETY: plain calls on fd 0 with a valid termios out-pointer.
+    unsafe {
+        if libc::isatty(0) != 1 {
+            return false;
+        }
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(0, &mut t) != 0 {
+            return false;
+        }
+        t.c_lflag &= !(libc::ECHO | libc::ECHOE | libc::ECHOK | libc::ECHONL | libc::ECHOCTL);
+        libc::tcsetattr(0, libc::TCSANOW, &t) == 0
+    }
+}
+
 /// Powers the machine off (PID 1 only); returns only on failure.
 pub fn power_off() -> io::Error {
     // SAFETY: reboot with a valid command; on success it does not return.

@@ -333,3 +333,58 @@ fn as_pid1_in_a_pid_namespace_poweroff_reaches_the_kernel() {
     use std::os::unix::process::ExitStatusExt;
     assert!(st.signal() == Some(2) || st.code() == Some(128 + 2), "unshare: {st:?}");
 }
+
+#[test]
+fn a_terminal_console_does_not_echo_commands_into_the_output() {
+    // A pseudo-terminal stands in for the serial console: stdin is its slave side.
+    // SAFETY: plain libc calls; the fds are checked.
+    let (master, slave) = unsafe {
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        assert!(m >= 0);
+        assert_eq!(libc::grantpt(m), 0);
+        assert_eq!(libc::unlockpt(m), 0);
+        let name = std::ffi::CStr::from_ptr(libc::ptsname(m)).to_owned();
+        let s = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+        assert!(s >= 0);
+        (m, s)
+    };
+    use std::os::unix::io::FromRawFd;
+    // SAFETY: both fds were just opened and are owned here.
+    let (mut m, s) = unsafe { (std::fs::File::from_raw_fd(master), std::fs::File::from_raw_fd(slave)) };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_godwit-agent"));
+    cmd.args(["--port", "0", "--listen", "127.0.0.1", "--mib", "1", "--hb-ms", "100"]);
+    // Killed on drop, also when an assertion fails.
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(cmd.stdin(Stdio::from(s)).stdout(Stdio::piped()).spawn().unwrap());
+    let out = child.0.stdout.take().unwrap();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let wait = |pat: &str| loop {
+        let l = rx.recv_timeout(T).unwrap_or_else(|_| panic!("no {pat}"));
+        if l.starts_with(pat) {
+            return l;
+        }
+    };
+    wait("AGENT READY");
+    // A terminal sends CR for Enter.
+    m.write_all(b"v\r").unwrap();
+    assert!(wait("LEDGER ").starts_with("LEDGER OK"));
+    // The line was read, so any echo of it is already waiting on the master side.
+    // SAFETY: fcntl on an open fd.
+    unsafe { libc::fcntl(master, libc::F_SETFL, libc::O_NONBLOCK) };
+    let mut buf = [0u8; 64];
+    match std::io::Read::read(&mut m, &mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the console echoed: {other:?} {:?}", String::from_utf8_lossy(&buf)),
+    }
+}
