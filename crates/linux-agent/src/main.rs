@@ -35,6 +35,16 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if pid1 {
+        // The block devices' nodes come from drivers /init loaded just before: give them a
+        // moment to appear rather than run without them.
+        for p in [&cfg.disk, &cfg.fs_dev].into_iter().flatten() {
+            let end = sys::mono_ms() + 5000;
+            while !p.exists() && sys::mono_ms() < end {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
     let nonce = sys::nonce();
     // The region is written for real: more than half the RAM would invite the OOM killer,
     // and as PID 1 that is a kernel panic.
