@@ -25,6 +25,8 @@ struct Agent {
     stdin: ChildStdin,
     lines: Receiver<String>,
     seen: Vec<String>,
+    /// Removed once the agent is gone.
+    dir: Option<PathBuf>,
 }
 
 impl Agent {
@@ -40,7 +42,7 @@ impl Agent {
             }
         });
         let stdin = child.stdin.take().unwrap();
-        Agent { child, stdin, lines: rx, seen: Vec::new() }
+        Agent { child, stdin, lines: rx, seen: Vec::new(), dir: None }
     }
 
     /// The agent on a 4 MiB disk file (1 MiB region), a file folder, any free port.
@@ -55,7 +57,9 @@ impl Agent {
             .arg("--fs-dir")
             .arg(dir.join("fs"))
             .args(extra);
-        Agent::spawn_cmd(cmd)
+        let mut a = Agent::spawn_cmd(cmd);
+        a.dir = Some(dir.to_path_buf());
+        a
     }
 
     fn wait_for(&mut self, pat: &str) -> String {
@@ -100,6 +104,9 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -301,6 +308,7 @@ fn bad_arguments_and_a_missing_disk() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_godwit-agent"));
     cmd.args(["--port", "0", "--listen", "127.0.0.1", "--mib", "1", "--disk"]).arg(dir.join("nope")).args(["--fs-dir", "none"]);
     let mut a = Agent::spawn_cmd(cmd);
+    a.dir = Some(dir);
     assert!(a.wait_for("AGENT WARN").contains("disk ledger off"));
     let r = a.wait_for("AGENT READY");
     assert!(r.contains("disk=none") && r.contains("fs=none"), "{r}");
@@ -324,6 +332,7 @@ fn as_pid1_in_a_pid_namespace_poweroff_reaches_the_kernel() {
         .arg(&cmdline)
         .args(["--listen", "127.0.0.1", "--disk", "none", "--fs-dev", "none", "--fs-dir", "none"]);
     let mut a = Agent::spawn_cmd(cmd);
+    a.dir = Some(dir);
     let r = a.wait_for("AGENT READY");
     assert!(r.contains(" pid=1 ") && r.contains(" pages=512 ") && r.contains(" hb_ms=100 "), "{r}");
     a.send("poweroff");
