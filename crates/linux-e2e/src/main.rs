@@ -16,6 +16,25 @@ mod moves;
 mod net;
 #[cfg(test)]
 mod plumbing;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comparison_lines_only_for_parts_both_passed() {
+        let row = |vmm, part, o| Row { vmm, part, outcome: o };
+        let rows = vec![
+            row("godwit", "precopy", Outcome::Pass("downtime_ms=3 total_ms=900 vmm_total_ms=880 tcp_gap_ms=20 hb=1->2 (LEDGER OK)".into())),
+            row("qemu", "precopy", Outcome::Pass("downtime_ms=5 total_ms=1000".into())),
+            row("godwit", "postcopy", Outcome::Pass("downtime_ms=1".into())),
+            row("qemu", "postcopy", Outcome::Fail("x".into())),
+        ];
+        assert_eq!(
+            comparison(&rows),
+            vec!["compare precopy         godwit: downtime_ms=3 total_ms=900 tcp_gap_ms=20 | qemu: downtime_ms=5 total_ms=1000"]
+        );
+    }
+}
 mod suite;
 mod vm;
 
@@ -94,6 +113,21 @@ fn print_row(r: &Row) {
     println!("{:<7} {:<15} {what}", r.vmm, r.part);
 }
 
+/// The numbers side by side: for each part that passed under both VMMs, its timings.
+fn comparison(rows: &[Row]) -> Vec<String> {
+    const KEYS: [&str; 7] = ["boot_ms", "downtime_ms", "total_ms", "tcp_gap_ms", "savevm_ms", "loadvm_ms", "start_to_heartbeat_ms"];
+    let numbers = |vmm: &str, part: &str| -> Option<String> {
+        let r = rows.iter().find(|r| r.vmm == vmm && r.part == part)?;
+        let Outcome::Pass(n) = &r.outcome else { return None };
+        let kv: Vec<&str> = n.split_whitespace().filter(|w| KEYS.iter().any(|k| w.starts_with(&format!("{k}=")))).collect();
+        (!kv.is_empty()).then(|| kv.join(" "))
+    };
+    PARTS
+        .iter()
+        .filter_map(|(part, _)| Some(format!("compare {part:<15} godwit: {} | qemu: {}", numbers("godwit", part)?, numbers("qemu", part)?)))
+        .collect()
+}
+
 /// godwit next to this binary (target/<profile>/, or its parent when run from deps/), then the
 /// workspace's release build, then PATH.
 fn default_godwit() -> Option<PathBuf> {
@@ -136,6 +170,9 @@ fn main() {
     }
     for r in &rows {
         print_row(r);
+    }
+    for l in comparison(&rows) {
+        println!("{l}");
     }
     let count = |f: fn(&Outcome) -> bool| rows.iter().filter(|r| f(&r.outcome)).count();
     let (pass, fail, skip) = (count(|o| matches!(o, Outcome::Pass(_))), count(|o| matches!(o, Outcome::Fail(_))), count(|o| matches!(o, Outcome::NotRun(_))));
