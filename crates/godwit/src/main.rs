@@ -19,6 +19,7 @@ mod nics;
 mod nomachine;
 mod pty;
 mod report;
+mod savevm_sink;
 mod snapshots;
 mod snapload;
 mod storage;
@@ -206,7 +207,13 @@ fn run(m: &Arc<Machine>, opts: &cli::Options) -> ExitCode {
             VmRequest::DebugExit(status) => return ExitCode::from(status),
             // -no-shutdown: a guest that powers off stays, stopped in the shutdown state.
             VmRequest::PowerOff if opts.compat.no_shutdown => compat::guest_shutdown_stays(m),
-            VmRequest::PowerOff | VmRequest::Quit => return ExitCode::SUCCESS,
+            VmRequest::PowerOff => {
+                // As QEMU: the event, then the exit (best effort: a QMP client may see the
+                // connection close before it).
+                m.events.emit(monitor::Event::Shutdown { guest: true, reason: monitor::ShutdownCause::GuestShutdown });
+                return ExitCode::SUCCESS;
+            }
+            VmRequest::Quit => return ExitCode::SUCCESS,
             VmRequest::Reset if opts.no_reboot => return ExitCode::SUCCESS,
             VmRequest::Reset => {
                 // RAM starts afresh: a lazy loadvm still filling it must stop.

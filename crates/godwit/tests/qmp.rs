@@ -112,3 +112,70 @@ fn incoming_defer_then_migrate_incoming() {
     dst.send(b"v");
     dst.wait_for("LEDGER OK", T);
 }
+
+/// `system_powerdown` presses the ACPI power button: `POWERDOWN`, the test guest (which polls
+/// the button's event register) prints `GUEST POWEROFF` and enters S5, Godwit sends
+/// `SHUTDOWN` (guest: true, guest-shutdown) and exits 0. With `-no-shutdown` it stays, in state
+/// `shutdown`, until `quit`.
+#[test]
+fn system_powerdown_presses_the_power_button() {
+    for no_shutdown in [false, true] {
+        let dir = tmpdir("qmp-powerdown");
+        let sock = dir.join("qmp.sock");
+        let spec = format!("unix:{},server,nowait", sock.display());
+        let mut args = vec!["-m", "64", "-qmp", &spec];
+        if no_shutdown {
+            args.push("-no-shutdown");
+        }
+        let mut vm = Vm::guest(&args, "mode=idle hb_ms=100");
+        vm.wait_for("GUEST READY", T);
+        let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        // Null at the end of the stream.
+        let mut next = || -> serde_json::Value {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            if l.is_empty() {
+                return serde_json::Value::Null;
+            }
+            serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l:?}"))
+        };
+        assert!(next().get("QMP").is_some());
+        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").unwrap();
+        assert!(next().get("return").is_some());
+        w.write_all(b"{\"execute\":\"system_powerdown\"}\n").unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let v = next();
+            let end = v.is_null() || v["event"] == "SHUTDOWN";
+            seen.push(v);
+            if end {
+                break;
+            }
+        }
+        let names: Vec<String> = seen.iter().map(|v| v.get("event").map_or("return".into(), |e| e.as_str().unwrap_or("?").to_string())).collect();
+        assert!(names.contains(&"POWERDOWN".to_string()) && names.contains(&"return".to_string()), "{names:?}");
+        // Without -no-shutdown the process exits right after SHUTDOWN, which may beat its
+        // delivery; with it, SHUTDOWN must come.
+        let shutdown = seen.last().unwrap();
+        if no_shutdown || !shutdown.is_null() {
+            assert_eq!(shutdown["data"]["guest"], true, "{names:?} {shutdown}");
+            assert_eq!(shutdown["data"]["reason"], "guest-shutdown", "{shutdown}");
+        }
+        vm.wait_for("GUEST POWEROFF", T);
+        if no_shutdown {
+            w.write_all(b"{\"execute\":\"query-status\"}\n").unwrap();
+            let st = loop {
+                let v = next();
+                if v.get("return").is_some() {
+                    break v;
+                }
+            };
+            assert_eq!(st["return"]["status"], "shutdown", "{st}");
+            w.write_all(b"{\"execute\":\"quit\"}\n").unwrap();
+        }
+        assert_eq!(vm.wait_exit(T), Some(0));
+    }
+}
