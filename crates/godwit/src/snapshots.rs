@@ -76,8 +76,10 @@ pub fn save(m: &Machine, tag: &str) -> Result<(), CommandError> {
         let size = state_disk
             .with_qcow2(|q| -> Result<u64, String> {
                 q.discard_vmstate().map_err(|e| e.to_string())?;
-                let mut sink = |pos: u64, data: &[u8]| q.save_vmstate(pos, data).map_err(std::io::Error::other);
-                migration::snapshot_v2::save(&h, &mut sink).map(|(n, _)| n).map_err(|e| e.to_string())
+                let mut sink = crate::savevm_sink::DirectSink::new(q);
+                let n = migration::snapshot_v2::save(&h, &mut sink).map(|(n, _)| n).map_err(|e| e.to_string())?;
+                tracing::info!("savevm: {} MiB of RAM written directly", sink.direct_bytes >> 20);
+                Ok(n)
             })
             .map_err(err)?
             .map_err(|e| err(format!("Error while writing VM state: {e}")))?;

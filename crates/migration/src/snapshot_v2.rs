@@ -15,10 +15,31 @@ use vmstate::stream::PAGE_SIZE;
 use vmstate::Section;
 
 /// Largest single write handed to the sink.
-const WRITE_PIECE: usize = 16 << 20;
+const WRITE_PIECE: usize = 8 << 20;
 
-/// Writes `data` at byte `pos` of the VM-state area.
-pub type Sink<'a> = dyn FnMut(u64, &[u8]) -> std::io::Result<()> + 'a;
+/// Where `save` puts the state (the qcow2 VM-state area).
+pub trait StateSink {
+    /// Writes `data` at byte `pos` of the state.
+    fn write_at(&mut self, pos: u64, data: &[u8]) -> std::io::Result<()>;
+    /// Writes `len` bytes of guest memory at host address `host` to byte `pos`. The memory
+    /// stays as it is until [`StateSink::finish_ram`] (the VM is paused), so an implementation
+    /// may return before the write is done.
+    fn write_ram(&mut self, pos: u64, host: u64, len: usize) -> std::io::Result<()> {
+        // SAFETY: `save` passes ranges inside guest RAM, which outlives the call.
+        let mem = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
+        self.write_at(pos, mem)
+    }
+    /// Waits until every `write_ram` is done.
+    fn finish_ram(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<F: FnMut(u64, &[u8]) -> std::io::Result<()>> StateSink for F {
+    fn write_at(&mut self, pos: u64, data: &[u8]) -> std::io::Result<()> {
+        self(pos, data)
+    }
+}
 /// Reads `buf.len()` bytes at byte `pos` of a saved VM state.
 pub type Source<'a> = dyn FnMut(u64, &mut [u8]) -> std::io::Result<()> + 'a;
 
@@ -29,18 +50,17 @@ pub(crate) fn host_of(regions: &[RamRegion], gpa: u64, len: u64) -> Option<u64> 
 }
 
 /// Saves the paused VM into `sink`; returns the state's size and the page counts.
-pub fn save(vm: &dyn MigratableVm, sink: &mut Sink) -> Result<(u64, RamStats)> {
+pub fn save(vm: &dyn MigratableVm, sink: &mut dyn StateSink) -> Result<(u64, RamStats)> {
     let sections = vm.save_state().map_err(MigrationError::Vm)?;
     let mut chunks: Vec<Chunk> = Vec::new();
     let mut st = RamStats::default();
     let mut pos = HEADER_SIZE;
     // Pending write: (host address, length) contiguous in guest memory and in the state.
     let mut pend: Option<(u64, usize)> = None;
-    let mut flush = |pend: &mut Option<(u64, usize)>, pos: &mut u64| -> Result<()> {
+    let flush = |sink: &mut dyn StateSink, pend: &mut Option<(u64, usize)>, pos: &mut u64| -> Result<()> {
         if let Some((host, len)) = pend.take() {
-            // SAFETY: inside a guest RAM region (checked when queued); the VM is paused.
-            let mem = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
-            sink(*pos, mem)?;
+            // Inside a guest RAM region (pages of it, queued below); the VM is paused.
+            sink.write_ram(*pos, host, len)?;
             *pos += len as u64;
         }
         Ok(())
@@ -72,13 +92,14 @@ pub fn save(vm: &dyn MigratableVm, sink: &mut Sink) -> Result<(u64, RamStats)> {
             match &mut pend {
                 Some((h, l)) if *h + *l as u64 == host && *l < WRITE_PIECE => *l += PAGE_SIZE,
                 _ => {
-                    flush(&mut pend, &mut pos)?;
+                    flush(sink, &mut pend, &mut pos)?;
                     pend = Some((host, PAGE_SIZE));
                 }
             }
         }
     }
-    flush(&mut pend, &mut pos)?;
+    flush(sink, &mut pend, &mut pos)?;
+    sink.finish_ram()?;
     let data_len = pos - HEADER_SIZE;
     let meta = snapfile::encode_meta(&sections, &chunks)?;
     let h = Header {
@@ -89,8 +110,8 @@ pub fn save(vm: &dyn MigratableVm, sink: &mut Sink) -> Result<(u64, RamStats)> {
         meta_len: meta.len() as u64,
         meta_crc: crc32fast::hash(&meta),
     };
-    sink(pos, &meta)?;
-    sink(0, &h.encode())?;
+    sink.write_at(pos, &meta)?;
+    sink.write_at(0, &h.encode())?;
     Ok((pos + meta.len() as u64, st))
 }
 

@@ -103,7 +103,7 @@ fn saved() -> (Arc<FakeVm>, Vec<u8>) {
     let vm = FakeVm::new();
     vm.fill();
     let mut out = Vec::new();
-    let (size, st) = snapshot_v2::save(&*vm, &mut |pos, data| {
+    let (size, st) = snapshot_v2::save(&*vm, &mut |pos: u64, data: &[u8]| {
         let end = pos as usize + data.len();
         if out.len() < end {
             out.resize(end, 0);

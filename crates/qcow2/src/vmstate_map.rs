@@ -106,6 +106,72 @@ impl Qcow2 {
     }
 }
 
+impl Qcow2 {
+    /// The descriptor of the local host file under the image, if it is one (writers on other
+    /// threads reopen it through `/proc/self/fd`).
+    pub fn host_file_fd(&self) -> Option<i32> {
+        self.file.host_fd().map(|f| f.as_raw_fd())
+    }
+
+    /// Makes every cluster of the active VM-state area that overlaps `[pos, pos+len)` an
+    /// allocated cluster of this image, written in place, and returns where those bytes lie in
+    /// the file: (state position, length, file offset), ascending. For writers that put large
+    /// pieces of the state straight into the file (e.g. with `O_DIRECT`, on other threads).
+    /// New clusters hold whatever the file held there: every byte of the state must then be
+    /// written before it is read. Clusters that cannot be written in place (shared with a
+    /// snapshot, compressed, zero-flagged) and extended-L2 images give
+    /// [`Error::Unsupported`]: write through [`Qcow2::save_vmstate`] instead.
+    pub fn alloc_vmstate(&mut self, pos: u64, len: u64) -> Result<Vec<(u64, u64, u64)>> {
+        use crate::image::{COMPRESSED, COPIED, OFFSET_MASK};
+        self.check_writable()?;
+        if self.ext {
+            return Err(Error::Unsupported("direct VM-state writes with extended L2 entries".into()));
+        }
+        let base = self.vmstate_offset();
+        let start = base.checked_add(pos);
+        let end = start.and_then(|s| s.checked_add(len)).filter(|&e| e < crate::image::MAX_HOST);
+        let (Some(mut g), Some(end)) = (start, end) else {
+            return Err(Error::InvalidArgument("VM state offset too large".into()));
+        };
+        let cs = self.cs;
+        let mut out: Vec<(u64, u64, u64)> = Vec::new();
+        while g < end {
+            let span = self.span();
+            let l1_idx = g / span;
+            let seg_end = end.min((l1_idx + 1) * span);
+            let l2 = self.writable_l2(l1_idx)?;
+            let first = (g / cs) % self.l2e;
+            let nclu = (seg_end - g / cs * cs).div_ceil(cs);
+            let mut ents = self.l2_entries(l2, first, nclu)?;
+            let in_place = |e: u64| e & COPIED != 0 && e & (COMPRESSED | crate::image::ZERO) == 0 && e & OFFSET_MASK != 0;
+            if let Some(bad) = ents.iter().find(|&&e| e != 0 && !in_place(e)) {
+                return Err(Error::Unsupported(format!("VM-state cluster {bad:#x} is not writable in place")));
+            }
+            let need = ents.iter().filter(|&&e| e == 0).count() as u64;
+            if need > 0 {
+                let mut at = self.alloc_clusters(need)?;
+                for e in ents.iter_mut().filter(|e| **e == 0) {
+                    *e = at | COPIED;
+                    at += cs;
+                }
+                self.barrier()?;
+                self.set_l2_entries(l2, first, &ents)?;
+            }
+            for (i, e) in ents.iter().enumerate() {
+                let c0 = (g / cs + i as u64) * cs;
+                let (a, b) = (c0.max(g), (c0 + cs).min(seg_end));
+                let host = (e & OFFSET_MASK) + (a - c0);
+                match out.last_mut() {
+                    Some((p, l, h)) if *p + *l == a - base && *h + *l == host => *l += b - a,
+                    _ => out.push((a - base, b - a, host)),
+                }
+            }
+            g = seg_end;
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::{CreateOptions, NewSnapshot, Qcow2};
@@ -142,6 +208,38 @@ mod tests {
         q.save_vmstate(0, &vec![0xEEu8; 300_000]).unwrap();
         m.read_at(0, &mut got).unwrap();
         assert!(got == state);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn allocated_vmstate_is_where_the_image_reads_it() {
+        use std::os::unix::fs::FileExt;
+        let path = std::env::temp_dir().join(format!("qcow2-vmalloc-{}.qcow2", std::process::id()));
+        let mut q = Qcow2::create(&path, &CreateOptions { size: 1 << 20, cluster_size: 4096, ..Default::default() }).unwrap();
+        let state: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        q.discard_vmstate().unwrap();
+        // Pieces that share clusters, written straight into the file.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        for (a, b) in [(4096usize, 50_000usize), (50_000, 100_000)] {
+            for (p, l, h) in q.alloc_vmstate(a as u64, (b - a) as u64).unwrap() {
+                f.write_all_at(&state[p as usize..(p + l) as usize], h).unwrap();
+            }
+        }
+        q.save_vmstate(0, &state[..4096]).unwrap();
+        let mut got = vec![0u8; state.len()];
+        q.read_active_vmstate(0, &mut got).unwrap();
+        assert!(got == state);
+        let mut s = NewSnapshot::new("a");
+        s.vm_state_size = state.len() as u64;
+        q.create_snapshot(&s).unwrap();
+        // Writing a new state the same way never touches the snapshot's.
+        for (_, l, h) in q.alloc_vmstate(0, 100_000).unwrap() {
+            f.write_all_at(&vec![0xEE; l as usize], h).unwrap();
+        }
+        let mut old = vec![0u8; state.len()];
+        q.load_vmstate("a", 0, &mut old).unwrap();
+        assert!(old == state);
+        assert!(q.check().unwrap().is_clean());
         std::fs::remove_file(&path).unwrap();
     }
 }
