@@ -15,8 +15,10 @@
 #   godwit.workload=agent   bring up lo (and eth0 with godwit.ip=ADDR/PREFIX if given), then
 #                           exec the Godwit agent (-a) as PID 1 (crates/linux-agent)
 #
-# Usage: scripts/build-initramfs.sh [-k KERNEL_VERSION] [-M MODULES_ROOT] [-a AGENT]
+# Usage: scripts/build-initramfs.sh [-k KERNEL_VERSION] [-M MODULES_ROOT] [-a AGENT] [-Z]
 #                                   [-o OUTPUT] [-m "mod1 mod2 ..."]
+# -Z writes the cpio uncompressed (a kernel whose code is interpreted, as on kvm_pvm hosts,
+# spends minutes inflating a gzip'ed one).
 # Defaults: the newest installed *-cloud-amd64 kernel, ./initramfs-godwit.cpio.gz, and the
 # modules virtio_mmio virtio_blk virtio_net virtio_console virtio-rng. -M names the folder that
 # holds lib/modules/KERNEL_VERSION (a kernel package unpacked with dpkg -x; default /).
@@ -27,14 +29,16 @@ kver=""
 modules="virtio_mmio virtio_blk virtio_net virtio_console virtio-rng"
 modroot=""
 agent=""
-while getopts "k:M:a:o:m:h" opt; do
+compress=1
+while getopts "k:M:a:Zo:m:h" opt; do
   case "$opt" in
     k) kver="$OPTARG" ;;
     M) modroot="$OPTARG" ;;
     a) agent="$OPTARG" ;;
+    Z) compress=0 ;;
     o) out="$OPTARG" ;;
     m) modules="$OPTARG" ;;
-    *) sed -n '2,24p' "$0"; exit 2 ;;
+    *) sed -n '2,26p' "$0"; exit 2 ;;
   esac
 done
 
@@ -178,6 +182,10 @@ INIT
 chmod 755 "$root/init"
 
 mkdir -p "$(dirname "$out")"
-(cd "$root" && find . -print0 | sort -z | cpio --null -o -H newc --quiet) | gzip -9 > "$out.tmp"
+if [ $compress = 1 ]; then
+  (cd "$root" && find . -print0 | sort -z | cpio --null -o -H newc --quiet) | gzip -9 > "$out.tmp"
+else
+  (cd "$root" && find . -print0 | sort -z | cpio --null -o -H newc --quiet) > "$out.tmp"
+fi
 mv "$out.tmp" "$out"
 echo "build-initramfs: $out ($(stat -c %s "$out") bytes) for $kver: modules ${order[*]}"

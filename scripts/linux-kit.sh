@@ -8,8 +8,8 @@
 #     none is installed, the package `linux-image-cloud-amd64` depends on, fetched with
 #     `apt-get download` and unpacked with `dpkg -x` into DIR/pkg (nothing is installed);
 #   - DIR/vmlinux: the ELF inside the bzImage (PVH entry, no decompressor run);
-#   - DIR/godwit-agent: the static agent (crates/linux-agent), and DIR/initramfs.cpio.gz:
-#     busybox + virtio modules + the agent (scripts/build-initramfs.sh);
+#   - DIR/godwit-agent: the static agent (crates/linux-agent, stripped), and DIR/initramfs.cpio:
+#     busybox + virtio modules + the agent, uncompressed (scripts/build-initramfs.sh -Z);
 #   - on a host whose KVM is the nested, software-paged `kvm_pvm` (detected by its module, or
 #     forced with GODWIT_HOST_PROFILE=pvm|none), the host profile: DIR/vmlinux-pvm, a copy of the
 #     vmlinux with two instructions that KVM cannot interpret patched (after checking their
@@ -71,18 +71,24 @@ agent="$dir/godwit-agent"
 if [ -d "$repo/crates/linux-agent" ]; then
   say "building the static agent (crates/linux-agent)"
   (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$repo/target/agent" \
-     cargo build -q --release -p linux-agent) >&2 || die "building the agent failed"
-  cp -p "$repo/target/agent/release/godwit-agent" "$agent.new" && mv "$agent.new" "$agent"
+     CARGO_PROFILE_RELEASE_DEBUG=0 cargo build -q --release -p linux-agent) >&2 || die "building the agent failed"
+  # Stripped: every byte of the initramfs is copied by interpreted kernel code on kvm_pvm hosts.
+  if ! cmp -s "$repo/target/agent/release/godwit-agent" "$dir/godwit-agent.unstripped" 2>/dev/null; then
+    cp -p "$repo/target/agent/release/godwit-agent" "$dir/godwit-agent.unstripped"
+    strip --strip-all -o "$agent.new" "$dir/godwit-agent.unstripped" && mv "$agent.new" "$agent"
+  fi
   case "$(ldd "$agent" 2>&1 || true)" in *"not a dynamic"*|*"statically linked"*) ;; *) die "$agent is not static";; esac
   agent_args=(-a "$agent")
 else
   say "no crates/linux-agent in this checkout: initramfs without the agent"
   agent_args=()
 fi
-rd="$dir/initramfs.cpio.gz"
-if ! stamp initramfs.cpio.gz "$bz" "$here/build-initramfs.sh" ${agent_args[@]:+"$agent"}; then
-  bash "$here/build-initramfs.sh" -k "$kver" ${modroot:+-M "$modroot"} ${agent_args[@]:+"${agent_args[@]}"} -o "$rd" >&2
-  commit_stamp initramfs.cpio.gz
+# Uncompressed: inflating gzip is minutes of interpreted code on kvm_pvm hosts (and the
+# unpack a boot waits for); any kernel takes a plain newc cpio.
+rd="$dir/initramfs.cpio"
+if ! stamp initramfs.cpio "$bz" "$here/build-initramfs.sh" ${agent_args[@]:+"$agent"}; then
+  bash "$here/build-initramfs.sh" -Z -k "$kver" ${modroot:+-M "$modroot"} ${agent_args[@]:+"${agent_args[@]}"} -o "$rd" >&2
+  commit_stamp initramfs.cpio
 fi
 
 # --- the host profile -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ const BAD: &[&str] = &[
     "rcu: INFO",
     "detected stall",
     "soft lockup",
+    "blocked for more than",
     "hard LOCKUP",
     "clocksource watchdog",
     "timekeeping watchdog",
