@@ -75,6 +75,9 @@ pub fn save(m: &Machine, tag: &str) -> Result<(), CommandError> {
         let h = m.handle();
         let size = state_disk
             .with_qcow2(|q| -> Result<u64, String> {
+                if std::env::var("GODWIT_SAVEVM_LAYOUT").as_deref() == Ok("1") {
+                    return save_v1(q, &h);
+                }
                 q.discard_vmstate().map_err(|e| e.to_string())?;
                 let mut sink = crate::savevm_sink::DirectSink::new(q);
                 let n = migration::snapshot_v2::save(&h, &mut sink).map(|(n, _)| n).map_err(|e| e.to_string())?;
@@ -96,6 +99,18 @@ pub fn save(m: &Machine, tag: &str) -> Result<(), CommandError> {
         tracing::info!("savevm {tag}: {} MiB of VM state in {:?}", size >> 20, t0.elapsed());
         Ok(())
     })
+}
+
+/// The layout Godwit wrote before v2 (one stream, RAM records inline), for snapshots that an
+/// older Godwit must load: `GODWIT_SAVEVM_LAYOUT=1` in savevm's environment.
+fn save_v1(q: &mut qcow2::Qcow2, h: &crate::vmglue::VmHandle) -> Result<u64, String> {
+    use std::io::Write;
+    let w = q.vmstate_writer().map_err(|e| e.to_string())?;
+    let mut buf = std::io::BufWriter::with_capacity(IO_BUF, w);
+    migration::snapshot::save(h, &mut buf).map_err(|e| e.to_string())?;
+    buf.flush().map_err(|e| e.to_string())?;
+    let w = buf.into_inner().map_err(|e| e.to_string())?;
+    w.finish().map_err(|e| e.to_string())
 }
 
 pub fn load(m: &Machine, tag: &str) -> Result<(), CommandError> {

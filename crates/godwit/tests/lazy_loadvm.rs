@@ -3,7 +3,7 @@
 //! ledger, a live migration and a savevm started while the background fill is still running,
 //! a cold `-loadvm` in a fresh process from a copied image. A RAM chunk corrupted in the image
 //! is detected and the VM stopped (`internal-error`, a clear message), never run; a good
-//! snapshot then brings it back.
+//! snapshot then brings it back. Snapshots in the layout written before (v1) still load.
 
 mod common;
 use common::*;
@@ -23,8 +23,13 @@ fn wait_dirtied(vm: &mut Vm) {
 
 /// godwit with `GODWIT_LOG=info` (the load says whether it was lazy) and the test guest.
 fn start(img: &Path, sock: &Path, extra: &[&str]) -> Vm {
+    start_env(img, sock, "GODWIT_LOG=info", extra)
+}
+
+fn start_env(img: &Path, sock: &Path, env: &str, extra: &[&str]) -> Vm {
     let own = [
         "GODWIT_LOG=info".to_string(),
+        env.to_string(),
         godwit_bin().display().to_string(),
         "-kernel".into(),
         guest_bin().display().to_string(),
@@ -189,4 +194,33 @@ fn a_corrupted_ram_chunk_stops_the_vm() {
     assert!(status.contains("internal-error"), "{status}");
     hmp2.quit();
     let _ = vm2.wait_exit(T);
+}
+
+/// A snapshot in the layout Godwit wrote before lazy loading (v1: one stream) still loads,
+/// eagerly, in a fresh process, and the guest's RAM is exactly the saved one.
+#[test]
+fn snapshots_in_the_old_layout_still_load() {
+    let dir = tmpdir("lazy-v1");
+    let img = dir.join("vm.qcow2");
+    create_image(&img, "qcow2", "64M");
+    let mut vm = start_env(&img, &dir.join("a.sock"), "GODWIT_SAVEVM_LAYOUT=1", &[]);
+    vm.wait_for("GUEST READY", T);
+    let mut hmp = Hmp::connect(&dir.join("a.sock"));
+    wait_dirtied(&mut vm);
+    assert_eq!(hmp.cmd("savevm old").trim(), "");
+    hmp.quit();
+    assert_eq!(vm.wait_exit(T), Some(0));
+    let mut q = qcow2::Qcow2::open(&img, &qcow2::OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let mut head = [0u8; 12];
+    q.load_vmstate("old", 0, &mut head).unwrap();
+    assert_eq!(&head[..8], b"GODWITVM");
+    assert_eq!(u32::from_le_bytes(head[8..12].try_into().unwrap()), 1, "written in the old layout");
+    drop(q);
+    let mut vm2 = start(&img, &dir.join("b.sock"), &["-loadvm", "old"]);
+    vm2.wait_for("HEARTBEAT", T);
+    ledger_ok(&mut vm2);
+    assert!(!vm2.stderr.lock().unwrap().contains("lazy,"), "an old state loads eagerly");
+    vm2.send(b"q");
+    assert_eq!(vm2.wait_exit(T), Some(0));
+    assert_clean(&img);
 }
