@@ -46,6 +46,16 @@ fn nfs_err(file: &str) -> impl FnOnce(nfs::OpenError) -> CliError + '_ {
     move |e| CliError::Nfs(format!("Could not open '{file}': {e}"))
 }
 
+/// Opens the `nfs://` image `file` with `opts` (no lock: read-only or `opts.no_backing` uses).
+pub(crate) fn open_nfs(
+    file: &str,
+    fmt: Option<ImageFormat>,
+    opts: &OpenOptions,
+) -> Result<Box<dyn BlockBackend>, CliError> {
+    let url = nfs::NfsUrl::parse(file).map_err(|e| CliError::Nfs(format!("Could not open '{file}': {e}")))?;
+    nfs::open_image(&url, fmt, opts, !opts.read_only).map_err(nfs_err(file))
+}
+
 pub(crate) fn open_any(
     file: &str,
     fmt: Option<ImageFormat>,
@@ -78,8 +88,7 @@ pub(crate) fn open_qcow2(file: &str, read_only: bool) -> Result<Qcow2, CliError>
         };
         let s = nfs::NfsStorage::open(&url, nfs::nfs_options(&opts, !read_only))
             .map_err(|e| nfs_err(file)(e.into()))?;
-        return Qcow2::open_storage(Box::new(s), &opts)
-            .map_err(img_err(format!("Could not open '{file}'")));
+        return nfs::open_qcow2(&url, s, &opts).map_err(nfs_err(file));
     }
     crate::chain::refuse_if_backing(file, read_only)?;
     Qcow2::open(

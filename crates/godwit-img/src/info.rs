@@ -49,7 +49,8 @@ fn backing_of(q: &Qcow2, file: &str) -> Option<(String, String, Option<String>)>
     let name = q.backing_file()?.to_string();
     let full = match q.backing_path() {
         Some(p) => p.display().to_string(),
-        None => qcow2::backing::resolve_backing_name(&name, Some(std::path::Path::new(file)))
+        // nfs:// overlays resolve their backing names against their URL.
+        None => qcow2::backing::Opener::resolve(&nfs::NfsOpener, &name, Some(std::path::Path::new(file)))
             .display()
             .to_string(),
     };
@@ -172,8 +173,11 @@ pub fn info(argv: &[String]) -> R {
     let chain = a.flag("--backing-chain");
     let fmt = fmt_arg(a.opt("-f"))?;
     // Without --backing-chain, qemu-img info does not need the backing files to exist.
-    let mut dev = if chain || nfs::is_nfs_url(file) {
+    let mut dev = if chain {
         open_any(file, fmt, true)?
+    } else if nfs::is_nfs_url(file) {
+        let opts = qcow2::OpenOptions { read_only: true, no_backing: true, ..Default::default() };
+        crate::cmds::open_nfs(file, fmt, &opts)?
     } else {
         let opts = qcow2::OpenOptions {
             read_only: true,

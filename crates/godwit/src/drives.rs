@@ -257,7 +257,8 @@ fn nfs_url(spec: &DriveSpec) -> Result<Option<nfs::NfsUrl>, String> {
 }
 
 fn open_backend(spec: &DriveSpec, read_only: bool) -> Result<Box<dyn BlockBackend>, String> {
-    let opts = OpenOptions { read_only, cache: spec.cache, ..Default::default() };
+    // Backing files may be on NFS too (relative names of an nfs:// overlay, or nfs:// names).
+    let opts = nfs::chain_options(&OpenOptions { read_only, cache: spec.cache, ..Default::default() });
     let b = match nfs_url(spec)? {
         // A writer on NFS holds the NFSv4 single-writer lock inside its storage.
         Some(url) => nfs::open_image(&url, spec.format, &opts, !read_only).map_err(|e| e.to_string())?,

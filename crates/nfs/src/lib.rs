@@ -12,15 +12,20 @@
 //! here are transcribed by hand in [`ffi`] and loaded with `dlopen`, so nothing in the build
 //! needs libnfs.
 //!
+//! Backing chains (`qemu-img create -b base.qcow2 ...` on the export): relative names resolve
+//! against the overlay's URL, see [`chain`].
+//!
 //! Failure handling (hard-mount retries with a deadline) and the single-writer NFSv4 lock are
 //! described in [`storage`].
 
+pub mod chain;
 pub mod error;
 pub mod ffi;
 pub mod ganesha;
 pub mod storage;
 pub mod url;
 
+pub use chain::NfsOpener;
 pub use error::{Error, Result};
 pub use storage::{NfsCounters, NfsOptions, NfsStorage, LOCK_BYTE};
 pub use url::{is_nfs_url, NfsUrl, DEFAULT_HARD_TIMEOUT};
@@ -41,6 +46,23 @@ pub fn nfs_options(opts: &OpenOptions, lock: bool) -> NfsOptions {
     NfsOptions { read_only: opts.read_only, lock: lock && !opts.read_only, sync_writes: opts.cache.dsync() }
 }
 
+/// `opts` with [`NfsOpener`] as the backing-file opener (unless it names one already).
+pub fn chain_options(opts: &OpenOptions) -> OpenOptions {
+    let mut o = opts.clone();
+    if o.backing_opener.is_none() {
+        o.backing_opener = Some(std::sync::Arc::new(NfsOpener));
+    }
+    o
+}
+
+/// Opens the qcow2 image on `storage` (at `url`) with its backing chain, relative backing
+/// names resolved against `url` (see [`chain`]).
+pub fn open_qcow2(url: &NfsUrl, storage: NfsStorage, opts: &OpenOptions) -> std::result::Result<Qcow2, OpenError> {
+    let at = std::path::Path::new(&url.original);
+    Qcow2::open_storage_as(Box::new(storage), at, &chain::identity(url), &chain_options(opts))
+        .map_err(|e| OpenError::Image { url: url.original.clone(), source: e })
+}
+
 /// Opens the image at `url` as `format` (probed from its content when `None`). A writer with
 /// `lock` holds the NFSv4 single-writer lock while the backend lives.
 pub fn open_image(
@@ -57,7 +79,7 @@ pub fn open_image(
     };
     Ok(match fmt {
         ImageFormat::Raw => Box::new(RawImage::on(Box::new(s), opts.read_only).map_err(img)?),
-        ImageFormat::Qcow2 => Box::new(Qcow2::open_storage(Box::new(s), opts).map_err(img)?),
+        ImageFormat::Qcow2 => Box::new(open_qcow2(url, s, opts)?),
     })
 }
 

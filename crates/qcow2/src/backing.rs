@@ -48,6 +48,12 @@ pub struct OpenedBacking {
 pub trait Opener: Send + Sync + fmt::Debug {
     /// Open the (already resolved) backing file `path` read-only.
     fn open(&self, path: &Path, opts: &OpenOptions) -> Result<OpenedBacking>;
+
+    /// Resolve the backing name `name` stored in the image at `overlay` (default: QEMU's rule
+    /// for host files, [`resolve_backing_name`]; a network opener joins URLs instead).
+    fn resolve(&self, name: &str, overlay: Option<&Path>) -> PathBuf {
+        resolve_backing_name(name, overlay)
+    }
 }
 
 /// The host-file opener: read-only, with QEMU's shared reader locks.
@@ -170,7 +176,11 @@ pub(crate) fn open_backing(
     opts: &OpenOptions,
     ctx: &ChainCtx,
 ) -> Result<Backing> {
-    let path = resolve_backing_name(name, ctx.path.as_deref());
+    let opener: &dyn Opener = match &opts.backing_opener {
+        Some(o) => o.as_ref(),
+        None => &FileOpener,
+    };
+    let path = opener.resolve(name, ctx.path.as_deref());
     let wrap = |e: Error| Error::BackingOpen {
         name: name.to_string(),
         path: path.display().to_string(),
@@ -179,10 +189,6 @@ pub(crate) fn open_backing(
     if ctx.seen.len() >= MAX_CHAIN_DEPTH {
         return Err(Error::BackingTooDeep(MAX_CHAIN_DEPTH));
     }
-    let opener: &dyn Opener = match &opts.backing_opener {
-        Some(o) => o.as_ref(),
-        None => &FileOpener,
-    };
     let ro = OpenOptions {
         read_only: true,
         ..opts.clone()

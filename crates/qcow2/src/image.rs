@@ -181,9 +181,20 @@ impl Qcow2 {
         path: &Path,
         opts: &OpenOptions,
     ) -> Result<Qcow2> {
+        Self::open_storage_as(file, path, path, opts)
+    }
+
+    /// Like [`Qcow2::open_storage_at`], with `identity` the name loop detection knows this
+    /// image by (what [`crate::backing::Opener::open`] returns for it as a backing file).
+    pub fn open_storage_as(
+        file: Box<dyn Storage>,
+        path: &Path,
+        identity: &Path,
+        opts: &OpenOptions,
+    ) -> Result<Qcow2> {
         let ctx = crate::backing::ChainCtx {
             path: Some(path.to_path_buf()),
-            seen: vec![path.to_path_buf()],
+            seen: vec![identity.to_path_buf()],
         };
         Self::open_chain(file, opts, ctx)
     }
