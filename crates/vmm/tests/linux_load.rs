@@ -63,7 +63,9 @@ fn check_acpi(ram: &GuestRam, rsdp: u64, vcpus: usize, virtio: &[(u64, u32)]) {
         .count();
     assert_eq!(lapics, vcpus);
     let (_, ns) = parse::dsdt(&table(fadt.x_dsdt)).unwrap();
-    assert_eq!(ns.devices.len(), 1 + virtio.len());
+    // COM1, the virtio devices, the power button's GED and the button.
+    assert_eq!(ns.devices.len(), 1 + virtio.len() + 2);
+    assert!(ns.devices.iter().any(|d| d == "\\_SB_.PWRB"), "{:?}", ns.devices);
     for (i, (base, gsi)) in virtio.iter().enumerate() {
         let Some(parse::AmlValue::Buffer(b)) = ns.get(&format!("\\_SB_.VR{i:02}._CRS")) else {
             panic!("no _CRS")
