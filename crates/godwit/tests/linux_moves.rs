@@ -220,29 +220,29 @@ fn boot_once(smp: u32) -> Boot {
         create_image(&img_a, "qcow2", "64M");
         let mut a = spawn(&args(smp, &img_a, &mon_a, &[]));
         let mut hmp_a = Hmp::connect(&mon_a);
-        wait(&mut a, BANNER, "A: banner");
-        let t = wait(&mut a, SLUB, "A: SLUB set-up");
+        wait(&mut a, BANNER, &format!("-smp {smp} A: banner"));
+        let t = wait(&mut a, SLUB, &format!("-smp {smp} A: SLUB set-up"));
         // Shared storage in spirit: each VM has its own copy of the (still unwritten) disk.
         let (mon_b, img_b) = vm_dir("b");
         std::fs::copy(&img_a, &img_b).unwrap();
-        let mut b = migrate(&mut a, &mut hmp_a, &t, &args(smp, &img_b, &mon_b, &[]), "A -> B (SLUB set-up)");
+        let mut b = migrate(&mut a, &mut hmp_a, &t, &args(smp, &img_b, &mon_b, &[]), &format!("-smp {smp} A -> B (SLUB set-up)"));
         check_log("A", &a.seen, None);
         quit(&mut a, &mut hmp_a);
         let mut hmp_b = Hmp::connect(&mon_b);
-        let t = wait(&mut b, UNPACK, "B: initramfs unpack starts");
+        let t = wait(&mut b, UNPACK, &format!("-smp {smp} B: initramfs unpack starts"));
         let out = hmp_b.cmd("savevm mid");
         assert!(!out.to_lowercase().contains("error"), "savevm mid: {out}");
         let list = hmp_b.cmd("info snapshots");
         assert!(list.contains("mid"), "{list}");
         let (mon_c, img_c) = vm_dir("c");
         std::fs::copy(&img_b, &img_c).unwrap();
-        let mut c = migrate(&mut b, &mut hmp_b, &t, &args(smp, &img_c, &mon_c, &[]), "B -> C (initramfs unpack)");
+        let mut c = migrate(&mut b, &mut hmp_b, &t, &args(smp, &img_c, &mon_c, &[]), &format!("-smp {smp} B -> C (initramfs unpack)"));
         check_log("B", &b.seen, None);
         // The move happened mid-unpack: B never finished it, C does.
         assert!(!b.seen.iter().any(|l| l.contains(UNPACKED)), "B finished the unpack before the move");
         quit(&mut b, &mut hmp_b);
-        wait(&mut c, UNPACKED, "C: initramfs unpacked");
-        wait(&mut c, INIT, "C: init");
+        wait(&mut c, UNPACKED, &format!("-smp {smp} C: initramfs unpacked"));
+        wait(&mut c, INIT, &format!("-smp {smp} C: init"));
         eprintln!("-smp {smp}: power-on to {INIT:?} in {:.1?} with two live migrations and a savevm", t0.elapsed());
         check_log("C", &c.seen, Some(INIT));
         if smp > 1 {
@@ -250,7 +250,7 @@ fn boot_once(smp: u32) -> Boot {
             let up = all.iter().find(|l| l.contains("smp: Brought up")).cloned().unwrap_or_default();
             assert!(up.contains(&format!("{smp} CPUs")), "-smp {smp}: the kernel brought up: {up:?}");
         }
-        finish(&mut c, "C");
+        finish(&mut c, &format!("-smp {smp} C"));
         Boot { image: img_b }
     }
 }
@@ -295,12 +295,12 @@ fn cold_migration_in_mid_boot(smp: u32) {
     let mut vm = spawn(&args(smp, &image, &mon, &["-loadvm", "mid"]));
     let first = vm.wait_for("] ", STAGE);
     let t = stamp(&first).unwrap();
-    eprintln!("-loadvm mid in another directory: first kernel line after {:.1?}: {}", t0.elapsed(), first.trim_end());
-    wait(&mut vm, INIT, "init after -loadvm mid");
+    eprintln!("-smp {smp}: -loadvm mid in another directory: first kernel line after {:.1?}: {}", t0.elapsed(), first.trim_end());
+    wait(&mut vm, INIT, &format!("-smp {smp}: init after -loadvm mid"));
     check_log("after -loadvm mid", &vm.seen, Some(INIT));
     let init_t = vm.seen.iter().find(|l| l.contains(INIT)).and_then(|l| stamp(l)).unwrap();
     assert!(init_t >= t, "{init_t} < {t}");
-    finish(&mut vm, "cold");
+    finish(&mut vm, &format!("-smp {smp} cold"));
 }
 
 #[test]
