@@ -179,3 +179,42 @@ fn system_powerdown_presses_the_power_button() {
         assert_eq!(vm.wait_exit(T), Some(0));
     }
 }
+
+/// A press the guest never read (the VM stopped) does not survive `system_reset`: the new boot
+/// runs on instead of powering off at its first timer tick.
+#[test]
+fn system_reset_forgets_an_unread_power_button_press() {
+    let dir = tmpdir("qmp-powerdown-reset");
+    let sock = dir.join("qmp.sock");
+    let spec = format!("unix:{},server,nowait", sock.display());
+    let mut vm = Vm::guest(&["-m", "64", "-qmp", &spec], "mode=idle hb_ms=100");
+    vm.wait_for("GUEST READY", T);
+    let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut ask = |cmd: &str| {
+        w.write_all(format!("{{\"execute\":\"{cmd}\"}}\n").as_bytes()).unwrap();
+        loop {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l:?}"));
+            if v.get("return").is_some() || v.get("error").is_some() {
+                assert!(v.get("return").is_some(), "{cmd}: {v}");
+                return;
+            }
+        }
+    };
+    ask("qmp_capabilities");
+    ask("stop");
+    ask("system_powerdown");
+    ask("system_reset");
+    ask("cont");
+    vm.wait_for("GUEST READY", T);
+    for _ in 0..3 {
+        vm.wait_for("HEARTBEAT", T);
+    }
+    assert!(!vm.seen.iter().any(|l| l.contains("GUEST POWEROFF")), "{:?}", vm.seen);
+    vm.send(b"q");
+    assert_eq!(vm.wait_exit(T), Some(0));
+}

@@ -304,6 +304,8 @@ impl Vm {
             return Err(Error::Kernel { path: self.config.kernel.clone(), reason: "kernel changed on disk".into() });
         }
         self.restore_state(&self.boot_state)?;
+        // A power-button press the old boot never read must not power off the new one.
+        self.power_button.take();
         if was_running {
             self.resume();
         }
