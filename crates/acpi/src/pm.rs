@@ -19,7 +19,8 @@
 //! `PNP0C0C` power-button device: the guest sees a power-button press (systemd-logind or acpid
 //! turn it into `poweroff`). A guest without ACPI may poll the register instead (the test guest
 //! does, in its timer tick). The latch is not part of the saved or migrated state: a press the
-//! guest has not read yet when the VM is snapshotted or moved is lost (press again).
+//! guest has not read yet when the VM is snapshotted or moved is lost (press again), and a
+//! reset clears it (`Vm::reset`).
 
 use devices::bus::BusDevice;
 use devices::{VmEvents, VmRequest};
