@@ -1,6 +1,6 @@
 //! The destination side of `-incoming URI`: bind at once (so a bad address fails at start),
-//! say on stderr that we listen, then receive on a thread. Success resumes the guest here;
-//! failure ends the process with a non-zero status, without the guest ever having run.
+//! say on stderr that we listen, then receive on a thread. Success resumes the guest here
+//! (with `-S`, as QEMU, it stays `paused` until `cont`); failure ends the process with a non-zero status, without the guest ever having run.
 
 use crate::machine::Machine;
 use devices::VmRequest;

@@ -32,6 +32,8 @@ pub struct Machine {
     pub disks: Vec<SharedDisk>,
     /// An incoming migration listener was started (`-incoming URI` or `migrate-incoming`).
     pub incoming_started: std::sync::atomic::AtomicBool,
+    /// Run the guest when an incoming migration completes; `-S` clears it (QEMU's autostart).
+    pub autostart: std::sync::atomic::AtomicBool,
     /// How NICs are announced after a migration or `loadvm` (`announce-*` parameters).
     pub announce: Arc<Mutex<net::AnnounceParams>>,
     /// Migration capabilities the engine's parameters do not keep (`events`, inherent ones).
@@ -106,6 +108,7 @@ impl Machine {
             requests,
             disks,
             incoming_started: std::sync::atomic::AtomicBool::new(false),
+            autostart: std::sync::atomic::AtomicBool::new(true),
             announce: Arc::new(Mutex::new(net::AnnounceParams::default())),
             caps: Default::default(),
             fenced: Default::default(),
@@ -113,7 +116,13 @@ impl Machine {
     }
 
     pub fn handle(&self) -> VmHandle {
-        VmHandle { vm: self.vm.clone(), state: self.state.clone(), disks: self.disks.clone(), announce: self.announce.clone() }
+        VmHandle {
+            vm: self.vm.clone(),
+            state: self.state.clone(),
+            disks: self.disks.clone(),
+            announce: self.announce.clone(),
+            autostart: self.autostart.load(std::sync::atomic::Ordering::SeqCst),
+        }
     }
 
     /// The current announcement parameters.

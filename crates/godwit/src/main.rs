@@ -150,6 +150,7 @@ fn main() -> ExitCode {
         RunState::Running
     };
     let machine = Machine::new(vm.clone(), initial, events, disks);
+    machine.autostart.store(!opts.start_paused, std::sync::atomic::Ordering::SeqCst);
     ioerror::serve(machine.clone());
 
     if let Some(uri) = &opts.incoming {

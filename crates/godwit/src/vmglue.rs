@@ -15,6 +15,8 @@ pub struct VmHandle {
     pub disks: Vec<SharedDisk>,
     /// Announcement parameters (destination: the guest's MACs are announced before it runs).
     pub announce: Arc<std::sync::Mutex<net::AnnounceParams>>,
+    /// Destination: run the guest once the incoming migration is done (false with `-S`).
+    pub autostart: bool,
 }
 
 impl MigratableVm for VmHandle {
@@ -40,6 +42,14 @@ impl MigratableVm for VmHandle {
     fn resume(&self) {
         self.vm.resume();
         self.state.force(RunState::Running);
+    }
+    fn resume_incoming(&self) {
+        if self.autostart {
+            self.resume();
+        } else {
+            // QEMU with -S: `paused` (no STOP event, the guest never ran here) until `cont`.
+            self.state.force(RunState::Paused);
+        }
     }
     fn save_state(&self) -> Result<Vec<Section>, String> {
         self.vm.save_state().map_err(|e| e.to_string())

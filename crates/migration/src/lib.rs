@@ -74,6 +74,11 @@ pub trait MigratableVm: Send + Sync {
     /// Validates saved state against this VM without changing anything.
     fn check_state(&self, sections: &[Section]) -> std::result::Result<(), String>;
     fn restore_state(&self, sections: &[Section]) -> std::result::Result<(), String>;
+    /// Destination, the incoming migration done: run the guest (`resume`), or, for a
+    /// destination started with `-S`, leave it paused until `cont` (as QEMU's autostart).
+    fn resume_incoming(&self) {
+        self.resume();
+    }
     /// Destination: the switchover has begun and the guest resumes within milliseconds.
     fn prepare_resume(&self) {}
     /// Holds the vCPUs back `pct` percent of the time (auto-converge); 0 releases them.

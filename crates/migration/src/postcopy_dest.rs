@@ -328,7 +328,7 @@ fn run_guest_and_fill(
     vm.restore_state(&sections).map_err(MigrationError::Vm)?;
     st.restore_ms = t_restore.elapsed().as_secs_f64() * 1000.0;
     vm.before_resume_incoming().map_err(MigrationError::Vm)?;
-    vm.resume();
+    vm.resume_incoming();
     st.switchover_ms = switch_at.elapsed().as_secs_f64() * 1000.0;
     set_status(Status::PostcopyActive);
     let running = Running { switchover_us: (st.switchover_ms * 1000.0) as u64, restore_us: (st.restore_ms * 1000.0) as u64 };

@@ -235,7 +235,7 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
     vm.restore_state(&sections).map_err(MigrationError::Vm)?;
     st.restore_ms = t_restore.elapsed().as_secs_f64() * 1000.0;
     vm.before_resume_incoming().map_err(MigrationError::Vm)?;
-    vm.resume();
+    vm.resume_incoming();
     st.switchover_ms = switch_at.elapsed().as_secs_f64() * 1000.0;
     st.bytes = r.bytes_read();
     if let Some(m) = &mf {
