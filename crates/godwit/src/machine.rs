@@ -32,6 +32,8 @@ pub struct Machine {
     pub disks: Vec<SharedDisk>,
     /// An incoming migration listener was started (`-incoming URI` or `migrate-incoming`).
     pub incoming_started: std::sync::atomic::AtomicBool,
+    /// Why `quit` was asked (its SHUTDOWN event is sent at exit, after the answer).
+    quit_cause: Mutex<Option<ShutdownCause>>,
     /// Run the guest when an incoming migration completes; `-S` clears it (QEMU's autostart).
     pub autostart: std::sync::atomic::AtomicBool,
     /// How NICs are announced after a migration or `loadvm` (`announce-*` parameters).
@@ -109,6 +111,7 @@ impl Machine {
             disks,
             incoming_started: std::sync::atomic::AtomicBool::new(false),
             autostart: std::sync::atomic::AtomicBool::new(true),
+            quit_cause: Mutex::new(None),
             announce: Arc::new(Mutex::new(net::AnnounceParams::default())),
             caps: Default::default(),
             fenced: Default::default(),
@@ -122,6 +125,18 @@ impl Machine {
             disks: self.disks.clone(),
             announce: self.announce.clone(),
             autostart: self.autostart.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
+
+    /// At exit, in QEMU's order: the monitors' answers (`quit`'s `{"return": {}}`) are written,
+    /// then the SHUTDOWN event of a `quit` — each wait bounded, for clients that do not read.
+    pub fn before_exit(&self) {
+        const LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+        monitor::flush::wait_sent(LIMIT);
+        let cause = self.quit_cause.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(reason) = cause {
+            self.events.emit(Event::Shutdown { guest: false, reason });
+            monitor::flush::wait_sent(LIMIT);
         }
     }
 
@@ -263,7 +278,8 @@ impl Backend for MachineBackend {
     }
 
     fn quit(&self, cause: ShutdownCause) -> CmdResult {
-        self.0.events.emit(Event::Shutdown { guest: false, reason: cause });
+        // The SHUTDOWN event follows the answer (`Machine::before_exit`), as in QEMU.
+        *self.0.quit_cause.lock().unwrap_or_else(|p| p.into_inner()) = Some(cause);
         self.0.requests.send(VmRequest::Quit);
         Ok(())
     }

@@ -183,6 +183,7 @@ fn main() -> ExitCode {
         });
     }
     let code = run(&machine, &opts);
+    machine.before_exit();
     close_disks(&machine);
     console::restore_terminal();
     code

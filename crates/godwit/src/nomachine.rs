@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 struct NoMachine {
     state: Mutex<RunState>,
     events: EventBus,
-    quit: Mutex<Sender<()>>,
+    quit: Mutex<Sender<ShutdownCause>>,
 }
 
 impl NoMachine {
@@ -40,9 +40,9 @@ impl Backend for NoMachine {
         Ok(())
     }
     fn quit(&self, cause: ShutdownCause) -> CmdResult {
-        self.events.emit(Event::Shutdown { guest: false, reason: cause });
+        // The answer first, then SHUTDOWN (see `run`), as QEMU.
         if let Ok(q) = self.quit.lock() {
-            let _ = q.send(());
+            let _ = q.send(cause);
         }
         Ok(())
     }
@@ -97,7 +97,7 @@ pub fn run(opts: &Options) -> Result<ExitCode, String> {
     let (tx, rx) = channel();
     let initial = if opts.start_paused { RunState::Prelaunch } else { RunState::Running };
     let backend = Arc::new(NoMachine { state: Mutex::new(initial), events: events.clone(), quit: Mutex::new(tx) });
-    let mon = Monitor::new(backend, events);
+    let mon = Monitor::new(backend, events.clone());
     let servers = start_servers(&mon, opts).inspect_err(|_| {
         if let Some(p) = &opts.pidfile {
             let _ = std::fs::remove_file(p);
@@ -106,7 +106,12 @@ pub fn run(opts: &Options) -> Result<ExitCode, String> {
     if let Some(r) = ready {
         r.done();
     }
-    let _ = rx.recv();
+    if let Ok(reason) = rx.recv() {
+        let limit = std::time::Duration::from_secs(2);
+        monitor::flush::wait_sent(limit);
+        events.emit(Event::Shutdown { guest: false, reason });
+        monitor::flush::wait_sent(limit);
+    }
     drop(servers);
     if let Some(p) = &opts.pidfile {
         let _ = std::fs::remove_file(p);

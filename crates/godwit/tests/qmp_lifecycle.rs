@@ -148,3 +148,33 @@ fn incoming_without_dash_s_runs_at_once() {
     dst.send(b"v");
     dst.wait_for("LEDGER OK", T);
 }
+
+/// `quit` over QMP: the answer comes before the connection closes, then SHUTDOWN (QEMU's
+/// order), then EOF, and the process exits 0. A few VMs in a row, since a lost answer was a
+/// race with the process exit.
+#[test]
+fn quit_is_answered_before_the_connection_closes() {
+    let dir = tmpdir("qmp-quit");
+    for i in 0..5 {
+        let sock = dir.join(format!("q{i}.sock"));
+        let spec = format!("unix:{},server,nowait", sock.display());
+        let mut vm = Vm::guest(&["-m", "64", "-qmp", &spec], "mode=idle hb_ms=100");
+        vm.wait_for("GUEST READY", T);
+        let mut q = Raw::connect(&sock);
+        assert_eq!(q.status()["status"], "running");
+        q.send(r#"{"execute":"quit","id":"bye"}"#);
+        let mut after = Vec::new();
+        while let Some(v) = q.line() {
+            after.push(v);
+        }
+        let at = after.iter().position(|v| v.get("return").is_some());
+        assert!(at.is_some(), "run {i}: no answer to quit before EOF: {after:?}");
+        let reply = &after[at.unwrap()];
+        assert_eq!((reply["return"].clone(), reply["id"].clone()), (serde_json::json!({}), Value::from("bye")), "{reply}");
+        let shutdown = after.iter().position(|v| v["event"] == "SHUTDOWN");
+        assert!(shutdown.is_some_and(|s| s > at.unwrap()), "run {i}: SHUTDOWN after the answer: {after:?}");
+        let e = &after[shutdown.unwrap()]["data"];
+        assert_eq!((e["guest"].clone(), e["reason"].clone()), (Value::from(false), Value::from("host-qmp-quit")));
+        assert_eq!(vm.wait_exit(T), Some(0));
+    }
+}

@@ -23,6 +23,7 @@ pub mod chardev;
 pub mod command;
 pub mod error;
 pub mod events;
+pub mod flush;
 pub mod hmp;
 pub mod hostinfo;
 pub mod jobs;

@@ -10,6 +10,7 @@
 use crate::chardev::ChardevSpec;
 use crate::error::MonitorError;
 use crate::events::{Delivery, EventRecord};
+use crate::flush::Pending;
 use crate::hmp::{self, HmpSession, LineEditor, LineEvent};
 use crate::monitor::Monitor;
 use crate::qmp::{JsonStreamer, QmpSession};
@@ -96,7 +97,9 @@ pub fn run_hmp_stream(
 
 enum Outgoing {
     Line(Vec<u8>),
-    Event(Arc<EventRecord>),
+    /// A command's reply; its [`Pending`] was taken before the command ran.
+    Reply(Vec<u8>, Pending),
+    Event(Arc<EventRecord>, Pending),
 }
 
 fn json_line(v: &serde_json::Value) -> Vec<u8> {
@@ -123,9 +126,11 @@ pub fn run_qmp_stream(
         .name("qmp-writer".into())
         .spawn(move || {
             for msg in rx {
-                let bytes = match msg {
-                    Outgoing::Line(b) => b,
-                    Outgoing::Event(rec) => json_line(&rec.to_json()),
+                // The pending mark goes once the bytes are written (end of this iteration).
+                let (bytes, _sent) = match msg {
+                    Outgoing::Line(b) => (b, None),
+                    Outgoing::Reply(b, p) => (b, Some(p)),
+                    Outgoing::Event(rec, p) => (json_line(&rec.to_json()), Some(p)),
                 };
                 if output
                     .write_all(&bytes)
@@ -163,14 +168,16 @@ pub fn run_qmp_stream(
                 streamer.feed(&buf[..n], &mut items);
             }
             for item in items.drain(..) {
-                let reply = Outgoing::Line(json_line(&session.handle(item)));
+                // Counted from before the command runs (`quit` ends the process once it is sent).
+                let pending = Pending::new();
+                let reply = Outgoing::Reply(json_line(&session.handle(item)), pending);
                 let reply = if session.is_negotiated() && subscription.is_none() {
                     // Subscribe and queue the reply atomically: the reply comes first, and no
                     // event emitted after it is missed.
                     let etx = tx.clone();
                     let ecloser = closer.clone();
                     let (id, queued) = monitor.events().subscribe_fn_then(
-                        move |rec| match etx.try_send(Outgoing::Event(rec.clone())) {
+                        move |rec| match etx.try_send(Outgoing::Event(rec.clone(), Pending::new())) {
                             Ok(()) => Delivery::Keep,
                             Err(TrySendError::Full(_)) => {
                                 tracing::warn!(
