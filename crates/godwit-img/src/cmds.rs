@@ -69,15 +69,8 @@ pub(crate) fn open_any(
         return nfs::open_image(&url, fmt, &opts, !read_only).map_err(nfs_err(file));
     }
     crate::chain::refuse_if_backing(file, read_only)?;
-    qcow2::open(
-        file,
-        fmt,
-        &OpenOptions {
-            read_only,
-            ..Default::default()
-        },
-    )
-    .map_err(img_err(format!("Could not open '{file}'")))
+    // A local overlay may have its backing file on NFS.
+    qcow2::open(file, fmt, &nfs::chain_options(&opts)).map_err(img_err(format!("Could not open '{file}'")))
 }
 
 pub(crate) fn open_qcow2(file: &str, read_only: bool) -> Result<Qcow2, CliError> {
@@ -91,14 +84,12 @@ pub(crate) fn open_qcow2(file: &str, read_only: bool) -> Result<Qcow2, CliError>
         return nfs::open_qcow2(&url, s, &opts).map_err(nfs_err(file));
     }
     crate::chain::refuse_if_backing(file, read_only)?;
-    Qcow2::open(
-        file,
-        &OpenOptions {
-            read_only,
-            ..Default::default()
-        },
-    )
-    .map_err(img_err(format!("Could not open '{file}'")))
+    let opts = OpenOptions {
+        read_only,
+        ..Default::default()
+    };
+    // A local overlay may have its backing file on NFS.
+    Qcow2::open(file, &nfs::chain_options(&opts)).map_err(img_err(format!("Could not open '{file}'")))
 }
 
 pub(crate) fn output_json(a: &crate::Args) -> Result<bool, CliError> {

@@ -125,7 +125,16 @@ fn nfs_overlay_boots_over_its_base_on_the_same_server() {
     let base_url = g.url("chain/base.qcow2", "");
     assert_eq!(gi[0]["filename"], Value::from(url.clone()));
     assert_eq!(gi[0]["full-backing-filename"], Value::from(base_url.clone()));
-    assert_eq!(gi[1]["filename"], Value::from(base_url));
+    assert_eq!(gi[1]["filename"], Value::from(base_url.clone()));
+
+    // A local overlay whose backing file is an nfs:// URL (taken as is) reads the same base.
+    let local = tmp.join("local.qcow2");
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", &base_url, "-F", "qcow2", p(&local), "64M"]);
+    let (lraw, braw) = (tmp.join("local.raw"), tmp.join("base.raw"));
+    let (okl, out) = tool(&godwit_img(), &["convert", "-O", "raw", p(&local), p(&lraw)]);
+    assert!(okl, "godwit-img convert of a local overlay over nfs://: {out}");
+    sh("qemu-img", &["convert", "-O", "raw", p(&base), p(&braw)]);
+    assert!(std::fs::read(&lraw).unwrap() == std::fs::read(&braw).unwrap(), "the local overlay reads the NFS base");
 }
 
 #[test]
