@@ -3,7 +3,8 @@
 //! guest on `-drive file=nfs://SERVER/export/DIR/vm.qcow2`, its backing file opened on the same
 //! server as QEMU resolves it (relative to the overlay's URL), read-only. Reads fall through to
 //! the base's data, the base is left as it was, and godwit-img / qemu-img agree on the chain.
-//! Missing backing files and loops are clear errors.
+//! A live migration between two hosts on the same overlay keeps the disk ledger. Missing
+//! backing files and loops are clear errors.
 //!
 //! Needs root, /dev/kvm, and the Debian packages nfs-ganesha nfs-ganesha-vfs rpcbind libnfs13
 //! (libnfs-dev) qemu-utils qemu-block-extra.
@@ -173,3 +174,67 @@ fn nfs_overlay_with_a_missing_or_looping_backing_file_is_refused_clearly() {
     assert!(out.contains(&g.url("bad/a.qcow2", "")), "the loop names the image met twice: {out}");
 }
 
+
+/// Spawns godwit with the test guest inside a host namespace.
+fn in_ns(ns: &str, args: &[&str], append: &str) -> Vm {
+    let (g, godwit) = (guest_bin(), godwit_bin());
+    let mut full = vec!["netns", "exec", ns, p(&godwit), "-kernel", p(&g), "-append", append];
+    full.extend_from_slice(args);
+    Vm::spawn_cmd("ip", &full)
+}
+
+/// Live migration of a VM on an NFS overlay between two hosts: both open the base read-only
+/// on the server, the destination takes the overlay over and the disk ledger holds.
+#[test]
+fn nfs_overlay_live_migration_between_two_hosts() {
+    require_kvm();
+    let mut g = server("chainlive");
+    let dir = g.export().join("live");
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("base.qcow2");
+    create_image(&base, "qcow2", "64M");
+    sh("qemu-io", &["-f", "qcow2", "-c", "write -P 0xa5 8M 1M", p(&base)]);
+    let base_before = std::fs::read(&base).unwrap();
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", p(&dir.join("vm.qcow2"))]);
+    let url = g.url("live/vm.qcow2", "");
+    let (a, b) = (g.add_host("a").unwrap(), g.add_host("b").unwrap());
+    let (ans, bns) = (a.ns.clone().unwrap(), b.ns.clone().unwrap());
+    let append = "mode=dirty mib=64 rate=20 disk=on disk_mib=4 hb_ms=100 cpus=2";
+    let drive = format!("file={url},format=qcow2");
+    let incoming = format!("tcp:{}:6666", b.addr);
+    let mut dst = in_ns(&bns, &["-m", "512", "-smp", "2", "-drive", &drive, "-incoming", &incoming], append);
+    dst.wait_stderr("waiting for an incoming migration", T);
+    let tmp = tmpdir("nfs-chain-live");
+    let sock = tmp.join("src.sock");
+    let mon = format!("unix:{},server,nowait", sock.display());
+    let mut src = in_ns(&ans, &["-m", "512", "-smp", "2", "-drive", &drive, "-monitor", &mon], append);
+    src.wait_for("GUEST READY", T);
+    let mut hmp = Hmp::connect(&sock);
+    for _ in 0..8 {
+        src.wait_for("HEARTBEAT", T);
+    }
+    let out = hmp.cmd(&format!("migrate {incoming}"));
+    assert!(out.contains("completed"), "{out}");
+    src.collect_for(Duration::from_millis(300));
+    let first = dst.wait_for("HEARTBEAT", T);
+    assert_seq_continues(&src.seen, &dst.seen, &first);
+    dst.send(b"v");
+    dst.wait_for("LEDGER OK", T);
+    let ok = dst.wait_for("DISK OK", T);
+    assert!(field(&ok, "gen").unwrap_or(0) >= 1, "{ok}");
+    dst.send(b"q");
+    assert_eq!(dst.wait_exit(T), Some(0));
+    hmp.quit();
+    src.wait_exit(T);
+    assert!(std::fs::read(&base).unwrap() == base_before, "the base image changed");
+    let (okc, check) = tool(Path::new("qemu-img"), &["check", p(&dir.join("vm.qcow2"))]);
+    assert!(okc, "qemu-img check of the overlay: {check}");
+    let (ours, theirs) = (tmp.join("ours.raw"), tmp.join("theirs.raw"));
+    let (okg, out) = tool(&godwit_img(), &["convert", "-O", "raw", &url, p(&ours)]);
+    assert!(okg, "{out}");
+    sh("qemu-img", &["convert", "-O", "raw", p(&dir.join("vm.qcow2")), p(&theirs)]);
+    let data = std::fs::read(&ours).unwrap();
+    assert!(data == std::fs::read(&theirs).unwrap(), "godwit-img and qemu-img read the chain alike");
+    check_dump(&data[..4 * MIB], 4 * MIB / 512);
+    assert!(data[8 * MIB..9 * MIB].iter().all(|&x| x == 0xa5), "base data reads through");
+}
