@@ -192,6 +192,8 @@ fn main() -> ExitCode {
 /// At exit, as QEMU does: stop the vCPUs, drain the disks' in-flight requests, flush and close
 /// the images, so a qcow2 image is left clean (no cluster allocated by a request cut in half).
 fn close_disks(m: &Arc<Machine>) {
+    // A lazy loadvm still serving RAM lets go first (a thread waiting on a page is released).
+    lazyload::cancel();
     if let Err(e) = m.vm.quiesce() {
         eprintln!("godwit: warning: draining the disks at exit: {e}");
     }

@@ -20,7 +20,7 @@
 //! `on_error` callback (the VMM stops the VM and says why), threads touching it stay waiting,
 //! the rest of RAM is still served, and [`LazyRam::wait`] returns the error.
 
-use crate::snapshot_v2::{corrupt_chunk, host_of, Plan};
+use crate::snapshot_v2::{corrupt_text, host_of, Plan};
 use crate::uffd::{Uffd, PAGE};
 use crate::{MigratableVm, MigrationError, RamRegion, Result};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -85,16 +85,17 @@ impl Inner {
     fn fail(&self, msg: String) {
         let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         if o.is_none() {
-            *o = Some(Err(msg.clone()));
-            drop(o);
-            self.cv.notify_all();
+            // Reported before anyone waiting in `wait` sees the failure.
             tracing::error!("lazy loadvm: {msg}");
             (self.on_error)(&msg);
+            *o = Some(Err(msg));
+            drop(o);
+            self.cv.notify_all();
         }
     }
 
     /// Claims, reads, checks and installs chunk `i`. Returns false if another thread had it.
-    fn load(&self, i: usize, buf: &mut Vec<u8>) -> bool {
+    fn load(&self, i: usize, buf: &mut Vec<u8>, on_demand: bool) -> bool {
         if self.state[i].compare_exchange(MISSING, LOADING, Ordering::AcqRel, Ordering::Acquire).is_err() {
             return false;
         }
@@ -109,7 +110,7 @@ impl Inner {
                 if got == c.crc {
                     Ok(())
                 } else {
-                    Err(corrupt_chunk(c, got).to_string())
+                    Err(corrupt_text(c, got))
                 }
             })
             .and_then(|()| {
@@ -123,7 +124,8 @@ impl Inner {
             }
             Err(e) => {
                 self.state[i].store(BAD, Ordering::Release);
-                self.fail(format!("{e}; the VM is stopped (its RAM is not the saved one)"));
+                let who = if on_demand { "a guest access" } else { "the background fill" };
+                self.fail(format!("{e} (found by {who}); the VM is stopped (its RAM is not the saved one)"));
                 true
             }
         }
@@ -139,7 +141,7 @@ impl Inner {
         if i < self.chunks.len() && self.chunks[i].gpa <= gpa {
             match self.state[i].load(Ordering::Acquire) {
                 MISSING => {
-                    if self.load(i, buf) {
+                    if self.load(i, buf, true) {
                         self.by_fault.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -179,7 +181,7 @@ impl Inner {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            if self.load(i, &mut buf) {
+            if self.load(i, &mut buf, false) {
                 self.by_fill.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -148,14 +148,14 @@ pub fn read_plan(vm: &dyn MigratableVm, total: u64, src: &mut Source) -> Result<
     Ok(Plan { header, sections, chunks, offsets })
 }
 
-/// A chunk whose bytes do not match their checksum.
-pub fn corrupt_chunk(c: &Chunk, found: u32) -> MigrationError {
-    MigrationError::Protocol(format!(
+/// What to say about a chunk whose bytes do not match their checksum.
+pub fn corrupt_text(c: &Chunk, found: u32) -> String {
+    format!(
         "saved RAM at {:#x}..{:#x} is corrupted (CRC-32 {found:#010x}, saved {:#010x})",
         c.gpa,
         c.end(),
         c.crc
-    ))
+    )
 }
 
 /// Loads every chunk now (RAM is discarded first), checking each, then the machine state.
@@ -188,7 +188,7 @@ pub fn load_eager(vm: &dyn MigratableVm, plan: &Plan, src: &mut Source) -> Resul
         for c in &plan.chunks[i..j] {
             let got = crc32fast::hash(&mem[at..at + c.len() as usize]);
             if got != c.crc {
-                return Err(corrupt_chunk(c, got));
+                return Err(MigrationError::State(vmstate::StateError::Stream(corrupt_text(c, got))));
             }
             at += c.len() as usize;
             st.data_pages += c.npages as u64;

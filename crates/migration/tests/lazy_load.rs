@@ -202,7 +202,8 @@ fn a_corrupted_chunk_is_reported_and_never_installed() {
     lazy.start_fill().unwrap();
     let err = lazy.wait().unwrap_err();
     assert!(err.contains("corrupted") && err.contains(&format!("{bad_gpa:#x}")), "{err}");
-    assert_eq!(errors.lock().unwrap().len(), 1, "reported once: {:?}", errors.lock().unwrap());
+    let reported = errors.lock().unwrap().clone();
+    assert_eq!(reported.len(), 1, "reported once: {reported:?}");
     // A thread touching the bad chunk waits (the guest never sees its bytes)...
     let host = dst.mem as usize + (bad_gpa - 0x10_0000) as usize;
     let (tx, rx) = std::sync::mpsc::channel();
