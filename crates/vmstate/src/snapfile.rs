@@ -274,6 +274,23 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Arbitrary bytes as a header or a meta block: an error or a value, never a panic.
+        #[test]
+        fn garbage_never_panics(head in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+                                meta in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+                                total in 0u64..(1 << 40)) {
+            let mut b = crate::stream::MAGIC.to_vec();
+            b.extend_from_slice(&VERSION.to_le_bytes());
+            b.extend_from_slice(&head);
+            let _ = Header::parse(&b, total);
+            let _ = Header::parse(&head, total);
+            let h = Header { max_chunk_pages: CHUNK_PAGES, data_off: 4096, data_len: 4096, meta_off: 8192,
+                             meta_len: meta.len() as u64, meta_crc: crc32fast::hash(&meta) };
+            let _ = parse_meta(&h, &meta);
+        }
+    }
+
     #[test]
     fn chunk_lists_are_checked() {
         let (mut h, _, sections, _) = sample();
