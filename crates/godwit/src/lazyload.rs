@@ -53,6 +53,17 @@ pub fn cancel() {
     }
 }
 
+/// After a failed lazy load only: stops serving before the VM is drained, so a device thread
+/// waiting on the bad chunk cannot hold the drain up (the VM is already stopped).
+pub fn cancel_if_failed() {
+    let mut g = CURRENT.lock().unwrap_or_else(|p| p.into_inner());
+    if g.as_ref().is_some_and(|l| l.is_done() && l.wait().is_err()) {
+        if let Some(o) = g.take() {
+            o.cancel();
+        }
+    }
+}
+
 /// The `on_error` of a lazy load: stops the VM in `internal-error` from a thread of its own
 /// (the caller is the fault thread, which must keep serving while vCPUs are kicked out).
 pub fn on_error(vm: Arc<Vm>, state: Arc<RunStateMachine>, tag: String) -> Box<dyn Fn(&str) + Send + Sync> {

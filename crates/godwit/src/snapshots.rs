@@ -124,6 +124,7 @@ pub fn load(m: &Machine, tag: &str) -> Result<(), CommandError> {
             )));
         }
     }
+    crate::lazyload::cancel_if_failed();
     let r = with_quiesced(m, RunState::RestoreVm, || {
         // RAM is about to be replaced: a lazy load still filling it stops here.
         crate::lazyload::cancel();
