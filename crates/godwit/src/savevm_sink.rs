@@ -77,7 +77,7 @@ impl StateSink for DirectSink<'_> {
 
     fn write_ram(&mut self, pos: u64, host: u64, len: usize) -> io::Result<()> {
         let page = 4096u64;
-        if let Some(w) = self.writers.as_ref().filter(|_| pos % page == 0 && host % page == 0) {
+        if let Some(w) = self.writers.as_ref().filter(|_| pos.is_multiple_of(page) && host.is_multiple_of(page)) {
             match self.q.alloc_vmstate(pos, len as u64) {
                 Ok(extents) => {
                     for (p, l, off) in extents {

@@ -139,17 +139,12 @@ impl Inner {
         let gpa = r.gpa + (off & !(PAGE - 1));
         let i = self.chunks.partition_point(|c| c.end() <= gpa);
         if i < self.chunks.len() && self.chunks[i].gpa <= gpa {
-            match self.state[i].load(Ordering::Acquire) {
-                MISSING => {
-                    if self.load(i, buf, true) {
-                        self.by_fault.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                // LOADING: the loader's copy wakes the waiting thread; BAD: it stays waiting.
-                IN => {
-                    let _ = self.uffd.wake(page_host, PAGE);
-                }
-                _ => {}
+            // LOADING: the loader's copy wakes the waiting thread; BAD: it stays waiting.
+            let st = self.state[i].load(Ordering::Acquire);
+            if st == MISSING && self.load(i, buf, true) {
+                self.by_fault.fetch_add(1, Ordering::Relaxed);
+            } else if st == IN {
+                let _ = self.uffd.wake(page_host, PAGE);
             }
         } else {
             self.zero_faults.fetch_add(1, Ordering::Relaxed);
