@@ -104,6 +104,10 @@ fn lazy_loadvm_then_migrate_and_savevm_during_the_fill() {
     ledger_ok(&mut vm);
     assert_eq!(hmp.cmd("loadvm s2").trim(), "");
     ledger_ok(&mut vm);
+    // loadvm while the previous one is still filling: that fill is cancelled midway.
+    assert_eq!(hmp.cmd("loadvm s1").trim(), "");
+    assert_eq!(hmp.cmd("loadvm s2").trim(), "");
+    ledger_ok(&mut vm);
     // loadvm, then a live migration at once (shared image).
     assert_eq!(hmp.cmd("loadvm s1").trim(), "");
     let port = free_port();
