@@ -5,7 +5,7 @@
 //! back and compares every block the ledger says was written.
 
 use crate::pattern::{word_at, Stamp};
-use crate::sys::{mono_ms, size_of, AlignedBuf};
+use crate::sys::{size_of, AlignedBuf, Pacer};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -81,24 +81,15 @@ impl Disk {
     }
 
     fn run(&self) {
-        let (mut t0, mut done) = (mono_ms(), 0u64);
+        let mut pace = Pacer::new();
         loop {
             if !self.write_batch() {
                 // Paused, or an I/O error (STATUS shows it): try again a little later.
                 std::thread::sleep(Duration::from_millis(if self.paused.load(Ordering::Relaxed) { 20 } else { 1000 }));
-                (t0, done) = (mono_ms(), 0);
+                pace.restart();
                 continue;
             }
-            done += (BATCH * BLOCK) as u64;
-            if self.rate > 0 {
-                let due = t0 + done * 1000 / (self.rate * 1024 * 1024);
-                let now = mono_ms();
-                if due > now {
-                    std::thread::sleep(Duration::from_millis(due - now));
-                } else if now - due > 100 {
-                    (t0, done) = (now, 0);
-                }
-            }
+            pace.wrote((BATCH * BLOCK) as u64, self.rate);
         }
     }
 

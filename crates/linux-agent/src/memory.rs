@@ -4,7 +4,7 @@
 //! page against the ledger: stale, torn, zeroed or misplaced pages are found.
 
 use crate::pattern::Stamp;
-use crate::sys::mono_ms;
+use crate::sys::Pacer;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,30 +65,19 @@ impl Memory {
     }
 
     fn run(&self) {
-        // Pacing: `done` pages since `t0`; a pause longer than 100 ms behind schedule (a
-        // migration, a stopped VM) restarts the schedule instead of catching up in a burst.
-        let (mut t0, mut done) = (mono_ms(), 0u64);
+        let mut pace = Pacer::new();
         let mut last_rate = u64::MAX;
         loop {
             let rate = self.rate.load(Ordering::Relaxed);
             if rate != last_rate {
-                (t0, done, last_rate) = (mono_ms(), 0, rate);
+                (pace, last_rate) = (Pacer::new(), rate);
             }
             if !self.write_batch() {
                 std::thread::sleep(Duration::from_millis(20));
-                (t0, done) = (mono_ms(), 0);
+                pace.restart();
                 continue;
             }
-            done += BATCH as u64;
-            if rate > 0 {
-                let due = t0 + done * 1000 / (rate * 256);
-                let now = mono_ms();
-                if due > now {
-                    std::thread::sleep(Duration::from_millis(due - now));
-                } else if now - due > 100 {
-                    (t0, done) = (now, 0);
-                }
-            }
+            pace.wrote(BATCH as u64 * 4096, rate);
         }
     }
 

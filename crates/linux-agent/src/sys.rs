@@ -19,6 +19,40 @@ pub fn mono_ms() -> u64 {
     clock_ms(libc::CLOCK_MONOTONIC)
 }
 
+/// Paces a writer to `rate` MiB/s: `done` bytes since `t0` (monotonic ms). A writer more than
+/// 100 ms behind its schedule (a pause, a migration, a stopped VM) starts a new schedule rather
+/// than catching up in a burst. Rate 0 means as fast as it can.
+pub struct Pacer {
+    t0: u64,
+    done: u64,
+}
+
+impl Pacer {
+    pub fn new() -> Pacer {
+        Pacer { t0: mono_ms(), done: 0 }
+    }
+
+    /// Starts a new schedule from now.
+    pub fn restart(&mut self) {
+        *self = Pacer::new();
+    }
+
+    /// Counts `bytes` written, then sleeps until they are due at `rate` MiB/s.
+    pub fn wrote(&mut self, bytes: u64, rate: u64) {
+        self.done += bytes;
+        if rate == 0 {
+            return;
+        }
+        let due = self.t0 + self.done * 1000 / (rate * 1024 * 1024);
+        let now = mono_ms();
+        if due > now {
+            std::thread::sleep(std::time::Duration::from_millis(due - now));
+        } else if now - due > 100 {
+            (self.t0, self.done) = (now, 0);
+        }
+    }
+}
+
 pub fn real_ms() -> u64 {
     clock_ms(libc::CLOCK_REALTIME)
 }

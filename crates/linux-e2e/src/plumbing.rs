@@ -1,3 +1,4 @@
+#![cfg(test)]
 //! The suite's plumbing, checked on any host with KVM (this one included) by running Godwit and
 //! QEMU with the suite's own command line (`vm::Spec`) but the test guest (crates/guest) as
 //! the kernel: the namespace and taps, the serial console, HMP through each VMM's monitor
