@@ -11,11 +11,13 @@ fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts")
 }
 
-/// A kit built with the pvm profile forced (it needs /dev/kvm for the TSC frequency), once.
+/// The kit with the pvm profile forced (it needs /dev/kvm for the TSC frequency), once. The
+/// same folder as `linux_moves.rs`'s kit: on a kvm_pvm host that is the same build, reused (the
+/// kit keeps each file's inputs and rebuilds only what changed).
 fn kit_dir() -> &'static PathBuf {
     static D: OnceLock<PathBuf> = OnceLock::new();
     D.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-kit-pvm");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-kit");
         let out = Command::new("bash")
             .arg(scripts().join("linux-kit.sh"))
             .arg(&dir)
