@@ -7,3 +7,4 @@ pub mod chart;
 pub mod hmptext;
 pub mod results;
 pub mod stats;
+pub mod linuxlog;

@@ -13,33 +13,12 @@
 use crate::vm::{free_port, BenchError, Bins, Hmp, Proc, Res, Spec, Vmm};
 use bench::results::Metric;
 use bench::hmptext::{migration_status, number};
-use std::collections::HashMap;
+use bench::linuxlog::{bad, kit_fields, up_to, BANNER, INIT, SLUB, UNPACK};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const STAGE: Duration = Duration::from_secs(1800);
 const T: Duration = Duration::from_secs(60);
-const BANNER: &str = "Linux version ";
-const SLUB: &str = "SLUB: HWalign=";
-const UNPACK: &str = "Trying to unpack rootfs image as initramfs";
-const INIT: &str = "Run /init as init process";
-const BAD: &[&str] = &[
-    "rcu: INFO",
-    "detected stall",
-    "soft lockup",
-    "blocked for more than",
-    "hard LOCKUP",
-    "clocksource watchdog",
-    "timekeeping watchdog",
-    "Marking clocksource",
-    "Oops",
-    "BUG:",
-    // A WARN() splat ("WARNING: CPU: 0 PID: 1 at …"), not boot notices such as
-    // "RETBleed: WARNING: Spectre v2 mitigation leaves CPU vulnerable …".
-    "WARNING: CPU",
-    "Call Trace",
-];
-
 /// What `scripts/linux-kit.sh` printed.
 pub struct Kit {
     pub kernel: PathBuf,
@@ -62,7 +41,7 @@ pub fn kit(dir: &Path) -> Res<Kit> {
             String::from_utf8_lossy(&out.stderr)
         )));
     }
-    let kv: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+    let kv = kit_fields(&text);
     let get = |k: &str| {
         kv.get(k)
             .map(|v| v.to_string())
@@ -105,11 +84,8 @@ fn spec(kit: &Kit, smp: u32, monitor: Option<PathBuf>, incoming: Option<String>)
 }
 
 fn first_bad(lines: &[(Instant, String)]) -> Option<String> {
-    let end = lines.iter().position(|(_, l)| l.contains(INIT)).map_or(lines.len(), |i| i + 1);
-    lines[..end]
-        .iter()
-        .find(|(_, l)| BAD.iter().any(|b| l.contains(b)))
-        .map(|(_, l)| l.clone())
+    let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    up_to(&text, Some(INIT)).iter().find(|l| bad(l).is_some()).map(|l| l.to_string())
 }
 
 pub fn run(bins: &Bins, vmm: Vmm, kit: &Kit, smp: u32, dir: &Path) -> Res<Run> {

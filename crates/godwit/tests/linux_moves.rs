@@ -21,9 +21,11 @@
 //! (`cargo test --release -p godwit --test linux_moves -- --ignored`).
 
 mod common;
+#[path = "../../bench/src/linuxlog.rs"]
+mod linuxlog;
 
 use common::*;
-use std::collections::HashMap;
+use linuxlog::{bad, kit_fields, up_to, BANNER, INIT, SLUB, UNPACK, UNPACKED};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -32,31 +34,6 @@ use std::time::{Duration, Instant};
 /// Catches hangs only: a boot here takes 4–10 minutes depending on the machine's load.
 const STAGE: Duration = Duration::from_secs(1500);
 const MIGRATION: Duration = Duration::from_secs(300);
-
-const INIT: &str = "Run /init as init process";
-const BANNER: &str = "Linux version ";
-const SLUB: &str = "SLUB: HWalign=";
-const UNPACK: &str = "Trying to unpack rootfs image as initramfs";
-const UNPACKED: &str = "Freeing initrd memory";
-
-/// Kernel log lines that mean something went wrong (up to `Run /init`).
-const BAD: &[&str] = &[
-    "rcu: INFO",
-    "detected stall",
-    "self-detected stall",
-    "soft lockup",
-    "blocked for more than",
-    "hard LOCKUP",
-    "clocksource watchdog",
-    "timekeeping watchdog",
-    "Marking clocksource",
-    "Oops",
-    "BUG:",
-    // A WARN() splat ("WARNING: CPU: 0 PID: 1 at …"), not boot notices such as
-    // "RETBleed: WARNING: Spectre v2 mitigation leaves CPU vulnerable …".
-    "WARNING: CPU",
-    "Call Trace",
-];
 
 struct Kit {
     kernel: String,
@@ -78,7 +55,7 @@ fn kit() -> &'static Kit {
             "scripts/linux-kit.sh failed:\n{text}{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let kv: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        let kv = kit_fields(&text);
         let get = |k: &str| kv.get(k).unwrap_or_else(|| panic!("the kit printed no {k}=: {text}")).to_string();
         let kit = Kit { kernel: get("kernel"), initrd: get("initrd"), append: get("append"), profile: get("profile") };
         eprintln!("Linux kit: profile {} kernel {} append {}", kit.profile, kit.kernel, kit.append);
@@ -136,11 +113,11 @@ fn wait(vm: &mut Vm, pat: &str, what: &str) -> (String, Instant) {
 
 /// The log checks above, on everything one VM printed up to `until` (or all of it).
 fn check_log(who: &str, lines: &[String], until: Option<&str>) {
-    let end = until.and_then(|u| lines.iter().position(|l| l.contains(u))).map_or(lines.len(), |i| i + 1);
+    let lines = up_to(lines, until);
     let mut last = f64::MIN;
-    for l in &lines[..end] {
-        if let Some(bad) = BAD.iter().find(|b| l.contains(*b)) {
-            panic!("{who}: the kernel log has {bad:?}: {l}\n--- log ---\n{}", lines[..end].join("\n"));
+    for l in lines {
+        if let Some(bad) = bad(l) {
+            panic!("{who}: the kernel log has {bad:?}: {l}\n--- log ---\n{}", lines.join("\n"));
         }
         if let Some(t) = stamp(l) {
             assert!(t >= last, "{who}: printk time went back from {last} to {t}: {l}");
