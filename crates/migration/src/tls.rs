@@ -15,12 +15,11 @@
 //!   different sessions and cannot produce either proof; a wrong key fails on both sides. It
 //!   is not GnuTLS-PSK on the wire (Godwit's stream is not QEMU's anyway).
 //!
-//! rustls with the `ring` provider, TLS 1.3 and 1.2, no OpenSSL. The engine never sees TLS: a
-//! secured connection is handed to it as one end of a socket pair, and two pump threads move
-//! bytes between that pair and the encrypted TCP stream (encrypting on one, decrypting on the
-//! other, which also spreads the cipher work over two cores). A TLS failure after the
-//! handshake (a corrupted record, a fatal alert) closes the pair and is reported as the error
-//! of the next read or write on it.
+//! rustls with the `ring` provider, TLS 1.3 and 1.2, no OpenSSL. The engine never sees TLS:
+//! a secured connection is handed to it as a [`Channel`] that seals and opens records in the
+//! calling thread, straight on the socket (see `tls_channel.rs`). A TLS failure after the
+//! handshake (a corrupted record, a fatal alert) closes the connection and is reported as the
+//! error of that and every later read or write on it.
 
 use crate::transport::Channel;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -32,7 +31,6 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;

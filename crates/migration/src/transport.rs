@@ -58,10 +58,21 @@ pub trait Channel: Read + Write + Send + AsRawFd {
     fn link_error(&self) -> Option<String> {
         None
     }
-    /// Whether busy-polling this channel can save a wakeup. Not for a TLS channel: its bytes
-    /// come from a pump thread, which a spinning reader would only take the CPU from.
+    /// Whether busy-polling this channel can save a wakeup.
     fn spin_helps(&self) -> bool {
         true
+    }
+    /// A read that never blocks (`WouldBlock` when nothing is there), leaving the socket itself
+    /// blocking for the other handles. After `WouldBlock`, polling `as_raw_fd` for input
+    /// tells when to try again.
+    fn try_read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: recv into a buffer we own, on our socket.
+        let n = unsafe { libc::recv(self.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 }
 
@@ -79,19 +90,6 @@ impl SpinReader {
         Ok(SpinReader { inner, spin: Duration::ZERO, timeout })
     }
 
-    /// A non-blocking read that leaves the socket (shared with the writing side) blocking.
-    fn try_read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        // SAFETY: recv into a buffer we own, on our socket.
-        let n = unsafe {
-            libc::recv(self.inner.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT)
-        };
-        if n < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
-
     /// Spin up to `d` before blocking, for the following reads (ZERO: never spin; channels
     /// that gain nothing from it never spin).
     pub fn set_spin(&mut self, d: Duration) {
@@ -103,7 +101,7 @@ impl Read for SpinReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let start = Instant::now();
         loop {
-            match self.try_read(buf) {
+            match self.inner.try_read(buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if start.elapsed() < self.spin {
                         std::hint::spin_loop();
