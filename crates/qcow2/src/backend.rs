@@ -5,10 +5,12 @@ use crate::error::{Error, IoCtx, Result};
 use crate::header::MAGIC;
 use crate::image::{OpenOptions, Qcow2};
 use crate::map::{MapEntry, MapKind};
+use crate::parallel::{HostFileIo, ParallelIo};
 use crate::storage::{FileStorage, Storage};
 use std::fmt;
 use std::fs::OpenOptions as FsOpenOptions;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Image formats this crate knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +73,12 @@ pub trait BlockBackend: Send {
     fn as_qcow2(&mut self) -> Option<&mut Qcow2> {
         None
     }
+    /// A handle for I/O that may run on several threads at once, straight into caller memory
+    /// (see [`crate::parallel`]), when this backend maps guest offsets one to one onto a host
+    /// file; None (the default) when every request must go through `read_at`/`write_at`.
+    fn parallel_io(&mut self) -> Option<Arc<dyn ParallelIo>> {
+        None
+    }
 }
 
 fn check_range(off: u64, len: u64, size: u64) -> Result<()> {
@@ -121,6 +129,8 @@ pub struct RawImage {
     file: Box<dyn Storage>,
     size: u64,
     read_only: bool,
+    /// The [`BlockBackend::parallel_io`] handle, made on first use (None: not made yet).
+    parallel: Option<Arc<dyn ParallelIo>>,
 }
 
 impl RawImage {
@@ -140,6 +150,7 @@ impl RawImage {
             file,
             size,
             read_only,
+            parallel: None,
         })
     }
     /// Create (or truncate) a raw image of `size` bytes.
@@ -161,11 +172,21 @@ impl RawImage {
         }
         self.file.set_len(size).ctx("resizing the image")?;
         self.size = size;
+        self.parallel = None;
         Ok(())
     }
 }
 
 impl BlockBackend for RawImage {
+    fn parallel_io(&mut self) -> Option<Arc<dyn ParallelIo>> {
+        if self.parallel.is_none() {
+            let f = self.file.host_fd()?;
+            // A descriptor that cannot be duplicated: every request takes the serialized path.
+            let io = HostFileIo::new(f, self.size, self.read_only).ok()?;
+            self.parallel = Some(Arc::new(io));
+        }
+        self.parallel.clone()
+    }
     fn layer_map(&mut self) -> Result<Vec<MapEntry>> {
         let regions = self
             .file

@@ -161,7 +161,7 @@ const DEFAULT_ALIGN: u64 = 4096;
 
 /// The direct-I/O alignment of an open file: (offset and length, memory), or an error when
 /// the file system says it does not do direct I/O at all.
-fn dio_alignment(f: &File) -> Result<(u64, usize)> {
+pub(crate) fn dio_alignment(f: &File) -> Result<(u64, usize)> {
     // SAFETY: statx on a valid fd with AT_EMPTY_PATH and an empty path; `st` is ours.
     let mut st: libc::statx = unsafe { std::mem::zeroed() };
     let r = unsafe {

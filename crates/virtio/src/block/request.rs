@@ -5,21 +5,34 @@
 //! Nothing here trusts the guest: each descriptor is checked to lie in guest RAM, the chain is
 //! bounded, sector ranges are checked against the capacity with overflow checks, and every
 //! failure becomes a virtio status (`IOERR`/`UNSUPP`) written to the status byte when that
-//! byte itself is usable. All guest-memory accesses go through `vm-memory` (`read_slice` /
-//! `write_slice`), so device writes land in the dirty bitmap. Data moves through one reusable
-//! bounce buffer of at most [`BOUNCE_MAX`] bytes: the backend API takes byte slices, and a
-//! slice must not alias guest memory the guest can change under it, so one copy per byte is
-//! the floor; requests larger than the buffer are done in chunks, never with a bigger
-//! allocation.
+//! byte itself is usable.
+//!
+//! A request is parsed once ([`Executor::parse`]: the chain's buffers and the header, read
+//! from guest memory exactly once) and executed later, possibly on another thread
+//! ([`Executor::run`]). Data moves one of two ways:
+//! - straight between the image file and guest memory, when the backend offers a
+//!   [`ParallelIo`] handle (raw images) and accepts the buffers as they are (for `O_DIRECT`:
+//!   aligned): `preadv`/`pwritev` on the guest's host addresses, no copy; pages the device
+//!   read into are marked in the dirty bitmap as `write_slice` would;
+//! - otherwise through a reusable bounce buffer of at most [`BOUNCE_MAX`] bytes and the
+//!   backend's `read_at`/`write_at` (which take byte slices: a slice must not alias guest
+//!   memory the guest can change under it, hence the copy); requests larger than the buffer
+//!   are done in chunks, never with a bigger allocation.
+//!
+//! Every other guest-memory access goes through `vm-memory` (`read_slice` / `write_slice`),
+//! so device writes land in the dirty bitmap.
 
 use super::policy::{ErrorAction, IoErrorReport};
 use super::{DiskInfo, SharedBackend, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
 use crate::mmio::lock;
 use crate::GuestMemoryMmap;
+use qcow2::{IoBuf, ParallelIo};
 use std::fmt;
 use std::ops::Deref;
+use std::sync::Arc;
 use virtio_bindings::virtio_blk as vb;
 use virtio_queue::DescriptorChain;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Most descriptors accepted in one chain (direct plus indirect).
@@ -147,6 +160,27 @@ struct Parsed {
     bad: Option<String>,
 }
 
+/// A popped request, parsed and ready to run on any thread.
+pub(crate) struct Request {
+    /// The chain's head descriptor (what goes into the used ring).
+    pub head: u16,
+    p: Parsed,
+    /// The header, as read once at parse time (None: missing or short).
+    hdr: Option<Header>,
+}
+
+impl Request {
+    /// `Some(write)` for a data request (IN or OUT) that may run concurrently with others;
+    /// None for anything that runs alone (FLUSH, DISCARD, GET_ID, malformed requests, ...).
+    pub fn data_direction(&self) -> Option<bool> {
+        match self.hdr {
+            Some(h) if self.p.bad.is_none() && h.kind == vb::VIRTIO_BLK_T_IN => Some(false),
+            Some(h) if self.p.bad.is_none() && h.kind == vb::VIRTIO_BLK_T_OUT => Some(true),
+            _ => None,
+        }
+    }
+}
+
 fn parse<M>(chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> Parsed
 where
     M: Deref<Target = GuestMemoryMmap>,
@@ -184,7 +218,8 @@ struct Header {
     sector: u64,
 }
 
-/// Executes requests; owns the bounce buffer.
+/// Executes requests; owns the bounce buffer. Clones (one per I/O thread) share the backend
+/// and get their own bounce buffer.
 pub(crate) struct Executor {
     pub mem: GuestMemoryMmap,
     pub backend: SharedBackend,
@@ -192,7 +227,23 @@ pub(crate) struct Executor {
     /// Whether the driver accepted DISCARD / WRITE_ZEROES.
     pub discard: bool,
     pub write_zeroes: bool,
+    /// The backend's concurrent I/O handle, when it has one (data then bypasses the bounce).
+    pub pio: Option<Arc<dyn ParallelIo>>,
     bounce: Vec<u8>,
+}
+
+impl Clone for Executor {
+    fn clone(&self) -> Self {
+        Executor {
+            mem: self.mem.clone(),
+            backend: self.backend.clone(),
+            info: self.info.clone(),
+            discard: self.discard,
+            write_zeroes: self.write_zeroes,
+            pio: self.pio.clone(),
+            bounce: Vec::new(),
+        }
+    }
 }
 
 impl Executor {
@@ -203,19 +254,32 @@ impl Executor {
             mem,
             backend,
             info,
+            pio: None,
             bounce: Vec::new(),
         }
     }
 
-    /// Executes one chain under the drive's error policy.
-    pub fn handle<M>(&mut self, chain: DescriptorChain<M>) -> Outcome
+    /// Takes a popped chain apart and reads its header (the only read of the header: a guest
+    /// changing it later changes nothing).
+    pub fn parse<M>(&self, chain: DescriptorChain<M>) -> Request
     where
         M: Deref<Target = GuestMemoryMmap>,
     {
         let head = chain.head_index();
         let p = parse(chain, &self.mem);
+        let mut h = [0u8; HEADER_LEN as usize];
+        let hdr = (p.readable.len >= HEADER_LEN && p.readable.read(&self.mem, 0, &mut h)).then(|| Header {
+            kind: u32::from_le_bytes([h[0], h[1], h[2], h[3]]),
+            sector: u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]),
+        });
+        Request { head, p, hdr }
+    }
+
+    /// Executes a parsed request under the drive's error policy.
+    pub fn run(&mut self, r: &Request) -> Outcome {
+        let (head, p) = (r.head, &r.p);
         let mut error = None;
-        let (status, written) = match self.execute(&p) {
+        let (status, written) = match self.execute(p, r.hdr) {
             Ok(n) => (Status::Ok, n),
             Err(Failure(st, msg, Some((write, nospace)))) => {
                 let action = self.info.policy.action(write, nospace);
@@ -245,20 +309,15 @@ impl Executor {
     }
 
     /// Returns the data bytes written to the guest (excluding the status byte).
-    fn execute(&mut self, p: &Parsed) -> Result<u64, Failure> {
+    fn execute(&mut self, p: &Parsed, hdr: Option<Header>) -> Result<u64, Failure> {
         if let Some(b) = &p.bad {
             return Err(ioerr(b.clone()));
         }
         if p.writable.len == 0 {
             return Err(ioerr("no device-writable status byte"));
         }
-        let mut h = [0u8; HEADER_LEN as usize];
-        if p.readable.len < HEADER_LEN || !p.readable.read(&self.mem, 0, &mut h) {
+        let Some(hdr) = hdr else {
             return Err(ioerr("request header missing or short"));
-        }
-        let hdr = Header {
-            kind: u32::from_le_bytes([h[0], h[1], h[2], h[3]]),
-            sector: u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]),
         };
         let out_len = p.readable.len - HEADER_LEN;
         let in_len = p.writable.len - 1;
@@ -311,6 +370,24 @@ impl Executor {
 
     /// Disk `[off, off + len)` into the writable stream from its start.
     fn read_in(&mut self, dst: &Stream, off: u64, len: u64) -> Result<(), Failure> {
+        if let (Some(pio), Some(pieces)) = (&self.pio, host_pieces(&self.mem, dst, 0, len)) {
+            let bufs: Vec<IoBuf> = pieces.iter().map(|p| p.1).collect();
+            // SAFETY: each buffer is a checked range of mapped guest memory (one region), which
+            // stays mapped while `self.mem` holds it; the guest may change it concurrently, which
+            // the kernel's copy tolerates (no Rust reference to it exists).
+            match unsafe { pio.read_vectored(off, &bufs) } {
+                Ok(true) => {
+                    for (addr, b) in &pieces {
+                        if let Ok(s) = self.mem.get_slice(*addr, b.len) {
+                            s.bitmap().mark_dirty(0, b.len);
+                        }
+                    }
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(e) => return Err(backend_fail(false, "read", e)),
+            }
+        }
         let Executor { mem, backend, bounce, .. } = self;
         let mut done = 0u64;
         while done < len {
@@ -327,6 +404,15 @@ impl Executor {
 
     /// The readable stream after the header to disk `[off, off + len)`.
     fn write_out(&mut self, src: &Stream, off: u64, len: u64) -> Result<(), Failure> {
+        if let (Some(pio), Some(pieces)) = (&self.pio, host_pieces(&self.mem, src, HEADER_LEN, len)) {
+            let bufs: Vec<IoBuf> = pieces.iter().map(|p| p.1).collect();
+            // SAFETY: as in `read_in`; the kernel only reads the buffers.
+            match unsafe { pio.write_vectored(off, &bufs) } {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(backend_fail(true, "write", e)),
+            }
+        }
         let Executor { mem, backend, bounce, .. } = self;
         let mut done = 0u64;
         while done < len {
@@ -375,6 +461,21 @@ impl Executor {
         }
         Ok(0)
     }
+}
+
+/// Stream bytes `[off, off + len)` as host buffers (with their guest addresses), or None when
+/// a piece is not one range of one guest memory region (the caller bounces then).
+fn host_pieces(mem: &GuestMemoryMmap, s: &Stream, off: u64, len: u64) -> Option<Vec<(GuestAddress, IoBuf)>> {
+    let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
+    let mut v = Vec::with_capacity(s.segs.len().min(8));
+    let ok = s.pieces(off, len, |addr, _, n| match mem.get_slice(addr, n) {
+        Ok(sl) => {
+            v.push((addr, IoBuf { ptr: sl.ptr_guard_mut().as_ptr(), len: n }));
+            true
+        }
+        Err(_) => false,
+    });
+    ok.then_some(v)
 }
 
 /// The first `n` bytes of the bounce buffer, page-aligned, grown on first need (never past

@@ -11,18 +11,39 @@
 //! where the worker and the vCPU share a core, spinning only delays the vCPU), a request that
 //! arrives soon after the worker went to sleep doubles it.
 //!
+//! Several requests in flight: when the backend offers a concurrent I/O handle (raw images,
+//! [`qcow2::ParallelIo`]) and the driver has more than one request outstanding, data requests
+//! (IN/OUT) go to the device's I/O threads ([`super::pool`]), up to [`MAX_IN_FLIGHT`] at a time,
+//! and are published to the used ring as they finish, in any order (virtio allows it), the
+//! driver signalled once per batch of completions. Everything else runs here, alone, after the
+//! requests in flight finished: FLUSH (so it covers every write completed before it),
+//! DISCARD, WRITE_ZEROES, GET_ID, malformed requests. A lone request (nothing in flight, nothing
+//! behind it) also runs here, saving the thread handoff at queue depth 1; so does every request
+//! of a backend without the handle (qcow2), one at a time, as before.
+//!
+//! Error policy `stop` with requests in flight: a finished request is published only when no
+//! earlier-popped request that could still stop the device is unfinished (for QEMU's default
+//! `werror=enospc`, writes are published in pop order, reads freely). When one stops it, the
+//! worker takes no new requests, lets the others finish, and puts the failed request and
+//! everything popped after it (none of it published) back in the available ring by rewinding
+//! its index — exactly once, as with one request at a time: they run again on resume, or after
+//! a save and restore.
+//!
 //! Pause protocol (with [`super::Control`]): the worker marks itself `busy` before touching a
-//! queue and checks `paused` before popping each chain, so `pause()` — which sets `paused` and
-//! waits for `busy` to drop — returns only once no request is in flight and nothing more will
-//! be popped. A kick that arrives while paused is remembered and served after `resume()`.
+//! queue and checks `paused` before popping each chain; with requests in flight it stays busy
+//! until all finished and were published, so `pause()` — which sets `paused` and waits for
+//! `busy` to drop — returns only once no request is in flight and nothing more will be popped.
+//! A kick that arrives while paused is remembered and served after `resume()`.
 
-use super::request::Executor;
+use super::pool::{Job, Pool};
+use super::request::{Executor, Outcome, Request};
 use super::{Control, DiskInfo, SharedBackend};
 use crate::device::{irq, ActivateContext, Interrupt};
 use crate::error::{Error, Result};
 use crate::mmio::lock;
 use crate::GuestMemoryMmap;
 use std::os::fd::AsRawFd;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -32,6 +53,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// epoll token of the control eventfd (queue tokens are their index).
 const WAKE_TOKEN: u64 = u64::MAX;
+/// epoll token of the I/O threads' completion eventfd.
+const DONE_TOKEN: u64 = u64::MAX - 1;
+/// Most data requests in flight per device.
+pub const MAX_IN_FLIGHT: usize = super::pool::MAX_THREADS;
 /// Completions after which a long batch signals the driver without waiting for its end.
 const SIGNAL_EVERY: u32 = 16;
 /// The longest an empty ring is watched for a new request before the worker sleeps.
@@ -53,6 +78,25 @@ pub(crate) struct Worker {
     epoll: Epoll,
     /// The current polling window (see the module documentation).
     poll: Duration,
+    /// The I/O threads (None: they could not be set up; everything runs here).
+    pool: Option<Pool>,
+    /// Requests handed to the I/O threads and not yet published, in pop order.
+    window: VecDeque<Slot>,
+    next_seq: u64,
+    /// A request in the window stopped the device (error policy `stop`).
+    failed: bool,
+}
+
+/// A request handed to the I/O threads, until it is published.
+struct Slot {
+    seq: u64,
+    head: u16,
+    /// Its position in the available ring (`next_avail` when it was popped).
+    pos: u16,
+    /// A failure of it may stop the device: later requests are not published before it.
+    may_stop: bool,
+    /// Its outcome, once finished.
+    out: Option<Outcome>,
 }
 
 /// Marks the worker dead if it unwinds, so `pause()` does not wait forever.
@@ -81,8 +125,23 @@ impl Worker {
         for (i, e) in ctx.queue_evts.iter().enumerate() {
             add(e.as_raw_fd(), i as u64)?;
         }
+        let exec = Executor::new(ctx.mem.clone(), backend, info, ctx.acked_features);
+        let pool = match Pool::new(exec.clone()) {
+            Ok(p) => {
+                add(p.done_evt().as_raw_fd(), DONE_TOKEN)?;
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!("virtio-blk: no I/O threads ({e}); requests run one at a time");
+                None
+            }
+        };
         Ok(Worker {
-            exec: Executor::new(ctx.mem.clone(), backend, info, ctx.acked_features),
+            exec,
+            pool,
+            window: VecDeque::new(),
+            next_seq: 0,
+            failed: false,
             mem: ctx.mem,
             broken: vec![false; ctx.queues.len()],
             queues: ctx.queues,
@@ -92,10 +151,6 @@ impl Worker {
             epoll,
             poll: POLL_MIN,
         })
-    }
-
-    fn paused(&self) -> bool {
-        lock(&self.ctl.state).paused
     }
 
     pub fn run(mut self) {
@@ -140,6 +195,12 @@ impl Worker {
                     WAKE_TOKEN => {
                         let _ = ctl.wake.read();
                     }
+                    DONE_TOKEN => {
+                        // A late wakeup for completions already collected.
+                        if let Some(p) = &self.pool {
+                            let _ = p.done_evt().read();
+                        }
+                    }
                     i => {
                         if let Some(e) = self.queue_evts.get(i as usize) {
                             let _ = e.read();
@@ -166,6 +227,13 @@ impl Worker {
         true
     }
 
+    /// Whether the worker must stop taking requests: a pause, a stop, or a request that
+    /// stopped the device (error policy `stop`).
+    fn halted(&self) -> bool {
+        let c = lock(&self.ctl.state);
+        c.paused || c.stop || self.failed
+    }
+
     fn process_queue(&mut self, i: usize) -> bool {
         if self.broken[i] {
             return true;
@@ -174,104 +242,276 @@ impl Worker {
         if !lock(&queue).ready() {
             return true;
         }
-        let mem = &self.mem;
+        // The backend's concurrent I/O handle for this batch: with one, data requests go to
+        // the I/O threads (and straight into guest memory); without, they run here, one at a
+        // time, through the bounce buffer.
+        let pio = match self.pool {
+            Some(_) => lock(&self.exec.backend).parallel_io(),
+            None => None,
+        };
+        self.exec.pio = pio.clone();
         let mut unsignalled = 0u32;
-        let mut complete = true;
         let mut rechecked = false;
-        if let Err(e) = lock(&queue).disable_notification(mem) {
+        let mut stopping = false;
+        if let Err(e) = lock(&queue).disable_notification(&self.mem) {
             tracing::warn!("virtio-blk: queue {i}: disabling notifications: {e}");
         }
         loop {
-            if self.paused() {
-                complete = false;
-                break;
+            if !self.window.is_empty() {
+                self.reap(&queue, &mut unsignalled);
+                if self.failed && self.window.iter().all(|s| s.out.is_some()) {
+                    self.stop_on_failure(&queue);
+                    return false;
+                }
+            }
+            if stopping || self.halted() {
+                if self.window.is_empty() {
+                    break;
+                }
+                self.wait_events();
+                continue;
+            }
+            if self.window.len() >= MAX_IN_FLIGHT {
+                self.wait_events();
+                continue;
             }
             let next = {
                 let mut q = lock(&queue);
-                match q.iter(mem) {
-                    Ok(mut it) => Ok(it.next()),
+                let pos = q.next_avail();
+                match q.iter(&self.mem) {
+                    Ok(mut it) => Ok(it.next().map(|c| (pos, self.exec.parse(c)))),
                     Err(e) => Err(e),
                 }
             };
             match next {
-                Ok(Some(chain)) => {
+                Ok(Some((pos, req))) => {
                     rechecked = false;
-                    let head = chain.head_index();
-                    let out = self.exec.handle(chain);
-                    let Some(len) = out.used_len else {
-                        // Error policy `stop`: the request goes back to the available ring
-                        // (it was the last one popped) and the worker takes no more until
-                        // resumed; then it runs again.
-                        {
-                            let mut q = lock(&queue);
-                            let n = q.next_avail().wrapping_sub(1);
-                            q.set_next_avail(n);
-                        }
-                        {
-                            let mut c = lock(&self.ctl.state);
-                            c.paused = true;
-                            c.io_error = true;
-                        }
-                        if let (Some(h), Some(e)) = (&self.exec.info.policy.hook, &out.error) {
-                            (h.0)(e);
-                        }
-                        complete = false;
-                        break;
+                    let parallel = pio.is_some() && (!self.window.is_empty() || more_available(&self.mem, &queue));
+                    let req = match req.data_direction() {
+                        Some(write) if parallel => match self.dispatch(pos, write, req, &pio) {
+                            Ok(()) => continue,
+                            Err(req) => req,
+                        },
+                        _ => req,
                     };
-                    if let (Some(h), Some(e)) = (&self.exec.info.policy.hook, &out.error) {
-                        (h.0)(e);
-                    }
-                    match lock(&queue).add_used(mem, head, len) {
-                        Ok(()) => unsignalled += 1,
-                        Err(e) => tracing::warn!("virtio-blk: queue {i}: descriptor {head} not returned: {e}"),
-                    }
-                    // In a long batch, let the driver see completions before the batch ends.
-                    if unsignalled >= SIGNAL_EVERY {
-                        unsignalled = 0;
-                        if self.needs_interrupt(&queue) {
-                            self.interrupt.trigger(irq::VRING);
+                    // Runs here, alone: after everything in flight (a FLUSH covers every write
+                    // completed before it, DISCARD and WRITE_ZEROES are not reordered with
+                    // writes).
+                    while !self.window.is_empty() {
+                        self.wait_events();
+                        self.reap(&queue, &mut unsignalled);
+                        if self.failed && self.window.iter().all(|s| s.out.is_some()) {
+                            // This request was popped after the failed one: it is taken again
+                            // with it after resume.
+                            self.stop_on_failure(&queue);
+                            return false;
                         }
+                    }
+                    if !self.run_inline(&queue, pos, req, &mut unsignalled) {
+                        return false;
                     }
                 }
                 Ok(None) if rechecked => {
                     // The ring claims more entries but yields none: it is inconsistent.
                     tracing::warn!("virtio-blk: queue {i}: available ring inconsistent; ignoring it until reset");
                     self.broken[i] = true;
-                    break;
+                    stopping = true;
                 }
                 Ok(None) => {
-                    if poll_for_more(mem, &self.ctl, &mut self.poll, &queue) {
+                    if self.window.is_empty() && poll_for_more(&self.mem, &self.ctl, &mut self.poll, &queue) {
                         continue;
                     }
                     // Re-enable notifications, then look again: the driver may have added a
                     // request between our last look and the re-enable.
                     // Bind the result first: a guard in the `match` scrutinee would live
                     // through the arms, and the `Ok(true)` arm locks the queue again.
-                    let more = lock(&queue).enable_notification(mem);
+                    let more = lock(&queue).enable_notification(&self.mem);
                     match more {
                         Ok(true) => {
                             rechecked = true;
-                            let _ = lock(&queue).disable_notification(mem);
+                            let _ = lock(&queue).disable_notification(&self.mem);
                             continue;
                         }
-                        Ok(false) => break,
+                        Ok(false) if self.window.is_empty() => break,
+                        Ok(false) => {
+                            // Requests in flight: wait for one to finish or for a new one.
+                            self.wait_events();
+                            let _ = lock(&queue).disable_notification(&self.mem);
+                        }
                         Err(e) => {
                             tracing::warn!("virtio-blk: queue {i}: enabling notifications: {e}");
-                            break;
+                            stopping = true;
                         }
                     }
                 }
                 Err(e) => {
                     tracing::warn!("virtio-blk: queue {i} is broken ({e}); ignoring it until reset");
                     self.broken[i] = true;
-                    break;
+                    stopping = true;
                 }
             }
         }
         if unsignalled > 0 && self.needs_interrupt(&queue) {
             self.interrupt.trigger(irq::VRING);
         }
-        complete
+        !self.halted()
+    }
+
+    /// Hands a data request to the I/O threads; gives it back if no thread can run it.
+    fn dispatch(
+        &mut self,
+        pos: u16,
+        write: bool,
+        req: Request,
+        pio: &Option<Arc<dyn qcow2::ParallelIo>>,
+    ) -> std::result::Result<(), Request> {
+        let Some(pool) = self.pool.as_mut() else { return Err(req) };
+        let policy = &self.exec.info.policy;
+        let may_stop = if write { policy.werror.may_stop() } else { policy.rerror.may_stop() };
+        let seq = self.next_seq;
+        let head = req.head;
+        match pool.submit(Job { seq, req, pio: pio.clone() }) {
+            Ok(()) => {
+                self.next_seq += 1;
+                self.window.push_back(Slot { seq, head, pos, may_stop, out: None });
+                Ok(())
+            }
+            Err(job) => Err(job.req),
+        }
+    }
+
+    /// Runs one request on this thread and publishes it. False when it stopped the device
+    /// (error policy `stop`): it went back to the available ring.
+    fn run_inline(&mut self, queue: &Mutex<Queue>, pos: u16, req: Request, unsignalled: &mut u32) -> bool {
+        let head = req.head;
+        let out = self.exec.run(&req);
+        let Some(len) = out.used_len else {
+            // Error policy `stop`: the request goes back to the available ring (it was the
+            // last one popped) and the worker takes no more until resumed; then it runs again.
+            lock(queue).set_next_avail(pos);
+            {
+                let mut c = lock(&self.ctl.state);
+                c.paused = true;
+                c.io_error = true;
+            }
+            if let (Some(h), Some(e)) = (&self.exec.info.policy.hook, &out.error) {
+                (h.0)(e);
+            }
+            return false;
+        };
+        if let (Some(h), Some(e)) = (&self.exec.info.policy.hook, &out.error) {
+            (h.0)(e);
+        }
+        match lock(queue).add_used(&self.mem, head, len) {
+            Ok(()) => *unsignalled += 1,
+            Err(e) => tracing::warn!("virtio-blk: descriptor {head} not returned: {e}"),
+        }
+        // In a long batch, let the driver see completions before the batch ends.
+        if *unsignalled >= SIGNAL_EVERY {
+            *unsignalled = 0;
+            if self.needs_interrupt(queue) {
+                self.interrupt.trigger(irq::VRING);
+            }
+        }
+        true
+    }
+
+    /// Blocks until an I/O thread finished a request, the driver notified, or the device's
+    /// control changed. Only called with requests in flight, so it always returns.
+    fn wait_events(&mut self) {
+        let mut events = [EpollEvent::default(); 4];
+        let n = match self.epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return,
+            Err(e) => {
+                // Not expected; do not spin at full speed while it lasts.
+                tracing::warn!("virtio-blk worker: epoll_wait failed: {e}");
+                std::thread::sleep(Duration::from_millis(1));
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                WAKE_TOKEN => {
+                    let _ = self.ctl.wake.read();
+                }
+                DONE_TOKEN => {} // read by `reap`
+                i => {
+                    if let Some(e) = self.queue_evts.get(i as usize) {
+                        let _ = e.read();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Collects finished requests and publishes those whose turn it is: in pop order, a
+    /// finished request waits only while an earlier one that may stop the device (error policy
+    /// `stop`/`enospc` for its direction) is unfinished or did stop it, so a stop can always
+    /// take back everything from the failed request on (see [`Self::stop_on_failure`]).
+    /// Signals the driver once for what it published.
+    fn reap(&mut self, queue: &Mutex<Queue>, unsignalled: &mut u32) {
+        let Some(pool) = &self.pool else { return };
+        for d in pool.take_done() {
+            if let Some(s) = self.window.iter_mut().find(|s| s.seq == d.seq) {
+                s.out = Some(d.out);
+            }
+        }
+        let mut blocked = false;
+        let mut k = 0;
+        while k < self.window.len() {
+            let s = &self.window[k];
+            match &s.out {
+                None => {
+                    blocked |= s.may_stop;
+                    k += 1;
+                }
+                Some(o) if o.used_len.is_none() => {
+                    self.failed = true;
+                    blocked = true;
+                    k += 1;
+                }
+                Some(_) if blocked => k += 1,
+                Some(_) => {
+                    let Some(Slot { head, out: Some(o), .. }) = self.window.remove(k) else { continue };
+                    if let (Some(h), Some(e)) = (&self.exec.info.policy.hook, &o.error) {
+                        (h.0)(e);
+                    }
+                    let len = o.used_len.unwrap_or(0);
+                    match lock(queue).add_used(&self.mem, head, len) {
+                        Ok(()) => *unsignalled += 1,
+                        Err(e) => tracing::warn!("virtio-blk: descriptor {head} not returned: {e}"),
+                    }
+                }
+            }
+        }
+        if *unsignalled > 0 {
+            *unsignalled = 0;
+            if self.needs_interrupt(queue) {
+                self.interrupt.trigger(irq::VRING);
+            }
+        }
+    }
+
+    /// A request failed under error policy `stop` and nothing is in flight any more: the
+    /// first failed request and everything popped after it (none of it published, see
+    /// [`Self::reap`]) go back to the available ring, to run again after resume — or after a
+    /// save and restore, as the ring is part of the saved state. The device stops taking
+    /// requests until resumed.
+    fn stop_on_failure(&mut self, queue: &Mutex<Queue>) {
+        let Some(first) = self.window.front() else { return };
+        lock(queue).set_next_avail(first.pos);
+        let error = first.out.as_ref().and_then(|o| o.error.clone());
+        self.window.clear();
+        self.failed = false;
+        {
+            let mut c = lock(&self.ctl.state);
+            c.paused = true;
+            c.io_error = true;
+        }
+        if let (Some(h), Some(e)) = (&self.exec.info.policy.hook, &error) {
+            (h.0)(e);
+        }
     }
 
     /// Whether the driver wants an interrupt for what was just used: `EVENT_IDX` when
@@ -285,6 +525,12 @@ impl Worker {
         let flags: u16 = self.mem.read_obj(GuestAddress(q.avail_ring())).unwrap_or(0);
         u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
     }
+}
+
+/// Whether the driver has made requests available beyond those popped.
+fn more_available(mem: &GuestMemoryMmap, queue: &Mutex<Queue>) -> bool {
+    let q = lock(queue);
+    matches!(q.avail_idx(mem, std::sync::atomic::Ordering::Acquire), Ok(idx) if idx.0 != q.next_avail())
 }
 
 /// Watches the available index for up to the polling window; true when the driver has made

@@ -90,6 +90,8 @@ pub struct Driver {
     pub used_seen: u16,
     next_desc: u16,
     heap: u64,
+    /// The queue size the driver set up (ring indices wrap at it).
+    pub qsize: u16,
 }
 
 impl Driver {
@@ -107,7 +109,7 @@ impl Driver {
     }
 
     pub fn with(dev: MmioTransport<Block>, mem: GuestMemoryMmap) -> Self {
-        Driver { mem, dev, avail_idx: 0, used_seen: 0, next_desc: 0, heap: HEAP }
+        Driver { mem, dev, avail_idx: 0, used_seen: 0, next_desc: 0, heap: HEAP, qsize: Q }
     }
 
     /// A device the driver brought up, accepting every offered feature in `mask`.
@@ -156,6 +158,7 @@ impl Driver {
     }
 
     pub fn setup_queue(&mut self, size: u16) {
+        self.qsize = size;
         self.w32(reg::QUEUE_SEL, 0);
         self.w32(reg::QUEUE_NUM, size as u32);
         self.w32(reg::QUEUE_DESC_LOW, DESC as u32);
@@ -192,7 +195,7 @@ impl Driver {
 
     /// Puts `head` in the available ring (the device sees it once the index is bumped).
     pub fn push_avail(&mut self, head: u16) {
-        let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % Q);
+        let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % self.qsize);
         self.mem.write_obj(head, GuestAddress(slot)).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
@@ -206,12 +209,12 @@ impl Driver {
     pub fn chain(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
         let head = self.next_desc;
         for (k, &(addr, len, w)) in bufs.iter().enumerate() {
-            let i = (head + k as u16) % Q;
+            let i = (head + k as u16) % self.qsize;
             let last = k + 1 == bufs.len();
             let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-            self.write_desc(i, Desc { addr, len, flags, next: (i + 1) % Q });
+            self.write_desc(i, Desc { addr, len, flags, next: (i + 1) % self.qsize });
         }
-        self.next_desc = (head + bufs.len() as u16) % Q;
+        self.next_desc = (head + bufs.len() as u16) % self.qsize;
         head
     }
 
@@ -225,7 +228,7 @@ impl Driver {
         wait_for("used ring entries", || self.used_idx() == target);
         let mut out = Vec::new();
         while self.used_seen != target {
-            let e = USED + 4 + 8 * u64::from(self.used_seen % Q);
+            let e = USED + 4 + 8 * u64::from(self.used_seen % self.qsize);
             let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
             let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
             out.push((id, len));
