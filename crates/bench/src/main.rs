@@ -29,6 +29,8 @@ const SCENARIOS: &[&str] = &[
     "mig-idle",
     "mig-dirty",
     "mig-4g",
+    "mig-16g",
+    "mig-64g",
     "mig-noconv",
     "mig-postcopy",
     "mig-autoconv",
@@ -56,7 +58,7 @@ struct Args {
     /// Runs per VMM and scenario (alternating Godwit and QEMU).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// Only these scenarios (comma-separated): boot, mig-idle, mig-dirty, mig-4g, mig-noconv,
+    /// Only these scenarios (comma-separated): boot, mig-idle, mig-dirty, mig-4g, mig-16g, mig-64g, mig-noconv,
     /// mig-postcopy, mig-autoconv, forecast, snapshot, disk.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -253,6 +255,14 @@ fn mig_cases(a: &Args) -> Vec<(migrate::Case, &'static str)> {
             "4 GiB guest, mostly idle (32 MiB rewritten at 16 MiB/s)",
         ),
         (
+            base("mig-16g", 16384, "mode=dirty mib=64 rate=16", 64),
+            "16 GiB guest, 64 MiB touched (rewritten at 16 MiB/s)",
+        ),
+        (
+            base("mig-64g", 65536, "mode=dirty mib=64 rate=16", 64),
+            "64 GiB guest, 64 MiB touched (rewritten at 16 MiB/s)",
+        ),
+        (
             migrate::Case {
                 max_bandwidth_mib: 16,
                 budget: Duration::from_secs(a.noconv_budget),
@@ -333,6 +343,8 @@ fn run_migrations(
                             c.add(&format!("{k}/mib"), vmm, r.transferred_mib);
                             c.add(&format!("{k}/syncs"), vmm, r.dirty_syncs);
                             c.add(&format!("{k}/tput"), vmm, r.throughput_mibs);
+                            c.add(&format!("{k}/rss-src"), vmm, r.src_rss_mib);
+                            c.add(&format!("{k}/rss-dst"), vmm, r.dst_rss_mib);
                             if case.postcopy {
                                 c.add(&format!("{k}/requests"), vmm, r.postcopy_requests);
                             }
@@ -404,6 +416,10 @@ fn run_migrations(
                 m("seq", "heartbeat seq continues on destination", "runs").fraction(),
                 m("ledger", "destination LEDGER OK", "runs").fraction(),
             ];
+            if k == "mig-16g" || k == "mig-64g" || k == "mig-4g" {
+                v.push(m("rss-src", "source RSS when completed", "MiB"));
+                v.push(m("rss-dst", "destination RSS when completed", "MiB"));
+            }
             if k == "mig-autoconv" {
                 v.insert(0, m("converged", "converged (within 90 s)", "runs").fraction());
             }

@@ -64,6 +64,10 @@ pub struct Run {
     pub report: Option<PathBuf>,
     /// The forecast asked right before `migrate` (see [`Case::forecast`]).
     pub forecast: Option<String>,
+    /// Resident memory of the source and the destination process once the migration
+    /// completed (MiB): what each side holds for the guest's touched memory.
+    pub src_rss_mib: f64,
+    pub dst_rss_mib: f64,
 }
 
 fn append(case: &Case) -> String {
@@ -223,6 +227,8 @@ pub fn run(bins: &Bins, vmm: Vmm, case: &Case, dir: &Path, idx: usize) -> Res<Ru
     out.throughput_mibs = out.transferred_mib / (out.total_ms / 1000.0);
     out.postcopy_requests = number(&info, "postcopy request count").unwrap_or(0.0);
 
+    out.src_rss_mib = src.rss_mib().unwrap_or(f64::NAN);
+    out.dst_rss_mib = dst.rss_mib().unwrap_or(f64::NAN);
     // The destination prints nothing before the guest runs there: its first output ends the
     // pause. The source is stopped so that a heartbeat line the switchover cut in two (its
     // start on the source, its end on the destination) can be put back together.

@@ -24,8 +24,15 @@ impl MigratableVm for VmHandle {
         self.vm.ram().slots().iter().map(|s| RamRegion { gpa: s.gpa, size: s.size, host: s.host }).collect()
     }
     fn discard_ram(&self) -> Result<(), String> {
-        for s in self.vm.ram().slots() {
-            self.vm.ram().discard(s.gpa, s.size).map_err(|e| e.to_string())?;
+        // Only what holds anything: dropping a whole 64 GiB slot makes KVM walk every page
+        // of it, while a fresh destination has a few MiB (firmware, kernel) populated.
+        for r in self.ram_regions() {
+            let bits = migration::ram::populated_pages(&r);
+            let npages = (r.size / vmm::memory::PAGE_SIZE) as usize;
+            for (first, n) in migration::ram::runs(&bits, npages, usize::MAX) {
+                let (gpa, len) = (r.gpa + first as u64 * vmm::memory::PAGE_SIZE, n as u64 * vmm::memory::PAGE_SIZE);
+                self.vm.ram().discard(gpa, len).map_err(|e| e.to_string())?;
+            }
         }
         Ok(())
     }
