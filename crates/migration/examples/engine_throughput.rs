@@ -94,8 +94,22 @@ fn main() {
     let t = std::thread::spawn(move || migration::receiver::incoming(&*d2, &l));
     let shared = Shared::new();
     let t0 = Instant::now();
+    let ahead = a.iter().any(|x| x == "ahead").then(|| {
+        let (base, len) = (dst.mem as usize, mib << 20);
+        std::thread::spawn(move || {
+            // What a destination could do with the source's page map: back the pages on
+            // another thread while the stream is still arriving.
+            for off in (0..len).step_by(2 << 20) {
+                // SAFETY: inside the destination's mapping.
+                unsafe { libc::madvise((base + off) as *mut _, (2usize << 20).min(len - off), 23) };
+            }
+        })
+    });
     migrate(&src, &uri, &shared, &|_| {}).unwrap();
     t.join().unwrap().unwrap();
+    if let Some(h) = ahead {
+        let _ = h.join();
+    }
     let st = shared.stats();
     println!("{gib} GiB guest, {mib} MiB touched: total {:.1} ms, downtime {:.1} ms", t0.elapsed().as_secs_f64() * 1e3, st.downtime_ms);
     for r in &st.rounds {

@@ -450,7 +450,7 @@ impl Receivers {
             keep.push(chan.try_clone_box()?);
             let (st, regions, pages, bytes, main) = (st.clone(), regions.clone(), pages.clone(), bytes.clone(), main.try_clone_box()?);
             threads.push(std::thread::Builder::new().name(format!("multifd-recv-{i}")).spawn(move || {
-                let mut r = std::io::BufReader::with_capacity(1 << 20, chan);
+                let mut r = std::io::BufReader::with_capacity(crate::transport::RECV_BUF, chan);
                 let res = recv_loop(i, &mut r, codec, &regions, &st, &pages, &bytes);
                 let (m, cv) = &*st;
                 let mut g = m.lock().unwrap_or_else(|p| p.into_inner());

@@ -456,7 +456,7 @@ fn accept_resume(uri: &str, pages: &Pages) -> Result<(Stream, Box<dyn Channel>)>
     )?;
     let mut back = chan.try_clone_box()?;
     let spin = SpinReader::new(chan, None)?;
-    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, spin))?;
+    let mut r = StreamReader::new(BufReader::with_capacity(crate::transport::RECV_BUF, spin))?;
     match r.next_item()? {
         Item::Control { tag: TAG_POSTCOPY_RESUME, .. } => {}
         other => return Err(MigrationError::Protocol(format!("expected POSTCOPY_RESUME, got {other:?}"))),

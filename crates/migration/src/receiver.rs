@@ -119,7 +119,7 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
     let t0 = Instant::now();
     let mut spin = SpinReader::new(chan, None)?;
     spin.set_spin(SPIN_IDLE);
-    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, spin))?;
+    let mut r = StreamReader::new(BufReader::with_capacity(crate::transport::RECV_BUF, spin))?;
     let hello: Hello = match r.next_item()? {
         Item::Control { tag: TAG_HELLO, body } => protocol::decode(&body)?,
         other => return Err(MigrationError::Protocol(format!("expected HELLO, got {other:?}"))),

@@ -44,6 +44,12 @@ impl Uri {
     }
 }
 
+/// Capacity of the buffered reader in front of an incoming stream. Small on purpose: a read
+/// at least this large that finds the buffer empty goes straight from the socket into its
+/// destination (guest memory), so page data is copied once, not twice; headers and control
+/// records still arrive in batches.
+pub const RECV_BUF: usize = 64 << 10;
+
 /// A connected migration channel (both directions).
 pub trait Channel: Read + Write + Send + AsRawFd {
     fn try_clone_box(&self) -> std::io::Result<Box<dyn Channel>>;
