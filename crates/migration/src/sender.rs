@@ -140,6 +140,13 @@ impl Run<'_> {
         };
         w.control(TAG_HELLO, &protocol::encode(&hello)?)?;
         w.flush()?;
+        // Dirty logging starts while the destination checks HELLO and clears its RAM (both
+        // cost time that grows with guest size; overlapped, not added). A refusal turns it off
+        // again in `roll_back`.
+        self.vm.set_dirty_logging(true).map_err(MigrationError::Vm)?;
+        self.logging = true;
+        // Anything dirtied before logging started is covered by round 0 reading it later.
+        let _ = self.vm.take_dirty().map_err(MigrationError::Vm)?;
         match protocol::read_reply(&mut replies)? {
             Reply::Ready => {}
             Reply::Error(e) => return Err(MigrationError::Refused(e)),
@@ -147,11 +154,6 @@ impl Run<'_> {
         }
 
         let mut mf = if self.params.multifd { Some(self.open_multifd(uri, &mut w, &mut replies)?) } else { None };
-
-        self.vm.set_dirty_logging(true).map_err(MigrationError::Vm)?;
-        self.logging = true;
-        // Anything dirtied before logging started is covered by round 0 reading it now.
-        let _ = self.vm.take_dirty().map_err(MigrationError::Vm)?;
         self.shared.update(|s| {
             s.status = Status::Active;
             s.setup_time_ms = self.t0.elapsed().as_millis() as u64;
@@ -442,8 +444,6 @@ impl Run<'_> {
             "switchover: paused {:?}, disks handed over {:?}, last RAM sent {:?}, state sent {:?}, guest running {:.3} ms",
             t_paused, t_handover, t_ram, t_sent, downtime
         );
-        self.logging = false;
-        let _ = self.vm.set_dirty_logging(false);
         self.shared.update(|s| {
             s.status = Status::Completed;
             s.downtime_ms = downtime;
@@ -458,6 +458,10 @@ impl Run<'_> {
             s.mbps = s.transferred as f64 * 8.0 / 1e6 / t;
         });
         (self.events)(Event::Status(Status::Completed));
+        // Source-side cleanup once the guest runs on the destination (KVM walks every slot to
+        // restore huge mappings: not part of the migration's time, as in QEMU).
+        self.logging = false;
+        let _ = self.vm.set_dirty_logging(false);
         Ok(())
     }
 
