@@ -7,12 +7,12 @@
 //! flush requests here, in the device's handle — the VMM's own flushes (savevm, the migration
 //! handover, exit) still reach the file.
 
-use qcow2::{BlockBackend, CacheMode, ImageFormat, OpenOptions, Qcow2};
+use qcow2::{BlockBackend, CacheMode, ImageFormat, IoBuf, OpenOptions, ParallelIo, Qcow2};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// One `-drive`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -228,6 +228,11 @@ impl ImageLock {
 pub struct SharedDisk {
     pub spec: DriveSpec,
     inner: Arc<Mutex<Option<Box<dyn BlockBackend>>>>,
+    /// Held shared by each of the device's concurrent I/O calls ([`GatedIo`]), which map their
+    /// range under `inner`'s lock and then do the I/O without it, and exclusively with every
+    /// other use of the image ([`SharedDisk::backend`]): whatever changes the image's metadata,
+    /// replaces or closes it, or installs a mirror waits for the direct I/O in progress.
+    gate: Arc<RwLock<()>>,
     lock: Arc<Mutex<Option<ImageLock>>>,
     size: u64,
     format: ImageFormat,
@@ -237,6 +242,25 @@ pub struct SharedDisk {
     /// once the destination's copy is known incomplete (failed, cancelled before ready, or
     /// written after the mirror ended). A migration switchover refuses a broken copy.
     mirror_mark: Arc<Mutex<MirrorMark>>,
+}
+
+/// The image of a [`SharedDisk`], held exclusively (see [`SharedDisk::backend`]).
+pub struct BackendGuard<'a> {
+    inner: MutexGuard<'a, Option<Box<dyn BlockBackend>>>,
+    _gate: std::sync::RwLockWriteGuard<'a, ()>,
+}
+
+impl std::ops::Deref for BackendGuard<'_> {
+    type Target = Option<Box<dyn BlockBackend>>;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for BackendGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.inner
+    }
 }
 
 /// See [`SharedDisk::check_switchover`].
@@ -306,6 +330,7 @@ impl SharedDisk {
         Ok(SharedDisk {
             spec,
             inner: Arc::new(Mutex::new(inner)),
+            gate: Arc::new(RwLock::new(())),
             lock: Arc::new(Mutex::new(lock)),
             size,
             format,
@@ -318,7 +343,15 @@ impl SharedDisk {
         !self.spec.read_only && !self.spec.snapshot
     }
 
-    pub fn backend(&self) -> MutexGuard<'_, Option<Box<dyn BlockBackend>>> {
+    /// The image, for anything but the device's concurrent I/O: waits for that to finish and
+    /// holds it off while the guard lives.
+    pub fn backend(&self) -> BackendGuard<'_> {
+        let gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        BackendGuard { inner: self.locked(), _gate: gate }
+    }
+
+    /// `inner` alone (the concurrent I/O path, under the gate's shared side).
+    fn locked(&self) -> MutexGuard<'_, Option<Box<dyn BlockBackend>>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -473,7 +506,7 @@ impl DiskHandle {
     /// back) is reopened here, so once the storage is back the guest's retried request (error
     /// policy `stop`, then `cont`) finds its disk; the image lock (NFSv4 or OFD) refuses this
     /// if another process holds the image.
-    fn io(&self) -> qcow2::Result<MutexGuard<'_, Option<Box<dyn BlockBackend>>>> {
+    fn io(&self) -> qcow2::Result<BackendGuard<'_>> {
         if self.0.backend().is_none() {
             self.0.reacquire().map_err(|e| qcow2::Error::Io {
                 context: "reopening the disk image",
@@ -485,6 +518,13 @@ impl DiskHandle {
 }
 
 impl BlockBackend for DiskHandle {
+    fn parallel_io(&mut self) -> Option<Arc<dyn ParallelIo>> {
+        if self.0.spec.snapshot {
+            return None;
+        }
+        self.0.locked().as_mut()?.host_io()?;
+        Some(Arc::new(GatedIo(self.0.clone())))
+    }
     fn format(&self) -> ImageFormat {
         self.0.format
     }
@@ -535,6 +575,70 @@ impl BlockBackend for DiskHandle {
             None => self.0.note_write_after_mirror(),
         }
         Ok(())
+    }
+}
+
+/// The device's concurrent I/O on a disk whose image offers it (raw and qcow2 images on a
+/// local file): each call takes the disk's gate shared, maps its range under the image's lock
+/// ([`BlockBackend::map_direct`]: the host runs of allocated clusters; for raw the same
+/// offsets), and does the I/O on the image's host file without the lock. Every other use of
+/// the image ([`SharedDisk::backend`]: metadata changes, allocating writes, snapshots, a
+/// handover, a mirror starting) takes the gate exclusively, so a mapping stays true while its
+/// I/O runs. A call declines (`Ok(false)`; the device then goes through [`DiskHandle`]) when the
+/// range is not plainly mapped, while the image is not open here, and for writes while a mirror
+/// runs (they must pass its write hook).
+struct GatedIo(SharedDisk);
+
+impl GatedIo {
+    /// # Safety
+    /// As [`ParallelIo::read_vectored`] / [`ParallelIo::write_vectored`].
+    unsafe fn transfer(&self, off: u64, bufs: &[IoBuf], write: bool) -> qcow2::Result<bool> {
+        let _g = self.0.gate.read().unwrap_or_else(|p| p.into_inner());
+        let total: u64 = bufs.iter().map(|b| b.len as u64).sum();
+        let (runs, io) = {
+            let mut g = self.0.locked();
+            let Some(b) = g.as_mut() else { return Ok(false) };
+            if write && self.0.mirror().is_some() {
+                return Ok(false);
+            }
+            let Some(runs) = b.map_direct(off, total, write) else { return Ok(false) };
+            let Some(io) = b.host_io() else { return Ok(false) };
+            (runs, io)
+        };
+        let Some(parts) = qcow2::split_bufs(bufs, &runs) else { return Ok(false) };
+        for (host, part) in parts {
+            // SAFETY: the parts are pieces of the caller's buffers (its contract holds).
+            let done = unsafe {
+                if write {
+                    io.write_vectored(host, &part)
+                } else {
+                    io.read_vectored(host, &part)
+                }
+            }?;
+            if !done {
+                // Off the host file's alignment: the caller redoes the whole request its way
+                // (the same bytes again, for a write).
+                return Ok(false);
+            }
+        }
+        if write {
+            self.0.note_write_after_mirror();
+        }
+        Ok(true)
+    }
+}
+
+impl ParallelIo for GatedIo {
+    fn alignment(&self) -> (u64, usize) {
+        self.0.locked().as_mut().and_then(|b| b.host_io()).map_or((1, 1), |io| io.alignment())
+    }
+    unsafe fn read_vectored(&self, off: u64, bufs: &[IoBuf]) -> qcow2::Result<bool> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.transfer(off, bufs, false) }
+    }
+    unsafe fn write_vectored(&self, off: u64, bufs: &[IoBuf]) -> qcow2::Result<bool> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.transfer(off, bufs, true) }
     }
 }
 
@@ -743,6 +847,7 @@ mod tests {
             let disk = SharedDisk {
                 spec: DriveSpec { file: "counting".into(), cache: mode, ..Default::default() },
                 inner: Arc::new(Mutex::new(Some(Box::new(Counting(n.clone()))))),
+                gate: Arc::new(RwLock::new(())),
                 lock: Arc::new(Mutex::new(None)),
                 size: 4096,
                 format: ImageFormat::Raw,

@@ -79,6 +79,21 @@ pub trait BlockBackend: Send {
     fn parallel_io(&mut self) -> Option<Arc<dyn ParallelIo>> {
         None
     }
+    /// A concurrent I/O handle on the host file behind this backend, addressed by host file
+    /// offset (see [`BlockBackend::map_direct`]); None (the default) when there is none.
+    fn host_io(&mut self) -> Option<Arc<dyn ParallelIo>> {
+        None
+    }
+    /// Where guest bytes `[off, off + len)` lie in the [`BlockBackend::host_io`] file, when they
+    /// can be read there directly (with `write`: overwritten in place, no metadata change):
+    /// (host offset, length) runs covering the range in order. None (the default): the range
+    /// must go through `read_at`/`write_at` (unallocated, compressed, zero or shared clusters,
+    /// a backing file, a read-only image). The answer holds until the image's metadata
+    /// changes: the caller keeps others off the image's `&mut self` calls until its direct I/O
+    /// is done.
+    fn map_direct(&mut self, _off: u64, _len: u64, _write: bool) -> Option<Vec<(u64, u64)>> {
+        None
+    }
 }
 
 fn check_range(off: u64, len: u64, size: u64) -> Result<()> {
@@ -121,6 +136,19 @@ impl BlockBackend for Qcow2 {
     }
     fn as_qcow2(&mut self) -> Option<&mut Qcow2> {
         Some(self)
+    }
+    fn host_io(&mut self) -> Option<Arc<dyn ParallelIo>> {
+        if self.host_io.is_none() {
+            let f = self.file.host_fd()?;
+            // Host offsets of mapped clusters lie inside the file: no size limit of its own.
+            let io = HostFileIo::new(f, u64::MAX, self.read_only).ok()?;
+            self.host_io = Some(Arc::new(io));
+        }
+        self.host_io.clone()
+    }
+    fn map_direct(&mut self, off: u64, len: u64, write: bool) -> Option<Vec<(u64, u64)>> {
+        self.check_range(off, len).ok()?;
+        self.map_active(off, len, write).ok().flatten()
     }
 }
 
@@ -178,6 +206,16 @@ impl RawImage {
 }
 
 impl BlockBackend for RawImage {
+    fn host_io(&mut self) -> Option<Arc<dyn ParallelIo>> {
+        self.parallel_io()
+    }
+    fn map_direct(&mut self, off: u64, len: u64, write: bool) -> Option<Vec<(u64, u64)>> {
+        if write && self.read_only {
+            return None;
+        }
+        check_range(off, len, self.size).ok()?;
+        Some(vec![(off, len)])
+    }
     fn parallel_io(&mut self) -> Option<Arc<dyn ParallelIo>> {
         if self.parallel.is_none() {
             let f = self.file.host_fd()?;

@@ -121,6 +121,44 @@ impl Qcow2 {
         }
     }
 
+    /// [`crate::BlockBackend::map_direct`] for the active layer: host runs of `[off, off + len)`
+    /// when every cluster of it is a plain allocated one (for `write`: also not shared, so it
+    /// is overwritten in place), None otherwise. Images with extended L2 entries answer None.
+    pub(crate) fn map_active(&mut self, off: u64, len: u64, write: bool) -> Result<Option<Vec<(u64, u64)>>> {
+        if self.ext || (write && self.check_writable().is_err()) {
+            return Ok(None);
+        }
+        let cs = self.cs;
+        let end = off.checked_add(len).ok_or_else(|| Error::InvalidArgument("range overflows".into()))?;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut g = off;
+        while g < end {
+            let span = self.span();
+            let l1_idx = g / span;
+            let e = self.l1.get(l1_idx as usize).copied().unwrap_or(0);
+            let l2 = e & OFFSET_MASK;
+            if l2 == 0 || (write && e & COPIED == 0) {
+                return Ok(None);
+            }
+            let stop = end.min((l1_idx + 1) * span);
+            let first = (g / cs) % self.l2e;
+            let nclu = (g % cs + (stop - g)).div_ceil(cs);
+            for ent in self.l2_entries(l2, first, nclu)? {
+                let n = (cs - g % cs).min(stop - g);
+                let host = match self.classify(ent) {
+                    Kind::Normal(h) if !write || ent & COPIED != 0 => h + g % cs,
+                    _ => return Ok(None),
+                };
+                match runs.last_mut() {
+                    Some((h, l)) if *h + *l == host => *l += n,
+                    _ => runs.push((host, n)),
+                }
+                g += n;
+            }
+        }
+        Ok(Some(runs))
+    }
+
     /// Write guest bytes into the active layer (no bounds check against the disk size: the
     /// VM-state area lies beyond it).
     pub(crate) fn write_active(&mut self, mut off: u64, data: &[u8]) -> Result<()> {

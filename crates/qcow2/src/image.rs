@@ -125,6 +125,8 @@ pub struct Qcow2 {
     pub(crate) chain: crate::backing::ChainCtx,
     /// The options it was opened with (to reopen the chain on refresh).
     pub(crate) opts: OpenOptions,
+    /// The [`crate::BlockBackend::host_io`] handle on `file`, made on first use.
+    pub(crate) host_io: Option<std::sync::Arc<dyn crate::parallel::ParallelIo>>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -231,6 +233,7 @@ impl Qcow2 {
             comp_pack: None,
             free_hint: 1,
             dirty_marked: false,
+            host_io: None,
             closed: false,
             backing: None,
             chain,

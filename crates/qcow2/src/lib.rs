@@ -96,7 +96,7 @@ pub use error::{Error, Result};
 pub use hostfile::CacheMode;
 pub use image::{CreateOptions, OpenOptions, Qcow2};
 pub use map::{MapEntry, MapKind};
-pub use parallel::{HostFileIo, IoBuf, ParallelIo};
+pub use parallel::{split_bufs, HostFileIo, IoBuf, ParallelIo};
 pub use snapshot::{NewSnapshot, SnapshotInfo, SnapshotSelector};
 pub use vmstate::{VmStateReader, VmStateWriter, VMSTATE_CHUNK};
 pub use vmstate_map::VmStateFileMap;

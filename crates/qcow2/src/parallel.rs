@@ -51,6 +51,34 @@ pub trait ParallelIo: Send + Sync {
     unsafe fn write_vectored(&self, off: u64, bufs: &[IoBuf]) -> Result<bool>;
 }
 
+/// Splits `bufs` (a transfer of the runs' total length) into one buffer list per run, in
+/// order: `(run start, its buffers)`. None when the lengths differ.
+pub fn split_bufs(bufs: &[IoBuf], runs: &[(u64, u64)]) -> Option<Vec<(u64, Vec<IoBuf>)>> {
+    let total: u64 = bufs.iter().map(|b| b.len as u64).sum();
+    if runs.iter().map(|r| r.1).sum::<u64>() != total {
+        return None;
+    }
+    let mut out = Vec::with_capacity(runs.len());
+    let (mut i, mut used) = (0usize, 0usize);
+    for &(start, len) in runs {
+        let mut left = len as usize;
+        let mut v = Vec::new();
+        while left > 0 {
+            let b = bufs.get(i)?;
+            let n = (b.len - used).min(left);
+            v.push(IoBuf { ptr: b.ptr.wrapping_add(used), len: n });
+            left -= n;
+            used += n;
+            if used == b.len {
+                i += 1;
+                used = 0;
+            }
+        }
+        out.push((start, v));
+    }
+    Some(out)
+}
+
 /// Most buffers in one system call (Linux's `IOV_MAX`).
 const IOV_MAX: usize = 1024;
 
@@ -214,5 +242,20 @@ mod tests {
         let ro = HostFileIo::new(&f, 8192, true).unwrap();
         assert!(matches!(unsafe { ro.write_vectored(0, &[buf(&mut e)]) }, Err(Error::ReadOnly)));
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn buffers_split_across_runs() {
+        let mut m = vec![0u8; 100];
+        let p = m.as_mut_ptr();
+        let bufs = [IoBuf { ptr: p, len: 30 }, IoBuf { ptr: p.wrapping_add(50), len: 50 }];
+        let s = split_bufs(&bufs, &[(1000, 10), (5000, 60), (9000, 10)]).unwrap();
+        let lens: Vec<Vec<(usize, usize)>> = s
+            .iter()
+            .map(|(_, v)| v.iter().map(|b| (b.ptr as usize - p as usize, b.len)).collect())
+            .collect();
+        assert_eq!(lens, vec![vec![(0, 10)], vec![(10, 20), (50, 40)], vec![(90, 10)]]);
+        assert_eq!(s.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1000, 5000, 9000]);
+        assert!(split_bufs(&bufs, &[(0, 79)]).is_none());
     }
 }
