@@ -181,8 +181,21 @@ impl Drop for Shared {
         if self.failed().is_some() {
             return;
         }
-        lock(&self.conn).send_close_notify();
-        let _ = self.flush_queued(&mut Vec::new());
+        let mut out = Vec::new();
+        {
+            let mut c = lock(&self.conn);
+            c.send_close_notify();
+            while c.wants_write() {
+                if c.write_tls(&mut out).is_err() {
+                    break;
+                }
+            }
+        }
+        // Best effort and never blocking: a peer that stopped reading (a hung host) would
+        // otherwise hang whoever drops the last handle. No handle is left to share the
+        // socket's mode with.
+        let _ = self.tcp.set_nonblocking(true);
+        let _ = (&self.tcp).write(&out);
         let _ = self.tcp.shutdown(std::net::Shutdown::Write);
     }
 }
