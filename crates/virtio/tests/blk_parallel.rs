@@ -282,3 +282,27 @@ fn raw_image_with_cache_none_in_flight_aligned_and_not() {
     }
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn large_requests_overlap_even_through_the_page_cache() {
+    fn quick(_off: u64, _write: bool) -> Duration {
+        Duration::from_millis(5)
+    }
+    let disk = filled(4 * MIB).with_parallel_io(quick);
+    let mut d = start(disk.clone(), BlockConfig::default());
+    // 256 KiB requests through a page-cache-like handle: worth spreading over threads.
+    let mut reqs = Vec::new();
+    for k in 0..6u64 {
+        let (st, p) = d.queue_request(T_IN, k * 512, &Data::In(256 << 10, 2));
+        reqs.push((k, st, p));
+    }
+    d.notify();
+    d.wait_used(6);
+    let want = disk.contents();
+    for (k, st, p) in &reqs {
+        assert_eq!(d.status_byte(*st), S_OK);
+        let at = *k as usize * (256 << 10);
+        assert_eq!(read_back(&d, p), want[at..at + (256 << 10)], "request {k}");
+    }
+    assert!(disk.stats().max_concurrent >= 2, "{:?}", disk.stats());
+}

@@ -25,12 +25,16 @@ pub(crate) struct Job {
     pub req: Request,
     /// The backend's concurrent I/O handle the thread uses for it.
     pub pio: Option<Arc<dyn qcow2::ParallelIo>>,
+    /// Report how long it took.
+    pub timed: bool,
 }
 
 /// A finished job.
 pub(crate) struct Done {
     pub seq: u64,
     pub out: Outcome,
+    /// How long executing it took, when the job asked to be timed.
+    pub took: Option<std::time::Duration>,
 }
 
 #[derive(Default)]
@@ -133,8 +137,10 @@ fn serve(shared: Arc<Shared>, mut exec: Executor) {
             }
         };
         exec.pio = job.pio;
+        let started = std::time::Instant::now();
         let out = exec.run(&job.req);
-        lock(&shared.done).push(Done { seq: job.seq, out });
+        let took = job.timed.then(|| started.elapsed());
+        lock(&shared.done).push(Done { seq: job.seq, out, took });
         let _ = shared.done_evt.write(1);
     }
 }

@@ -179,6 +179,15 @@ impl Request {
             _ => None,
         }
     }
+
+    /// Bytes of data a data request moves (0 for any other).
+    pub fn data_len(&self) -> u64 {
+        match self.data_direction() {
+            Some(false) => self.p.writable.len.saturating_sub(1),
+            Some(true) => self.p.readable.len.saturating_sub(HEADER_LEN),
+            None => 0,
+        }
+    }
 }
 
 fn parse<M>(chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> Parsed

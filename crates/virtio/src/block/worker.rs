@@ -19,7 +19,10 @@
 //! requests in flight finished: FLUSH (so it covers every write completed before it),
 //! DISCARD, WRITE_ZEROES, GET_ID, malformed requests. A lone request (nothing in flight, nothing
 //! behind it) also runs here, saving the thread handoff at queue depth 1; so does every request
-//! of a backend without the handle (qcow2), one at a time, as before.
+//! of a backend without the handle, one at a time, as before; and so do small data requests
+//! through the host page cache while they hit it (below [`HANDOFF_MIN_CACHED`], see
+//! [`CACHED_SLOW`]: a hit costs less than a thread handoff), which still go straight to guest
+//! memory.
 //!
 //! Error policy `stop` with requests in flight: a finished request is published only when no
 //! earlier-popped request that could still stop the device is unfinished (for QEMU's default
@@ -57,6 +60,16 @@ const WAKE_TOKEN: u64 = u64::MAX;
 const DONE_TOKEN: u64 = u64::MAX - 1;
 /// Most data requests in flight per device.
 pub const MAX_IN_FLIGHT: usize = super::pool::MAX_THREADS;
+/// Through the host page cache, data requests shorter than this run here one after another
+/// even when several are available, as long as they are page-cache hits (see
+/// [`CACHED_SLOW`]): a hit costs less than handing it to another thread and being woken with
+/// its completion. Longer ones (copies worth spreading over cores), misses, and every request
+/// of an `O_DIRECT` image (each waits for the device) overlap on the I/O threads.
+pub const HANDOFF_MIN_CACHED: u64 = 128 << 10;
+/// Small page-cache requests go to the I/O threads while their moving-average execution time
+/// is above the first bound (misses: the disk is read), and come back once it fell below the
+/// second (hits again).
+pub const CACHED_SLOW: (Duration, Duration) = (Duration::from_micros(40), Duration::from_micros(15));
 /// Completions after which a long batch signals the driver without waiting for its end.
 const SIGNAL_EVERY: u32 = 16;
 /// The longest an empty ring is watched for a new request before the worker sleeps.
@@ -78,6 +91,10 @@ pub(crate) struct Worker {
     epoll: Epoll,
     /// The current polling window (see the module documentation).
     poll: Duration,
+    /// Small requests through the page cache: recent execution time (moving average, ns) and
+    /// whether they go to the I/O threads (see [`CACHED_SLOW`]).
+    cached_ns: u64,
+    cached_slow: bool,
     /// The I/O threads (None: they could not be set up; everything runs here).
     pool: Option<Pool>,
     /// Requests handed to the I/O threads and not yet published, in pop order.
@@ -150,6 +167,8 @@ impl Worker {
             ctl,
             epoll,
             poll: POLL_MIN,
+            cached_ns: 0,
+            cached_slow: false,
         })
     }
 
@@ -250,6 +269,8 @@ impl Worker {
             None => None,
         };
         self.exec.pio = pio.clone();
+        // An `O_DIRECT` image: every request waits for the device.
+        let direct = pio.as_ref().is_some_and(|p| p.alignment() != (1, 1));
         let mut unsignalled = 0u32;
         let mut rechecked = false;
         let mut stopping = false;
@@ -286,9 +307,10 @@ impl Worker {
             match next {
                 Ok(Some((pos, req))) => {
                     rechecked = false;
-                    let parallel = pio.is_some() && (!self.window.is_empty() || more_available(&self.mem, &queue));
+                    let parallel = (direct || self.cached_slow || req.data_len() >= HANDOFF_MIN_CACHED)
+                        && (!self.window.is_empty() || more_available(&self.mem, &queue));
                     let req = match req.data_direction() {
-                        Some(write) if parallel => match self.dispatch(pos, write, req, &pio) {
+                        Some(write) if parallel => match self.dispatch(pos, write, req, &pio, direct) {
                             Ok(()) => continue,
                             Err(req) => req,
                         },
@@ -357,6 +379,19 @@ impl Worker {
         !self.halted()
     }
 
+    /// Adds an execution time of a small page-cache request to the moving average behind
+    /// [`CACHED_SLOW`].
+    fn note_cached(&mut self, took: Duration) {
+        let t = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).min(1 << 40);
+        self.cached_ns = (self.cached_ns * 7 + t) / 8;
+        let (up, down) = (CACHED_SLOW.0.as_nanos() as u64, CACHED_SLOW.1.as_nanos() as u64);
+        if self.cached_ns > up {
+            self.cached_slow = true;
+        } else if self.cached_ns < down {
+            self.cached_slow = false;
+        }
+    }
+
     /// Hands a data request to the I/O threads; gives it back if no thread can run it.
     fn dispatch(
         &mut self,
@@ -364,13 +399,15 @@ impl Worker {
         write: bool,
         req: Request,
         pio: &Option<Arc<dyn qcow2::ParallelIo>>,
+        direct: bool,
     ) -> std::result::Result<(), Request> {
+        let timed = !direct && req.data_len() < HANDOFF_MIN_CACHED;
         let Some(pool) = self.pool.as_mut() else { return Err(req) };
         let policy = &self.exec.info.policy;
         let may_stop = if write { policy.werror.may_stop() } else { policy.rerror.may_stop() };
         let seq = self.next_seq;
         let head = req.head;
-        match pool.submit(Job { seq, req, pio: pio.clone() }) {
+        match pool.submit(Job { seq, req, pio: pio.clone(), timed }) {
             Ok(()) => {
                 self.next_seq += 1;
                 self.window.push_back(Slot { seq, head, pos, may_stop, out: None });
@@ -384,7 +421,12 @@ impl Worker {
     /// (error policy `stop`): it went back to the available ring.
     fn run_inline(&mut self, queue: &Mutex<Queue>, pos: u16, req: Request, unsignalled: &mut u32) -> bool {
         let head = req.head;
+        let timed = self.exec.pio.is_some() && req.data_direction().is_some() && req.data_len() < HANDOFF_MIN_CACHED;
+        let started = Instant::now();
         let out = self.exec.run(&req);
+        if timed {
+            self.note_cached(started.elapsed());
+        }
         let Some(len) = out.used_len else {
             // Error policy `stop`: the request goes back to the available ring (it was the
             // last one popped) and the worker takes no more until resumed; then it runs again.
@@ -455,6 +497,9 @@ impl Worker {
         for d in pool.take_done() {
             if let Some(s) = self.window.iter_mut().find(|s| s.seq == d.seq) {
                 s.out = Some(d.out);
+                if let Some(t) = d.took {
+                    self.note_cached(t);
+                }
             }
         }
         let mut blocked = false;
