@@ -307,7 +307,8 @@ impl Worker {
             match next {
                 Ok(Some((pos, req))) => {
                     rechecked = false;
-                    let parallel = (direct || self.cached_slow || req.data_len() >= HANDOFF_MIN_CACHED)
+                    let parallel = pio.is_some()
+                        && (direct || self.cached_slow || req.data_len() >= HANDOFF_MIN_CACHED)
                         && (!self.window.is_empty() || more_available(&self.mem, &queue));
                     let req = match req.data_direction() {
                         Some(write) if parallel => match self.dispatch(pos, write, req, &pio, direct) {
