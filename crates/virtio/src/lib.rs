@@ -24,7 +24,7 @@
 //! # Ok(()) }
 //! ```
 //! Then, with the vCPUs paused:
-//! - `pause()` drains the request in flight and flushes the disk: call it before
+//! - `pause()` drains the requests in flight and flushes the disk: call it before
 //!   `save_state()` (savevm, migration switchover) and before touching the image directly
 //!   (`device().with_backend(|b| b.as_qcow2() ...)` for internal snapshots);
 //! - `restore_state()` once guest RAM is in place (a running device re-activates and serves

@@ -1,16 +1,18 @@
 //! The virtio-blk device (virtio 1.x §5.2): one request queue served by a worker thread,
 //! requests IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES against a [`BlockBackend`]. With a
-//! backend that allows concurrent I/O (raw images), several data requests are in flight at
-//! once on the device's I/O threads, straight between the image and guest memory (see the
-//! `worker` and `pool` modules).
+//! backend that offers concurrent I/O ([`BlockBackend::parallel_io`]: raw images; the VMM's
+//! drives also for the allocated clusters of qcow2 images), several data requests are in
+//! flight at once on the device's I/O threads, straight between the image and guest memory
+//! (see the `worker` and `pool` modules).
 //!
 //! Features offered: `VERSION_1`, `RING_INDIRECT_DESC`, `RING_EVENT_IDX`, `BLK_F_SEG_MAX`,
 //! `BLK_F_BLK_SIZE` (512), `BLK_F_FLUSH`, `BLK_F_RO` for a read-only disk, and `BLK_F_DISCARD`
 //! / `BLK_F_WRITE_ZEROES` when enabled in [`BlockConfig`] on a writable disk.
 //!
 //! Quiescing: [`VirtioDevice::pause`] stops the worker from starting new requests, waits for
-//! those in flight to finish and be published, then flushes the backend; requests the driver queues meanwhile stay in
-//! the available ring (not popped), so they survive a save/restore exactly once. While paused
+//! those in flight to finish and be published, then flushes the backend; requests the driver
+//! queues meanwhile stay in the available ring (not popped), so they survive a save/restore
+//! exactly once. While paused
 //! the backend can be replaced ([`Block::swap_backend`], migration handover) or used directly
 //! ([`Block::with_backend`], e.g. for qcow2 snapshots).
 
@@ -189,8 +191,9 @@ impl Block {
         lock(&self.ctl.state).io_error
     }
 
-    /// Runs `f` on the backend (waits for the request in flight, if any). Pause first for a
-    /// consistent view, e.g. before a qcow2 snapshot.
+    /// Runs `f` on the backend (waits for a request using the backend lock, not for direct
+    /// I/O in flight through [`BlockBackend::parallel_io`]). Pause first for a consistent view,
+    /// e.g. before a qcow2 snapshot.
     pub fn with_backend<R>(&self, f: impl FnOnce(&mut dyn BlockBackend) -> R) -> R {
         let mut b = lock(&self.backend);
         f(&mut **b)
