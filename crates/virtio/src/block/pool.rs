@@ -81,7 +81,7 @@ impl Pool {
 
     /// Queues `job`; starts a thread if none is idle (and the limit allows). Fails only if no
     /// thread runs at all and none can be started; the job is then handed back.
-    pub fn submit(&mut self, job: Job) -> std::result::Result<(), Job> {
+    pub fn submit(&mut self, job: Job) -> std::result::Result<(), Box<Job>> {
         let need = {
             let j = lock(&self.shared.jobs);
             j.idle <= j.queue.len() && self.threads.len() < MAX_THREADS
@@ -93,7 +93,7 @@ impl Pool {
                 Ok(h) => self.threads.push(h),
                 Err(e) if self.threads.is_empty() => {
                     tracing::warn!("virtio-blk: cannot start an I/O thread ({e}); running requests one at a time");
-                    return Err(job);
+                    return Err(Box::new(job));
                 }
                 Err(e) => tracing::debug!("virtio-blk: no further I/O thread ({e})"),
             }
