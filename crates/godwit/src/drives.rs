@@ -7,12 +7,16 @@
 //! flush requests here, in the device's handle — the VMM's own flushes (savevm, the migration
 //! handover, exit) still reach the file.
 
-use qcow2::{BlockBackend, CacheMode, ImageFormat, IoBuf, OpenOptions, ParallelIo, Qcow2};
+use qcow2::{BlockBackend, CacheMode, ImageFormat, OpenOptions, ParallelIo, Qcow2};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+mod gate;
+pub use gate::BackendGuard;
+use gate::GatedIo;
 
 /// One `-drive`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -242,25 +246,6 @@ pub struct SharedDisk {
     /// once the destination's copy is known incomplete (failed, cancelled before ready, or
     /// written after the mirror ended). A migration switchover refuses a broken copy.
     mirror_mark: Arc<Mutex<MirrorMark>>,
-}
-
-/// The image of a [`SharedDisk`], held exclusively (see [`SharedDisk::backend`]).
-pub struct BackendGuard<'a> {
-    inner: MutexGuard<'a, Option<Box<dyn BlockBackend>>>,
-    _gate: std::sync::RwLockWriteGuard<'a, ()>,
-}
-
-impl std::ops::Deref for BackendGuard<'_> {
-    type Target = Option<Box<dyn BlockBackend>>;
-    fn deref(&self) -> &Self::Target {
-        &self.inner
-    }
-}
-
-impl std::ops::DerefMut for BackendGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.inner
-    }
 }
 
 /// See [`SharedDisk::check_switchover`].
@@ -575,70 +560,6 @@ impl BlockBackend for DiskHandle {
             None => self.0.note_write_after_mirror(),
         }
         Ok(())
-    }
-}
-
-/// The device's concurrent I/O on a disk whose image offers it (raw and qcow2 images on a
-/// local file): each call takes the disk's gate shared, maps its range under the image's lock
-/// ([`BlockBackend::map_direct`]: the host runs of allocated clusters; for raw the same
-/// offsets), and does the I/O on the image's host file without the lock. Every other use of
-/// the image ([`SharedDisk::backend`]: metadata changes, allocating writes, snapshots, a
-/// handover, a mirror starting) takes the gate exclusively, so a mapping stays true while its
-/// I/O runs. A call declines (`Ok(false)`; the device then goes through [`DiskHandle`]) when the
-/// range is not plainly mapped, while the image is not open here, and for writes while a mirror
-/// runs (they must pass its write hook).
-struct GatedIo(SharedDisk);
-
-impl GatedIo {
-    /// # Safety
-    /// As [`ParallelIo::read_vectored`] / [`ParallelIo::write_vectored`].
-    unsafe fn transfer(&self, off: u64, bufs: &[IoBuf], write: bool) -> qcow2::Result<bool> {
-        let _g = self.0.gate.read().unwrap_or_else(|p| p.into_inner());
-        let total: u64 = bufs.iter().map(|b| b.len as u64).sum();
-        let (runs, io) = {
-            let mut g = self.0.locked();
-            let Some(b) = g.as_mut() else { return Ok(false) };
-            if write && self.0.mirror().is_some() {
-                return Ok(false);
-            }
-            let Some(runs) = b.map_direct(off, total, write) else { return Ok(false) };
-            let Some(io) = b.host_io() else { return Ok(false) };
-            (runs, io)
-        };
-        let Some(parts) = qcow2::split_bufs(bufs, &runs) else { return Ok(false) };
-        for (host, part) in parts {
-            // SAFETY: the parts are pieces of the caller's buffers (its contract holds).
-            let done = unsafe {
-                if write {
-                    io.write_vectored(host, &part)
-                } else {
-                    io.read_vectored(host, &part)
-                }
-            }?;
-            if !done {
-                // Off the host file's alignment: the caller redoes the whole request its way
-                // (the same bytes again, for a write).
-                return Ok(false);
-            }
-        }
-        if write {
-            self.0.note_write_after_mirror();
-        }
-        Ok(true)
-    }
-}
-
-impl ParallelIo for GatedIo {
-    fn alignment(&self) -> (u64, usize) {
-        self.0.locked().as_mut().and_then(|b| b.host_io()).map_or((1, 1), |io| io.alignment())
-    }
-    unsafe fn read_vectored(&self, off: u64, bufs: &[IoBuf]) -> qcow2::Result<bool> {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.transfer(off, bufs, false) }
-    }
-    unsafe fn write_vectored(&self, off: u64, bufs: &[IoBuf]) -> qcow2::Result<bool> {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.transfer(off, bufs, true) }
     }
 }
 
