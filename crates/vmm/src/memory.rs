@@ -41,7 +41,17 @@ pub struct GuestRam {
     mem: GuestMemoryMmap,
     slots: Vec<Slot>,
     size: u64,
+    /// KVM's manual dirty-log protection with an initially-set log is on (see
+    /// [`GuestRam::use_manual_protect`]).
+    manual: std::sync::atomic::AtomicBool,
+    /// With manual protection: per slot, the pages write-protected (cleared) at least once
+    /// since logging started; KVM's bit for any other page is the initial "dirty".
+    tracked: std::sync::Mutex<Vec<Vec<u64>>>,
 }
+
+// KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log); kvm-ioctls has no
+// wrapper for it.
+vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, kvm_bindings::KVMIO, 0xc0, kvm_bindings::kvm_clear_dirty_log);
 
 impl GuestRam {
     /// Reserves `size` bytes of guest RAM (pages are populated on first touch).
@@ -78,7 +88,7 @@ impl GuestRam {
             // SAFETY: the range is our own anonymous mapping.
             unsafe { libc::madvise(s.host as *mut libc::c_void, s.size as usize, libc::MADV_HUGEPAGE) };
         }
-        Ok(GuestRam { mem, slots, size })
+        Ok(GuestRam { mem, slots, size, manual: Default::default(), tracked: Default::default() })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -94,6 +104,44 @@ impl GuestRam {
         self.size
     }
 
+    /// Turns on KVM's manual dirty-log protection with an initially-set log, where KVM offers
+    /// it (call before any slot logs). Starting to log then costs nothing per guest page:
+    /// instead of KVM write-protecting every page of every slot, Godwit protects only the
+    /// pages that hold anything (the kernel's page map), and pages never touched stay
+    /// unprotected until the guest first writes them — which makes them populated, so the
+    /// next harvest finds them. Returns whether it is on.
+    pub fn use_manual_protect(&self, vm: &VmFd) -> bool {
+        const WANT: u64 = (kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | kvm_bindings::KVM_DIRTY_LOG_INITIALLY_SET) as u64;
+        let cap = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+        let have = vm.check_extension_raw(cap as libc::c_ulong);
+        if have < 0 || (have as u64) & WANT != WANT {
+            return false;
+        }
+        let mut c = kvm_bindings::kvm_enable_cap { cap, ..Default::default() };
+        c.args[0] = WANT;
+        let on = vm.enable_cap(&c).is_ok();
+        self.manual.store(on, std::sync::atomic::Ordering::Relaxed);
+        on
+    }
+
+    /// Clears (and so write-protects) the pages of slot `s` marked in `bits`.
+    fn clear_dirty(vm: &VmFd, s: &Slot, bits: &[u64]) -> Result<()> {
+        let mut arg = kvm_bindings::kvm_clear_dirty_log {
+            slot: s.index,
+            num_pages: (s.size / PAGE_SIZE) as u32,
+            first_page: 0,
+            ..Default::default()
+        };
+        arg.__bindgen_anon_1.dirty_bitmap = bits.as_ptr() as *mut libc::c_void;
+        // SAFETY: KVM_CLEAR_DIRTY_LOG on our VM fd; the bitmap covers the whole slot (one bit
+        // per page, rounded up to 64) and outlives the call.
+        let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
+        if r < 0 {
+            return Err(kvm("KVM_CLEAR_DIRTY_LOG")(kvm_ioctls::Error::last()));
+        }
+        Ok(())
+    }
+
     /// Registers (or re-registers) every region with KVM, with or without dirty logging.
     pub fn register(&self, vm: &VmFd, dirty_log: bool) -> Result<()> {
         for s in &self.slots {
@@ -107,6 +155,18 @@ impl GuestRam {
             // SAFETY: the host range belongs to `self.mem`, which outlives the VM's use of it
             // (the VM owns this GuestRam and drops the VmFd first).
             unsafe { vm.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        tracked.clear();
+        if dirty_log && self.manual.load(std::sync::atomic::Ordering::Relaxed) {
+            // Every page starts "dirty" and writable: protect the ones holding anything, so
+            // their next write is logged. The others are all zero; while they stay
+            // untouched there is nothing to send.
+            for s in &self.slots {
+                let pop = vmstate::pagemap::populated(s.host, s.size);
+                Self::clear_dirty(vm, s, &pop)?;
+                tracked.push(pop);
+            }
         }
         Ok(())
     }
@@ -152,8 +212,23 @@ impl GuestRam {
     /// writes made through `vm-memory`. One bit per 4 KiB page, per slot.
     pub fn take_dirty(&self, vm: &VmFd) -> Result<Vec<Vec<u64>>> {
         let mut out = Vec::with_capacity(self.slots.len());
-        for (s, region) in self.slots.iter().zip(self.mem.iter()) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, (s, region)) in self.slots.iter().zip(self.mem.iter()).enumerate() {
             let mut bits = vm.get_dirty_log(s.index, s.size as usize).map_err(kvm("KVM_GET_DIRTY_LOG"))?;
+            if let Some(t) = tracked.get_mut(i) {
+                // Manual protection: KVM's log still holds the initial "dirty" of pages never
+                // protected. Of those, only pages that now hold anything were written; the
+                // rest are zero as they were. Clear (protect) what is reported, then the
+                // caller reads those pages: a write after this is logged again.
+                let pop = vmstate::pagemap::populated(s.host, s.size);
+                for ((b, t), p) in bits.iter_mut().zip(t.iter()).zip(pop.iter()) {
+                    *b &= *t | *p;
+                }
+                Self::clear_dirty(vm, s, &bits)?;
+                for (t, b) in t.iter_mut().zip(bits.iter()) {
+                    *t |= *b;
+                }
+            }
             let dev = std::ops::Deref::deref(region).bitmap().get_and_reset();
             for (w, d) in bits.iter_mut().zip(dev.iter()) {
                 *w |= *d;
@@ -180,6 +255,49 @@ mod tests {
     fn layout_respects_the_hole() {
         assert_eq!(layout(1 << 30), vec![(0, 1 << 30)]);
         assert_eq!(layout(4 << 30), vec![(0, MMIO_HOLE_START), (FOUR_GIB, (4 << 30) - MMIO_HOLE_START)]);
+    }
+
+    /// Manual dirty-log protection (when this KVM offers it): pages holding anything are
+    /// protected when logging starts, untouched pages are not reported until they hold
+    /// something, a reported page is reported once, and device writes still count.
+    #[test]
+    fn manual_protection_reports_what_was_populated_and_device_writes() {
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm (KVM available and usable)");
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let ram = GuestRam::new(64 << 20).unwrap();
+        if !ram.use_manual_protect(&vm) {
+            eprintln!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not offered here: the classic log is used");
+            return;
+        }
+        ram.register(&vm, false).unwrap();
+        let host = |gpa: u64| ram.host_slice_mut(gpa, 4096).unwrap();
+        host(0x10_000)[0] = 1; // populated before logging starts
+        ram.register(&vm, true).unwrap();
+        ram.reset_device_dirty();
+        let set = |b: &[Vec<u64>]| -> Vec<u64> {
+            let mut v = Vec::new();
+            for (w, x) in b[0].iter().enumerate() {
+                for i in 0..64 {
+                    if x >> i & 1 == 1 {
+                        v.push((w * 64 + i) as u64 * PAGE_SIZE);
+                    }
+                }
+            }
+            v
+        };
+        // Nothing written since: nothing dirty, although KVM's log starts all set.
+        assert_eq!(set(&ram.take_dirty(&vm).unwrap()), Vec::<u64>::new());
+        // A page that now holds something (not through KVM: a write into the mapping, as a
+        // vCPU's first write to a never-mapped page populates it) is reported, once.
+        // (With transparent huge pages the whole 2 MiB around it is populated, and reported.)
+        host(0x200_000)[0] = 2;
+        let got = set(&ram.take_dirty(&vm).unwrap());
+        assert!(got.contains(&0x200_000) && got.iter().all(|&g| (0x200_000..0x400_000).contains(&g)), "{got:x?}");
+        assert_eq!(set(&ram.take_dirty(&vm).unwrap()), Vec::<u64>::new());
+        // Device writes through vm-memory are tracked as before.
+        ram.memory().write_obj(7u32, GuestAddress(0x300_000)).unwrap();
+        assert_eq!(set(&ram.take_dirty(&vm).unwrap()), vec![0x300_000]);
+        ram.register(&vm, false).unwrap();
     }
 
     #[test]

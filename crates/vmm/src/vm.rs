@@ -103,6 +103,8 @@ impl Vm {
         fd.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
         fd.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
             .map_err(kvm("KVM_CREATE_PIT2"))?;
+        let manual = ram.use_manual_protect(&fd);
+        tracing::debug!("KVM manual dirty-log protection: {manual}");
         ram.register(&fd, false)?;
 
         let (tx, rx) = channel();

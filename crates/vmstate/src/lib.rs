@@ -10,6 +10,7 @@
 //! A section whose id is not the one asked for, or whose version is newer than the reader
 //! knows, is a clear error, never a half-applied state.
 
+pub mod pagemap;
 pub mod ram;
 pub mod snapfile;
 pub mod stream;
