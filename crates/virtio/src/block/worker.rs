@@ -11,8 +11,9 @@
 //! where the worker and the vCPU share a core, spinning only delays the vCPU), a request that
 //! arrives soon after the worker went to sleep doubles it.
 //!
-//! Several requests in flight: when the backend offers a concurrent I/O handle (raw images,
-//! [`qcow2::ParallelIo`]) and the driver has more than one request outstanding, data requests
+//! Several requests in flight: when the backend offers a concurrent I/O handle
+//! ([`qcow2::ParallelIo`]: raw images; through the VMM's drives also the allocated clusters of
+//! qcow2 images) and the driver has more than one request outstanding, data requests
 //! (IN/OUT) go to the device's I/O threads ([`super::pool`]), up to [`MAX_IN_FLIGHT`] at a time,
 //! and are published to the used ring as they finish, in any order (virtio allows it), the
 //! driver signalled once per batch of completions. Everything else runs here, alone, after the
@@ -45,8 +46,8 @@ use crate::device::{irq, ActivateContext, Interrupt};
 use crate::error::{Error, Result};
 use crate::mmio::lock;
 use crate::GuestMemoryMmap;
-use std::os::fd::AsRawFd;
 use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
