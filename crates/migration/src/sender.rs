@@ -408,6 +408,7 @@ impl Run<'_> {
         self.vm.before_switchover().map_err(MigrationError::Vm)?;
         let t_handover = t_pause.elapsed();
         let last = self.vm.take_dirty().map_err(MigrationError::Vm)?;
+        let t_harvest = t_pause.elapsed();
         for (p, l) in pending.iter_mut().zip(&last) {
             for (a, b) in p.iter_mut().zip(l) {
                 *a |= *b;
@@ -441,8 +442,8 @@ impl Run<'_> {
         let sent = self.sent(w, mf);
         self.shared.update(|s| s.cpu_throttle_percentage = 0);
         tracing::info!(
-            "switchover: paused {:?}, disks handed over {:?}, last RAM sent {:?}, state sent {:?}, guest running {:.3} ms",
-            t_paused, t_handover, t_ram, t_sent, downtime
+            "switchover: paused {:?}, disks handed over {:?}, dirty log harvested {:?}, last RAM ({} pages) sent {:?}, state sent {:?}, guest running {:.3} ms",
+            t_paused, t_handover, t_harvest, st.data_pages + st.zero_pages, t_ram, t_sent, downtime
         );
         self.shared.update(|s| {
             s.status = Status::Completed;

@@ -48,6 +48,7 @@
 pub mod backend;
 pub mod block;
 pub mod device;
+pub mod dirty;
 pub mod error;
 pub mod mmio;
 pub mod net;
@@ -63,8 +64,9 @@ pub use mmio::{IoEvent, MmioTransport};
 pub use crate::net::{Net, NetConfig, NetCounters};
 pub use state::STATE_VERSION;
 
-/// Guest memory as the VMM allocates it: mmap-backed regions with an atomic dirty bitmap.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// Guest memory as the VMM allocates it: mmap-backed regions with a dirty bitmap
+/// ([`dirty::DirtyBitmap`]) that every `vm-memory` write marks.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<dirty::DirtyBitmap>;
 
 /// Guest-physical address of the first virtio-mmio window.
 pub const MMIO_BASE: u64 = 0xfeb0_0000;

@@ -1,15 +1,15 @@
 //! Guest RAM: the physical layout (RAM below the 32-bit MMIO hole, the rest above 4 GiB), its
-//! allocation through `vm-memory` (lazily populated anonymous memory, with an `AtomicBitmap`
-//! so every write a device makes through `vm-memory` is tracked), one KVM memslot per region,
-//! and dirty tracking that merges KVM's log (vCPU writes) with that bitmap (device writes).
+//! allocation through `vm-memory` (lazily populated anonymous memory, with a dirty bitmap,
+//! `virtio::dirty::DirtyBitmap`, so every write a device makes through `vm-memory` is
+//! tracked), one KVM memslot per region, and dirty tracking that merges KVM's log (vCPU
+//! writes) with that bitmap (device writes).
 
 use crate::error::{kvm, Error, Result};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap as Mmap};
 
-pub type GuestMemoryMmap = Mmap<AtomicBitmap>;
+pub type GuestMemoryMmap = Mmap<virtio::dirty::DirtyBitmap>;
 
 pub const PAGE_SIZE: u64 = 4096;
 /// Start of the 32-bit MMIO hole (virtio-mmio, IOAPIC, LAPIC live at its top).
@@ -124,20 +124,36 @@ impl GuestRam {
         on
     }
 
-    /// Clears (and so write-protects) the pages of slot `s` marked in `bits`.
+    /// Clears (and so write-protects) the pages of slot `s` marked in `bits`: one call per
+    /// span of marked words (KVM reads and walks every word it is given, so a few pages of
+    /// a 64 GiB slot are not handed over as a 2 MiB bitmap).
     fn clear_dirty(vm: &VmFd, s: &Slot, bits: &[u64]) -> Result<()> {
-        let mut arg = kvm_bindings::kvm_clear_dirty_log {
-            slot: s.index,
-            num_pages: (s.size / PAGE_SIZE) as u32,
-            first_page: 0,
-            ..Default::default()
-        };
-        arg.__bindgen_anon_1.dirty_bitmap = bits.as_ptr() as *mut libc::c_void;
-        // SAFETY: KVM_CLEAR_DIRTY_LOG on our VM fd; the bitmap covers the whole slot (one bit
-        // per page, rounded up to 64) and outlives the call.
-        let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
-        if r < 0 {
-            return Err(kvm("KVM_CLEAR_DIRTY_LOG")(kvm_ioctls::Error::last()));
+        /// Marked words closer than this share one call.
+        const GAP: usize = 64;
+        let npages = (s.size / PAGE_SIZE) as usize;
+        let mut w = 0;
+        while w < bits.len() {
+            if bits[w] == 0 {
+                w += 1;
+                continue;
+            }
+            let start = w;
+            let mut end = w + 1;
+            while end < bits.len() && bits[end..(end + GAP).min(bits.len())].iter().any(|&x| x != 0) {
+                end += 1;
+            }
+            // Pages start..end words; a span reaching the last word ends at the slot's end.
+            let first = start * 64;
+            let num = (end * 64).min(npages) - first;
+            let mut arg = kvm_bindings::kvm_clear_dirty_log { slot: s.index, num_pages: num as u32, first_page: first as u64, ..Default::default() };
+            arg.__bindgen_anon_1.dirty_bitmap = bits[start..end].as_ptr() as *mut libc::c_void;
+            // SAFETY: KVM_CLEAR_DIRTY_LOG on our VM fd; the bitmap holds a bit for each of the
+            // `num` pages from `first` and outlives the call.
+            let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
+            if r < 0 {
+                return Err(kvm("KVM_CLEAR_DIRTY_LOG")(kvm_ioctls::Error::last()));
+            }
+            w = end;
         }
         Ok(())
     }
