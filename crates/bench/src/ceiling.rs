@@ -48,3 +48,27 @@ pub fn loopback_mibs(bytes: u64) -> Res<f64> {
     }
     Ok(got as f64 / (1024.0 * 1024.0) / secs)
 }
+
+/// The other ceiling of a first pass: how fast this host hands out fresh memory. A destination
+/// writes every page of round 0 into memory it never touched, so each page costs a fault and
+/// zeroing — and, on a nested host whose own memory is populated lazily below it, a fault in
+/// the host under this one too. Touches `bytes` of new anonymous memory (THP advised, as guest
+/// RAM is) once; returns MiB/s.
+pub fn first_touch_mibs(bytes: usize) -> Res<f64> {
+    // SAFETY: a fresh private anonymous mapping, unmapped below.
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
+    };
+    if p == libc::MAP_FAILED {
+        return Err(BenchError::Io("mmap".into(), std::io::Error::last_os_error()));
+    }
+    // SAFETY: our mapping.
+    unsafe { libc::madvise(p, bytes, libc::MADV_HUGEPAGE) };
+    let t = Instant::now();
+    // SAFETY: writes inside the mapping.
+    unsafe { std::ptr::write_bytes(p as *mut u8, 0x5a, bytes) };
+    let secs = t.elapsed().as_secs_f64();
+    // SAFETY: our mapping, no longer used.
+    unsafe { libc::munmap(p, bytes) };
+    Ok(bytes as f64 / (1024.0 * 1024.0) / secs)
+}

@@ -315,12 +315,17 @@ fn run_migrations(
         let k = case.key;
         let mut last_report: Option<PathBuf> = None;
         let mut ceil = Vec::new();
+        let mut touch = Vec::new();
         for i in 0..a.runs {
             if k == "mig-dirty" {
                 // The ceiling, measured in the same run as the streams it bounds.
                 match ceiling::loopback_mibs(1 << 30) {
                     Ok(v) => ceil.push(v),
                     Err(e) => c.notes.push(format!("loopback ceiling: {e}")),
+                }
+                match ceiling::first_touch_mibs(256 << 20) {
+                    Ok(v) => touch.push(v),
+                    Err(e) => c.notes.push(format!("first-touch ceiling: {e}")),
                 }
             }
             for vmm in order(i, sides) {
@@ -441,6 +446,16 @@ fn run_migrations(
                         &ceil,
                     )
                     .note("one measurement, shown in both columns"),
+                );
+                v.push(
+                    Metric::new(
+                        k,
+                        "first write to 256 MiB of fresh memory (round 0's other ceiling, same run)",
+                        "MiB/s",
+                        &touch,
+                        &touch,
+                    )
+                    .note("one measurement, shown in both columns: every page of a first pass lands in memory the destination never touched"),
                 );
             }
             v
