@@ -248,8 +248,12 @@ pub fn attach_serial_and_register(opts: &crate::cli::Options, out: &crate::conso
 /// waits in `shutdown` for `system_reset` or `quit`.
 pub fn guest_shutdown_stays(m: &Arc<crate::machine::Machine>) {
     m.vm.pause();
-    m.events.emit(monitor::Event::Shutdown { guest: true, reason: monitor::ShutdownCause::GuestShutdown });
-    m.state.force(monitor::runstate::RunState::Shutdown);
+    // SHUTDOWN, then STOP (QEMU's order), both under the run-state lock: a client that saw
+    // SHUTDOWN and asks `query-status` must get `shutdown`, not the state from before.
+    let _ = m.state.update(|_| {
+        m.events.emit(monitor::Event::Shutdown { guest: true, reason: monitor::ShutdownCause::GuestShutdown });
+        Ok::<_, std::convert::Infallible>(monitor::runstate::RunState::Shutdown)
+    });
 }
 
 /// The kernel thread id of vCPU `i` (its thread is named `vcpuN`), for `query-cpus-fast`;
