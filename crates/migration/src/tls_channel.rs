@@ -37,6 +37,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Appends every record rustls has queued for the peer to `out`.
+fn take_queued(c: &mut Connection, out: &mut Vec<u8>) {
+    while c.wants_write() {
+        if c.write_tls(out).is_err() {
+            break;
+        }
+    }
+}
+
 impl Shared {
     fn fail(&self, e: String) -> std::io::Error {
         let mut g = lock(&self.error);
@@ -56,14 +65,7 @@ impl Shared {
     /// The caller holds `wire`.
     fn flush_queued(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
         out.clear();
-        {
-            let mut c = lock(&self.conn);
-            while c.wants_write() {
-                if c.write_tls(out).is_err() {
-                    break;
-                }
-            }
-        }
+        take_queued(&mut lock(&self.conn), out);
         if out.is_empty() {
             return Ok(());
         }
@@ -159,8 +161,8 @@ impl Shared {
             };
             if n == 0 {
                 // End of the TCP stream: let rustls decide between clean and truncated.
-                let _ = lock(&self.conn).read_tls(&mut &[][..]);
                 let mut c = lock(&self.conn);
+                let _ = c.read_tls(&mut &[][..]);
                 return match c.reader().read(buf) {
                     Ok(n) => Ok(n),
                     Err(_) => match self.failed() {
@@ -185,11 +187,7 @@ impl Drop for Shared {
         {
             let mut c = lock(&self.conn);
             c.send_close_notify();
-            while c.wants_write() {
-                if c.write_tls(&mut out).is_err() {
-                    break;
-                }
-            }
+            take_queued(&mut c, &mut out);
         }
         // Best effort and never blocking: a peer that stopped reading (a hung host) would
         // otherwise hang whoever drops the last handle. No handle is left to share the
@@ -227,11 +225,7 @@ impl Write for TlsChannel {
                 drop(c);
                 return Err(sh.fail(format!("TLS: {e}")));
             }
-            while c.wants_write() {
-                if c.write_tls(&mut self.out).is_err() {
-                    break;
-                }
-            }
+            take_queued(&mut c, &mut self.out);
         }
         (&sh.tcp).write_all(&self.out).map_err(|e| sh.fail(format!("connection: {e}")))?;
         if self.out.capacity() > 8 << 20 {
