@@ -36,6 +36,11 @@ impl MigratableVm for VmHandle {
         }
         Ok(())
     }
+    fn receiving_pages(&self, on: bool) {
+        if vmm::pagesize::small_pages_while_receiving() {
+            self.vm.ram().advise_huge_pages(!on);
+        }
+    }
     fn set_dirty_logging(&self, on: bool) -> Result<(), String> {
         self.vm.set_dirty_logging(on).map_err(|e| e.to_string())
     }

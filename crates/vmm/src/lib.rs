@@ -8,6 +8,7 @@ pub mod error;
 pub mod linux;
 pub mod memory;
 pub mod netdev;
+pub mod pagesize;
 pub mod runner;
 pub mod vcpu;
 pub mod vm;

@@ -211,6 +211,16 @@ impl GuestRam {
         Some(unsafe { std::slice::from_raw_parts_mut((s.host + (gpa - s.gpa)) as *mut u8, len as usize) })
     }
 
+    /// Advises huge pages (`true`, the default) or small pages for every slot; only the
+    /// faults after this call follow it (see [`crate::pagesize`]).
+    pub fn advise_huge_pages(&self, huge: bool) {
+        let advice = if huge { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+        for s in &self.slots {
+            // SAFETY: the range is our own anonymous mapping; advice changes no contents.
+            unsafe { libc::madvise(s.host as *mut libc::c_void, s.size as usize, advice) };
+        }
+    }
+
     /// Zeroes a page-aligned range by dropping its pages (they read back as zero and cost no RSS).
     pub fn discard(&self, gpa: u64, len: u64) -> Result<()> {
         let slice = self
