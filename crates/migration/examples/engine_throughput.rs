@@ -3,7 +3,8 @@
 //! process. `cargo run --release -p migration --example engine_throughput [GIB] [MIB]`.
 //! Prints each round's pages, time and rate, so the engine's own ceiling can be compared with
 //! what a real guest migration reaches. Extra words: `prefault` (the destination's pages
-//! backed beforehand), `ahead` (backed by a second thread during the migration); `touch`
+//! backed beforehand), `ahead` (backed by a second thread during the migration), `small` (the destination on small
+//! pages); `touch`
 //! alone measures the host's first touch of 256 MiB of fresh memory.
 
 use migration::sender::{migrate, Shared};
@@ -25,14 +26,14 @@ unsafe impl Send for Mem {}
 unsafe impl Sync for Mem {}
 
 impl Mem {
-    fn new(size: usize) -> Mem {
+    fn new(size: usize, huge: bool) -> Mem {
         // SAFETY: a fresh private anonymous mapping.
         let mem = unsafe {
             libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
         };
         assert_ne!(mem, libc::MAP_FAILED);
         // SAFETY: our mapping.
-        unsafe { libc::madvise(mem, size, libc::MADV_HUGEPAGE) };
+        unsafe { libc::madvise(mem, size, if huge { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE }) };
         Mem { mem: mem as *mut u8, size, keep: false }
     }
 }
@@ -75,7 +76,7 @@ impl MigratableVm for Mem {
 /// the destination): 256 MiB written twice, first into new memory, then again.
 fn first_touch() {
     let size = 256usize << 20;
-    let m = Mem::new(size);
+    let m = Mem::new(size, true);
     for pass in ["first touch", "second write"] {
         let t = Instant::now();
         // SAFETY: inside the mapping.
@@ -92,7 +93,10 @@ fn main() {
     }
     let gib: usize = a.get(1).and_then(|s| s.parse().ok()).unwrap_or(1);
     let mib: usize = a.get(2).and_then(|s| s.parse().ok()).unwrap_or(256);
-    let (src, mut dst) = (Mem::new(gib << 30), Mem::new(gib << 30));
+    // `small`: the destination backs its RAM with small pages (what vmm::pagesize picks on a
+    // host that reports free memory to a hypervisor below it).
+    let small = a.iter().any(|x| x == "small");
+    let (src, mut dst) = (Mem::new(gib << 30, true), Mem::new(gib << 30, !small));
     dst.keep = a.iter().any(|x| x == "prefault");
     for p in 0..(mib << 20) / PAGE {
         // SAFETY: inside the mapping.
