@@ -52,8 +52,8 @@ pub fn loopback_mibs(bytes: u64) -> Res<f64> {
 /// The other ceiling of a first pass: how fast this host hands out fresh memory. A destination
 /// writes every page of round 0 into memory it never touched, so each page costs a fault and
 /// zeroing — and, on a nested host whose own memory is populated lazily below it, a fault in
-/// the host under this one too. Touches `bytes` of new anonymous memory (THP advised, as guest
-/// RAM is) once; returns MiB/s.
+/// the host under this one too. Touches `bytes` of new anonymous memory once, with the page
+/// size a Godwit destination fills its RAM with on this host (`vmm::pagesize`); returns MiB/s.
 pub fn first_touch_mibs(bytes: usize) -> Res<f64> {
     // SAFETY: a fresh private anonymous mapping, unmapped below.
     let p = unsafe {
@@ -62,8 +62,9 @@ pub fn first_touch_mibs(bytes: usize) -> Res<f64> {
     if p == libc::MAP_FAILED {
         return Err(BenchError::Io("mmap".into(), std::io::Error::last_os_error()));
     }
+    let advice = if vmm::pagesize::small_pages_while_receiving() { libc::MADV_NOHUGEPAGE } else { libc::MADV_HUGEPAGE };
     // SAFETY: our mapping.
-    unsafe { libc::madvise(p, bytes, libc::MADV_HUGEPAGE) };
+    unsafe { libc::madvise(p, bytes, advice) };
     let t = Instant::now();
     // SAFETY: writes inside the mapping.
     unsafe { std::ptr::write_bytes(p as *mut u8, 0x5a, bytes) };
