@@ -36,9 +36,9 @@ impl MigratableVm for VmHandle {
         }
         Ok(())
     }
-    fn receiving_pages(&self, on: bool) {
+    fn before_receiving_pages(&self) {
         if vmm::pagesize::small_pages_while_receiving() {
-            self.vm.ram().advise_huge_pages(!on);
+            self.vm.ram().advise_huge_pages(false);
         }
     }
     fn set_dirty_logging(&self, on: bool) -> Result<(), String> {

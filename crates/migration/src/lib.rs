@@ -79,12 +79,9 @@ pub trait MigratableVm: Send + Sync {
     fn resume_incoming(&self) {
         self.resume();
     }
-    /// Destination: pages are about to arrive over the stream (`true`), or the stream is
-    /// over (`false`, also after a failure). A VM may back RAM differently while it is filled
-    /// page by page (vmm's `pagesize`).
-    fn receiving_pages(&self, on: bool) {
-        let _ = on;
-    }
+    /// Destination: pages are about to arrive over the stream. A VM may back RAM differently
+    /// when it is filled page by page (vmm's `pagesize`).
+    fn before_receiving_pages(&self) {}
     /// Destination: the switchover has begun and the guest resumes within milliseconds.
     fn prepare_resume(&self) {}
     /// Holds the vCPUs back `pct` percent of the time (auto-converge); 0 releases them.

@@ -125,23 +125,6 @@ fn region_slice(regions: &[RamRegion], gpa: u64, npages: u32) -> Result<*mut u8>
         .ok_or_else(|| MigrationError::Protocol(format!("RAM record {gpa:#x}+{len:#x} is outside guest RAM")))
 }
 
-/// `MigratableVm::receiving_pages` for as long as it lives: on at the start, off when the
-/// receive ends by any path (after the guest resumed, on success).
-struct Receiving<'a>(&'a dyn MigratableVm);
-
-impl<'a> Receiving<'a> {
-    fn start(vm: &'a dyn MigratableVm) -> Self {
-        vm.receiving_pages(true);
-        Receiving(vm)
-    }
-}
-
-impl Drop for Receiving<'_> {
-    fn drop(&mut self) {
-        self.0.receiving_pages(false);
-    }
-}
-
 fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn Channel, ctx: Option<AcceptCtx<'_>>) -> Result<IncomingStats> {
     let t0 = Instant::now();
     let mut spin = SpinReader::new(chan, None)?;
@@ -167,7 +150,7 @@ fn receive_inner(vm: &dyn MigratableVm, chan: Box<dyn Channel>, back: &mut dyn C
         return Err(MigrationError::Incompatible("RAM layouts differ".into()));
     }
     vm.discard_ram().map_err(MigrationError::Vm)?;
-    let _receiving = Receiving::start(vm);
+    vm.before_receiving_pages();
     protocol::write_reply(back, &Reply::Ready)?;
 
     let mut st = IncomingStats::default();

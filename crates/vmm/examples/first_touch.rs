@@ -38,7 +38,7 @@ fn main() {
     let rounds: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(3);
     println!(
         "free page reporting on this host: {}",
-        if vmm::pagesize::small_pages_while_receiving() { "yes (incoming uses small pages)" } else { "no" }
+        if vmm::pagesize::host_reports_free_pages() { "yes" } else { "no" }
     );
     for _ in 0..rounds {
         for huge in [true, false] {
