@@ -5,7 +5,7 @@
 //! Transports are looked for at QEMU microvm's addresses, `0xfeb00000 + i * 0x200`, i < 24.
 
 use core::ptr::{read_volatile, write_volatile};
-use core::sync::atomic::{compiler_fence, Ordering::SeqCst};
+use core::sync::atomic::{compiler_fence, AtomicU64, Ordering::SeqCst};
 
 pub(crate) const MMIO_BASE: u64 = 0xfeb0_0000;
 pub(crate) const MMIO_STRIDE: u64 = 0x200;
@@ -24,6 +24,8 @@ pub(crate) const R_QUEUE_NUM_MAX: u64 = 0x034;
 pub(crate) const R_QUEUE_NUM: u64 = 0x038;
 pub(crate) const R_QUEUE_READY: u64 = 0x044;
 pub(crate) const R_QUEUE_NOTIFY: u64 = 0x050;
+/// `VIRTQ_USED_F_NO_NOTIFY` in the used ring's flags: the device needs no notification now.
+const USED_F_NO_NOTIFY: u16 = 1;
 pub(crate) const R_STATUS: u64 = 0x070;
 pub(crate) const R_QUEUE_DESC: u64 = 0x080;
 pub(crate) const R_QUEUE_DRIVER: u64 = 0x090;
@@ -193,9 +195,19 @@ impl Blk {
         }
     }
 
-    /// Notify the device of what `push` made available.
+    /// Notify the device of what `push` made available — unless the device said it does not
+    /// need it (`VIRTQ_USED_F_NO_NOTIFY`: it is serving or watching the ring), as Linux's
+    /// driver does. The available index must be visible before the flag is read; a device
+    /// that clears the flag re-reads the ring afterwards, so one side always sees the other.
+    /// The barrier is a locked exchange (`mfence` is not emulated at CPL0 on every host).
     pub fn kick(&mut self) {
-        compiler_fence(SeqCst);
+        static BARRIER: AtomicU64 = AtomicU64::new(0);
+        BARRIER.swap(0, SeqCst);
+        let q = QMEM.get();
+        let flags = unsafe { read_volatile(&raw const (*q).used[0]) } as u16;
+        if flags & USED_F_NO_NOTIFY != 0 {
+            return;
+        }
         wr(self.base, R_QUEUE_NOTIFY, 0);
     }
 
