@@ -3,9 +3,9 @@
 //! process. `cargo run --release -p migration --example engine_throughput [GIB] [MIB]`.
 //! Prints each round's pages, time and rate, so the engine's own ceiling can be compared with
 //! what a real guest migration reaches. Extra words: `prefault` (the destination's pages
-//! backed beforehand), `ahead` (backed by a second thread during the migration), `small` (the destination on small
-//! pages); `touch`
-//! alone measures the host's first touch of 256 MiB of fresh memory.
+//! backed beforehand), `ahead` (backed by a second thread during the migration), `small`
+//! (the destination on small pages); `touch [MiB] [pause-s] [rounds]` alone measures the host's first touch of fresh
+//! memory with huge and with small pages.
 
 use migration::sender::{migrate, Shared};
 use migration::transport::{Listener, Uri};
@@ -72,24 +72,37 @@ impl MigratableVm for Mem {
     }
 }
 
-/// `touch`: how fast this host hands out fresh memory (what every page of a first pass costs
-/// the destination): 256 MiB written twice, first into new memory, then again.
-fn first_touch() {
-    let size = 256usize << 20;
-    let m = Mem::new(size, true);
-    for pass in ["first touch", "second write"] {
-        let t = Instant::now();
-        // SAFETY: inside the mapping.
-        unsafe { std::ptr::write_bytes(m.mem, 0x5a, size) };
-        let dt = t.elapsed().as_secs_f64();
-        println!("256 MiB {pass}: {:.1} ms = {:.0} MB/s", dt * 1e3, size as f64 / dt / 1e6);
+/// `touch [MiB] [pause-s] [rounds]`: how fast this host hands out fresh memory (what every
+/// page of a first pass costs the destination), with huge pages and with small ones: each
+/// measurement maps new memory after a pause (so memory freed by the one before can go cold
+/// again, see vmm's `pagesize`), writes it once, then a second time.
+fn first_touch(a: &[String]) {
+    let mib: usize = a.get(2).and_then(|s| s.parse().ok()).unwrap_or(256);
+    let pause: u64 = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let rounds: usize = a.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let size = mib << 20;
+    for _ in 0..rounds {
+        for huge in [true, false] {
+            std::thread::sleep(std::time::Duration::from_secs(pause));
+            let m = Mem::new(size, huge);
+            for pass in ["first touch", "second write"] {
+                let t = Instant::now();
+                // SAFETY: inside the mapping.
+                unsafe { std::ptr::write_bytes(m.mem, 0x5a, size) };
+                let dt = t.elapsed().as_secs_f64();
+                let kind = if huge { "huge " } else { "small" };
+                println!("{kind} pages, {mib} MiB {pass}: {:.1} ms = {:.0} MB/s", dt * 1e3, size as f64 / dt / 1e6);
+            }
+            // SAFETY: our mapping, no longer used (freed so the next measurement starts fresh).
+            unsafe { libc::munmap(m.mem as *mut _, size) };
+        }
     }
 }
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     if a.get(1).map(String::as_str) == Some("touch") {
-        return first_touch();
+        return first_touch(&a);
     }
     let gib: usize = a.get(1).and_then(|s| s.parse().ok()).unwrap_or(1);
     let mib: usize = a.get(2).and_then(|s| s.parse().ok()).unwrap_or(256);
