@@ -124,6 +124,15 @@ have cargo || { echo "scripts/test.sh: cargo is missing: install a Rust toolchai
   || echo "scripts/test.sh: /dev/kvm is missing or not read/writable: the VM tests will fail and say so" >&2
 echo "scripts/test.sh: qemu-img: $(qemu-img --version 2>/dev/null | head -1 || echo none)" >&2
 
+# The tests write guest images and snapshots under the temporary directory (a few GiB at peak;
+# each test removes its own when it passes). Say so up front when space is short, rather than
+# leaving it to a test's "No space left on device".
+tmp="${TMPDIR:-/tmp}"
+free_kib=$(df -Pk "$tmp" 2>/dev/null | awk 'NR==2 {print $4}')
+if [ -n "${free_kib:-}" ] && [ "$free_kib" -lt $((6 * 1024 * 1024)) ]; then
+  echo "scripts/test.sh: warning: only $((free_kib / 1024)) MiB free in $tmp; the tests need about 6 GiB there (set TMPDIR to move them)" >&2
+fi
+
 cargo build --release --workspace
 cargo test --release --workspace "${cargo_args[@]}"
 

@@ -2,7 +2,7 @@
 //! disassembled DSDT compiles back to the same AML.
 
 use acpi::{build, Platform, VirtioMmio, DEFAULT_BASE};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 fn iasl() -> &'static str {
@@ -12,11 +12,9 @@ fn iasl() -> &'static str {
     }
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("godwit-acpi-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory for one test, removed when the test ends.
+fn tmpdir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("godwit-acpi-{name}-")).tempdir().expect("scratch directory")
 }
 
 /// Runs `iasl args` in `dir`; returns its combined output, failing on a non-zero exit.
@@ -73,7 +71,8 @@ fn squash(s: &str) -> String {
 fn dsdt_disassembles_cleanly_and_recompiles_to_the_same_aml() {
     let t = build(&platform(), DEFAULT_BASE).unwrap();
     let dsdt = t.table_at(t.layout.dsdt).unwrap();
-    let d = tmpdir("dsdt");
+    let scratch = tmpdir("dsdt");
+    let d = scratch.path();
     std::fs::write(d.join("dsdt.dat"), dsdt).unwrap();
     let log = run(&d, &["-d", "dsdt.dat"]);
     for bad in ["Error", "Warning", "error", "warning"] {
@@ -131,7 +130,8 @@ fn dsdt_disassembles_cleanly_and_recompiles_to_the_same_aml() {
 fn static_tables_disassemble_cleanly() {
     let t = build(&platform(), DEFAULT_BASE).unwrap();
     let l = t.layout;
-    let d = tmpdir("static");
+    let scratch = tmpdir("static");
+    let d = scratch.path();
     for (name, addr, expect) in [
         (
             "facp",

@@ -788,7 +788,8 @@ mod tests {
 
     #[test]
     fn overlay_keeps_writes_in_memory() {
-        let mut base = qcow2::RawImage::create(std::env::temp_dir().join(format!("ovl-{}", std::process::id())), 65536).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut base = qcow2::RawImage::create(dir.path().join("base.raw"), 65536).unwrap();
         base.write_at(0, &[7u8; 100]).unwrap();
         let mut o = Overlay::new(Box::new(base));
         o.write_at(50, &[9u8; 5000]).unwrap();

@@ -27,11 +27,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("godwit-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory for one test, removed when the test ends.
+fn tmpdir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("godwit-test-{name}-")).tempdir().expect("scratch directory")
 }
 
 struct Qmp {
@@ -158,7 +156,7 @@ fn gone(pid: i32) -> bool {
 fn libvirt_probe_sequence_over_a_daemonized_machine_none() {
     let _serial = serial();
     let dir = tmpdir("libvirt-probe");
-    let (sock, pidfile) = (dir.join("qmp.monitor"), dir.join("qmp.pid"));
+    let (sock, pidfile) = (dir.path().join("qmp.monitor"), dir.path().join("qmp.pid"));
     let out = Command::new(godwit())
         .args(["-S", "-no-user-config", "-nodefaults", "-nographic", "-machine", "none,accel=kvm:tcg", "-qmp"])
         .arg(format!("unix:{},server=on,wait=off", sock.display()))
@@ -213,14 +211,14 @@ fn daemonize_failure_is_reported_by_the_parent() {
     // The socket's directory does not exist: the child cannot listen, the parent fails.
     let out = Command::new(godwit())
         .args(["-machine", "none", "-daemonize", "-qmp"])
-        .arg(format!("unix:{}/no/such/dir/s,server,nowait", dir.display()))
+        .arg(format!("unix:{}/no/such/dir/s,server,nowait", dir.path().display()))
         .arg("-pidfile")
-        .arg(dir.join("p"))
+        .arg(dir.path().join("p"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("-qmp"), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!dir.join("p").exists());
+    assert!(!dir.path().join("p").exists());
 }
 
 #[test]
@@ -229,7 +227,7 @@ fn inherited_listening_socket_serves_qmp() {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let dir = tmpdir("libvirt-mon-fd");
-    let path = dir.join("monitor.sock");
+    let path = dir.path().join("monitor.sock");
     let listener = UnixListener::bind(&path).unwrap();
     let fd = listener.as_raw_fd();
     let mut cmd = Command::new(godwit());

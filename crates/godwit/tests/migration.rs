@@ -12,7 +12,7 @@ struct Pair {
     dst: Vm,
     hmp: Hmp,
     port: u16,
-    _dir: std::path::PathBuf,
+    _dir: common::TestDir,
 }
 
 fn pair(name: &str, mem: &str, smp: &str, append: &str, dst_mem: &str) -> Pair {

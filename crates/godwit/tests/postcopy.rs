@@ -22,7 +22,7 @@ struct Pair {
     hmp: Hmp,
     dhmp: Hmp,
     port: u16,
-    _dir: std::path::PathBuf,
+    _dir: common::TestDir,
 }
 
 fn pair(name: &str) -> Pair {

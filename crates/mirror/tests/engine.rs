@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 
 const MIB: u64 = 1 << 20;
 
-fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("mirror-engine-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+/// A scratch directory for one test, removed when the test ends; each test shadows `tmp` with
+/// `let tmp = |n: &str| dir.path().join(n);`.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("mirror-engine-").tempdir().expect("scratch directory")
 }
 
 /// A drive: the backend and the mirror hook under one lock, as godwit's drives keep them.
@@ -117,6 +117,8 @@ fn mirror_under_writes(drive: Arc<Drive>, target: Box<dyn MirrorTarget>) -> JobE
 
 #[test]
 fn qcow2_source_to_local_target_stays_identical_under_writes() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
     let mut q = Qcow2::create(tmp("src.qcow2"), &CreateOptions { size: 32 * MIB, ..Default::default() }).unwrap();
     q.write_at(3 * MIB, &fill(1, 5 * MIB as usize)).unwrap();
     q.write_at(20 * MIB, &fill(2, 100_000)).unwrap();
@@ -137,6 +139,8 @@ fn qcow2_source_to_local_target_stays_identical_under_writes() {
 
 #[test]
 fn raw_source_into_our_nbd_server() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
     let mut s = RawImage::create(tmp("nsrc.raw"), 16 * MIB).unwrap();
     s.write_at(MIB, &fill(5, 3 * MIB as usize)).unwrap();
     let drive = Arc::new(Drive { io: Mutex::new((Box::new(s), None)) });
@@ -185,6 +189,8 @@ impl MirrorTarget for Dying {
 
 #[test]
 fn dying_target_fails_the_job_and_spares_the_source() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
     let mut s = RawImage::create(tmp("fsrc.raw"), 8 * MIB).unwrap();
     let data = fill(7, 8 * MIB as usize);
     s.write_at(0, &data).unwrap();
@@ -206,6 +212,8 @@ fn dying_target_fails_the_job_and_spares_the_source() {
 
 #[test]
 fn complete_pivots_and_size_mismatch_is_refused() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
     let s = RawImage::create(tmp("psrc.raw"), 4 * MIB).unwrap();
     assert!(Mirror::new(4 * MIB + 512, Box::new(BackendTarget(Box::new(RawImage::create(tmp("x.raw"), 4 * MIB).unwrap())))).is_err());
     let drive = Arc::new(Drive { io: Mutex::new((Box::new(s), None)) });

@@ -14,11 +14,9 @@ use std::sync::{Arc, Mutex};
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 32 * MIB;
 
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mirror-top-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory for one test, removed when the test ends.
+fn dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("mirror-top-{name}-")).tempdir().expect("scratch directory")
 }
 
 fn fill(seed: u64, len: usize) -> Vec<u8> {
@@ -167,7 +165,8 @@ fn target_reads(target: &Path) -> Vec<u8> {
 
 #[test]
 fn top_copies_only_the_top_image_and_the_chains_read_alike() {
-    let d = dir("only");
+    let scratch = dir("only");
+    let d = scratch.path();
     let (mut src, dst) = chains(&d);
     let top = top_allocated(&mut src);
     let drive = Arc::new(Drive(Mutex::new((Box::new(src), None))));
@@ -185,7 +184,8 @@ fn top_copies_only_the_top_image_and_the_chains_read_alike() {
 
 #[test]
 fn top_under_writes_keeps_the_target_chain_equal() {
-    let d = dir("writes");
+    let scratch = dir("writes");
+    let d = scratch.path();
     let (src, dst) = chains(&d);
     let drive = Arc::new(Drive(Mutex::new((Box::new(src), None))));
     run(drive.clone(), dst.clone(), SyncMode::Top, true);
@@ -194,7 +194,8 @@ fn top_under_writes_keeps_the_target_chain_equal() {
 
 #[test]
 fn full_copies_the_base_too_and_top_without_backing_is_full() {
-    let d = dir("full");
+    let scratch = dir("full");
+    let d = scratch.path();
     let (src, dst) = chains(&d);
     let drive = Arc::new(Drive(Mutex::new((Box::new(src), None))));
     let (data, _) = run(drive.clone(), dst.clone(), SyncMode::Full, false);
@@ -214,7 +215,8 @@ fn full_copies_the_base_too_and_top_without_backing_is_full() {
 
 #[test]
 fn none_copies_only_new_writes() {
-    let d = dir("none");
+    let scratch = dir("none");
+    let d = scratch.path();
     let (src, dst) = chains(&d);
     let drive = Arc::new(Drive(Mutex::new((Box::new(src), None))));
     let (data, zero) = run(drive, dst, SyncMode::None, false);

@@ -6,16 +6,16 @@
 use nbd::{Export, NbdClient, NbdServer, NbdTarget, SharedBackend};
 use qcow2::{BlockBackend, CreateOptions, Qcow2, RawImage};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
 const MIB: u64 = 1 << 20;
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("nbd-interop-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+/// A scratch directory for one test, removed when the test ends; each test shadows `tmp` with
+/// `let tmp = |n: &str| dir.path().join(n);`.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("nbd-interop-").tempdir().expect("scratch directory")
 }
 
 fn tool(name: &str, package: &str) -> Command {
@@ -67,6 +67,8 @@ fn target(srv: &NbdServer, export: &str) -> NbdTarget {
 
 #[test]
 fn our_client_against_our_server() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
     let img = RawImage::create(tmp("loop.raw"), 8 * MIB).unwrap();
     let backend = shared(img);
     let (srv, _) = serve("d0", backend.clone(), true);
@@ -106,6 +108,8 @@ fn our_client_against_our_server() {
 
 #[test]
 fn qemu_io_reads_and_writes_our_export() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
     let path = tmp("qio.raw");
     let backend = shared(RawImage::create(&path, 4 * MIB).unwrap());
     let (srv, uri) = serve("disk0", backend.clone(), true);
@@ -144,6 +148,8 @@ fn qemu_io_reads_and_writes_our_export() {
 
 #[test]
 fn qemu_img_convert_compare_and_map_over_our_export() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
     // A qcow2 image with data at 1 MiB and 5 MiB, the rest unallocated.
     let src = tmp("src.qcow2");
     let mut q = Qcow2::create(&src, &CreateOptions { size: 8 * MIB, ..Default::default() }).unwrap();
@@ -199,6 +205,8 @@ fn qemu_img_convert_compare_and_map_over_our_export() {
 
 #[test]
 fn libnbd_nbdinfo_and_nbdcopy() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
     let path = tmp("lib.raw");
     let backend = shared(RawImage::create(&path, 16 * MIB).unwrap());
     let (srv, uri) = serve("lib0", backend.clone(), true);
@@ -269,6 +277,8 @@ fn wait_connect(t: &NbdTarget) -> NbdClient {
 
 #[test]
 fn our_client_writes_into_qemu_nbd() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
     let file = tmp("qnbd.qcow2");
     run({
         let mut c = tool("qemu-img", "qemu-utils");
@@ -321,6 +331,8 @@ fn our_client_writes_into_qemu_nbd() {
 /// its own connection; the server keeps serving.
 #[test]
 fn hostile_clients_end_their_own_connection() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
     use std::io::{Read, Write};
     let (srv, _) = serve("h", shared(RawImage::create(tmp("hostile.raw"), MIB).unwrap()), true);
     let addr = srv.local_addr();
@@ -381,6 +393,8 @@ fn hostile_clients_end_their_own_connection() {
 /// closed, and a proper client is still served afterwards.
 #[test]
 fn random_client_bytes_never_panic_the_server() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicUsize, Ordering};
     static PANICS: AtomicUsize = AtomicUsize::new(0);
@@ -427,6 +441,8 @@ fn random_client_bytes_never_panic_the_server() {
 /// `qemu-img compare` of the export against the source.
 #[test]
 fn qemu_img_convert_into_our_export() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
     let src = tmp("into-src.qcow2");
     let mut q = Qcow2::create(&src, &CreateOptions { size: 16 * MIB, ..Default::default() }).unwrap();
     q.write_at(0, &pattern(300_000, 11)).unwrap();

@@ -247,5 +247,10 @@ impl Drop for Ganesha {
             let _ = Command::new("ip").args(["netns", "del", h]).output();
         }
         let _ = Command::new("ip").args(["link", "del", &format!("gn{}x{}h1", self.net.1, self.net.0)]).output();
+        // The server's directory (export, configuration, log) goes with it, unless a failing
+        // test is unwinding: then it stays for inspection.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }

@@ -5,19 +5,33 @@
 use nfs::ganesha::Ganesha;
 use nfs::{NfsOptions, NfsStorage, NfsUrl};
 use qcow2::storage::Storage;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-fn base(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("godwit-nfs-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A test's server and the scratch directory under it; the server stops (and removes its own
+/// files) before the directory goes.
+struct Server {
+    g: Ganesha,
+    _base: tempfile::TempDir,
 }
 
-fn server(name: &str) -> Ganesha {
-    Ganesha::start(&base(name)).unwrap_or_else(|e| panic!("cannot start the test NFS server: {e}"))
+impl std::ops::Deref for Server {
+    type Target = Ganesha;
+    fn deref(&self) -> &Ganesha {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Ganesha {
+        &mut self.g
+    }
+}
+
+fn server(name: &str) -> Server {
+    let base = tempfile::Builder::new().prefix(&format!("godwit-nfs-{name}-")).tempdir().expect("scratch directory");
+    let g = Ganesha::start(base.path()).unwrap_or_else(|e| panic!("cannot start the test NFS server: {e}"));
+    Server { g, _base: base }
 }
 
 fn rw(lock: bool) -> NfsOptions {

@@ -30,11 +30,44 @@ pub fn require_kvm() {
     }
 }
 
-pub fn tmpdir(name: &str) -> PathBuf {
+/// A test's scratch directory (images, sockets, logs). Removed when the test passes; kept, with
+/// its path printed, when the test panics, so a failure can be inspected. Derefs to its path.
+pub struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TestDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TestDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test failed: its files are kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn tmpdir(name: &str) -> TestDir {
     let d = std::env::temp_dir().join(format!("godwit-test-{}-{}", name, std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("tmpdir");
-    d
+    TestDir(d)
 }
 
 /// A running godwit process with its serial output split into lines.
