@@ -188,8 +188,12 @@ fn boot(smp: u32) -> &'static Boot {
 fn boot_once(smp: u32) -> Boot {
     {
         require_kvm();
+        // Under the target directory, one set per vCPU count reused by every run: B's image
+        // outlives this function (the cold-migration tests load `mid` from it).
         let vm_dir = |n: &str| {
-            let d = tmpdir(&format!("linux-boot-{smp}-{n}"));
+            let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("linux-boot-{smp}-{n}"));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).expect("boot directory");
             (d.join("mon.sock"), d.join("snap.qcow2"))
         };
         let t0 = Instant::now();

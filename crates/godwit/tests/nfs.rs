@@ -16,9 +16,9 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(90);
 
-fn server(name: &str) -> Ganesha {
-    let base = tmpdir(&format!("ganesha-{name}"));
-    Ganesha::start(&base).unwrap_or_else(|e| panic!("cannot start the test NFS server: {e}"))
+/// A test NFS server; it removes its own directory when dropped.
+fn server(_name: &str) -> Ganesha {
+    Ganesha::start(&std::env::temp_dir()).unwrap_or_else(|e| panic!("cannot start the test NFS server: {e}"))
 }
 
 fn godwit_img() -> std::path::PathBuf {

@@ -20,9 +20,9 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(90);
 const MIB: usize = 1 << 20;
 
-fn server(name: &str) -> Ganesha {
-    let base = tmpdir(&format!("ganesha-{name}"));
-    Ganesha::start(&base).unwrap_or_else(|e| panic!("cannot start the test NFS server: {e}"))
+/// A test NFS server; it removes its own directory when dropped.
+fn server(_name: &str) -> Ganesha {
+    Ganesha::start(&std::env::temp_dir()).unwrap_or_else(|e| panic!("cannot start the test NFS server: {e}"))
 }
 
 fn godwit_img() -> PathBuf {

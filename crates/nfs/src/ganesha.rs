@@ -66,7 +66,8 @@ fn need(path: &str, what: &str) -> Result<(), String> {
 }
 
 impl Ganesha {
-    /// Starts a server exporting a fresh directory under `base` as `/export`.
+    /// Starts a server exporting a fresh directory under `base` as `/export`. The server owns
+    /// that directory (`ganesha-PID-N`, unique to this process): dropping the server removes it.
     pub fn start(base: &Path) -> Result<Ganesha, String> {
         need("/usr/bin/ganesha.nfsd", "nfs-ganesha")?;
         let fsal = ["/usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so", "/usr/lib/ganesha/libfsalvfs.so"];
@@ -81,7 +82,7 @@ impl Ganesha {
         let pid = std::process::id();
         let net = (80 + idx % 100, pid % 250);
         let ns = format!("gw-nfs-{pid}-{idx}");
-        let dir = base.join(format!("ganesha-{idx}"));
+        let dir = base.join(format!("ganesha-{pid}-{idx}"));
         let _ = std::fs::remove_dir_all(&dir);
         for d in ["export", "rec", "run"] {
             std::fs::create_dir_all(dir.join(d)).map_err(|e| format!("{}: {e}", dir.display()))?;

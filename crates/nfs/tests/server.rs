@@ -8,30 +8,9 @@ use qcow2::storage::Storage;
 use std::process::Command;
 use std::time::Duration;
 
-/// A test's server and the scratch directory under it; the server stops (and removes its own
-/// files) before the directory goes.
-struct Server {
-    g: Ganesha,
-    _base: tempfile::TempDir,
-}
-
-impl std::ops::Deref for Server {
-    type Target = Ganesha;
-    fn deref(&self) -> &Ganesha {
-        &self.g
-    }
-}
-
-impl std::ops::DerefMut for Server {
-    fn deref_mut(&mut self) -> &mut Ganesha {
-        &mut self.g
-    }
-}
-
-fn server(name: &str) -> Server {
-    let base = tempfile::Builder::new().prefix(&format!("godwit-nfs-{name}-")).tempdir().expect("scratch directory");
-    let g = Ganesha::start(base.path()).unwrap_or_else(|e| panic!("cannot start the test NFS server: {e}"));
-    Server { g, _base: base }
+/// A test NFS server; it removes its own directory when dropped.
+fn server(_name: &str) -> Ganesha {
+    Ganesha::start(&std::env::temp_dir()).unwrap_or_else(|e| panic!("cannot start the test NFS server: {e}"))
 }
 
 fn rw(lock: bool) -> NfsOptions {
