@@ -267,7 +267,7 @@ impl Qmp {
 
 /// Boots the disk workload on an NFS image with `policy` (werror/rerror), HMP and QMP on
 /// sockets; returns after a few heartbeats with the disk being written.
-fn faulty(g: &Ganesha, name: &str, policy: &str) -> (Vm, Hmp, Qmp) {
+fn faulty(g: &Ganesha, name: &str, policy: &str) -> (Vm, Hmp, Qmp, TestDir) {
     create_image(&g.export().join("vm.qcow2"), "qcow2", "64M");
     // A short retry window: the policy applies 3 s after the server went away.
     let url = g.url("vm.qcow2", "hard-timeout=3");
@@ -289,7 +289,7 @@ fn faulty(g: &Ganesha, name: &str, policy: &str) -> (Vm, Hmp, Qmp) {
             break;
         }
     }
-    (vm, hmp, q)
+    (vm, hmp, q, dir)
 }
 
 /// werror=stop: the server is SIGKILLed in the middle of the disk workload; after the retry
@@ -299,7 +299,7 @@ fn faulty(g: &Ganesha, name: &str, policy: &str) -> (Vm, Hmp, Qmp) {
 fn nfs_server_crash_with_werror_stop_pauses_then_cont_finishes() {
     require_kvm();
     let mut g = server("stop");
-    let (mut vm, mut hmp, mut q) = faulty(&g, "nfs-stop", "werror=stop,rerror=stop");
+    let (mut vm, mut hmp, mut q, _dir) = faulty(&g, "nfs-stop", "werror=stop,rerror=stop");
     g.kill();
     let ev = q.event("BLOCK_IO_ERROR");
     let d = &ev["data"];
@@ -361,7 +361,7 @@ fn nfs_server_crash_with_werror_stop_pauses_then_cont_finishes() {
 fn nfs_server_crash_with_werror_report_reaches_the_guest() {
     require_kvm();
     let mut g = server("report");
-    let (mut vm, mut hmp, mut q) = faulty(&g, "nfs-report", "werror=report,rerror=report");
+    let (mut vm, mut hmp, mut q, _dir) = faulty(&g, "nfs-report", "werror=report,rerror=report");
     g.kill();
     let ev = q.event("BLOCK_IO_ERROR");
     assert_eq!(ev["data"]["action"], "report", "{ev}");

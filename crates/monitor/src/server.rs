@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::FileTypeExt;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -289,6 +290,9 @@ pub struct MonitorServer {
     stop: Arc<AtomicBool>,
     clients: Clients,
     accept_thread: Option<JoinHandle<()>>,
+    /// The listening socket (owned by the accept thread until it returns): `shutdown(2)` on
+    /// it wakes the blocked `accept()` even when the socket's path is gone.
+    listen_fd: std::os::fd::RawFd,
     /// Remove the unix socket file at shutdown (not for an inherited descriptor).
     unlink: bool,
 }
@@ -403,6 +407,10 @@ impl MonitorServer {
             ctx.spawn_client(conn);
         }
         let stop2 = stop.clone();
+        let listen_fd = match &listener {
+            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Tcp(l, _) => l.as_raw_fd(),
+        };
         let accept_thread = std::thread::Builder::new()
             .name("monitor-accept".into())
             .spawn(move || accept_loop(listener, ctx, stop2))
@@ -415,6 +423,7 @@ impl MonitorServer {
             stop,
             clients,
             accept_thread: Some(accept_thread),
+            listen_fd,
             unlink,
         })
     }
@@ -433,7 +442,13 @@ impl MonitorServer {
         if self.stop.swap(true, Ordering::SeqCst) {
             return;
         }
-        // Wake the blocking accept() with a throwaway connection.
+        // Wake the blocking accept(): shutting the listening socket down makes it fail
+        // (EINVAL), whether or not its path still exists (a socket file removed by someone
+        // else must not make `quit` hang). The socket is still open: the accept thread holds
+        // it until it returns, and it returns only after this. A throwaway connection as well,
+        // for kernels where shutdown does not wake accept.
+        // SAFETY: shutdown(2) on a descriptor this server owns; it changes no memory.
+        unsafe { libc::shutdown(self.listen_fd, libc::SHUT_RDWR) };
         match &self.addr {
             ListenAddr::Unix(p) => drop(UnixStream::connect(p)),
             ListenAddr::Tcp(a) => {

@@ -9,6 +9,7 @@ use common::*;
 use monitor::{Event, Protocol, RunState, ServeOptions};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 
 fn error_desc(v: &Value) -> String {
     assert!(v.get("return").is_none(), "expected an error, got {v}");
@@ -318,4 +319,22 @@ fn too_many_clients_are_turned_away_politely() {
     let mut text = String::new();
     c.read_to_string(&mut text).unwrap();
     assert_eq!(text, "too many monitor clients connected\r\n");
+}
+
+/// Someone removes the socket file while the server listens (a cleanup script, a test's
+/// scratch directory going away): shutting down must still stop the accept thread rather
+/// than wait forever for a wake-up connection that can no longer be made.
+#[test]
+fn shutdown_returns_when_the_socket_file_is_gone() {
+    let vm = mock_vm(RunState::Running);
+    let path = sock_path("gone");
+    let mut server = serve(&vm, &format!("unix:{},server,nowait", path.display()), Protocol::Hmp);
+    let _client = UnixStream::connect(&path).expect("connect");
+    std::fs::remove_file(&path).expect("remove the socket file");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        server.shutdown();
+        let _ = tx.send(());
+    });
+    assert!(rx.recv_timeout(IO_TIMEOUT).is_ok(), "shutdown did not return after the socket file was removed");
 }

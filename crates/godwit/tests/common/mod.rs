@@ -98,10 +98,18 @@ impl Vm {
         let out = child.stdout.take().expect("stdout");
         let err = child.stderr.take().expect("stderr");
         let (tx, rx) = channel();
+        // GODWIT_TEST_SERIAL_DIR=DIR: every VM's whole serial output also goes to
+        // DIR/serial-PID.log (a failure message shows only the last lines).
+        let mut log = std::env::var_os("GODWIT_TEST_SERIAL_DIR").and_then(|d| {
+            std::fs::File::create(std::path::Path::new(&d).join(format!("serial-{}.log", child.id()))).ok()
+        });
         std::thread::spawn(move || {
             for l in BufReader::new(out).lines() {
                 match l {
                     Ok(l) => {
+                        if let Some(f) = log.as_mut() {
+                            let _ = writeln!(f, "{l}");
+                        }
                         if tx.send(l).is_err() {
                             return;
                         }
