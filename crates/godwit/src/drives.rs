@@ -450,14 +450,17 @@ impl SharedDisk {
         }
     }
 
-    /// `block-job-complete`: the drive continues on `new` (the mirror target); the old image
-    /// is flushed, closed and unlocked.
-    pub fn pivot(&self, new: Box<dyn BlockBackend>) -> Result<(), String> {
+    /// `block-job-complete`: under the drive's lock, `take` hands over the mirror target, the
+    /// mirror hook goes and the drive continues on the target (no guest write in between); the
+    /// old image is flushed, closed and unlocked.
+    pub fn pivot(&self, take: &mut dyn FnMut() -> Option<Box<dyn BlockBackend>>) -> Result<(), String> {
+        let mut g = self.backend();
+        let new = take();
+        self.mirror.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let new = new.ok_or("the mirror target cannot serve as the drive")?;
         if new.size() != self.size {
             return Err("the new backend has another size".into());
         }
-        let mut g = self.backend();
-        self.mirror.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut old) = g.replace(new) {
             old.flush().map_err(|e| e.to_string())?;
             if let Some(q) = old.as_qcow2() {

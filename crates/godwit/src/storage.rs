@@ -338,8 +338,8 @@ impl mirror::SourceDisk for DiskSource {
     fn detach(&self) {
         let _ = self.0.set_mirror(None);
     }
-    fn pivot(&self, new: Box<dyn BlockBackend>) -> Result<(), String> {
-        self.0.pivot(new)
+    fn pivot(&self, take: &mut dyn FnMut() -> Option<Box<dyn BlockBackend>>) -> Result<(), String> {
+        self.0.pivot(take)
     }
 }
 

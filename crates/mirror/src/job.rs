@@ -52,8 +52,12 @@ pub trait SourceDisk: Send + Sync {
     fn locked(&self, f: &mut dyn FnMut(&mut dyn BlockBackend) -> qcow2::Result<()>) -> qcow2::Result<()>;
     /// Removes the mirror's write hook from the drive.
     fn detach(&self);
-    /// Replaces the drive's backend by `new` (`block-job-complete`) and removes the hook.
-    fn pivot(&self, new: Box<dyn BlockBackend>) -> Result<(), String>;
+    /// `block-job-complete`: with the drive's I/O lock held, calls `take` for the new backend
+    /// (the mirror target), removes the hook and replaces the drive's backend by it. Taking the
+    /// target and switching happen under one hold of the lock, so no guest write can fall
+    /// between the last one forwarded to the target and the first one the target receives as
+    /// the drive. If `take` gives nothing, only the hook is removed and an error returned.
+    fn pivot(&self, take: &mut dyn FnMut() -> Option<Box<dyn BlockBackend>>) -> Result<(), String>;
 }
 
 /// How the job ended.
@@ -227,11 +231,21 @@ impl Mirror {
     /// write hook. `on_ready` is called once, when source and target are in sync.
     pub fn run(&self, src: &dyn SourceDisk, on_ready: &mut dyn FnMut()) -> JobEnd {
         let end = self.copy_and_wait(src, on_ready);
+        let pivoting = matches!(end, Ok(JobEnd::Completed))
+            && self.0.complete.load(Ordering::SeqCst)
+            && !self.0.cancel.load(Ordering::SeqCst);
         // Stop tracking/forwarding before anything else: the guest owns its disk again.
-        let _ = src.locked(&mut |_| {
-            lock(&self.0.state).mode = Mode::Detached;
-            Ok(())
-        });
+        // Except on the way to a pivot: until the drive switches to the target, every guest
+        // write must still reach the target, or it would be lost with the old image.
+        let stop_forwarding = || {
+            let _ = src.locked(&mut |_| {
+                lock(&self.0.state).mode = Mode::Detached;
+                Ok(())
+            });
+        };
+        if !pivoting {
+            stop_forwarding();
+        }
         match end {
             Ok(JobEnd::Completed) => {
                 let flushed = {
@@ -239,10 +253,11 @@ impl Mirror {
                     t.drain().and_then(|()| t.flush())
                 };
                 if let Err(e) = flushed {
+                    stop_forwarding();
                     src.detach();
                     return JobEnd::Failed(format!("flushing the mirror target: {e}"));
                 }
-                if self.0.complete.load(Ordering::SeqCst) && !self.0.cancel.load(Ordering::SeqCst) {
+                if pivoting {
                     return self.pivot(src);
                 }
                 src.detach();
@@ -260,17 +275,20 @@ impl Mirror {
     }
 
     fn pivot(&self, src: &dyn SourceDisk) -> JobEnd {
-        // The target moves into the drive; the mirror keeps a placeholder.
-        let t = std::mem::replace(&mut *lock(&self.0.target), Box::new(Gone(self.0.size)));
-        match t.into_backend() {
-            Some(b) => match src.pivot(b) {
-                Ok(()) => JobEnd::Completed,
-                Err(e) => JobEnd::Failed(format!("switching the drive to the mirror target: {e}")),
-            },
-            None => {
-                src.detach();
-                JobEnd::Failed("the mirror target cannot serve as the drive".into())
-            }
+        // Under the drive's lock: forwarding stops and the target moves into the drive (the
+        // mirror keeps a placeholder), with no guest write in between.
+        let mut unusable = false;
+        let r = src.pivot(&mut || {
+            lock(&self.0.state).mode = Mode::Detached;
+            let t = std::mem::replace(&mut *lock(&self.0.target), Box::new(Gone(self.0.size)));
+            let b = t.into_backend();
+            unusable = b.is_none();
+            b
+        });
+        match r {
+            Ok(()) => JobEnd::Completed,
+            Err(_) if unusable => JobEnd::Failed("the mirror target cannot serve as the drive".into()),
+            Err(e) => JobEnd::Failed(format!("switching the drive to the mirror target: {e}")),
         }
     }
 

@@ -53,10 +53,11 @@ impl SourceDisk for Drive {
     fn detach(&self) {
         self.io.lock().unwrap().1 = None;
     }
-    fn pivot(&self, new: Box<dyn BlockBackend>) -> Result<(), String> {
+    fn pivot(&self, take: &mut dyn FnMut() -> Option<Box<dyn BlockBackend>>) -> Result<(), String> {
         let mut g = self.io.lock().unwrap();
-        g.0 = new;
+        let new = take();
         g.1 = None;
+        g.0 = new.ok_or("no backend")?;
         Ok(())
     }
 }
@@ -238,4 +239,80 @@ fn complete_pivots_and_size_mismatch_is_refused() {
     let f = std::fs::read(tmp("pdst.raw")).unwrap();
     assert_eq!(&f[0..5], b"after");
     assert_eq!(&f[4096..4101], b"hello");
+}
+
+/// A target whose flush takes a while (a remote disk syncing): the window in which, before the
+/// fix, `complete` had stopped forwarding guest writes but not yet switched the drive.
+struct SlowFlush(BackendTarget);
+
+impl MirrorTarget for SlowFlush {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), String> {
+        self.0.write(off, data)
+    }
+    fn zero(&mut self, off: u64, len: u64) -> Result<(), String> {
+        self.0.zero(off, len)
+    }
+    fn drain(&mut self) -> Result<(), String> {
+        self.0.drain()
+    }
+    fn flush(&mut self) -> Result<(), String> {
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        self.0.flush()
+    }
+    fn into_backend(self: Box<Self>) -> Option<Box<dyn BlockBackend>> {
+        Box::new(self.0).into_backend()
+    }
+}
+
+/// `complete` with the guest writing throughout: every write the guest saw complete is on
+/// the drive after the pivot (which now is the former target), none left behind in the old
+/// image.
+#[test]
+fn complete_under_writes_loses_nothing() {
+    let dir = scratch();
+    let tmp = |n: &str| dir.path().join(n);
+    let size = 8 * MIB;
+    let s = RawImage::create(tmp("wsrc.raw"), size).unwrap();
+    let drive = Arc::new(Drive { io: Mutex::new((Box::new(s), None)) });
+    let t = SlowFlush(BackendTarget(Box::new(RawImage::create(tmp("wdst.raw"), size).unwrap())));
+    let m = Mirror::new(size, Box::new(t)).unwrap();
+    drive.io.lock().unwrap().1 = Some(m.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (d2, s2) = (drive.clone(), stop.clone());
+    // The writer keeps what the drive must read as: its writes are ordered by the drive lock.
+    let writer = std::thread::spawn(move || {
+        let mut want = vec![0u8; size as usize];
+        let mut i = 0u64;
+        while !s2.load(Ordering::SeqCst) {
+            let off = (i * 7919 * 512) % (size - 8192);
+            let data = fill(i + 1, 4096 + (i as usize % 4096));
+            d2.write(off, &data);
+            want[off as usize..off as usize + data.len()].copy_from_slice(&data);
+            i += 1;
+            if i % 16 == 0 {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        (want, i)
+    });
+    let (m2, d3) = (m.clone(), drive.clone());
+    let job = std::thread::spawn(move || m2.run(&*d3, &mut || {}));
+    while !m.progress().ready {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(!job.is_finished(), "the job ended before it was ready");
+    }
+    m.complete().unwrap();
+    assert_eq!(job.join().unwrap(), JobEnd::Completed);
+    // Writes go on for a moment on the pivoted drive, then stop.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    stop.store(true, Ordering::SeqCst);
+    let (want, writes) = writer.join().unwrap();
+    assert!(writes > 0);
+    assert!(drive.io.lock().unwrap().1.is_none(), "hook removed");
+    let got = std::fs::read(tmp("wdst.raw")).unwrap();
+    let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
+    assert!(first_bad.is_none(), "the drive lost writes across the pivot: first difference at byte {first_bad:?} ({writes} writes)");
 }

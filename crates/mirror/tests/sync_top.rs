@@ -59,7 +59,7 @@ impl SourceDisk for Drive {
     fn detach(&self) {
         self.0.lock().unwrap().1 = None;
     }
-    fn pivot(&self, _: Box<dyn BlockBackend>) -> Result<(), String> {
+    fn pivot(&self, _: &mut dyn FnMut() -> Option<Box<dyn BlockBackend>>) -> Result<(), String> {
         Err("not in this test".into())
     }
 }
