@@ -211,7 +211,9 @@ fn boot_once(smp: u32) -> Boot {
         quit(&mut a, &mut hmp_a);
         let mut hmp_b = Hmp::connect(&mon_b);
         let t = wait(&mut b, UNPACK, &format!("-smp {smp} B: initramfs unpack starts"));
+        let saved = Instant::now();
         let out = hmp_b.cmd("savevm mid");
+        eprintln!("-smp {smp} B: savevm mid took {:.1?}", saved.elapsed());
         assert!(!out.to_lowercase().contains("error"), "savevm mid: {out}");
         let list = hmp_b.cmd("info snapshots");
         assert!(list.contains("mid"), "{list}");
@@ -252,14 +254,17 @@ fn migrate(src: &mut Vm, hmp: &mut Hmp, trigger: &(String, Instant), dst_args: &
     a.extend(["-incoming".to_string(), format!("tcp:127.0.0.1:{port}")]);
     let mut dst = spawn(&a);
     dst.wait_stderr("waiting for an incoming migration", Duration::from_secs(60));
+    eprintln!("{label}: destination waiting {:.3?} after the trigger line", trigger.1.elapsed());
     let out = hmp.cmd(&format!("migrate -d tcp:127.0.0.1:{port}"));
     assert!(!out.to_lowercase().contains("error"), "{label}: migrate: {out}");
     let info = hmp.wait_migration(MIGRATION);
     assert!(info.contains("Migration status: completed"), "{label}: {info}");
     let num = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().trim_end_matches(" ms").parse::<u64>().ok());
     eprintln!("{label}: completed, total time {:?} ms, downtime {:?} ms", num("total time:"), num("downtime:"));
+    eprintln!("{label}: migration completed {:.3?} after the trigger line", trigger.1.elapsed());
     let first = dst.wait_for("] ", STAGE);
     let first_at = Instant::now();
+    eprintln!("{label}: destination's first line {:.3?} after the trigger line", trigger.1.elapsed());
     // Lines the source printed after the last one we read, before it paused, are in its log too.
     src.collect_for(Duration::from_millis(200));
     check_continuity(&src.seen, &trigger.0, trigger.1, &first, first_at);
