@@ -74,8 +74,10 @@ pub fn tmpdir(name: &str) -> TestDir {
 pub struct Vm {
     pub child: Child,
     stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
+    lines: Receiver<(Instant, String)>,
     pub seen: Vec<String>,
+    /// When each line of `seen` arrived from the VM (read off its stdout), same order.
+    pub seen_at: Vec<Instant>,
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
@@ -110,7 +112,7 @@ impl Vm {
                         if let Some(f) = log.as_mut() {
                             let _ = writeln!(f, "{l}");
                         }
-                        if tx.send(l).is_err() {
+                        if tx.send((Instant::now(), l)).is_err() {
                             return;
                         }
                     }
@@ -129,7 +131,7 @@ impl Vm {
             }
         });
         let stdin = child.stdin.take();
-        Vm { child, stdin, lines: rx, seen: Vec::new(), stderr }
+        Vm { child, stdin, lines: rx, seen: Vec::new(), seen_at: Vec::new(), stderr }
     }
 
     /// Boots the test guest with extra godwit args and guest command line.
@@ -157,8 +159,9 @@ impl Vm {
         loop {
             let left = end.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(l) => {
+                Ok((at, l)) => {
                     self.seen.push(l.clone());
+                    self.seen_at.push(at);
                     if l.contains(pat) {
                         return Some(l);
                     }
@@ -172,8 +175,9 @@ impl Vm {
     pub fn collect_for(&mut self, d: Duration) -> Vec<String> {
         let end = Instant::now() + d;
         let mut out = Vec::new();
-        while let Ok(l) = self.lines.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        while let Ok((at, l)) = self.lines.recv_timeout(end.saturating_duration_since(Instant::now())) {
             self.seen.push(l.clone());
+            self.seen_at.push(at);
             out.push(l);
         }
         out
