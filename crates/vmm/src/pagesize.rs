@@ -12,20 +12,22 @@
 //! runs at ~0.6 GB/s with huge pages against 2.3–3.2 GB/s with small ones
 //! (`docs/migration-performance.md`).
 //!
-//! So a destination *could* fill guest RAM with small pages where reporting is active, and
-//! on this host that makes a 16 GiB guest with 64 MiB touched migrate in ~64 ms instead of
-//! ~160 ms. It is **opt-in** (`GODWIT_INCOMING_PAGES=small`), not the default. With it, a
-//! Linux guest moved twice during its boot (`linux_moves`, host profile on this host's
-//! software-paged KVM) twice failed to finish the initramfs unpack after its second move —
-//! once at `-smp 2` with the huge-page advice given back after the stream, once at `-smp 1`
-//! without — while the test guest's ledgers held in every migration test. Later runs neither
-//! confirm nor clear it: of three more small-page runs one finished the unpack; the other two
-//! stopped earlier, at the test's clock check, which a huge-page run tripped too (the check
-//! is the test's, not a guest failure). That check compared printk stamps with
-//! the wall time lines arrived at, and the console here can print a line seconds after its
-//! stamp; the check now allows for that. Not root-caused, so huge pages stay until small
-//! pages pass the Linux runs repeatedly. [`host_reports_free_pages`] says whether this host
-//! is one where the option pays.
+//! So where reporting is active, an incoming destination fills guest RAM with small pages
+//! (the advice is given after it clears its RAM, before the stream starts, and stays: pages the
+//! guest touches later are small too, and `khugepaged` leaves them). On this host that makes a
+//! 16 GiB guest with 64 MiB touched migrate in ~64 ms instead of ~160 ms
+//! (`bench/results/migration-size-smallpages.md`). `GODWIT_INCOMING_PAGES=huge` keeps huge
+//! pages, `=small` forces small ones on any host.
+//!
+//! History: for a while this was opt-in, after the Linux boot-and-move test (`linux_moves`)
+//! failed twice with it: "no line containing Freeing initrd memory" while the log went on to
+//! `/init`. That is the mark of a test bug found later, and seen with huge pages as well: the
+//! destination printed that line as its very first, `migrate` read it, and the next wait
+//! never looked at it again (which line comes first after a move is a matter of timing).
+//! A second test bug, a clock check taking a printk stamp against the line's
+//! arrival although the console here prints seconds later, failed both page sizes. With both
+//! fixed, the test passes with small pages at `-smp 1` and `-smp 2`
+//! (`docs/migration-performance.md`).
 
 use std::sync::OnceLock;
 
@@ -33,16 +35,22 @@ use std::sync::OnceLock;
 const VIRTIO_ID_BALLOON: &str = "0x0005";
 const VIRTIO_BALLOON_F_REPORTING: usize = 5;
 
-/// True when an incoming migration should fill guest RAM with small pages: only when asked
-/// (`GODWIT_INCOMING_PAGES=small`; decided once per process).
+/// True when an incoming migration should fill guest RAM with small pages: on hosts that
+/// report free pages ([`host_reports_free_pages`]), unless `GODWIT_INCOMING_PAGES` says
+/// `huge` (or `small` forces them anywhere). Decided once per process.
 pub fn small_pages_while_receiving() -> bool {
     static CHOICE: OnceLock<bool> = OnceLock::new();
     *CHOICE.get_or_init(|| match std::env::var("GODWIT_INCOMING_PAGES").as_deref() {
         Ok("small") => true,
-        Ok("huge") | Err(_) => false,
+        Ok("huge") => false,
+        Err(_) => host_reports_free_pages(),
         Ok(other) => {
-            tracing::warn!("GODWIT_INCOMING_PAGES={other}: expected small or huge; using huge pages");
-            false
+            let auto = host_reports_free_pages();
+            tracing::warn!(
+                "GODWIT_INCOMING_PAGES={other}: expected small or huge; using {} pages",
+                if auto { "small" } else { "huge" }
+            );
+            auto
         }
     })
 }
