@@ -161,30 +161,53 @@ fn raw_source_into_our_nbd_server() {
     assert!(drive.read_all() == std::fs::read(tmp("ndst.raw")).unwrap(), "NBD target differs");
 }
 
-/// A target that dies after some writes (the destination killed).
-struct Dying(Box<dyn MirrorTarget>, Arc<std::sync::atomic::AtomicU64>);
+/// A target with faults: it may die after some writes (the destination killed; it then cannot
+/// serve as the drive either) and may take a while to flush (a remote disk syncing).
+struct Faulty {
+    inner: Box<dyn MirrorTarget>,
+    /// Writes that succeed before one fails with a reset connection.
+    writes_left: Option<u64>,
+    flush_delay: std::time::Duration,
+}
 
-impl MirrorTarget for Dying {
+impl Faulty {
+    fn dying_after(inner: Box<dyn MirrorTarget>, writes: u64) -> Faulty {
+        Faulty { inner, writes_left: Some(writes), flush_delay: std::time::Duration::ZERO }
+    }
+    fn slow_flush(inner: Box<dyn MirrorTarget>, delay: std::time::Duration) -> Faulty {
+        Faulty { inner, writes_left: None, flush_delay: delay }
+    }
+}
+
+impl MirrorTarget for Faulty {
     fn size(&self) -> u64 {
-        self.0.size()
+        self.inner.size()
     }
     fn write(&mut self, off: u64, data: &[u8]) -> Result<(), String> {
-        if self.1.fetch_sub(1, Ordering::SeqCst) == 0 {
-            return Err("connection reset by peer".into());
+        if let Some(left) = self.writes_left.as_mut() {
+            let n = *left;
+            *left = n.wrapping_sub(1);
+            if n == 0 {
+                return Err("connection reset by peer".into());
+            }
         }
-        self.0.write(off, data)
+        self.inner.write(off, data)
     }
     fn zero(&mut self, off: u64, len: u64) -> Result<(), String> {
-        self.0.zero(off, len)
+        self.inner.zero(off, len)
     }
     fn drain(&mut self) -> Result<(), String> {
-        self.0.drain()
+        self.inner.drain()
     }
     fn flush(&mut self) -> Result<(), String> {
-        self.0.flush()
+        std::thread::sleep(self.flush_delay);
+        self.inner.flush()
     }
     fn into_backend(self: Box<Self>) -> Option<Box<dyn BlockBackend>> {
-        None
+        if self.writes_left.is_some() {
+            return None;
+        }
+        self.inner.into_backend()
     }
 }
 
@@ -197,7 +220,7 @@ fn dying_target_fails_the_job_and_spares_the_source() {
     s.write_at(0, &data).unwrap();
     let drive = Arc::new(Drive { io: Mutex::new((Box::new(s), None)) });
     let t = BackendTarget(Box::new(RawImage::create(tmp("fdst.raw"), 8 * MIB).unwrap()));
-    let m = Mirror::new(8 * MIB, Box::new(Dying(Box::new(t), Arc::new(3.into())))).unwrap();
+    let m = Mirror::new(8 * MIB, Box::new(Faulty::dying_after(Box::new(t), 3))).unwrap();
     drive.io.lock().unwrap().1 = Some(m.clone());
     let end = m.run(&*drive, &mut || panic!("must not become ready"));
     match end {
@@ -241,32 +264,6 @@ fn complete_pivots_and_size_mismatch_is_refused() {
     assert_eq!(&f[4096..4101], b"hello");
 }
 
-/// A target whose flush takes a while (a remote disk syncing): the window in which, before the
-/// fix, `complete` had stopped forwarding guest writes but not yet switched the drive.
-struct SlowFlush(BackendTarget);
-
-impl MirrorTarget for SlowFlush {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), String> {
-        self.0.write(off, data)
-    }
-    fn zero(&mut self, off: u64, len: u64) -> Result<(), String> {
-        self.0.zero(off, len)
-    }
-    fn drain(&mut self) -> Result<(), String> {
-        self.0.drain()
-    }
-    fn flush(&mut self) -> Result<(), String> {
-        std::thread::sleep(std::time::Duration::from_millis(150));
-        self.0.flush()
-    }
-    fn into_backend(self: Box<Self>) -> Option<Box<dyn BlockBackend>> {
-        Box::new(self.0).into_backend()
-    }
-}
-
 /// `complete` with the guest writing throughout: every write the guest saw complete is on
 /// the drive after the pivot (which now is the former target), none left behind in the old
 /// image.
@@ -277,7 +274,10 @@ fn complete_under_writes_loses_nothing() {
     let size = 8 * MIB;
     let s = RawImage::create(tmp("wsrc.raw"), size).unwrap();
     let drive = Arc::new(Drive { io: Mutex::new((Box::new(s), None)) });
-    let t = SlowFlush(BackendTarget(Box::new(RawImage::create(tmp("wdst.raw"), size).unwrap())));
+    let t = Faulty::slow_flush(
+        Box::new(BackendTarget(Box::new(RawImage::create(tmp("wdst.raw"), size).unwrap()))),
+        std::time::Duration::from_millis(150),
+    );
     let m = Mirror::new(size, Box::new(t)).unwrap();
     drive.io.lock().unwrap().1 = Some(m.clone());
     let stop = Arc::new(AtomicBool::new(false));

@@ -442,27 +442,13 @@ impl MonitorServer {
         if self.stop.swap(true, Ordering::SeqCst) {
             return;
         }
-        // Wake the blocking accept(): shutting the listening socket down makes it fail
-        // (EINVAL), whether or not its path still exists (a socket file removed by someone
-        // else must not make `quit` hang). The socket is still open: the accept thread holds
-        // it until it returns, and it returns only after this. A throwaway connection as well,
-        // for kernels where shutdown does not wake accept.
+        // Wake the blocking accept(): on Linux, shutting a listening socket down makes
+        // accept() fail (EINVAL), whether or not its path still exists (a socket file removed
+        // by someone else must not make `quit` hang; the former wake-up by connecting to the
+        // path did). The socket is still open: the accept thread holds it until it returns,
+        // and it returns only after this.
         // SAFETY: shutdown(2) on a descriptor this server owns; it changes no memory.
         unsafe { libc::shutdown(self.listen_fd, libc::SHUT_RDWR) };
-        match &self.addr {
-            ListenAddr::Unix(p) => drop(UnixStream::connect(p)),
-            ListenAddr::Tcp(a) => {
-                let mut a = *a;
-                if a.ip().is_unspecified() {
-                    a.set_ip(if a.is_ipv4() {
-                        [127, 0, 0, 1].into()
-                    } else {
-                        std::net::Ipv6Addr::LOCALHOST.into()
-                    });
-                }
-                drop(TcpStream::connect(a));
-            }
-        }
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
         }
