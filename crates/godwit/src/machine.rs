@@ -196,9 +196,8 @@ impl Machine {
                     sender::Event::Pass(p) => ev.emit(Event::MigrationPass { pass: p }),
                 });
                 match res {
-                    Ok(()) => {
-                        me.state.force(RunState::Postmigrate);
-                    }
+                    // Postmigrate was set before `completed` was published (vmglue).
+                    Ok(()) => {}
                     Err(e) => {
                         tracing::warn!("migration failed: {e}");
                         if me.state.get() == RunState::FinishMigrate {

@@ -36,6 +36,9 @@ impl MigratableVm for VmHandle {
         }
         Ok(())
     }
+    fn migration_completed(&self) {
+        self.state.force(RunState::Postmigrate);
+    }
     fn before_receiving_pages(&self) {
         if vmm::pagesize::small_pages_while_receiving() {
             self.vm.ram().advise_huge_pages(false);

@@ -84,6 +84,10 @@ pub trait MigratableVm: Send + Sync {
     fn before_receiving_pages(&self) {}
     /// Destination: the switchover has begun and the guest resumes within milliseconds.
     fn prepare_resume(&self) {}
+    /// Source: the guest runs on the destination; called before `completed` is published, so
+    /// whoever sees that status also sees the VM's post-migration run state (as QEMU sets
+    /// `postmigrate` before a query can report `completed`).
+    fn migration_completed(&self) {}
     /// Holds the vCPUs back `pct` percent of the time (auto-converge); 0 releases them.
     fn set_throttle(&self, pct: u8) {
         let _ = pct;

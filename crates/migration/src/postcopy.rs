@@ -285,6 +285,7 @@ impl SourceRun<'_> {
             self.shared.update(|s| s.error = Some(format!("post-copy link failed: {why}")));
             self.shared.set_status(Status::PostcopyPaused, self.events);
         }
+        self.vm.migration_completed();
         self.shared.update(|s| {
             s.status = Status::Completed;
             s.error = None;

@@ -445,6 +445,7 @@ impl Run<'_> {
             "switchover: paused {:?}, disks handed over {:?}, dirty log harvested {:?}, last RAM ({} pages) sent {:?}, state sent {:?}, guest running {:.3} ms",
             t_paused, t_handover, t_harvest, st.data_pages + st.zero_pages, t_ram, t_sent, downtime
         );
+        self.vm.migration_completed();
         self.shared.update(|s| {
             s.status = Status::Completed;
             s.downtime_ms = downtime;
